@@ -1,0 +1,40 @@
+"""The exceptions ffid raises.
+
+Every message says what is wrong, why it matters and how to fix it, in one line, so the CLI can
+print it as is. Subclasses also derive from the closest built-in exception so that callers who
+catch ``ValueError`` or ``FileNotFoundError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class FfidError(Exception):
+    """Base class of every error ffid raises on purpose (bad input, bad files, misuse)."""
+
+
+class ConfigError(FfidError, ValueError):
+    """A value given by the user (``--ff``, ``--ffid``, a pattern, a config key) is not usable."""
+
+
+class ModelFileError(FfidError, OSError):
+    """A model, checkpoint or delta file is missing, truncated, corrupt or not what was expected."""
+
+
+class MissingFileError(ModelFileError, FileNotFoundError):
+    """A path the user named does not exist."""
+
+
+class CapacityError(ConfigError):
+    """The requested fraction does not fit the slot layout of the selector."""
+
+
+class MismatchError(FfidError, ValueError):
+    """A selection, delta or state was made for a different model than the one at hand."""
+
+
+class AttachError(FfidError, RuntimeError):
+    """The engine cannot attach to (or detach from) a model in its current state."""
+
+
+class TrainingError(FfidError, RuntimeError):
+    """Training cannot go on: NaN/inf values, an unusable optimizer setup, a broken resume."""

@@ -1,0 +1,81 @@
+"""Wan 2.x DiT tensor shapes in the original (musubi-tuner / ComfyUI) naming."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..manifest import Manifest, TensorInfo
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """The few numbers that fix every tensor shape of a Wan text-to-video DiT."""
+
+    description: str
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    in_dim: int
+    out_dim: int
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch: tuple[int, int, int] = (1, 2, 2)
+
+
+WAN_CONFIGS: dict[str, WanConfig] = {
+    "wan2.1-t2v-1.3b": WanConfig("Wan 2.1 T2V 1.3B (825 tensors, 1.42B params)", 1536, 8960, 30, 12, 16, 16),
+    "wan2.2-ti2v-5b": WanConfig("Wan 2.2 TI2V 5B (825 tensors, 5.00B params)", 3072, 14336, 30, 24, 48, 48),
+    "wan2.2-t2v-14b": WanConfig(
+        "Wan 2.1/2.2 T2V 14B, one expert of A14B (1,095 tensors, 14.29B params)", 5120, 13824, 40, 40, 16, 16
+    ),
+}
+WAN_CONFIGS["wan2.1-t2v-14b"] = WanConfig(
+    "Wan 2.1 T2V 14B (same shapes as wan2.2-t2v-14b)", 5120, 13824, 40, 40, 16, 16
+)
+
+
+def wan_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape for every tensor of a Wan T2V DiT with config ``cfg``."""
+    d, f = cfg.dim, cfg.ffn_dim
+    pt, ph, pw = cfg.patch
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (d, cfg.in_dim, pt, ph, pw),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, cfg.text_dim),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
+        "head.head.weight": (cfg.out_dim * pt * ph * pw, d),
+        "head.head.bias": (cfg.out_dim * pt * ph * pw,),
+        "head.modulation": (1, 2, d),
+    }
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                shapes[f"{b}{attn}.{proj}.weight"] = (d, d)
+                shapes[f"{b}{attn}.{proj}.bias"] = (d,)
+            shapes[f"{b}{attn}.norm_q.weight"] = (d,)
+            shapes[f"{b}{attn}.norm_k.weight"] = (d,)
+        shapes[f"{b}norm3.weight"] = (d,)
+        shapes[f"{b}norm3.bias"] = (d,)
+        shapes[f"{b}ffn.0.weight"] = (f, d)
+        shapes[f"{b}ffn.0.bias"] = (f,)
+        shapes[f"{b}ffn.2.weight"] = (d, f)
+        shapes[f"{b}ffn.2.bias"] = (d,)
+        shapes[f"{b}modulation"] = (1, 6, d)
+    return shapes
+
+
+def wan_manifest(name: str) -> Manifest:
+    """Manifest of the Wan preset ``name`` (bf16, original naming)."""
+    cfg = WAN_CONFIGS[name]
+    tensors = [TensorInfo(n, s, "BF16", n) for n, s in wan_shapes(cfg).items()]
+    return Manifest(tensors, f"preset {name}")

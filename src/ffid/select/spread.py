@@ -1,0 +1,241 @@
+"""The ``spread`` selector: an exact number of elements from every tensor, disjoint across ids.
+
+How it works (see docs/selectors.md for the guarantees and measurements):
+
+1. **Slots.** Each tensor's ``n`` positions are put in a fixed, pseudo-random-looking but
+   structured order (a *rank* for every element, below). The rank range ``[0, n)`` is cut into
+   ``slots`` contiguous blocks of ``floor``/``ceil(n / slots)`` ranks; ``--ffid j`` owns block ``j``.
+   Different ids own different blocks, so they never share an element, whatever their ``ff``.
+2. **Budget.** ``k = round(ff * N)`` elements (``N`` = all parameters) are apportioned to tensors
+   as a prefix of one fixed order of *seats*: seat 0 of every tensor first (so every tensor is
+   covered), then seat ``i >= 1`` of a tensor with ``n`` elements at time ``(2i - 1) / 2n``
+   (Sainte-Lague spacing, so each tensor ends within about one element of its proportional
+   share). Being a prefix of a fixed order, a larger ``ff`` always keeps every element of a
+   smaller one: no Alabama paradox, slices grow in place.
+3. **Ranks to elements.** Id ``j`` takes the first ``k_t`` ranks of its block. A rank ``r`` is
+   rotated by a per-tensor offset (from a hash of the name, so equal-shaped tensors differ) and
+   split into ``row-round = r mod R`` and ``round = r div R`` for the tensor viewed as ``R x C``
+   (``R`` = first non-unit dimension). Row-rounds go to rows through a golden-ratio multiplier
+   and rounds to columns through a per-row Weyl offset and a second multiplier. Consecutive
+   ranks therefore visit every row once before any row twice (row counts differ by at most 1),
+   and columns are hit with low discrepancy. Everything is integer arithmetic: no RNG, identical
+   on every machine, O(k) time and memory for k elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from heapq import heapify, heappop, heappush
+
+from ..errors import CapacityError, ConfigError
+from ..manifest import Manifest
+from ..selection import Selection, TensorPick
+
+DEFAULT_SLOTS = 16
+
+# Integer approximations of irrational multipliers, scaled by 1e15 (exact, platform independent).
+_GOLDEN = 618_033_988_749_895  # (sqrt(5) - 1) / 2
+_SILVER = 414_213_562_373_095  # sqrt(2) - 1
+_SCALE = 10**15
+
+
+def _coprime_multiplier(m: int, frac: int) -> int:
+    """The smallest integer >= frac*m that is coprime to m (a bijection step for Z_m)."""
+    if m <= 1:
+        return 0
+    a = max(1, m * frac // _SCALE)
+    while math.gcd(a, m) != 1:
+        a += 1
+    return a
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(R, C)``: rows along the first non-unit dimension, everything else as columns."""
+    dims = list(shape)
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    n = math.prod(dims) if dims else 1
+    if len(dims) <= 1:
+        return n, 1
+    return dims[0], n // dims[0]
+
+
+@dataclass(frozen=True)
+class SpreadSlot:
+    """The rank -> element map of one tensor and the rank block one id owns in it."""
+
+    numel: int
+    rows: int
+    cols: int
+    offset: int  # rotation of ranks, from the name hash
+    row_mult: int
+    col_mult: int
+    col_shift: int
+    lo: int  # first rank of this id's block
+    capacity: int  # size of this id's block
+
+    @classmethod
+    def build(cls, name: str, shape: tuple[int, ...], ffid: int, slots: int, seed: int) -> SpreadSlot:
+        rows, cols = matrix_view(shape)
+        n = rows * cols
+        digest = hashlib.blake2b(f"ffid-spread:{seed}:{name}".encode(), digest_size=8).digest()
+        offset = int.from_bytes(digest, "little") % n if n else 0
+        lo = ffid * n // slots
+        hi = (ffid + 1) * n // slots
+        return cls(
+            numel=n,
+            rows=rows,
+            cols=cols,
+            offset=offset,
+            row_mult=_coprime_multiplier(rows, _GOLDEN),
+            col_mult=_coprime_multiplier(cols, _GOLDEN),
+            col_shift=_coprime_multiplier(cols, _SILVER),
+            lo=lo,
+            capacity=hi - lo,
+        )
+
+    def elements(self, ranks):  # type: ignore[no-untyped-def]
+        """Flat element index of each rank (int64 tensor in, int64 tensor out)."""
+        r = (ranks + self.offset) % self.numel
+        rho = r % self.rows
+        q = r // self.rows
+        row = (rho * self.row_mult) % self.rows if self.rows > 1 else rho * 0
+        if self.cols == 1:
+            return row
+        col = (((q + (rho * self.col_shift) % self.cols) % self.cols) * self.col_mult) % self.cols
+        return row * self.cols + col
+
+    def indices(self, count: int):  # type: ignore[no-untyped-def]
+        import torch
+
+        if count > self.capacity:
+            raise CapacityError(f"asked for {count} elements from a slot holding {self.capacity}")
+        ranks = torch.arange(self.lo, self.lo + count, dtype=torch.int64)
+        return self.elements(ranks).sort().values
+
+    def key(self) -> str:
+        return f"spread:{self.offset}:{self.lo}"
+
+    def overlap(self, count: int, other: object, other_count: int) -> int | None:
+        """Shared elements with another slot of the same tensor layout, in O(1); None if not comparable."""
+        if not isinstance(other, SpreadSlot):
+            return None
+        same_layout = (self.numel, self.rows, self.cols, self.offset) == (
+            other.numel, other.rows, other.cols, other.offset,
+        )
+        if not same_layout:
+            return None
+        return max(0, min(self.lo + count, other.lo + other_count) - max(self.lo, other.lo))
+
+
+def target_count(ff: float, total: int) -> int:
+    """``round(ff * total)`` computed exactly, halves rounded up."""
+    exact = Fraction(ff) * total
+    return math.floor(exact + Fraction(1, 2))
+
+
+def apportion(sizes: list[int], caps: list[int], k: int) -> list[int]:
+    """Split ``k`` seats among tensors of ``sizes`` (at most ``caps``), as a prefix of a fixed order.
+
+    Seat 0 of each tensor comes first (ties: larger tensors, then list order), then seat ``i >= 1``
+    of a tensor of size ``n`` at time ``(2i - 1) / (2n)``. The answer for a larger ``k`` contains
+    the answer for a smaller one, tensor by tensor.
+    """
+    if k > sum(caps):
+        raise ValueError("k exceeds the total capacity")
+    order = sorted(range(len(sizes)), key=lambda t: (-sizes[t], t))
+    rank_of = {t: pos for pos, t in enumerate(order)}
+    covered = [t for t in order if caps[t] > 0]
+    counts = [0] * len(sizes)
+    if k <= len(covered):
+        for t in covered[:k]:
+            counts[t] = 1
+        return counts
+
+    # Seats with time <= p / D, for an integer p: D even so that halves are exact.
+    denom = 1 << 64
+
+    def count_at(p: int) -> list[int]:
+        return [min(c, 1 + (n * p + denom // 2) // denom) if c > 0 else 0 for n, c in zip(sizes, caps)]
+
+    lo, hi = 0, 2 * denom  # time 1 covers every seat of every tensor
+    while lo < hi:  # largest p with total <= k
+        mid = (lo + hi + 1) // 2
+        if sum(count_at(mid)) <= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    counts = count_at(lo)
+    missing = k - sum(counts)
+    if missing:
+        # The remaining seats all have times in (lo/D, (lo+1)/D]; take them in exact order.
+        heap = [
+            (Fraction(2 * counts[t] - 1, 2 * sizes[t]), rank_of[t], t)
+            for t in range(len(sizes))
+            if counts[t] < caps[t]
+        ]
+        heapify(heap)
+        for _ in range(missing):
+            _, r, t = heappop(heap)
+            counts[t] += 1
+            if counts[t] < caps[t]:
+                heappush(heap, (Fraction(2 * counts[t] - 1, 2 * sizes[t]), r, t))
+    return counts
+
+
+def select_spread(
+    manifest: Manifest,
+    *,
+    ff: float,
+    ffid: int,
+    names: list[str],
+    slots: int = DEFAULT_SLOTS,
+    seed: int = 0,
+) -> Selection:
+    """Plan a ``spread`` selection over ``names`` (a subset of ``manifest``) for ``ff`` / ``ffid``."""
+    if not isinstance(slots, int) or slots < 1:
+        raise ConfigError(f"--slots {slots!r} must be a positive integer; the default is {DEFAULT_SLOTS}")
+    if not 0 <= ffid < slots:
+        raise ConfigError(
+            f"--ffid {ffid} is outside the layout's ids 0..{slots - 1}; use an id in that range "
+            f"or a layout with more slots (--slots {max(ffid + 1, slots)}, which lowers each id's capacity)"
+        )
+    total = manifest.total_params
+    k = target_count(ff, total)
+    if k < 1:
+        raise ConfigError(
+            f"--ff {ff} selects no element of a model with {total:,} parameters; use --ff >= {1 / total:.3g}"
+        )
+    infos = [manifest[n] for n in names]
+    layouts = [SpreadSlot.build(t.name, t.shape, ffid, slots, seed) for t in infos]
+    caps = [s.capacity for s in layouts]
+    capacity = sum(caps)
+    if k > capacity:
+        best = max(1, int(total // max(k, 1)))
+        hint = (
+            f"lower --ff to at most {capacity / total:.6g}, or use fewer slots (--slots {best} holds about "
+            f"{1 / best:.3g} of the model per id, ids 0..{best - 1}; selections of different layouts "
+            "are not disjoint)"
+            if best < slots
+            else f"lower --ff to at most {capacity / total:.6g}"
+        )
+        raise CapacityError(
+            f"--ff {ff} asks for {k:,} elements but id {ffid} of the {slots}-slot layout holds "
+            f"{capacity:,} here ({capacity / total:.4%} of the model); {hint}"
+        )
+    counts = apportion([t.numel for t in infos], caps, k)
+    picks = {
+        t.name: TensorPick(t.name, t.shape, c, layout)
+        for t, c, layout in zip(infos, counts, layouts)
+        if c > 0
+    }
+    params = {"ff": ff, "ffid": ffid, "slots": slots, "seed": seed}
+    return Selection("spread", params, manifest, picks, k)
+
+
+def spread_capacity(manifest: Manifest, names: list[str], ffid: int, slots: int = DEFAULT_SLOTS, seed: int = 0) -> int:
+    """Elements id ``ffid`` can hold over ``names`` in the layout (the largest usable ``ff * N``)."""
+    return sum(SpreadSlot.build(manifest[n].name, manifest[n].shape, ffid, slots, seed).capacity for n in names)
