@@ -1,0 +1,102 @@
+"""Tiny models built in code for the test matrix (no downloads, a few thousand parameters each).
+
+Every factory is deterministic: it seeds its own generator, so two calls give identical weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyMLPConv(nn.Module):
+    """A plain conv + MLP net with a norm and a raw Parameter (like Wan's modulation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 32), nn.LayerNorm(32)) for _ in range(2)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 2, 32) * 0.1)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 3, 2, 2]
+        h = self.conv(x).flatten(1)  # [B, 32]
+        for block in self.blocks:
+            h = h + block(h * (1 + self.modulation[:, 0]) + self.modulation[:, 1])
+        return self.head(h)
+
+    @staticmethod
+    def example_input(batch: int = 4) -> torch.Tensor:
+        return torch.randn(batch, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+
+
+def tiny_mlp(seed: int = 0) -> TinyMLPConv:
+    torch.manual_seed(seed)
+    return TinyMLPConv()
+
+
+def tiny_wan(seed: int = 0, layers: int = 2):
+    """A diffusers WanTransformer3DModel with dim 32 (2 heads x 16), ffn 64."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=64,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=64,
+    )
+
+
+def tiny_wan_inputs(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 1, 8, 8, generator=g),  # [B, C, F, H, W]
+        "timestep": torch.tensor([500, 250][:batch] + [100] * max(0, batch - 2)),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g),  # [B, text tokens, text_dim]
+    }
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def lm_inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (batch, length), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+MODEL_FACTORIES = {
+    "mlp": tiny_mlp,
+    "wan": tiny_wan,
+    "gpt2": tiny_gpt2,
+    "llama": tiny_llama,
+}
