@@ -285,13 +285,14 @@ def load_manifest(
     block_pattern: str | None = None,
 ) -> Manifest:
     """Make a :class:`Manifest` from a module, a manifest, a path (file/index/folder) or a preset name."""
-    import torch
-
     if isinstance(source, Manifest):
         return source if block_pattern is None else Manifest(source.tensors, source.source, block_pattern, source.metadata)
-    if isinstance(source, torch.nn.Module):
-        return manifest_from_module(source, block_pattern)
     if not isinstance(source, (str, os.PathLike)):
+        # torch is imported only here: planning from a file or preset must not pay its import time.
+        import torch
+
+        if isinstance(source, torch.nn.Module):
+            return manifest_from_module(source, block_pattern)
         raise ConfigError(
             f"cannot read a model from a {type(source).__name__}; pass an nn.Module, a .safetensors path, "
             "a model folder or a preset name"
