@@ -175,8 +175,6 @@ class Selection(Mapping[str, TensorPick]):
 
 def overlap_count(a: TensorPick, b: TensorPick) -> int:
     """Number of flat positions picked by both ``a`` and ``b`` (same tensor)."""
-    import torch
-
     if a.whole:
         return b.count
     if b.whole:
@@ -186,6 +184,8 @@ def overlap_count(a: TensorPick, b: TensorPick) -> int:
         n = fast(a.count, b.source, b.count)
         if n is not None:
             return int(n)
+    import torch  # only here: the O(1) paths above must not pay torch's import time
+
     ia, ib = a.indices(), b.indices()
     return int(torch.isin(ia, ib, assume_unique=True).sum())
 
