@@ -1,0 +1,134 @@
+"""``ffid estimate``: GPU and host memory a run needs, from the model's header, before training."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+from .plan import MODEL_HELP, int_option, print_json
+
+
+def _float_option(value: str | None, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} is not a number; give e.g. {flag} 6.5") from None
+
+
+def register(subparsers: Any) -> None:
+    from ..estimate import BASE_DTYPES, OPTIMIZERS
+
+    p = subparsers.add_parser(
+        "estimate",
+        help="GPU/host memory and delta size for each --ff, from the header alone",
+        description="Estimate GPU memory, host RAM and delta file size of a run for each --ff value. "
+        "The selection is planned exactly (only names, shapes and dtypes are read); each figure is "
+        "broken down into base weights, proxies, indices, gradients, optimizer state and workspace. "
+        "Activations are not known from a header: give --activations-gb, or --video_size/--frames "
+        "for a rough Wan estimate.",
+    )
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument(
+        "--ff", metavar="F", nargs="+", required=True, help="one or more fractions to train, e.g. 0.001 0.01"
+    )
+    p.add_argument(
+        "--ffid", metavar="N", default="0", help="selection id (memory hardly depends on it; default 0)"
+    )
+    p.add_argument("--selector", default="spread", help="spread (default) or compat-v2 (whole tensors)")
+    p.add_argument(
+        "--slots", metavar="S", help="spread: ids in the layout (default 16; chosen to fit large --ff)"
+    )
+    p.add_argument("--seed", metavar="X", help="spread: layout seed")
+    p.add_argument(
+        "--include", metavar="RX", action="append", help="only tensors matching this regex (repeatable)"
+    )
+    p.add_argument(
+        "--exclude", metavar="RX", action="append", help="skip tensors matching this regex (repeatable)"
+    )
+    p.add_argument("--block-pattern", metavar="RX", help="regex with one group capturing the block number")
+    p.add_argument(
+        "--optimizer",
+        "--optimizer_type",
+        dest="optimizer",
+        default="adamw",
+        help="; ".join(f"{k}: {o.description}" for k, o in OPTIMIZERS.items()) + " (default adamw)",
+    )
+    p.add_argument(
+        "--base-dtype",
+        "--base_dtype",
+        dest="base_dtype",
+        metavar="DT",
+        help=f"dtype the base weights are held in: {', '.join(BASE_DTYPES)} (default: as stored in the file; "
+        "fp8 keeps vectors in bf16 like musubi's --fp8_base)",
+    )
+    p.add_argument(
+        "--blocks_to_swap",
+        "--blocks-to-swap",
+        dest="blocks_to_swap",
+        metavar="N",
+        default="0",
+        help="park the last N blocks in host RAM and stream them (musubi-tuner's block swap)",
+    )
+    p.add_argument(
+        "--activations-gb",
+        "--activations_gb",
+        dest="activations_gb",
+        metavar="GIB",
+        help="activation memory to add, in GiB (measure it once, or use --video_size/--frames)",
+    )
+    p.add_argument(
+        "--video_size",
+        "--video-size",
+        dest="video_size",
+        metavar=("H", "W"),
+        nargs=2,
+        help="Wan only: video height and width for a rough activation estimate",
+    )
+    p.add_argument(
+        "--frames", "--video_length", dest="frames", metavar="F", help="Wan only: frames per video (4n+1)"
+    )
+    p.add_argument(
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        metavar="B",
+        default="1",
+        help="videos per step for the Wan activation estimate (default 1)",
+    )
+    p.add_argument("--json", action="store_true", help="print everything as JSON (sizes in bytes)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..estimate import estimate, format_estimates
+
+    video_size = None
+    if args.video_size is not None:
+        video_size = [int_option(v, "--video_size", 1) for v in args.video_size]
+    estimates = estimate(
+        args.model,
+        args.ff,
+        ffid=int_option(args.ffid, "--ffid", 0) or 0,
+        selector=args.selector,
+        slots=int_option(args.slots, "--slots", 1),
+        seed=int_option(args.seed, "--seed", 0),
+        include=args.include,
+        exclude=args.exclude,
+        block_pattern=args.block_pattern,
+        optimizer=args.optimizer,
+        base_dtype=args.base_dtype,
+        blocks_to_swap=int_option(args.blocks_to_swap, "--blocks_to_swap", 0) or 0,
+        activations_gb=_float_option(args.activations_gb, "--activations-gb"),
+        video_size=video_size,  # type: ignore[arg-type]
+        frames=int_option(args.frames, "--frames", 1),
+        batch_size=int_option(args.batch_size, "--batch_size", 1) or 1,
+    )
+    if args.json:
+        print_json({"model": str(args.model), "estimates": [e.to_dict() for e in estimates]})
+    else:
+        sys.stdout.write(format_estimates(estimates, str(args.model)) + "\n")
+    return 0
