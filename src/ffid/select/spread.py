@@ -131,6 +131,14 @@ class SpreadSlot:
         return max(0, min(self.lo + count, other.lo + other_count) - max(self.lo, other.lo))
 
 
+def _floor_digits(x: float, digits: int = 6) -> str:
+    """``x`` cut (not rounded) to ``digits`` significant digits, so that a suggested --ff fits."""
+    if x <= 0:
+        return "0"
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return f"{math.floor(x * scale) / scale:.{digits}g}"
+
+
 def target_count(ff: float, total: int) -> int:
     """``round(ff * total)`` computed exactly, halves rounded up."""
     exact = Fraction(ff) * total
@@ -159,7 +167,10 @@ def apportion(sizes: list[int], caps: list[int], k: int) -> list[int]:
     denom = 1 << 64
 
     def count_at(p: int) -> list[int]:
-        return [min(c, 1 + (n * p + denom // 2) // denom) if c > 0 else 0 for n, c in zip(sizes, caps)]
+        return [
+            min(c, 1 + (n * p + denom // 2) // denom) if c > 0 else 0
+            for n, c in zip(sizes, caps, strict=True)
+        ]
 
     lo, hi = 0, 2 * denom  # time 1 covers every seat of every tensor
     while lo < hi:  # largest p with total <= k
@@ -214,14 +225,17 @@ def select_spread(
     caps = [s.capacity for s in layouts]
     capacity = sum(caps)
     if k > capacity:
-        best = max(1, int(total // max(k, 1)))
-        hint = (
-            f"lower --ff to at most {capacity / total:.6g}, or use fewer slots (--slots {best} holds about "
-            f"{1 / best:.3g} of the model per id, ids 0..{best - 1}; selections of different layouts "
-            "are not disjoint)"
-            if best < slots
-            else f"lower --ff to at most {capacity / total:.6g}"
-        )
+        # Suggest the most slots whose *every* id holds k (each id gets at least floor(n / s) per tensor).
+        sizes = [t.numel for t in infos]
+        best = next((s for s in range(slots - 1, 0, -1) if sum(n // s for n in sizes) >= k), 0)
+        most = _floor_digits(capacity / total)
+        hint = f"lower --ff to at most {most}"
+        if best:
+            hint += (
+                f", or use fewer slots (--slots {best}: ids 0..{best - 1}, each holding at least "
+                f"{_floor_digits(100 * sum(n // best for n in sizes) / total)}% of the model; selections of "
+                "different layouts are not disjoint)"
+            )
         raise CapacityError(
             f"--ff {ff} asks for {k:,} elements but id {ffid} of the {slots}-slot layout holds "
             f"{capacity:,} here ({capacity / total:.4%} of the model); {hint}"
@@ -229,13 +243,17 @@ def select_spread(
     counts = apportion([t.numel for t in infos], caps, k)
     picks = {
         t.name: TensorPick(t.name, t.shape, c, layout)
-        for t, c, layout in zip(infos, counts, layouts)
+        for t, c, layout in zip(infos, counts, layouts, strict=True)
         if c > 0
     }
     params = {"ff": ff, "ffid": ffid, "slots": slots, "seed": seed}
     return Selection("spread", params, manifest, picks, k)
 
 
-def spread_capacity(manifest: Manifest, names: list[str], ffid: int, slots: int = DEFAULT_SLOTS, seed: int = 0) -> int:
+def spread_capacity(
+    manifest: Manifest, names: list[str], ffid: int, slots: int = DEFAULT_SLOTS, seed: int = 0
+) -> int:
     """Elements id ``ffid`` can hold over ``names`` in the layout (the largest usable ``ff * N``)."""
-    return sum(SpreadSlot.build(manifest[n].name, manifest[n].shape, ffid, slots, seed).capacity for n in names)
+    return sum(
+        SpreadSlot.build(manifest[n].name, manifest[n].shape, ffid, slots, seed).capacity for n in names
+    )
