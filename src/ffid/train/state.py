@@ -1,0 +1,224 @@
+"""Resumable training states: one ``{output_name}-step{step:08d}-state/`` folder per save.
+
+A state holds everything that decides what the next step computes: the trained values (the
+engine's proxies), optimizer and scheduler state, every RNG the run draws from, the data
+position, the step and the loss history. It also records the config hash, the selection
+fingerprint and the model manifest fingerprint, so a state from another run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import MismatchError, MissingFileError, ModelFileError
+from .io import commit_dir, temp_dir_for
+
+STATE_FORMAT = "ffid-train-state/1"
+
+
+@dataclass
+class RunIdentity:
+    """What a state must share with the run that resumes it."""
+
+    config_hash: str
+    selection_fingerprint: str
+    manifest_fingerprint: str
+    trajectory_keys: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done and the next micro-batch (epoch, index)."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG the run draws from (torch CPU/CUDA, the task's generator, python, numpy)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_state(
+    folder: Path,
+    *,
+    identity: RunIdentity,
+    position: Position,
+    proxies: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    rng: dict[int, dict[str, Any]],
+    losses: list[float],
+) -> Path:
+    """Write a state folder atomically (temp folder, then rename); returns ``folder``."""
+    from safetensors.torch import save_file
+
+    tmp = temp_dir_for(folder)
+    try:
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in proxies.items()},
+            str(tmp / "proxies.safetensors"),
+        )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for rank, state in rng.items():
+            torch.save(state, tmp / f"rng-{rank}.pt")
+        meta = {
+            "format": STATE_FORMAT,
+            "ffid_version": __version__,
+            "step": position.step,
+            "epoch": position.epoch,
+            "index": position.index,
+            "config_hash": identity.config_hash,
+            "selection_fingerprint": identity.selection_fingerprint,
+            "manifest_fingerprint": identity.manifest_fingerprint,
+            "world_size": identity.world_size,
+            "trajectory_keys": identity.trajectory_keys,
+            "losses": losses,
+        }
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        commit_dir(tmp, folder)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_state_meta(folder: Path) -> dict[str, Any]:
+    """The ``state.json`` of a state folder, checked for format."""
+    path = folder / "state.json"
+    if not folder.is_dir():
+        raise MissingFileError(
+            f"resume folder {str(folder)!r} does not exist; give a '*-state' folder "
+            "written with save_state = true"
+        )
+    if not path.is_file():
+        raise ModelFileError(
+            f"{str(folder)!r} is not an ffid training state (no state.json); "
+            "give a '*-state' folder written with save_state = true"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{str(path)!r} is corrupt ({exc}); resume from an earlier state") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise ModelFileError(
+            f"{str(folder)!r} has state format {meta.get('format')!r}, this ffid reads {STATE_FORMAT!r}"
+        )
+    for name in ("proxies.safetensors", "optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            raise ModelFileError(
+                f"state {str(folder)!r} lacks {name}; it is incomplete, resume from another one"
+            )
+    return meta
+
+
+def check_identity(folder: Path, meta: dict[str, Any], identity: RunIdentity) -> None:
+    """Refuse a state written by a run with another model, selection or training config."""
+    if meta["manifest_fingerprint"] != identity.manifest_fingerprint:
+        raise MismatchError(
+            f"resume state {str(folder)!r} was written for another model (manifest "
+            f"{meta['manifest_fingerprint']} != {identity.manifest_fingerprint}); "
+            "resume with the model it was trained on or start a new run"
+        )
+    if meta["selection_fingerprint"] != identity.selection_fingerprint:
+        raise MismatchError(
+            f"resume state {str(folder)!r} trained another selection (fingerprint "
+            f"{meta['selection_fingerprint']} != {identity.selection_fingerprint}); "
+            "use the same ff/ffid/selector/include/exclude as that run"
+        )
+    if meta["config_hash"] != identity.config_hash:
+        old = meta.get("trajectory_keys", {})
+        diff = [
+            k
+            for k in sorted(set(old) | set(identity.trajectory_keys))
+            if old.get(k) != identity.trajectory_keys.get(k)
+        ]
+        what = ", ".join(f"{k}: {old.get(k)!r} -> {identity.trajectory_keys.get(k)!r}" for k in diff[:4])
+        raise MismatchError(
+            f"resume state {str(folder)!r} comes from a run with other settings ({what or 'hash'}); "
+            "resume with that run's config or start a new run"
+        )
+    if meta.get("world_size", 1) != identity.world_size:
+        raise MismatchError(
+            f"resume state {str(folder)!r} was written by {meta.get('world_size')} processes, "
+            f"this run has {identity.world_size}; launch the same number to resume exactly"
+        )
+
+
+def load_state(folder: Path, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Read a state folder (after :func:`read_state_meta` and :func:`check_identity`)."""
+    from safetensors.torch import load_file
+
+    rng_path = folder / f"rng-{rank}.pt"
+    if not rng_path.is_file():
+        raise ModelFileError(f"state {str(folder)!r} lacks {rng_path.name}; it is incomplete")
+    return {
+        "proxies": load_file(str(folder / "proxies.safetensors"), device=str(device)),
+        "optimizer": torch.load(folder / "optimizer.pt", map_location=device, weights_only=False),
+        "scheduler": torch.load(folder / "scheduler.pt", weights_only=False),
+        "rng": torch.load(rng_path, weights_only=False),
+    }
+
+
+def latest_state(output_dir: Path, output_name: str) -> Path | None:
+    """The state folder with the highest step in ``output_dir`` for ``output_name``."""
+    best: tuple[int, Path] | None = None
+    for folder in output_dir.glob(f"{output_name}*-state"):
+        try:
+            step = int(json.loads((folder / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, folder)
+    return best[1] if best else None
+
+
+__all__ = [
+    "STATE_FORMAT",
+    "Position",
+    "RunIdentity",
+    "check_identity",
+    "latest_state",
+    "load_state",
+    "read_state_meta",
+    "rng_state",
+    "save_state",
+    "set_rng_state",
+]

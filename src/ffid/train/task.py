@@ -1,0 +1,130 @@
+"""What the trainer needs from a kind of model: the :class:`Task` protocol and the task registry.
+
+The trainer (:func:`ffid.train.trainer.train`) owns everything generic: selection, optimizer,
+schedule, accumulation, clipping, mixed precision, saving, resume and logging. A task owns what
+differs between model families: how the base model is built, what one data item is, how items
+are batched and what the loss is. Built-in tasks: ``wan`` (flow matching on cached latents),
+``causal-lm`` (next-token loss on text) and ``demo`` (the tiny Wan of ``ffid demo``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+    from .config import TrainConfig
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A model family the trainer can train.
+
+    ``loss`` is called inside the trainer's autocast context with a batch already on the
+    model's device; it must draw all its randomness (noise, timesteps) from ``generator`` (a CPU
+    ``torch.Generator`` the trainer seeds, saves and restores) so that a resumed run repeats
+    the uninterrupted one exactly.
+
+    Optional: ``sample(model, step, out_dir) -> None`` is called every ``sample_every_n_steps``
+    steps (and at the end) with ``out_dir = {output_dir}/sample``.
+    """
+
+    name: str
+
+    def build_model(self, cfg: TrainConfig) -> nn.Module:
+        """The base model (loaded or built), on the CPU, in eval mode or train mode as it needs."""
+        ...
+
+    def dataset(self, cfg: TrainConfig) -> Dataset:
+        """The training items; each item is a ``dict[str, Tensor]``. Raise ConfigError when missing/empty."""
+        ...
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack a list of items into one batch."""
+        ...
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """A scalar loss for ``batch`` (mean over the batch)."""
+        ...
+
+
+def _wan() -> Task:
+    from .wan import WanTask
+
+    return WanTask()
+
+
+def _causal_lm() -> Task:
+    from .causal_lm import CausalLMTask
+
+    return CausalLMTask()
+
+
+def _demo() -> Task:
+    # Imported lazily: the demo pulls in scikit-learn and its data, which plain training never needs.
+    try:
+        module = importlib.import_module("ffid.demo.task")
+    except ImportError as exc:
+        raise ConfigError(
+            f"model_type 'demo' needs ffid.demo.task, which cannot be imported ({exc})"
+        ) from None
+    return _instantiate(module, "ffid.demo.task")
+
+
+TASKS: dict[str, Callable[[], Task]] = {"wan": _wan, "causal-lm": _causal_lm, "demo": _demo}
+
+
+def _instantiate(obj: Any, where: str) -> Task:
+    """A Task from a module (``make_task()``/``TASK``/``Task`` class), a class or a factory."""
+    import inspect
+
+    if inspect.ismodule(obj):
+        for attr in ("make_task", "TASK", "DemoTask"):
+            if hasattr(obj, attr):
+                return _instantiate(getattr(obj, attr), f"{where}.{attr}")
+        raise ConfigError(f"{where} defines no make_task(), TASK or DemoTask; expose one of them")
+    task = obj() if callable(obj) and not isinstance(obj, Task) else obj
+    missing = [
+        m for m in ("build_model", "dataset", "collate", "loss") if not callable(getattr(task, m, None))
+    ]
+    if missing:
+        raise ConfigError(f"{where} is not a Task: it lacks {', '.join(missing)}; see ffid.train.task.Task")
+    if not getattr(task, "name", None):
+        task.name = where
+    return task
+
+
+def get_task(model_type: str) -> Task:
+    """The task for ``model_type``: a built-in name or ``"package.module:attribute"``."""
+    if model_type in TASKS:
+        return TASKS[model_type]()
+    if ":" in model_type or (model_type.count(".") and not Path(model_type).exists()):
+        module_name, _, attr = model_type.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"model_type {model_type!r}: cannot import {module_name!r} ({exc})") from None
+        if not attr:
+            return _instantiate(module, module_name)
+        if not hasattr(module, attr):
+            raise ConfigError(f"model_type {model_type!r}: {module_name} has no attribute {attr!r}")
+        return _instantiate(getattr(module, attr), model_type)
+    near = difflib.get_close_matches(model_type, TASKS, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ConfigError(
+        f"unknown model_type {model_type!r}; {hint}choose one of: {', '.join(TASKS)} or 'package.module:factory'"
+    )
+
+
+__all__ = ["TASKS", "Task", "get_task"]

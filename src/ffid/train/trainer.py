@@ -1,0 +1,447 @@
+"""The training loop behind ``ffid train``: one function, :func:`train`.
+
+It wires the pieces together: the task gives model, data and loss; :func:`ffid.attach`
+decides and hooks the trained elements; accelerate gives device, autocast and processes.
+Everything else (data order, accumulation, clipping, schedule, saving, resume, logging) is here.
+
+Order of work, chosen so that bad input never writes anything: validate the config, open the
+dataset (missing/empty -> error), read and check the resume state, build and attach the model,
+and only then create ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ConfigError, TrainingError
+from .config import TrainConfig
+from .data import BatchOrder, move_to
+from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
+from .optim import build_optimizer, build_scheduler
+from .state import (
+    Position,
+    RunIdentity,
+    check_identity,
+    latest_state,
+    load_state,
+    read_state_meta,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
+from .swap import attach_block_swap
+from .task import Task, get_task
+
+if TYPE_CHECKING:
+    from ..selection import Selection
+
+DEFAULT_MAX_STEPS = 1600  # kohya's default when neither steps nor epochs are given
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced. ``handle`` is still attached to ``model`` (detach or merge it)."""
+
+    steps: int
+    epochs: float
+    losses: list[float]
+    output_dir: Path
+    final: Path | None
+    full: Path | None
+    state: Path | None
+    saved: list[Path] = field(default_factory=list)
+    selection: Selection | None = None
+    handle: Any = None
+    model: nn.Module | None = None
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
+
+
+def model_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The dtype the task should load base weights in (``None``: keep the file's)."""
+    return _dtype(cfg.model_dtype)
+
+
+def _accelerator(cfg: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one process-wide state; a second run in the same process (tests, the
+        # demo's two stages) may want another mixed precision, which needs a fresh state.
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    try:
+        return Accelerator(mixed_precision=cfg.mixed_precision)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"mixed_precision {cfg.mixed_precision!r} is not usable here: {exc}") from None
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        model.enable_gradient_checkpointing()
+    else:
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} has no gradient checkpointing switch; "
+            "turn the key off"
+        )
+
+
+def _place(model: nn.Module, device: torch.device, keep: list[nn.Module]) -> None:
+    """Move the model to ``device`` except the modules in ``keep`` (blocks parked by block swap)."""
+    skip = {id(t) for m in keep for t in [*m.parameters(), *m.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in skip and t.device != device:
+            t.data = t.data.to(device)
+
+
+def _resume_folder(cfg: TrainConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        found = latest_state(Path(cfg.output_dir), cfg.output_name)
+        if found is None:
+            raise ConfigError(
+                f"resume = 'latest' but {cfg.output_dir!r} holds no '{cfg.output_name}*-state' "
+                "folder; train with save_state = true first or name a state folder"
+            )
+        return found
+    return Path(cfg.resume)
+
+
+def _total_steps(cfg: TrainConfig, order: BatchOrder) -> int:
+    if cfg.max_train_epochs:
+        return max(
+            1, math.ceil(cfg.max_train_epochs * order.batches_per_epoch / cfg.gradient_accumulation_steps)
+        )
+    return cfg.max_train_steps or DEFAULT_MAX_STEPS
+
+
+def _metadata(cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: int) -> dict[str, str]:
+    """kohya ``ss_*`` keys plus a few SAI model-spec keys; the checkpoint writer adds the selection."""
+    return {
+        "ss_network_module": "ffid",
+        "ss_network_args": json.dumps(
+            {
+                "ff": cfg.ff,
+                "ffid": cfg.ffid,
+                "selector": cfg.selector,
+                "include": cfg.include,
+                "exclude": cfg.exclude,
+            }
+        ),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_optimizer": cfg.optimizer_type
+        + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_seed": str(cfg.seed),
+        "ss_steps": str(step),
+        "ss_epoch": str(epoch),
+        "ss_batch_size": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_base_model_version": str(task.name),
+        "ss_dataset": Path(cfg.dataset).name if cfg.dataset else "",
+        "ffid_version": __version__,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": cfg.output_name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _summary(
+    cfg: TrainConfig,
+    task: Task,
+    sel: Selection,
+    n_items: int,
+    order: BatchOrder,
+    total: int,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    accelerator: Any,
+    start: Position,
+    swapped: int,
+) -> str:
+    proxies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    base = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    states = {"AdamW": 2, "Adam": 2, "AdamW8bit": 0.5, "SGD": 0, "Adafactor": 0.1}.get(cfg.optimizer_type, 2)
+    epochs = total * cfg.gradient_accumulation_steps / order.batches_per_epoch
+    lines = [
+        f"ffid train: {task.name}  {sel.selector} ff={cfg.ff} ffid={cfg.ffid}  fingerprint {sel.fingerprint}",
+        f"  items {n_items}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
+        f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch",
+        f"  steps {total} ({epochs:.2f} epochs)" + (f", resuming at step {start.step}" if start.step else ""),
+        f"  trainable params {sel.selected:,} of {sel.total_params:,} ({sel.selected / sel.total_params:.4%}) "
+        f"in {len(sel)} tensors",
+        f"  memory: base weights {format_bytes(base)}, trained values {format_bytes(proxies)}, "
+        f"optimizer state ~{format_bytes(proxies * states)}; {peak_memory(accelerator.device)} so far",
+        f"  device {accelerator.device}, mixed precision {cfg.mixed_precision}, optimizer {cfg.optimizer_type}, "
+        f"lr {cfg.learning_rate} ({cfg.lr_scheduler}), gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}, blocks swapped {swapped}",
+    ]
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = None) -> TrainResult:
+    """Train ``cfg.ff`` of the model's weights (selection ``cfg.ffid``) and save deltas/states.
+
+    ``task`` defaults to the one named by ``cfg.model_type``; ``model`` defaults to
+    ``task.build_model(cfg)`` (pass one to train a model you already hold, e.g. a merged base).
+    Raises :class:`~ffid.errors.FfidError` subclasses for bad input before writing anything, and
+    :class:`~ffid.errors.TrainingError` when the loss stops being finite.
+    """
+    from ..engine import attach
+    from ..select import check_ff, check_ffid
+
+    cfg.validate()
+    if cfg.ff is None or cfg.ffid is None:
+        raise ConfigError("ff and ffid are required; add e.g. ff = 0.01 and ffid = 1 to the config or flags")
+    check_ff(cfg.ff)
+    check_ffid(cfg.ffid)
+    task = task if task is not None else get_task(cfg.model_type)
+
+    dataset = task.dataset(cfg)
+    n_items = len(dataset)  # type: ignore[arg-type]
+    if n_items == 0:
+        raise ConfigError(
+            f"dataset {cfg.dataset!r} has no items; point dataset at a folder/file with training data"
+        )
+
+    resume_dir = _resume_folder(cfg)
+    resume_meta = read_state_meta(resume_dir) if resume_dir else None
+
+    accelerator = _accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+
+    if model is None:
+        model = task.build_model(cfg)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.train()
+    swapper = attach_block_swap(model, cfg.blocks_to_swap, device)
+    _place(model, device, swapper.blocks if swapper else [])
+
+    plan_kwargs: dict[str, Any] = {"include": cfg.include or None, "exclude": cfg.exclude or None}
+    if cfg.slots is not None:
+        plan_kwargs["slots"] = cfg.slots
+    handle = attach(model, ff=cfg.ff, ffid=cfg.ffid, selector=cfg.selector, **plan_kwargs)
+    sel: Selection = handle.selection
+    params = [p for p in handle.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
+    optimizer = build_optimizer(cfg, params)
+
+    order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world)
+    total = _total_steps(cfg, order)
+    scheduler = build_scheduler(cfg, optimizer, total)
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    identity = RunIdentity(
+        cfg.trajectory_hash(), sel.fingerprint, sel.manifest.fingerprint, cfg.trajectory_keys(), world
+    )
+
+    pos, losses = Position(), []
+    if resume_dir is not None and resume_meta is not None:
+        check_identity(resume_dir, resume_meta, identity)
+        st = load_state(resume_dir, rank)
+        handle.load_state_dict(
+            {
+                k: v.to(p.device)
+                for (k, v), p in zip(st["proxies"].items(), handle.state_dict().values(), strict=False)
+            }
+        )
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        set_rng_state(st["rng"], generator)
+        pos = Position(resume_meta["step"], resume_meta["epoch"], resume_meta["index"])
+        losses = list(resume_meta["losses"])[: pos.step]
+
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    logging_dir = (
+        None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(out / "logs"))
+    )
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{cfg.output_name}-config.json", cfg.to_dict())
+    monitor = TrainMonitor(
+        total,
+        pos.step,
+        losses,
+        logging_dir=logging_dir and f"{logging_dir}/{cfg.output_name}",
+        enabled=main,
+        progress=cfg.progress,
+    )
+    monitor.note(
+        _summary(
+            cfg,
+            task,
+            sel,
+            n_items,
+            order,
+            total,
+            optimizer,
+            model,
+            accelerator,
+            pos,
+            len(swapper.blocks) if swapper else 0,
+        )
+    )
+
+    saved: list[Path] = []
+    state_path: Path | None = None
+
+    def save(step: int, stem: str, with_state: bool) -> None:
+        """Write the delta ``{stem}.safetensors`` and, if asked, the state of this step."""
+        nonlocal state_path
+        accelerator.wait_for_everyone()
+        if main:
+            path = out / f"{stem}.safetensors"
+            handle.save_delta(path, metadata=_metadata(cfg, task, sel, step, cur_epoch))
+            saved.append(path)
+        if with_state:
+            folder = out / f"{cfg.output_name}-step{step:08d}-state"
+            rngs = (
+                accelerator.gather_for_metrics([rng_state(generator)])
+                if world > 1
+                else [rng_state(generator)]
+            )
+            if main:
+                save_state(
+                    folder,
+                    identity=identity,
+                    position=Position(step, cur_epoch, cur_index),
+                    proxies=handle.state_dict(),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    rng=dict(enumerate(rngs)),
+                    losses=monitor.losses,
+                )
+                state_path = folder
+        accelerator.wait_for_everyone()
+
+    batches = order.iterate(pos.epoch, pos.index)
+    cur_epoch, cur_index = pos.epoch, pos.index
+    step = pos.step
+    sample_dir = out / "sample"
+    try:
+        while step < total:
+            step_loss = 0.0
+            epoch_done = False
+            for _ in range(cfg.gradient_accumulation_steps):
+                epoch, index, ids = next(batches)
+                batch = move_to(task.collate([dataset[i] for i in ids]), device)
+                with accelerator.autocast():
+                    loss = task.loss(model, batch, generator)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    where = saved[-1] if saved else None
+                    kept = f"the last good checkpoint is {str(where)!r}" if where else "nothing was saved yet"
+                    raise TrainingError(
+                        f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training "
+                        f"stopped, {kept}; lower learning_rate or max_grad_norm, or check the data"
+                    )
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                step_loss += value / cfg.gradient_accumulation_steps
+                cur_epoch, cur_index = (
+                    (epoch, index + 1) if index + 1 < order.batches_per_epoch else (epoch + 1, 0)
+                )
+                epoch_done = epoch_done or cur_index == 0
+            if swapper is not None:
+                swapper.settle()
+            if world > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                step_loss = float(
+                    accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean")
+                )
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            monitor.step(step, step_loss, scheduler.get_last_lr()[0])
+
+            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
+                save(step, f"{cfg.output_name}-step{step:08d}", cfg.save_state)
+            if (
+                epoch_done
+                and cfg.save_every_n_epochs
+                and cur_epoch % cfg.save_every_n_epochs == 0
+                and step < total
+            ):
+                save(step, f"{cfg.output_name}-{cur_epoch:06d}", cfg.save_state)
+            if (
+                cfg.sample_every_n_steps
+                and step % cfg.sample_every_n_steps == 0
+                and main
+                and hasattr(task, "sample")
+            ):
+                _sample(task, model, step, sample_dir)
+    finally:
+        monitor.close()
+        if main:
+            title = f"{cfg.output_name}: {task.name}"
+            plot_losses(monitor.losses, out / f"{cfg.output_name}-loss.png", title)
+            write_json(out / f"{cfg.output_name}-loss.json", {"losses": monitor.losses})
+
+    if swapper is not None:
+        swapper.remove(device)
+    save(step, cfg.output_name, cfg.save_state)
+    full = None
+    if cfg.save_full and main:
+        full = out / f"{cfg.output_name}-full.safetensors"
+        handle.save_full(
+            full, dtype=_dtype(cfg.save_precision), metadata=_metadata(cfg, task, sel, step, cur_epoch)
+        )
+    if cfg.sample_every_n_steps and main and hasattr(task, "sample") and step % cfg.sample_every_n_steps:
+        _sample(task, model, step, sample_dir)
+    accelerator.wait_for_everyone()
+    final = out / f"{cfg.output_name}.safetensors"
+    monitor.note(f"ffid train: done, {step} steps; delta {final}")
+    return TrainResult(
+        steps=step,
+        epochs=step * cfg.gradient_accumulation_steps / order.batches_per_epoch,
+        losses=list(monitor.losses),
+        output_dir=out,
+        final=final if main else None,
+        full=full,
+        state=state_path,
+        saved=saved,
+        selection=sel,
+        handle=handle,
+        model=model,
+    )
+
+
+def _sample(task: Task, model: nn.Module, step: int, out_dir: Path) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            task.sample(model, step, out_dir)  # type: ignore[attr-defined]
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["TrainResult", "model_dtype", "train"]
