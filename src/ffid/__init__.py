@@ -17,6 +17,20 @@ from .manifest import Manifest, TensorInfo, load_manifest
 from .select import plan
 from .selection import Selection, TensorPick, overlap
 
+# Checkpoint functions import torch; load them on first use so `import ffid` stays light.
+_CHECKPOINT_EXPORTS = (
+    "apply_delta", "extract_delta", "load_delta", "merge_checkpoint", "save_delta", "save_full",
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _CHECKPOINT_EXPORTS:
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'ffid' has no attribute {name!r}")
+
+
 __all__ = [
     "AttachError",
     "CapacityError",
@@ -30,7 +44,13 @@ __all__ = [
     "TensorPick",
     "TrainingError",
     "__version__",
+    "apply_delta",
+    "extract_delta",
+    "load_delta",
     "load_manifest",
+    "merge_checkpoint",
     "overlap",
     "plan",
+    "save_delta",
+    "save_full",
 ]

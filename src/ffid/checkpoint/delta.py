@@ -1,0 +1,554 @@
+"""The ffid delta file: absolute trained values at explicit flat positions (see docs/delta-format.md).
+
+A delta is a plain ``.safetensors`` file. For every touched tensor ``NAME`` (canonical name) it
+holds ``NAME.ffid_index`` (sorted flat indices into ``tensor.reshape(-1)``, the smallest integer
+dtype that fits) and ``NAME.ffid_value`` (the trained values, fp32 unless saved otherwise). A
+tensor trained whole has only ``NAME.ffid_value``, in the tensor's own shape. String metadata
+says what was trained (selector, ff, ffid, fingerprints) and how (``ss_*``, ``modelspec.*``).
+
+Values are absolute, not differences: applying a delta with multiplier 1 writes exactly the
+trained values, so ``extract`` followed by ``merge`` reproduces a checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, MismatchError, ModelFileError
+from ..names import canonical_name
+from ..selection import Explicit, Selection, TensorPick, Whole
+from .namemap import NameResolver, detect_naming
+from .stio import NUMPY_INT, SafetensorsFile, dtype_code, index_code, is_float_code, write_safetensors_stream
+
+FORMAT_NAME = "ffid-delta"
+FORMAT_VERSION = "1"
+INDEX_SUFFIX = ".ffid_index"
+VALUE_SUFFIX = ".ffid_value"
+# Base positions hashed per tensor for the base fingerprint: enough to tell two bases apart,
+# few enough that checking a 1,095-tensor model costs milliseconds.
+FINGERPRINT_SAMPLES = 32
+
+KEY_FORMAT = "ffid.format"
+KEY_FORMAT_VERSION = "ffid.format_version"
+KEY_VERSION = "ffid.version"
+KEY_SELECTOR = "ffid.selector"
+KEY_PARAMS = "ffid.params"
+KEY_FF = "ffid.ff"
+KEY_FFID = "ffid.ffid"
+KEY_SELECTION_FP = "ffid.selection_fingerprint"
+KEY_BASE_FP = "ffid.base_fingerprint"
+KEY_BASE_MANIFEST_FP = "ffid.base_manifest_fingerprint"
+KEY_NAMING = "ffid.naming"
+KEY_VALUE_DTYPE = "ffid.value_dtype"
+KEY_SELECTED = "ffid.selected"
+KEY_TOTAL = "ffid.total_params"
+KEY_SOURCE = "ffid.source"
+
+
+# -- base fingerprint -------------------------------------------------------------------------------
+def sample_positions(count: int, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
+    """Which entries (0..count-1) of a tensor's index list are hashed: evenly spaced, ends included."""
+    if count <= samples:
+        return torch.arange(count, dtype=torch.int64)
+    return torch.arange(samples, dtype=torch.int64) * (count - 1) // (samples - 1)
+
+
+def values_hash(values: torch.Tensor) -> str:
+    """16 hex digits hashing values as little-endian fp32 (so bf16 and its fp32 upcast agree)."""
+    data = values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorFingerprint:
+    """Shape of one base tensor and the hash of its base values at the sampled selected positions."""
+
+    shape: tuple[int, ...]
+    hash: str
+
+    def to_json(self) -> list[Any]:
+        return [list(self.shape), self.hash]
+
+    @staticmethod
+    def from_json(obj: Any) -> TensorFingerprint:
+        shape, digest = obj
+        return TensorFingerprint(tuple(int(d) for d in shape), str(digest))
+
+
+def base_fingerprint_digest(fps: Mapping[str, TensorFingerprint]) -> str:
+    """One 16-hex summary of a whole base fingerprint (for display)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(fps):
+        fp = fps[name]
+        h.update(f"{name}:{','.join(map(str, fp.shape))}:{fp.hash};".encode())
+    return h.hexdigest()
+
+
+# -- the in-memory form ----------------------------------------------------------------------------
+@dataclass
+class DeltaTensor:
+    """The trained values of one tensor: ``values[i]`` belongs at flat position ``indices[i]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    indices: torch.Tensor  # int64, sorted, unique
+    values: torch.Tensor  # flat, float (fp32 unless saved otherwise)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def whole(self) -> bool:
+        return self.count == self.numel
+
+
+@dataclass
+class DeltaInfo:
+    """What a delta was made from, parsed from its metadata."""
+
+    format_version: str
+    ffid_version: str
+    selector: str
+    params: dict[str, Any]
+    ff: float | None
+    ffid: int | None
+    selection_fingerprint: str
+    base_fingerprint: dict[str, TensorFingerprint]
+    base_manifest_fingerprint: str
+    naming: str
+    value_dtype: str
+    selected: int
+    total_params: int | None
+    source: str
+
+    @property
+    def base_digest(self) -> str:
+        return base_fingerprint_digest(self.base_fingerprint)
+
+
+def _parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
+    if meta.get(KEY_FORMAT) != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path} is not an ffid delta (metadata {KEY_FORMAT!r} is {meta.get(KEY_FORMAT)!r}); pass a file "
+            "written by save_delta or `ffid extract`, or use `ffid inspect` to see what it is"
+        )
+    version = meta.get(KEY_FORMAT_VERSION, "")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} uses ffid delta format version {version!r}, this ffid {__version__} reads version "
+            f"{FORMAT_VERSION}; upgrade ffid"
+        )
+    try:
+        params = json.loads(meta.get(KEY_PARAMS) or "{}")
+        base_fp = {n: TensorFingerprint.from_json(v) for n, v in json.loads(meta.get(KEY_BASE_FP) or "{}").items()}
+        ff = float(meta[KEY_FF]) if meta.get(KEY_FF) else None
+        ffid = int(meta[KEY_FFID]) if meta.get(KEY_FFID) else None
+        total = int(meta[KEY_TOTAL]) if meta.get(KEY_TOTAL) else None
+        selected = int(meta.get(KEY_SELECTED) or 0)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path} has corrupt ffid metadata ({exc}); re-save the delta") from None
+    return DeltaInfo(
+        format_version=version,
+        ffid_version=meta.get(KEY_VERSION, ""),
+        selector=meta.get(KEY_SELECTOR, ""),
+        params=params,
+        ff=ff,
+        ffid=ffid,
+        selection_fingerprint=meta.get(KEY_SELECTION_FP, ""),
+        base_fingerprint=base_fp,
+        base_manifest_fingerprint=meta.get(KEY_BASE_MANIFEST_FP, ""),
+        naming=meta.get(KEY_NAMING, "other"),
+        value_dtype=meta.get(KEY_VALUE_DTYPE, ""),
+        selected=selected,
+        total_params=total,
+        source=meta.get(KEY_SOURCE, ""),
+    )
+
+
+class DeltaFile:
+    """A delta file opened lazily: header and metadata parsed, tensors read one at a time on demand."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.file = SafetensorsFile(self.path)
+        self.metadata = dict(self.file.metadata)
+        self.info = _parse_info(self.path, self.metadata)
+        names = []
+        for key, e in self.file.entries.items():
+            if key.endswith(VALUE_SUFFIX):
+                names.append(key[: -len(VALUE_SUFFIX)])
+                if not is_float_code(e.dtype):
+                    raise ModelFileError(f"{self.path}: {key!r} holds {e.dtype}, values must be floats; re-save it")
+            elif key.endswith(INDEX_SUFFIX):
+                if e.dtype not in NUMPY_INT:
+                    raise ModelFileError(f"{self.path}: {key!r} holds {e.dtype}, indices must be integers; re-save it")
+                if key[: -len(INDEX_SUFFIX)] + VALUE_SUFFIX not in self.file.entries:
+                    raise ModelFileError(f"{self.path}: {key!r} has no matching {VALUE_SUFFIX} tensor; re-save it")
+            else:
+                raise ModelFileError(f"{self.path}: unexpected tensor {key!r} in a delta file; re-save it")
+        self.names = sorted(names)
+        missing = [n for n in self.names if n not in self.info.base_fingerprint]
+        if missing:
+            raise ModelFileError(f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it")
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> DeltaFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info.base_fingerprint[name].shape
+
+    def count(self, name: str) -> int:
+        return self.file.entries[name + VALUE_SUFFIX].numel
+
+    def read_indices(self, name: str) -> torch.Tensor:
+        """Sorted int64 flat indices of ``name`` (validated against the tensor's size)."""
+        shape = self.shape(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        ientry = self.file.entries.get(name + INDEX_SUFFIX)
+        ventry = self.file.entries[name + VALUE_SUFFIX]
+        if ientry is None:
+            if ventry.numel != numel:
+                raise ModelFileError(
+                    f"{self.path}: {name!r} has no index tensor but {ventry.numel} values for a tensor of {numel}; "
+                    "the file is corrupt, re-save it"
+                )
+            return torch.arange(numel, dtype=torch.int64)
+        idx = self.file.read_flat_int(ientry)
+        if idx.numel() != ventry.numel:
+            raise ModelFileError(
+                f"{self.path}: {name!r} has {idx.numel()} indices but {ventry.numel} values; re-save the delta"
+            )
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+            raise ModelFileError(
+                f"{self.path}: indices of {name!r} are not sorted, unique and within [0, {numel}); re-save the delta"
+            )
+        return idx
+
+    def read_values(self, name: str) -> torch.Tensor:
+        """The stored values of ``name``, flat, in their stored dtype."""
+        return self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+
+    def read(self, name: str) -> DeltaTensor:
+        return DeltaTensor(name, self.shape(name), self.read_indices(name), self.read_values(name))
+
+
+@dataclass
+class Delta:
+    """A whole delta in memory (see :func:`load_delta`)."""
+
+    path: Path | None
+    tensors: dict[str, DeltaTensor]
+    metadata: dict[str, str]
+    info: DeltaInfo
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def selected(self) -> int:
+        return sum(t.count for t in self.tensors.values())
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> fp32 values in index order (what ``handle.load_values`` takes to resume)."""
+        return {n: t.values.to(torch.float32) for n, t in self.tensors.items()}
+
+    def selection(self, manifest: Any | None = None) -> Selection:
+        """The positions of this delta as a :class:`~ffid.selection.Selection` (explicit indices).
+
+        ``manifest`` (a Manifest, module or path) is the model the selection refers to; without
+        one, a manifest of just the touched tensors is built from the stored shapes.
+        """
+        from ..manifest import Manifest, TensorInfo, load_manifest
+
+        if manifest is None:
+            manifest = Manifest(
+                [TensorInfo(n, t.shape, "F32", n) for n, t in self.tensors.items()], f"delta {self.path}"
+            )
+        else:
+            manifest = load_manifest(manifest)
+        picks = {}
+        for n, t in self.tensors.items():
+            source = Whole(t.numel) if t.whole else Explicit(t.indices)
+            picks[n] = TensorPick(n, t.shape, t.count, source)
+        params = dict(self.info.params)
+        return Selection(self.info.selector or "explicit", params, manifest, picks, self.selected)
+
+
+def load_delta(path: str | os.PathLike[str]) -> Delta:
+    """Read a delta file completely: typed tensors (indices, values), metadata and parsed info."""
+    with DeltaFile(path) as df:
+        tensors = {n: df.read(n) for n in df.names}
+        return Delta(df.path, tensors, df.metadata, df.info)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def _preset_for(manifest_fingerprint: str) -> str | None:
+    try:
+        from ..presets import PRESETS, preset_manifest
+    except ImportError:  # pragma: no cover
+        return None
+    for name in PRESETS:
+        try:
+            if preset_manifest(name).fingerprint == manifest_fingerprint:
+                return name
+        except Exception:  # a broken preset must not stop a save
+            continue
+    return None
+
+
+def training_metadata(
+    *,
+    selector: str,
+    params: Mapping[str, Any],
+    architecture: str | None,
+    title: str,
+    suffix: str = "ffid-delta",
+) -> dict[str, str]:
+    """Default ``ss_*`` / ``modelspec.*`` keys that kohya-style tools and model browsers read."""
+    args = {"selector": selector, **{k: v for k, v in params.items() if v is not None}}
+    return {
+        "ss_network_module": "ffid",
+        "ss_network_args": json.dumps(args, sort_keys=True, default=str),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture or 'unknown'}/{suffix}",
+        "modelspec.title": title,
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+def write_delta(
+    path: str | os.PathLike[str],
+    tensors: Iterable[DeltaTensor],
+    *,
+    selector: str,
+    params: Mapping[str, Any],
+    selection_fingerprint: str,
+    base_fingerprint: Mapping[str, TensorFingerprint],
+    base_manifest_fingerprint: str,
+    naming: str,
+    total_params: int | None,
+    source: str,
+    metadata: Mapping[str, Any] | None = None,
+    save_dtype: torch.dtype = torch.float32,
+    architecture: str | None = None,
+) -> int:
+    """Write a delta file atomically from in-memory tensors; returns the file size in bytes."""
+    path = Path(path)
+    value_code = dtype_code(save_dtype)
+    if not is_float_code(value_code):
+        raise ConfigError(f"--save_precision {save_dtype} is not a float dtype; use fp32, bf16 or fp16")
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    data: dict[str, Any] = {}
+    selected = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if t.count == 0:
+            continue
+        if t.values.numel() != t.count:
+            raise ConfigError(f"{t.name!r}: {t.values.numel()} values for {t.count} indices")
+        selected += t.count
+        if t.whole:
+            entries.append((t.name + VALUE_SUFFIX, value_code, t.shape))
+            data[t.name + VALUE_SUFFIX] = t.values.reshape(t.shape).to(save_dtype)
+        else:
+            code = index_code(t.numel)
+            entries.append((t.name + INDEX_SUFFIX, code, (t.count,)))
+            data[t.name + INDEX_SUFFIX] = t.indices.to(torch.int64).numpy().astype(NUMPY_INT[code])
+            entries.append((t.name + VALUE_SUFFIX, value_code, (t.count,)))
+            data[t.name + VALUE_SUFFIX] = t.values.reshape(-1).to(save_dtype)
+    touched = {e[0].rsplit(".ffid_", 1)[0] for e in entries}
+    meta: dict[str, str] = training_metadata(
+        selector=selector, params=params, architecture=architecture or _preset_for(base_manifest_fingerprint),
+        title=path.stem,
+    )
+    meta.update({
+        KEY_FORMAT: FORMAT_NAME,
+        KEY_FORMAT_VERSION: FORMAT_VERSION,
+        KEY_VERSION: __version__,
+        KEY_SELECTOR: selector,
+        KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
+        KEY_FF: "" if params.get("ff") is None else repr(float(params["ff"])),
+        KEY_FFID: "" if params.get("ffid") is None else str(int(params["ffid"])),
+        KEY_SELECTION_FP: selection_fingerprint,
+        KEY_BASE_FP: json.dumps(
+            {n: base_fingerprint[n].to_json() for n in sorted(touched)}, separators=(",", ":")
+        ),
+        KEY_BASE_MANIFEST_FP: base_manifest_fingerprint,
+        KEY_NAMING: naming,
+        KEY_VALUE_DTYPE: value_code,
+        KEY_SELECTED: str(selected),
+        KEY_TOTAL: "" if total_params is None else str(int(total_params)),
+        KEY_SOURCE: source,
+    })
+    for k, v in (metadata or {}).items():
+        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
+            raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return write_safetensors_stream(path, entries, data.pop, meta)
+
+
+def save_delta(
+    handle: Any,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    save_dtype: torch.dtype | str = torch.float32,
+    architecture: str | None = None,
+) -> int:
+    """Save what an attached engine handle trained as a delta file; returns the file size.
+
+    ``handle`` follows the engine contract (``selection``, ``trained_values()``,
+    ``base_values()``). ``metadata`` adds (or overrides) string keys such as ``ss_learning_rate``;
+    ``save_dtype`` is the value precision (fp32 by default, like other trainers' adapters).
+    """
+    from .stio import parse_dtype
+
+    save_dtype = parse_dtype(save_dtype) or torch.float32
+    sel: Selection = handle.selection
+    trained = handle.trained_values()
+    base = handle.base_values()
+    tensors = []
+    fps: dict[str, TensorFingerprint] = {}
+    for name in sel:
+        pick = sel[name]
+        idx = sel.indices(name)
+        if name not in trained or name not in base:
+            raise ConfigError(f"the handle has no trained/base values for {name!r}; attach again before saving")
+        vals, bvals = trained[name].reshape(-1), base[name].reshape(-1)
+        if vals.numel() != idx.numel() or bvals.numel() != idx.numel():
+            raise ConfigError(
+                f"{name!r}: {vals.numel()} trained / {bvals.numel()} base values for {idx.numel()} selected positions"
+            )
+        tensors.append(DeltaTensor(name, tuple(pick.shape), idx, vals.detach().cpu()))
+        fps[name] = TensorFingerprint(tuple(pick.shape), values_hash(bvals[sample_positions(idx.numel())]))
+    params = dict(sel.params)
+    model = getattr(handle, "model", None)
+    arch = architecture or _preset_for(sel.manifest.fingerprint) or (type(model).__name__ if model is not None else None)
+    return write_delta(
+        path,
+        tensors,
+        selector=sel.selector,
+        params=params,
+        selection_fingerprint=sel.fingerprint,
+        base_fingerprint=fps,
+        base_manifest_fingerprint=sel.manifest.fingerprint,
+        naming=detect_naming(sel.manifest.names),
+        total_params=sel.total_params,
+        source="train",
+        metadata=metadata,
+        save_dtype=save_dtype,
+        architecture=arch,
+    )
+
+
+# -- applying to a module ----------------------------------------------------------------------------
+def blend(base: torch.Tensor, trained: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """``base + multiplier * (trained - base)`` in fp32; exactly ``trained`` when the multiplier is 1."""
+    trained = trained.to(torch.float32)
+    if multiplier == 1.0:
+        return trained
+    base = base.to(torch.float32)
+    return base + multiplier * (trained - base)
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_delta` changed."""
+
+    tensors: int
+    elements: int
+    renamed: dict[str, str] = field(default_factory=dict)  # delta name -> module name, where they differ
+
+
+def _module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if t.is_floating_point():
+            found.setdefault(canonical_name(name), t)
+    return found
+
+
+def apply_delta(
+    model: torch.nn.Module,
+    delta: Delta | str | os.PathLike[str],
+    multiplier: float = 1.0,
+    *,
+    verify: bool = True,
+) -> ApplyResult:
+    """Write a delta's values into ``model``'s weights in place (for inference in any PyTorch code).
+
+    Each touched position becomes ``base + multiplier * (trained - base)``. With ``verify`` the
+    model's current values are checked against the delta's base fingerprint first, so a delta
+    is never applied to another model or applied twice; nothing is changed unless every tensor
+    checks out. Diffusers and original Wan names are mapped onto each other.
+    """
+    if not isinstance(delta, Delta):
+        delta = load_delta(delta)
+    targets = _module_tensors(model)
+    resolver = NameResolver(targets, delta.info.naming)
+    plan: list[tuple[DeltaTensor, torch.Tensor]] = []
+    renamed = {}
+    for name, dt in delta.tensors.items():
+        target_name = resolver.resolve(name)
+        if target_name is None:
+            raise MismatchError(
+                f"delta tensor {name!r} has no counterpart in {type(model).__name__}; the delta was made for "
+                "another model (see `ffid inspect` on the delta)"
+            )
+        if target_name != name:
+            renamed[name] = target_name
+        t = targets[target_name]
+        if tuple(t.shape) != dt.shape:
+            raise MismatchError(
+                f"tensor {target_name!r} has shape {tuple(t.shape)} in the model but {dt.shape} in the delta; "
+                "the delta was made for another model size"
+            )
+        if t.device.type == "meta":
+            raise ConfigError(f"tensor {target_name!r} is on the meta device; load the weights before applying")
+        if verify:
+            fp = delta.info.base_fingerprint[name]
+            pos = dt.indices[sample_positions(dt.count)]
+            current = t.detach().reshape(-1)[pos.to(t.device)]
+            if values_hash(current) != fp.hash:
+                raise MismatchError(
+                    f"tensor {target_name!r} does not hold the base values the delta was trained from (first "
+                    "mismatching tensor); it belongs to another base model or was already applied: pass "
+                    "verify=False only if you are sure"
+                )
+        plan.append((dt, t))
+    elements = 0
+    with torch.no_grad():
+        for dt, t in plan:
+            flat = t.data.view(-1) if t.is_contiguous() else None
+            if flat is None:
+                raise ConfigError(f"tensor {dt.name!r} is not contiguous; call .contiguous() on the model first")
+            idx = dt.indices.to(t.device)
+            new = blend(flat[idx], dt.values.to(t.device), multiplier)
+            flat[idx] = new.to(t.dtype)
+            elements += dt.count
+    return ApplyResult(len(plan), elements, renamed)

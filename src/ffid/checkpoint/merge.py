@@ -1,0 +1,299 @@
+"""``ffid merge``: bake one or more deltas into a full checkpoint, streaming tensor by tensor.
+
+The output keeps the base's names, dtypes (unless ``dtype`` is given), metadata and shard layout.
+Tensors no delta touches are copied as bytes (in the kernel where the filesystem allows) without
+being decoded; touched tensors are read one at a time, patched at the delta's positions and
+written, so peak memory is about one tensor plus one delta tensor.
+
+Everything that can fail is checked before the first byte is written: names and shapes (with the
+Wan <-> diffusers name map), the base fingerprint of every delta tensor (a few elements read per
+tensor), overlaps between deltas, free disk space.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, MismatchError
+from ..manifest import DTYPE_BYTES
+from .atomic import atomic_write, check_free_space, refuse_overwrite, write_bytes_atomic
+from .delta import DeltaFile, blend, sample_positions, values_hash
+from .files import Checkpoint
+from .namemap import NameResolver
+from .stio import (
+    SafetensorsFile,
+    alignment_order,
+    buffer_tensor,
+    build_header,
+    copy_range,
+    dtype_code,
+    is_float_code,
+    parse_dtype,
+    tensor_bytes,
+    write_all,
+)
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote and changed."""
+
+    outputs: list[Path]
+    tensors: int  # base tensors patched
+    elements: int  # positions written (counted once even where deltas overlap)
+    overlap: int  # positions touched by more than one delta
+    bytes_written: int
+    renamed: dict[str, str] = field(default_factory=dict)  # delta name -> base name, where they differ
+
+
+@dataclass
+class _Patch:
+    delta: DeltaFile
+    name: str  # name inside the delta
+    multiplier: float
+
+
+def _output_paths(base: Checkpoint, out: Path) -> tuple[Path | None, dict[str, Path]]:
+    """(index path or None, shard file name -> output path)."""
+    if not base.sharded:
+        target = out / base.path.name if out.is_dir() else out
+        return None, {base.shards[0].path.name: target}
+    if out.name.endswith(".index.json"):
+        folder, index_name = out.parent, out.name
+    else:
+        folder, index_name = out, base.path.name
+        if not folder.exists() and folder.parent.is_dir():
+            folder.mkdir()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"output folder {folder} does not exist; a sharded base is written as a folder of shards plus "
+            "an index, create the folder or name an existing one with -o"
+        )
+    return folder / index_name, {s.path.name: folder / s.path.name for s in base.shards}
+
+
+def _check_delta_against_base(
+    base: Checkpoint, deltas: Sequence[DeltaFile], multipliers: Sequence[float], verify: bool
+) -> tuple[dict[str, list[_Patch]], dict[str, str]]:
+    """Map every delta tensor to its base tensor, check shapes and base fingerprints."""
+    patches: dict[str, list[_Patch]] = {}
+    renamed: dict[str, str] = {}
+    for df, m in zip(deltas, multipliers):
+        resolver = NameResolver(base.tensors, df.info.naming)
+        for name in df.names:
+            target = resolver.resolve(name)
+            if target is None:
+                raise MismatchError(
+                    f"delta {df.path.name} holds tensor {name!r}, which base {base.path.name} lacks (first "
+                    "mismatching tensor); the delta was made for another model"
+                )
+            loc = base.tensors[target]
+            if loc.entry.shape != df.shape(name):
+                raise MismatchError(
+                    f"tensor {target!r} is {list(loc.entry.shape)} in base {base.path.name} but "
+                    f"{list(df.shape(name))} in delta {df.path.name} (first mismatching tensor); the delta was "
+                    "made for another model size"
+                )
+            if not is_float_code(loc.entry.dtype):
+                raise MismatchError(f"base tensor {target!r} is {loc.entry.dtype}, a delta can only change floats")
+            if target != name:
+                renamed[name] = target
+            patches.setdefault(target, []).append(_Patch(df, name, m))
+    if verify:
+        for target in sorted(patches, key=lambda n: (base.tensors[n].file.path.name, base.tensors[n].entry.start)):
+            loc = base.tensors[target]
+            for p in patches[target]:
+                idx = p.delta.read_indices(p.name)
+                pos = idx[sample_positions(idx.numel())]
+                got = values_hash(loc.file.read_elements(loc.entry, pos.tolist()))
+                if got != p.delta.info.base_fingerprint[p.name].hash:
+                    raise MismatchError(
+                        f"delta {p.delta.path.name} was not made from base {base.path.name}: tensor {target!r} holds "
+                        "other values at the trained positions (first mismatching tensor); merge into the model "
+                        "it was trained on, or pass --no-verify if you are sure"
+                    )
+    return patches, renamed
+
+
+def _count_overlap(base: Checkpoint, patches: dict[str, list[_Patch]]) -> tuple[int, str | None]:
+    total, first = 0, None
+    for target, plist in patches.items():
+        if len(plist) < 2:
+            continue
+        idx = torch.cat([p.delta.read_indices(p.name) for p in plist])
+        n = idx.numel() - torch.unique(idx).numel()
+        if n and first is None:
+            first = target
+        total += n
+    return total, first
+
+
+def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``t`` (flat, base dtype) with every patch applied, in ``out_dtype``; also the positions written."""
+    reads = []
+    for p in plist:
+        idx = p.delta.read_indices(p.name)
+        reads.append((idx, p.delta.read_values(p.name).to(torch.float32), p.multiplier))
+    out = t if t.dtype == out_dtype else t.to(out_dtype)
+    if len(reads) == 1:
+        idx, vals, m = reads[0]
+        out[idx] = blend(t[idx], vals, m).to(out_dtype)
+        return out, idx.numel()
+    # Several deltas: where they overlap, their differences add up; elsewhere each writes its own.
+    cat = torch.cat([r[0] for r in reads])
+    uniq, inverse, counts = torch.unique(cat, return_inverse=True, return_counts=True)
+    base_u = t[uniq].to(torch.float32)
+    acc = torch.zeros_like(base_u)
+    start = 0
+    for idx, vals, m in reads:
+        inv = inverse[start : start + idx.numel()]
+        start += idx.numel()
+        acc.index_add_(0, inv, m * (vals - base_u[inv]))
+    result = base_u + acc
+    start = 0
+    for idx, vals, m in reads:
+        inv = inverse[start : start + idx.numel()]
+        start += idx.numel()
+        solo = counts[inv] == 1
+        # A lone position with multiplier 1 takes the trained value itself, bit for bit.
+        result[inv[solo]] = blend(base_u[inv[solo]], vals[solo], m)
+    out[uniq] = result.to(out_dtype)
+    return out, uniq.numel()
+
+
+def _write_shard(
+    src: SafetensorsFile,
+    target: Path,
+    patches: dict[str, list[_Patch]],
+    canon: dict[str, str],
+    out_dtype: torch.dtype | None,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, int, int]:
+    """Write one output shard; returns (bytes written, tensors patched, positions written)."""
+    order = src.order
+    if out_dtype is None:
+        head = src.raw_header()
+        layout = order
+        codes = {e.key: e.dtype for e in order}
+    else:
+        want = dtype_code(out_dtype)
+        specs = [(e.key, want if is_float_code(e.dtype) else e.dtype, e.shape) for e in order]
+        head, laid = build_header(alignment_order(specs), src.metadata)
+        layout = [src.entries[e.key] for e in laid]
+        codes = {e.key: e.dtype for e in laid}
+    size = len(head) + sum(e.numel * DTYPE_BYTES[codes[e.key]] for e in layout)
+    tensors = elements = 0
+    with atomic_write(target, size=size) as f:
+        write_all(f, head)
+        run: list[int] = []  # [start, end) of a run of untouched tensors, copied in one go
+
+        def flush_run() -> None:
+            if run:
+                copy_range(src.f, f, src.data_start + run[0], run[1] - run[0])
+                if progress is not None:
+                    progress(run[1] - run[0])
+                run.clear()
+
+        for e in layout:
+            plist = patches.get(canon[e.key])
+            convert = out_dtype is not None and codes[e.key] != e.dtype
+            if plist is None and not convert:
+                if run and run[1] == e.start:
+                    run[1] = e.end
+                else:
+                    flush_run()
+                    run.extend((e.start, e.end))
+                continue
+            flush_run()
+            t = buffer_tensor(src.read_bytes(e), e.dtype, e.shape).reshape(-1)
+            want_dtype = out_dtype if convert else t.dtype
+            if plist:
+                t, n = _patched(t, plist, want_dtype)
+                tensors += 1
+                elements += n
+            else:
+                t = t.to(want_dtype)
+            write_all(f, tensor_bytes(t))
+            if progress is not None:
+                progress(e.nbytes)
+            del t
+        flush_run()
+    return size, tensors, elements
+
+
+def merge_checkpoint(
+    base: str | os.PathLike[str],
+    deltas: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    multipliers: Sequence[float] | float = 1.0,
+    dtype: torch.dtype | str | None = None,
+    allow_overlap: bool = False,
+    verify: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> MergeResult:
+    """Write ``base`` with every delta applied to ``out`` (a file, or a folder for a sharded base).
+
+    Each position becomes ``base + multiplier * (trained - base)`` computed in fp32 and cast to the
+    output dtype (exactly the trained value when the multiplier is 1). Deltas touching the same
+    positions are refused unless ``allow_overlap`` (then their differences are summed).
+    """
+    if not deltas:
+        raise ConfigError("no delta given; name at least one delta file to merge into the base")
+    mults = [float(multipliers)] * len(deltas) if isinstance(multipliers, (int, float)) else [float(m) for m in multipliers]
+    if len(mults) == 1 and len(deltas) > 1:
+        mults = mults * len(deltas)
+    if len(mults) != len(deltas):
+        raise ConfigError(
+            f"{len(mults)} multipliers for {len(deltas)} deltas; give one --multiplier for all or one per delta"
+        )
+    out_dtype = parse_dtype(dtype)
+    out = Path(out)
+    with Checkpoint(base) as ck:
+        dfs = [DeltaFile(d) for d in deltas]
+        try:
+            index_out, shard_out = _output_paths(ck, out)
+            inputs = ck.files + [d.path for d in dfs]
+            for target in [*shard_out.values(), *([index_out] if index_out else [])]:
+                refuse_overwrite(target, inputs)
+            patches, renamed = _check_delta_against_base(ck, dfs, mults, verify)
+            overlap, first = _count_overlap(ck, patches)
+            if overlap and not allow_overlap:
+                raise MismatchError(
+                    f"the deltas overlap in {overlap:,} positions (first in tensor {first!r}); they would overwrite "
+                    "each other: pass --allow-overlap to add up their changes there"
+                )
+            if len(shard_out) > 1 and out_dtype is None:
+                # Each shard checks its own size; check the whole set first so no shard is written in vain.
+                check_free_space(next(iter(shard_out.values())).parent, sum(s.size for s in ck.shards))
+            written = tensors = elements = 0
+            outputs: list[Path] = []
+            for sf in ck.shards:
+                canon = {e.key: n for n, e in sf.by_canonical.items()}
+                size, nt, ne = _write_shard(sf, shard_out[sf.path.name], patches, canon, out_dtype, progress)
+                written += size
+                tensors += nt
+                elements += ne
+                outputs.append(shard_out[sf.path.name])
+            if index_out is not None:
+                assert ck.index is not None
+                index = json.loads(json.dumps(ck.index))
+                if out_dtype is not None:
+                    index.setdefault("metadata", {})["total_size"] = sum(
+                        e.numel * (DTYPE_BYTES[dtype_code(out_dtype)] if is_float_code(e.dtype) else DTYPE_BYTES[e.dtype])
+                        for loc in ck.tensors.values()
+                        for e in [loc.entry]
+                    )
+                written += write_bytes_atomic(index_out, (json.dumps(index, indent=2) + "\n").encode())
+                outputs.insert(0, index_out)
+        finally:
+            for d in dfs:
+                d.close()
+    return MergeResult(outputs, tensors, elements, overlap, written, renamed)
+

@@ -1,0 +1,325 @@
+"""Raw safetensors reading and streaming writing, one tensor at a time.
+
+The reader uses the offsets of the (validated) header and reads exactly one tensor's bytes, so
+memory never holds more than the tensor at hand, and untouched tensors can be copied as bytes
+without being decoded. The writer emits the header first (offsets are known from shapes and
+dtypes) and then each tensor's bytes in header order, so a whole model is written with the
+memory of its largest tensor.
+
+Format reminder: 8-byte little-endian header length ``n``, ``n`` bytes of JSON (padded with
+spaces to a multiple of 8), then the data; each entry's ``data_offsets`` are relative to the
+start of the data and the entries tile it without gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ModelFileError
+from ..manifest import DTYPE_BYTES, read_safetensors_header
+from ..names import canonical_name
+from .atomic import atomic_write
+
+# safetensors dtype code -> torch dtype (only the ones torch has).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        TORCH_DTYPES[_code] = getattr(torch, _name)
+CODES = {v: k for k, v in TORCH_DTYPES.items()}
+
+# Integer codes read through numpy (torch's unsigned types lack most ops).
+NUMPY_INT = {
+    "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+    "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+}
+# Same-size integer views used to compare floats bit for bit.
+BIT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+# Large copies go through the kernel in chunks of this size (bounded, and cheap on any filesystem).
+COPY_CHUNK = 64 * 1024 * 1024
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """safetensors code of a torch dtype."""
+    try:
+        return CODES[dtype]
+    except KeyError:
+        raise ConfigError(f"dtype {dtype} cannot be stored in safetensors by ffid; use fp32, bf16 or fp16") from None
+
+
+def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    """``bf16``/``bfloat16``/``fp16``/``float16``/``fp32``/``float32``/``fp8`` (or a torch dtype) -> torch dtype."""
+    if text is None or isinstance(text, torch.dtype):
+        return text
+    table = {
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+        "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "fp64": torch.float64, "float64": torch.float64,
+    }
+    if hasattr(torch, "float8_e4m3fn"):
+        table["fp8"] = table["fp8_e4m3"] = table["float8_e4m3fn"] = torch.float8_e4m3fn
+    key = str(text).strip().lower()
+    if key not in table:
+        raise ConfigError(f"dtype {text!r} is not known; use one of bf16, fp16, fp32, fp8")
+    return table[key]
+
+
+def is_float_code(code: str) -> bool:
+    return code.startswith(("F", "BF"))
+
+
+def index_code(numel: int) -> str:
+    """The smallest integer dtype code that holds every flat index of a tensor with ``numel`` elements."""
+    top = max(numel - 1, 0)
+    for code, limit in (("U8", 2**8), ("U16", 2**16), ("U32", 2**32)):
+        if top < limit:
+            return code
+    return "I64"  # int64 rather than U64: torch indexes with int64 and every reader handles it
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (made contiguous, on CPU), without a copy when possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: stored key, dtype code, shape and byte range in the data."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class SafetensorsFile:
+    """A validated safetensors file opened for random access reads (use as a context manager)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        header, self.metadata, self.data_start = read_safetensors_header(self.path)
+        self.entries: dict[str, Entry] = {
+            k: Entry(k, e["dtype"], tuple(int(d) for d in e["shape"]), int(e["data_offsets"][0]),
+                     int(e["data_offsets"][1]))
+            for k, e in header.items()
+        }
+        # Data order (by offset) is the order a streaming copy reads and writes in.
+        self.order = sorted(self.entries.values(), key=lambda e: (e.start, e.end))
+        self.by_canonical: dict[str, Entry] = {}
+        for e in self.order:
+            name = canonical_name(e.key)
+            if name in self.by_canonical:
+                raise ModelFileError(
+                    f"{self.path}: keys {self.by_canonical[name].key!r} and {e.key!r} both mean tensor {name!r}; "
+                    "the file mixes wrapped and unwrapped names, re-save it with one naming"
+                )
+            self.by_canonical[name] = e
+        self.header_len = self.data_start - 8
+        self.size = self.path.stat().st_size
+        self._f: BinaryIO | None = None
+
+    # -- file handle ---------------------------------------------------------------------------
+    @property
+    def f(self) -> BinaryIO:
+        if self._f is None:
+            self._f = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        return self._f
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def raw_header(self) -> bytes:
+        """The header bytes exactly as stored (length prefix included)."""
+        return os.pread(self.f.fileno(), self.data_start, 0)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def read_bytes(self, entry: Entry) -> bytearray:
+        """The bytes of one tensor (a fresh writable buffer)."""
+        buf = bytearray(entry.nbytes)
+        if entry.nbytes:
+            self.f.seek(self.data_start + entry.start)
+            got = self.f.readinto(buf)
+            if got != entry.nbytes:
+                raise ModelFileError(f"{self.path} ended while reading {entry.key!r}; the file is truncated")
+        return buf
+
+    def read_tensor(self, entry: Entry | str) -> torch.Tensor:
+        """One tensor, decoded, in its stored dtype and shape (writable, owns its memory)."""
+        entry = self.entries[entry] if isinstance(entry, str) else entry
+        buf = self.read_bytes(entry)
+        return buffer_tensor(buf, entry.dtype, entry.shape)
+
+    def read_flat_int(self, entry: Entry) -> torch.Tensor:
+        """An integer tensor (any width, signed or not) as flat int64."""
+        buf = self.read_bytes(entry)
+        arr = np.frombuffer(buf, dtype=NUMPY_INT[entry.dtype]).astype(np.int64)
+        return torch.from_numpy(arr)
+
+    def read_elements(self, entry: Entry, positions: Sequence[int]) -> torch.Tensor:
+        """A few elements at flat ``positions`` as fp32, read without touching the rest of the tensor."""
+        size = DTYPE_BYTES[entry.dtype]
+        fd = self.f.fileno()
+        buf = bytearray()
+        for p in positions:
+            chunk = os.pread(fd, size, self.data_start + entry.start + int(p) * size)
+            if len(chunk) != size:
+                raise ModelFileError(f"{self.path} ended while reading {entry.key!r}; the file is truncated")
+            buf += chunk
+        return buffer_tensor(buf, entry.dtype, (len(positions),)).to(torch.float32)
+
+
+def buffer_tensor(buf: bytearray | memoryview, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A torch view of raw bytes (``code`` dtype, ``shape``); shares the buffer's memory."""
+    dtype = TORCH_DTYPES.get(code)
+    if dtype is None:
+        raise ModelFileError(f"safetensors dtype {code} is not supported by this torch build")
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def build_header(
+    entries: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[Entry]]:
+    """The header bytes (length prefix + padded JSON) for tensors stored in the given order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ConfigError(f"safetensors metadata values must be strings; {bad[0]!r} is not (JSON-encode it)")
+        header["__metadata__"] = dict(metadata)
+    laid_out = []
+    offset = 0
+    for key, code, shape in entries:
+        if key in header:
+            raise ConfigError(f"tensor key {key!r} appears twice; every stored tensor needs its own name")
+        shape = tuple(int(d) for d in shape)
+        n = DTYPE_BYTES[code]
+        for d in shape:
+            n *= d
+        header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        laid_out.append(Entry(key, code, shape, offset, offset + n))
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # data then starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, laid_out
+
+
+def alignment_order(entries: Sequence[tuple[str, str, Sequence[int]]]) -> list[tuple[str, str, Sequence[int]]]:
+    """Entries sorted by element size (largest first), stable: every tensor then starts aligned."""
+    return sorted(entries, key=lambda e: -DTYPE_BYTES[e[1]])
+
+
+def write_all(f: BinaryIO, data: Any) -> None:
+    """Write a bytes-like object completely."""
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    while view:
+        n = f.write(view)
+        if n is None:  # pragma: no cover - only non-blocking files return None
+            continue
+        view = view[n:]
+
+
+def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst``'s position, in the kernel when possible."""
+    dst.flush()
+    fin, fout = src.fileno(), dst.fileno()
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        if use_kernel:
+            try:
+                got = os.copy_file_range(fin, fout, n, offset + done)
+            except OSError:
+                use_kernel = False  # cross-device or unsupported filesystem: fall back to reads
+                continue
+        else:
+            chunk = os.pread(fin, n, offset + done)
+            got = len(chunk)
+            write_all(dst, chunk)
+            dst.flush()
+        if got == 0:
+            raise ModelFileError(f"input file ended early while copying {length} bytes at offset {offset}")
+        done += got
+
+
+def write_safetensors_stream(
+    path: str | os.PathLike[str],
+    entries: Sequence[tuple[str, str, Sequence[int]]],
+    produce: Callable[[str], Any],
+    metadata: dict[str, str] | None = None,
+    *,
+    align: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write a safetensors file atomically, one tensor at a time; returns the file size.
+
+    ``entries`` lists ``(key, dtype code, shape)``; ``produce(key)`` returns that tensor (a torch
+    tensor, or a bytes-like object of exactly the right size) and is called once per key, in
+    file order, so memory holds one tensor at a time. With ``align`` tensors are stored
+    largest element size first (as safetensors itself does) so each starts aligned.
+    """
+    ordered = alignment_order(entries) if align else list(entries)
+    head, laid_out = build_header(ordered, metadata)
+    total = len(head) + (laid_out[-1].end if laid_out else 0)
+    with atomic_write(path, size=total) as f:
+        write_all(f, head)
+        for e in laid_out:
+            data = produce(e.key)
+            if isinstance(data, torch.Tensor):
+                want = TORCH_DTYPES[e.dtype]
+                if data.dtype != want or tuple(data.shape) != e.shape:
+                    if data.numel() != e.numel:
+                        raise ConfigError(
+                            f"tensor {e.key!r} has shape {tuple(data.shape)}, the header says {e.shape}"
+                        )
+                    data = data.to(want)
+                data = tensor_bytes(data)
+            view = memoryview(data).cast("B")
+            if view.nbytes != e.nbytes:
+                raise ConfigError(f"tensor {e.key!r} produced {view.nbytes} bytes, the header says {e.nbytes}")
+            write_all(f, view)
+            if progress is not None:
+                progress(e.nbytes)
+    return total
