@@ -1,0 +1,672 @@
+"""``attach()`` and :class:`FfidHandle`: train exactly the selected elements of a model.
+
+What attaching does to the model (and ``detach()`` undoes):
+
+1. Every parameter of the model gets ``requires_grad=False`` (the old flags are restored on
+   detach). Base weights are never written during training and never get a ``.grad``.
+2. One fp32 ``nn.Parameter`` (a *proxy*) per touched tensor holds the selected values; the proxies
+   are the only parameters of the handle, so ``handle.parameters()`` is what the optimizer gets.
+3. The forward of the modules that own touched tensors uses ``base with the selected positions
+   replaced by the proxy values``, at every call, in one of two ways (see docs/engine.md):
+
+   - *matmul path* (``nn.Linear``, transformers ``Conv1D``, convs whose stride equals their
+     kernel such as Wan's patch embedding): the module's ``forward`` is replaced by an instance
+     attribute calling :class:`~ffid.engine.kernels.SelectedMatmul`, which never saves the
+     effective weight and computes only the selected entries of the weight gradient;
+   - *generic path* (norms, biases of other modules, raw parameters such as ``scale_shift_table``
+     / ``modulation``, embeddings, other convs): a forward pre-hook places the effective tensor
+     ``base.index_put(idx, proxy)`` in the module's instance ``__dict__`` (shadowing the
+     Parameter for the duration of the call) and a forward hook removes it.
+
+Both paths read ``module.weight`` at call time, so block swap / offload that swaps ``.data``
+under the same Parameter objects keeps working; index tensors are cached per device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AttachError, ConfigError, MismatchError, TrainingError
+from ..names import canonical_name
+from ..selection import Selection
+from .kernels import FP8_DTYPES, Pattern, SelectedMatmul
+
+# Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+FINGERPRINT_KEY = "ffid_fingerprint"
+ON_NONFINITE = ("raise", "skip", "warn")
+
+
+def escape(name: str) -> str:
+    """Proxy parameter name for a canonical tensor name (``.`` is not allowed in parameter names)."""
+    return name.replace(".", "/")
+
+
+def _scatter_(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``flat[idx] = values`` in ``flat``'s dtype; 1-byte floats are written through a uint8 view
+    because index_put is not implemented for them on every device."""
+    values = values.to(device=flat.device, dtype=flat.dtype)
+    if flat.dtype in FP8_DTYPES:
+        flat.view(torch.uint8)[idx] = values.view(torch.uint8)
+    else:
+        flat[idx] = values
+
+
+@dataclass
+class _Owner:
+    module: nn.Module
+    attr: str
+    path: str  # module path in the model, for messages
+    route: str = "generic"  # "linear", "conv1d", "patch-conv", "generic", "in-forward" (bias of a patched module)
+
+
+@dataclass
+class _Slot:
+    name: str  # canonical name
+    key: str  # proxy parameter name
+    param: nn.Parameter  # the base parameter (never replaced)
+    flat: torch.Tensor  # sorted int64 CPU flat indices
+    whole: bool
+    owners: list[_Owner] = field(default_factory=list)
+    pattern: Pattern | None = None
+    _dev_idx: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def idx_on(self, device: torch.device) -> torch.Tensor:
+        found = self._dev_idx.get(device)
+        if found is None:
+            found = self.flat.to(device)
+            self._dev_idx[device] = found
+        return found
+
+
+def _matmul_route(module: nn.Module, attr: str) -> str:
+    """Which path a touched weight of ``module`` takes (see the module docstring)."""
+    if attr != "weight" or "forward" in module.__dict__:
+        return "generic"  # someone else already patched this forward: respect it via the generic path
+    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+        return "conv1d"  # transformers' GPT-2 style layer: y = x @ W + b with W [in, out]
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward in (
+        nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+    ):
+        pad = module.padding
+        no_pad = pad == "valid" or (not isinstance(pad, str) and all(p == 0 for p in pad))
+        if (
+            tuple(module.stride) == tuple(module.kernel_size)
+            and no_pad
+            and all(d == 1 for d in module.dilation)
+            and module.groups == 1
+            and not module.transposed
+        ):
+            return "patch-conv"
+    return "generic"
+
+
+class FfidHandle(nn.Module):
+    """The trainable side of an attached model: one fp32 proxy per touched tensor.
+
+    Made by :func:`attach`; see that function for what is changed on the model. The handle is an
+    ``nn.Module`` whose only parameters are the proxies (so DDP / accelerate can wrap it) and
+    whose only buffer is the selection fingerprint; calling it calls the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selection: Selection,
+        *,
+        device: torch.device | str | None = None,
+        proxy_dtype: torch.dtype = torch.float32,
+        on_nonfinite: str = "raise",
+        freeze: bool = True,
+    ):
+        super().__init__()
+        if on_nonfinite not in ON_NONFINITE:
+            raise ConfigError(f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
+        if proxy_dtype not in (torch.float32, torch.bfloat16):
+            raise ConfigError(
+                f"proxy_dtype={proxy_dtype} is not supported; use torch.float32 (default) or torch.bfloat16 "
+                "(stochastic rounding through handle.guard(optimizer))"
+            )
+        object.__setattr__(self, "_model", model)
+        self.selection = selection
+        self.on_nonfinite = on_nonfinite
+        self.proxy_dtype = proxy_dtype
+        self._slots: dict[str, _Slot] = {}
+        self._aliases: dict[str, _Slot] = {}  # every canonical name of a touched Parameter (tied ones too)
+        self._hooks: list[Any] = []
+        self._patched_forwards: list[tuple[nn.Module, Any]] = []  # (module, previous instance forward or None)
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._base_snapshot: dict[str, torch.Tensor] | None = None
+        self._attached = False
+        self._sr_hooks: list[Any] = []
+
+        slots = self._resolve(model, selection)  # validates everything before touching the model
+        fp = bytes.fromhex(selection.fingerprint)
+        self.register_buffer(FINGERPRINT_KEY, torch.tensor(list(fp), dtype=torch.uint8))
+        for slot in slots:
+            base = slot.param.detach()
+            dev = torch.device(device) if device is not None else base.device
+            values = base.reshape(-1)[slot.idx_on(base.device)].to(torch.float32)
+            self.register_parameter(slot.key, nn.Parameter(values.to(device=dev, dtype=proxy_dtype)))
+            self._slots[slot.name] = slot
+        self._install(model, freeze)
+
+    # -- construction ------------------------------------------------------------------------
+    def _resolve(self, model: nn.Module, selection: Selection) -> list[_Slot]:
+        by_param: dict[int, list[tuple[str, nn.Parameter]]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(p), []).append((name, p))
+        canon: dict[str, nn.Parameter] = {}
+        first: dict[int, str] = {}
+        for pid, names in by_param.items():
+            first[pid] = canonical_name(names[0][0])
+            for n, p in names:
+                canon[canonical_name(n)] = p
+
+        missing = [n for n in selection if n not in canon]
+        if missing:
+            raise MismatchError(
+                f"the selection names {len(missing)} tensor(s) the model does not have (first: {missing[0]!r}); "
+                f"it was planned for another model (selection {selection.fingerprint}): plan it on this model"
+            )
+        seen: dict[int, str] = {}
+        slots = []
+        for name, pick in selection.items():
+            p = canon[name]
+            if tuple(p.shape) != tuple(pick.shape):
+                raise MismatchError(
+                    f"tensor {name!r} has shape {tuple(p.shape)} in the model but {tuple(pick.shape)} in the "
+                    f"selection; it was planned for another model: plan it on this model"
+                )
+            if id(p) in seen:
+                raise MismatchError(
+                    f"the selection picks both {seen[id(p)]!r} and {name!r}, which are the same tied tensor; "
+                    "plan on the model itself (tied tensors are listed once)"
+                )
+            if not p.dtype.is_floating_point:
+                raise MismatchError(f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained")
+            seen[id(p)] = name
+            flat = pick.indices().to(torch.int64)
+            if flat.numel() != pick.count or (flat.numel() and int(flat[-1]) >= p.numel()):
+                raise MismatchError(f"selection indices of {name!r} do not fit its {p.numel()} elements")
+            slots.append(_Slot(name, escape(name), p, flat, pick.whole))
+
+        # Owners: every (module, attr) holding a touched Parameter; tied weights have several.
+        wanted = {id(s.param): s for s in slots}
+        for path, module in model.named_modules(remove_duplicate=False):
+            for attr, p in module._parameters.items():
+                if p is not None and id(p) in wanted:
+                    slot = wanted[id(p)]
+                    if any(o.module is module and o.attr == attr for o in slot.owners):
+                        continue
+                    if module in _ATTACHED:
+                        raise AttachError(
+                            f"{path or type(model).__name__} is already attached to an ffid handle; call "
+                            "handle.detach() on the first one before attaching again"
+                        )
+                    if hasattr(module, "scale_weight"):
+                        raise AttachError(
+                            f"{path}.{attr} is a scaled fp8 weight (scale_weight); ffid cannot train it yet: "
+                            "load the model in bf16 or exclude it with --exclude"
+                        )
+                    slot.owners.append(_Owner(module, attr, f"{path}.{attr}" if path else attr))
+        for s in slots:
+            for n, _ in by_param[id(s.param)]:
+                self._aliases[canonical_name(n)] = s
+            if not s.owners:
+                raise AttachError(f"tensor {s.name!r} is not owned by any module of the model; cannot attach")
+        return slots
+
+    def _install(self, model: nn.Module, freeze: bool) -> None:
+        if freeze:
+            for p in model.parameters():
+                self._requires_grad.append((p, p.requires_grad))
+                p.requires_grad_(False)
+        # Modules whose weight takes the matmul path: their bias (if touched) is handled inside.
+        patched: dict[int, tuple[nn.Module, str, _Slot]] = {}
+        for slot in self._slots.values():
+            for o in slot.owners:
+                route = _matmul_route(o.module, o.attr)
+                if route != "generic":
+                    o.route = route
+                    patched[id(o.module)] = (o.module, route, slot)
+        generic: dict[int, tuple[nn.Module, list[tuple[str, _Slot]]]] = {}
+        bias_of: dict[int, _Slot] = {}
+        for slot in self._slots.values():
+            for o in slot.owners:
+                if o.route != "generic":
+                    continue
+                if id(o.module) in patched and o.attr == "bias":
+                    o.route = "in-forward"
+                    bias_of[id(o.module)] = slot
+                    continue
+                generic.setdefault(id(o.module), (o.module, []))[1].append((o.attr, slot))
+
+        for mid, (module, route, slot) in patched.items():
+            previous = module.__dict__.get("forward")
+            self._patched_forwards.append((module, previous))
+            fwd = {"linear": self._linear_forward, "conv1d": self._conv1d_forward, "patch-conv": self._patch_forward}[route]
+            module.forward = partial(fwd, module, slot, bias_of.get(mid))
+            _ATTACHED[module] = self
+        for module, attrs in generic.values():
+            self._hooks.append(module.register_forward_pre_hook(partial(self._shadow, attrs)))
+            self._hooks.append(module.register_forward_hook(partial(self._unshadow, attrs), always_call=True))
+            _ATTACHED[module] = self
+        self._attached = True
+
+    # -- forward paths -----------------------------------------------------------------------
+    def _proxy(self, slot: _Slot) -> torch.Tensor:
+        return self._parameters[slot.key]  # type: ignore[return-value]
+
+    def _effective(self, slot: _Slot, base: torch.Tensor) -> torch.Tensor:
+        """Differentiable full tensor: ``base`` with the selected positions = proxy (generic path)."""
+        proxy = self._proxy(slot)
+        dtype = torch.float32 if base.dtype in FP8_DTYPES else base.dtype
+        if slot.whole:
+            return proxy.to(device=base.device, dtype=dtype).view(base.shape)
+        flat = base.detach().reshape(-1).to(dtype)
+        values = proxy.to(device=base.device, dtype=dtype)
+        return flat.index_put((slot.idx_on(base.device),), values).view(base.shape)
+
+    def _bias(self, module: nn.Module, bias_slot: _Slot | None) -> torch.Tensor | None:
+        b = module._parameters.get("bias")
+        if b is None or bias_slot is None:
+            return b
+        return self._effective(bias_slot, b)
+
+    def _pattern(self, slot: _Slot, rows: int, cols: int) -> Pattern:
+        if slot.pattern is None:
+            slot.pattern = Pattern(slot.flat, rows, cols, slot.whole)
+        return slot.pattern
+
+    @staticmethod
+    def _getter(module: nn.Module, attr: str = "weight"):  # type: ignore[no-untyped-def]
+        return lambda: module._parameters[attr]
+
+    def _linear_forward(self, module: nn.Linear, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+        out_f, in_f = module.weight.shape
+        pattern = self._pattern(slot, out_f, in_f)
+        lead = x.shape[:-1]
+        y = SelectedMatmul.apply(
+            x.reshape(-1, in_f), self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False
+        )
+        return y.reshape(*lead, out_f)
+
+    def _conv1d_forward(self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+        in_f, out_f = module.weight.shape
+        pattern = self._pattern(slot, in_f, out_f)
+        lead = x.shape[:-1]
+        y = SelectedMatmul.apply(
+            x.reshape(-1, in_f), self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, True
+        )
+        return y.reshape(*lead, out_f)
+
+    def _patch_forward(self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+        # stride == kernel, no padding: the conv is a Linear over non-overlapping patches.
+        k = tuple(module.kernel_size)
+        nd = len(k)
+        unbatched = x.dim() == nd + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        b, c = x.shape[:2]
+        outs = [s // kk for s, kk in zip(x.shape[2:], k)]
+        x = x[(slice(None), slice(None), *(slice(0, o * kk) for o, kk in zip(outs, k)))]
+        split = [b, c]
+        for o, kk in zip(outs, k):
+            split += [o, kk]
+        perm = [0, *(2 + 2 * i for i in range(nd)), 1, *(3 + 2 * i for i in range(nd))]
+        patches = x.reshape(split).permute(perm).reshape(b * math.prod(outs), c * math.prod(k))
+        out_c = module.weight.shape[0]
+        pattern = self._pattern(slot, out_c, c * math.prod(k))
+        y = SelectedMatmul.apply(patches, self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False)
+        y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
+        return y.squeeze(0) if unbatched else y
+
+    def _shadow(self, attrs: list[tuple[str, _Slot]], module: nn.Module, args: Any) -> None:
+        for attr, slot in attrs:
+            # An instance attribute wins over nn.Module.__getattr__'s lookup in _parameters, so the
+            # module's own forward reads the effective tensor; the Parameter itself is untouched.
+            module.__dict__[attr] = self._effective(slot, module._parameters[attr])  # type: ignore[arg-type]
+
+    @staticmethod
+    def _unshadow(attrs: list[tuple[str, _Slot]], module: nn.Module, args: Any, output: Any) -> None:
+        for attr, _ in attrs:
+            module.__dict__.pop(attr, None)
+
+    # -- the contract --------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The model this handle is attached to (not a submodule of the handle)."""
+        return self._model  # type: ignore[no-any-return]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model (so that ``DDP(handle)(batch)`` runs the model's forward)."""
+        return self.model(*args, **kwargs)
+
+    def proxies(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(canonical name, proxy)`` pairs in selection order."""
+        for name, slot in self._slots.items():
+            yield name, self._parameters[slot.key]  # type: ignore[misc]
+
+    def trained_values(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> fp32 CPU tensor of the current values at ``selection.indices(name)``."""
+        return {n: p.detach().to(device="cpu", dtype=torch.float32, copy=True) for n, p in self.proxies()}
+
+    def base_values(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> the base values at the selected positions (fp32 CPU) as when attached."""
+        if self._base_snapshot is not None:
+            return {n: t.clone() for n, t in self._base_snapshot.items()}
+        out = {}
+        for name, slot in self._slots.items():
+            base = slot.param.detach()
+            out[name] = base.reshape(-1)[slot.idx_on(base.device)].to(device="cpu", dtype=torch.float32)
+        return out
+
+    def effective_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(canonical key, CPU tensor)`` for every model state-dict entry, trained values applied.
+
+        One tensor at a time (for streaming full saves). Floating tensors are cast to ``dtype``
+        when given. Untouched tensors may be views of the live model: do not modify them.
+        """
+        for key, t in self.model.state_dict().items():
+            name = canonical_name(key)
+            slot = self._aliases.get(name)
+            target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            if slot is None:
+                yield name, t.detach().to(device="cpu", dtype=target)
+                continue
+            out = t.detach().to(device="cpu", dtype=target, copy=True)
+            _scatter_(out.view(-1), slot.flat, self._parameters[slot.key].detach().cpu())  # type: ignore[union-attr]
+            yield name, out
+
+    def load_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Set the proxies from values at the selected positions (e.g. a delta file), all or nothing."""
+        unknown = [n for n in values if n not in self._slots]
+        if unknown:
+            raise MismatchError(
+                f"values for {len(unknown)} tensor(s) this selection does not train (first: {unknown[0]!r}); "
+                f"they belong to another selection than {self.selection.fingerprint}"
+            )
+        for n, v in values.items():
+            if v.numel() != self._slots[n].flat.numel():
+                raise MismatchError(
+                    f"{n!r}: {v.numel()} values given but the selection trains {self._slots[n].flat.numel()} "
+                    "elements of it; the values belong to another selection"
+                )
+        with torch.no_grad():
+            for n, v in values.items():
+                p = self._parameters[self._slots[n].key]
+                p.copy_(v.reshape(-1).to(device=p.device, dtype=p.dtype))  # type: ignore[union-attr]
+
+    def save_delta(self, path: Any, **kw: Any) -> Any:
+        """Write the trained values as a delta file (see :func:`ffid.checkpoint.save_delta`)."""
+        from ..checkpoint import save_delta
+
+        self._require_finite("saving")
+        return save_delta(self, path, **kw)
+
+    def save_full(self, path: Any, dtype: torch.dtype | None = None, **kw: Any) -> Any:
+        """Write the whole model with trained values applied (see :func:`ffid.checkpoint.save_full`)."""
+        from ..checkpoint import save_full
+
+        self._require_finite("saving")
+        return save_full(self, path, dtype=dtype, **kw)
+
+    def merge(self) -> None:
+        """Write the trained values into the base weights (in their dtype); the model then *is* the
+        finetuned model, also after :meth:`detach`. Refuses NaN/inf values."""
+        self._require_finite("merging")
+        if self._base_snapshot is None:
+            self._base_snapshot = self.base_values()
+        with torch.no_grad():
+            for slot in self._slots.values():
+                base = slot.param.data
+                _scatter_(base.view(-1), slot.idx_on(base.device), self._parameters[slot.key].detach())  # type: ignore[union-attr]
+
+    def detach(self) -> None:
+        """Undo :func:`attach`: forwards and hooks removed, ``requires_grad`` flags restored.
+
+        Base weights were never written (unless :meth:`merge` was called), so the model is bit for
+        bit what it was, with the same Parameter objects. The proxies stay readable.
+        """
+        if not self._attached:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, previous in self._patched_forwards:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self._patched_forwards.clear()
+        for slot in self._slots.values():
+            for o in slot.owners:
+                o.module.__dict__.pop(o.attr, None)
+                if _ATTACHED.get(o.module) is self:
+                    del _ATTACHED[o.module]
+            if slot.pattern is not None:
+                slot.pattern.drop_cache()
+            slot._dev_idx.clear()
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._requires_grad.clear()
+        for h in self._sr_hooks:
+            h.remove()
+        self._sr_hooks.clear()
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        # Refuse before anything is copied: a state of another selection would put values at
+        # the wrong positions silently.
+        key = prefix + FINGERPRINT_KEY
+        got = state_dict.get(key)
+        if got is None:
+            raise MismatchError(
+                "the state has no ffid selection fingerprint; it was not saved by handle.state_dict()"
+            )
+        got_hex = bytes(got.to(torch.uint8).tolist()).hex()
+        if got_hex != self.selection.fingerprint:
+            raise MismatchError(
+                f"the state was saved for selection {got_hex} but this handle trains {self.selection.fingerprint}; "
+                "attach with the same model, selector, --ff and --ffid as the saved run"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # -- safety --------------------------------------------------------------------------------
+    def nonfinite(self, grads: bool = True) -> list[str]:
+        """Names of the tensors whose proxy gradients (or values, ``grads=False``) hold NaN/inf."""
+        tensors = []
+        names = []
+        for n, p in self.proxies():
+            t = p.grad if grads else p.detach()
+            if t is not None:
+                tensors.append(torch.isfinite(t).all())
+                names.append(n)
+        if not tensors:
+            return []
+        ok = torch.stack([t.to("cpu") for t in tensors])  # one sync per device, not per tensor
+        if bool(ok.all()):
+            return []
+        return [n for n, good in zip(names, ok.tolist()) if not good]
+
+    def check_finite(self, on_nonfinite: str | None = None) -> bool:
+        """Check the proxy gradients before an optimizer step.
+
+        ``"raise"`` (default from :func:`attach`): :class:`TrainingError` naming the tensors.
+        ``"skip"`` / ``"warn"``: drop every proxy gradient (so the optimizer step does nothing),
+        warn (``"warn"``) and return False. Returns True when all gradients are finite.
+        """
+        mode = on_nonfinite or self.on_nonfinite
+        bad = self.nonfinite()
+        if not bad:
+            return True
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if mode == "raise":
+            raise TrainingError(
+                f"NaN/inf gradient in {listed}; lower the learning rate, use bf16 instead of fp16, or "
+                "attach with on_nonfinite='skip' to skip such steps"
+            )
+        for p in self.parameters():
+            p.grad = None
+        if mode == "warn":
+            warnings.warn(f"ffid: NaN/inf gradient in {listed}; step skipped", RuntimeWarning, stacklevel=2)
+        return False
+
+    def _require_finite(self, what: str) -> None:
+        bad = self.nonfinite(grads=False)
+        if bad:
+            raise TrainingError(
+                f"refusing {what}: trained values of {', '.join(bad[:5])} hold NaN/inf; resume from an earlier "
+                "checkpoint with a lower learning rate"
+            )
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise :class:`TrainingError` if ``optimizer`` holds model weights or misses proxies."""
+        mine = {id(p) for p in self.parameters()}
+        model_params = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        given = [p for g in optimizer.param_groups for p in g["params"]]
+        foreign = [model_params[id(p)] for p in given if id(p) in model_params]
+        if foreign:
+            raise TrainingError(
+                f"the optimizer was given {len(foreign)} base weight(s) of the model (first: {foreign[0]!r}); "
+                "they are frozen and never trained: build it on handle.parameters()"
+            )
+        missing = len(mine - {id(p) for p in given})
+        if missing:
+            raise TrainingError(
+                f"the optimizer misses {missing} of the {len(mine)} ffid proxies; build it on handle.parameters()"
+            )
+
+    def guard(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Check ``optimizer`` and hook it: NaN/inf gradients are handled per ``on_nonfinite`` before
+        every step, and bf16 proxies are stepped in fp32 and stochastically rounded back."""
+        self.check_optimizer(optimizer)
+
+        def pre(opt: Any, args: Any, kwargs: Any) -> None:
+            self.check_finite()
+            if self.proxy_dtype == torch.bfloat16:
+                for p in self.parameters():
+                    p.data = p.data.float()
+                    if p.grad is not None:
+                        p.grad = p.grad.float()
+
+        def post(opt: Any, args: Any, kwargs: Any) -> None:
+            if self.proxy_dtype == torch.bfloat16:
+                for p in self.parameters():
+                    p.data = stochastic_round_bf16(p.data)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(torch.bfloat16)
+
+        self._sr_hooks.append(optimizer.register_step_pre_hook(pre))
+        self._sr_hooks.append(optimizer.register_step_post_hook(post))
+        return optimizer
+
+    # -- reporting -----------------------------------------------------------------------------
+    def routes(self) -> dict[str, int]:
+        """How many tensor uses take each path (``linear``, ``conv1d``, ``patch-conv``, ``generic``, ``in-forward``)."""
+        counts: dict[str, int] = {}
+        for slot in self._slots.values():
+            for o in slot.owners:
+                counts[o.route] = counts.get(o.route, 0) + 1
+        return counts
+
+    def describe(self) -> str:
+        """A plain summary of what training and attaching change."""
+        sel = self.selection
+        n = sel.selected
+        dev = sorted({str(p.device) for p in self.parameters()}) or ["-"]
+        r = self.routes()
+        generic = sorted({o.path for s in self._slots.values() for o in s.owners if o.route == "generic"})
+        lines = [
+            f"ffid {sel.selector} {sel.describe_params()} (selection {sel.fingerprint}) on {type(self.model).__name__}:",
+            f"  trains {n:,} of {sel.total_params:,} parameters ({n / max(1, sel.total_params):.4%}) in {len(self._slots)} tensors",
+            f"  proxies: {len(self._slots)} {str(self.proxy_dtype).replace('torch.', '')} tensors on {', '.join(dev)} "
+            f"({n * self.proxy_dtype.itemsize / 2**20:.2f} MiB); the optimizer must get handle.parameters()",
+            "  changes to the model (undone by handle.detach()):",
+            "    - requires_grad=False on every model parameter; base weights are never written "
+            "(handle.merge() writes the trained values)",
+            f"    - forward replaced (sparse-gradient matmul path) on {r.get('linear', 0)} Linear, "
+            f"{r.get('conv1d', 0)} Conv1D and {r.get('patch-conv', 0)} patch-conv modules",
+            f"    - forward pre/post hooks (effective tensor, generic path) for {len(generic)} tensors"
+            + (f": {', '.join(generic[:4])}{' ...' if len(generic) > 4 else ''}" if generic else ""),
+        ]
+        return "\n".join(lines)
+
+    def extra_repr(self) -> str:
+        return f"{self.selection.selector} {self.selection.describe_params()}, {len(self._slots)} proxies, attached={self._attached}"
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 ``x`` to bf16 stochastically: unbiased, so updates below bf16 precision still
+    accumulate in expectation."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the 16 low bits: truncation after adding noise
+    out = rounded.view(torch.float32).to(torch.bfloat16)
+    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
+
+
+def attach(
+    model: nn.Module,
+    selection: Selection | None = None,
+    *,
+    ff: float | None = None,
+    ffid: int | None = None,
+    selector: str = "spread",
+    device: torch.device | str | None = None,
+    proxy_dtype: torch.dtype = torch.float32,
+    on_nonfinite: str = "raise",
+    freeze: bool = True,
+    **plan_kwargs: Any,
+) -> FfidHandle:
+    """Attach ffid to ``model``: train exactly the elements of ``selection`` (or of ``plan(model, ff, ffid, selector)``).
+
+    What it changes on the model (all undone by ``handle.detach()``; ``handle.describe()`` prints it):
+
+    - ``requires_grad=False`` on every parameter (``freeze=False`` leaves the flags alone);
+    - the ``forward`` of each ``nn.Linear`` / ``Conv1D`` / patch conv with a touched weight is
+      replaced by an instance attribute (sparse-gradient path);
+    - forward pre/post hooks on modules owning other touched tensors (norms, biases, raw
+      Parameters, embeddings), which substitute the effective tensor during their call.
+
+    Base weights are never written during training. The returned :class:`FfidHandle` holds one
+    proxy per touched tensor (``proxy_dtype``, fp32 by default, on ``device`` or the weight's
+    device); give ``handle.parameters()`` to the optimizer, ideally through ``handle.guard(opt)``
+    which checks it and handles NaN/inf gradients per ``on_nonfinite`` (``raise``/``skip``/``warn``).
+
+    Raises :class:`~ffid.errors.AttachError` when the model is already attached and
+    :class:`~ffid.errors.MismatchError` when the selection was planned for another model; the
+    model is untouched in both cases.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"attach() needs an nn.Module, got {type(model).__name__}")
+    if selection is None:
+        if ff is None or ffid is None:
+            raise ConfigError("attach() needs a selection, or ff= and ffid= to plan one (e.g. ff=0.01, ffid=1)")
+        from ..select import plan
+
+        selection = plan(model, ff, ffid, selector, **plan_kwargs)
+    elif ff is not None or ffid is not None or plan_kwargs:
+        raise ConfigError("give attach() either a selection or ff=/ffid=/selector options, not both")
+    return FfidHandle(
+        model, selection, device=device, proxy_dtype=proxy_dtype, on_nonfinite=on_nonfinite, freeze=freeze
+    )
+
