@@ -19,11 +19,19 @@ from .selection import Selection, TensorPick, overlap
 
 # Checkpoint functions import torch; load them on first use so `import ffid` stays light.
 _CHECKPOINT_EXPORTS = (
-    "apply_delta", "extract_delta", "load_delta", "merge_checkpoint", "save_delta", "save_full",
+    "apply_delta",
+    "attach", "extract_delta", "load_delta", "merge_checkpoint", "save_delta", "save_full",
 )
 
 
+_ENGINE_EXPORTS = ("attach", "FfidHandle")
+
+
 def __getattr__(name: str) -> object:
+    if name in _ENGINE_EXPORTS:
+        from . import engine
+
+        return getattr(engine, name)
     if name in _CHECKPOINT_EXPORTS:
         from . import checkpoint
 
@@ -36,6 +44,7 @@ __all__ = [
     "CapacityError",
     "ConfigError",
     "FfidError",
+    "FfidHandle",
     "Manifest",
     "MismatchError",
     "ModelFileError",
@@ -45,6 +54,7 @@ __all__ = [
     "TrainingError",
     "__version__",
     "apply_delta",
+    "attach",
     "extract_delta",
     "load_delta",
     "load_manifest",
