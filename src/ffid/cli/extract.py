@@ -1,0 +1,79 @@
+"""``ffid extract``: the exact sparse difference between two checkpoints, as a delta file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .plan import int_option, selector_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="write the delta that turns BASE into TUNED (merge it back to get TUNED bit for bit)",
+        description=(
+            "Compare BASE and TUNED tensor by tensor and write a delta file. By default every position whose "
+            "value differs bit for bit is stored, so `ffid merge BASE DELTA` gives back TUNED exactly. With "
+            "--ff/--ffid the delta holds the tuned values at that selection (as training would have saved); "
+            "a change outside the selection is an error unless --outside warn. With --threshold only changes "
+            "larger than T are kept (smaller file, no longer exact)."
+        ),
+    )
+    p.add_argument("base", metavar="BASE", help="base checkpoint: .safetensors, *.safetensors.index.json or model folder")
+    p.add_argument("tuned", metavar="TUNED", help="finetuned checkpoint of the same model (either Wan or diffusers naming)")
+    p.add_argument("-o", "--output", required=True, metavar="DELTA", help="delta file to write (.safetensors)")
+    p.add_argument("--ff", metavar="F", help="restrict to the selection of this fraction (with --ffid)")
+    p.add_argument("--ffid", metavar="N", help="selection id (with --ff)")
+    p.add_argument("--selector", default="spread", help="selector of the training run (default: spread)")
+    p.add_argument("--slots", metavar="S", help="spread: slot count of the training run (default 16)")
+    p.add_argument("--seed", metavar="X", help="spread: layout seed of the training run")
+    p.add_argument("--include", metavar="RX", action="append", help="--include pattern of the training run")
+    p.add_argument("--exclude", metavar="RX", action="append", help="--exclude pattern of the training run")
+    p.add_argument("--threshold", metavar="T", type=float, help="keep only positions where |tuned - base| > T")
+    p.add_argument(
+        "--outside", choices=("error", "warn"), default="error",
+        help="with --ff/--ffid: what a change outside the selection does (default: error)",
+    )
+    p.add_argument("--save_precision", "--save-precision", dest="save_precision", default="fp32",
+                   help="dtype of the stored values: fp32 (default, exact for bf16/fp16/fp32 models), bf16, fp16")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import extract_delta
+    from ..checkpoint.files import Checkpoint
+    from ..errors import ConfigError
+    from ._progress import byte_progress
+
+    selection = None
+    if (args.ff is None) != (args.ffid is None):
+        raise ConfigError("--ff and --ffid go together; give both to restrict to a selection, or neither")
+    if args.ff is not None:
+        if args.threshold is not None:
+            raise ConfigError("give either --ff/--ffid or --threshold, not both")
+        from ..select import plan
+
+        with Checkpoint(args.base) as ck:
+            base_path = ck.path
+        selection = plan(
+            str(base_path), args.ff, int_option(args.ffid, "--ffid"), args.selector,
+            include=args.include, exclude=args.exclude, **selector_options(args),
+        )
+    elif args.include or args.exclude or args.slots or args.seed or args.selector != "spread":
+        raise ConfigError("--selector/--slots/--seed/--include/--exclude only apply with --ff and --ffid")
+    with Checkpoint(args.base) as ck, Checkpoint(args.tuned) as tk:
+        total = sum(s.size - s.data_start for s in ck.shards) + sum(s.size - s.data_start for s in tk.shards)
+    with byte_progress(total, "extract", disable=args.quiet) as bar:
+        result = extract_delta(
+            args.base, args.tuned, args.output, selection=selection, threshold=args.threshold,
+            outside=args.outside, save_dtype=args.save_precision, progress=bar,
+        )
+    for w in result.warnings:
+        print(f"ffid extract: warning: {w}", file=sys.stderr)
+    print(
+        f"wrote {result.path} ({result.bytes_written:,} bytes): {result.elements:,} positions in "
+        f"{result.tensors} tensors ({result.differing:,} differ from the base)"
+    )
+    return 0
