@@ -12,13 +12,15 @@ Parts and where they live::
     GPU   base_resident   base weights kept on the device (all of them without block swap)
           swap_in_flight  swapped blocks being used on the device (block swap only)
           proxies         fp32 trained values, k x 4 B
-          indices         flat positions of the trained values, k x index bytes
+          indices         int64 flat positions (8 B/elem) for every touched tensor, plus int32
+                          CSR positions (8 B/elem + row pointers) for weights on the matmul path
           gradients       fp32 gradients of the proxies only, k x 4 B
           optimizer       optimizer state of the proxies (AdamW 8 B/elem, ...)
-          workspace       transient weight-sized temporaries of the Linear path
+          workspace       transient weight-sized temporaries (the largest one) plus the
+                          effective copies of hook-path tensors kept for backward
           activations     only when given or estimated
     host  swapped_blocks  weights of the swapped blocks, parked in pinned RAM
-          base_copy       the engine's fp32 copy of the base values at the trained positions
+          host_indices    the selection's int64 flat indices, kept on the CPU by the engine
           load_peak       the whole state dict while loading (what musubi-tuner does)
 
 Nothing here imports torch: ``ffid estimate`` on a 14B header answers in a fraction of a second.
@@ -45,15 +47,23 @@ BASE_DTYPES: dict[str, str] = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp
 
 @dataclass(frozen=True)
 class EngineLayout:
-    """Bytes the engine allocates per trained element and per layer (kept in one place so that
-    ``bench/estimate_check.py`` compares the estimate with the engine's real tensors)."""
+    """Bytes ``ffid.engine`` allocates per trained element (kept in one place so that
+    ``bench/estimate_check.py`` compares the estimate with the engine's real tensors).
 
-    proxy_bytes: int = 4  # fp32 proxy values
-    grad_bytes: int = 4  # fp32 gradient of each proxy
-    index_bytes: int = 8  # int64 flat indices on the compute device
-    host_copy_bytes: int = 4  # fp32 copy of the base values at the trained positions (CPU)
-    whole_needs_index: bool = True  # whole-tensor picks still carry an index tensor
-    workspace_copies: int = 2  # weight-sized temps alive at once (forward copy + dense grad)
+    Per touched tensor the engine keeps an fp32 proxy, the selection's int64 flat indices on the
+    CPU and a copy of them on the weight's device (also for whole tensors); a weight on the
+    matmul path (Linear, Conv1D, patch conv) also caches a CSR pattern on the compute device:
+    int32 flat + column indices (int64 from 2**31 elements on) and ``rows + 1`` row pointers.
+    """
+
+    proxy_bytes: int = 4
+    grad_bytes: int = 4
+    device_index_bytes: int = 8
+    host_index_bytes: int = 8
+    csr_index_bytes: int = 4  # per flat/column entry; doubled above 2**31 elements
+
+
+ENGINE_NOTE = "indices and workspace follow ffid.engine as of its first release (bench/estimate_check.py)"
 
 
 ENGINE = EngineLayout()
@@ -222,6 +232,46 @@ def check_base_dtype(name: str | None) -> str | None:
     return key
 
 
+# Last name components of weights that are looked up, not multiplied (they take the hook path).
+_EMBEDDING_NAMES = frozenset(
+    {
+        "embed_tokens",
+        "wte",
+        "wpe",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "embed_positions",
+        "tok_embeddings",
+        "shared",
+        "embedding",
+    }
+)
+_OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+def engine_routes(manifest: Manifest, info: TensorInfo) -> tuple[bool, bool]:
+    """``(matmul, hook)``: whether a touched tensor takes the engine's sparse-gradient matmul path
+    and/or its generic hook path, inferred from the name and shape (a header has no module types).
+
+    Matrices named ``*.weight`` are Linear/Conv1D weights; convolution weights (3-D and more) are
+    on the matmul path only for patch embeddings (stride = kernel). Embedding tables take the hook
+    path, and also the matmul path when no separate output head exists (tied LM heads).
+    """
+    parts = info.name.split(".")
+    if len(parts) < 2 or parts[-1] != "weight" or len(info.shape) < 2:
+        return False, True
+    module = parts[-2]
+    if module in _EMBEDDING_NAMES:
+        tied = not any(h in manifest for h in _OUTPUT_HEADS) and not any(
+            n.endswith("." + h) for n in manifest.names for h in _OUTPUT_HEADS
+        )
+        return tied, True
+    if len(info.shape) > 2:
+        return "patch" in info.name, "patch" not in info.name
+    return True, False
+
+
 def stored_dtype(info: TensorInfo, base_dtype: str | None) -> str:
     """The dtype a base tensor has in memory. With ``fp8``, matrices are fp8 and vectors (biases,
     norms, modulation) stay bf16, as musubi-tuner's ``--fp8_base`` does."""
@@ -377,7 +427,6 @@ def estimate_selection(
 
     counts = [p.count for p in selection.values()]
     k = sum(counts)
-    indexed = sum(p.count for p in selection.values() if engine.whole_needs_index or not p.whole)
 
     def nbytes(t: TensorInfo) -> int:
         return t.numel * DTYPE_BYTES[stored_dtype(t, base_dtype)]
@@ -395,23 +444,45 @@ def estimate_selection(
         # One swapped block is computing while the next one is copied in.
         in_flight = 2 * max(per_block.values()) if len(per_block) > 1 else max(per_block.values())
 
-    # The Linear path builds the effective weight (base with the trained values written in) in
-    # the compute dtype and, in backward, a dense weight-sized gradient that is gathered at the
-    # trained positions; fp8 bases add an upcast copy. Only the largest layer's temps matter.
-    trained_matrices = [manifest[n] for n in selection if len(manifest[n].shape) >= 2]
-    largest = max((t.numel for t in trained_matrices), default=0)
-    workspace = engine.workspace_copies * largest * cbytes
+    # Indices on the device, and the transient temps of each path (see EngineLayout / the engine):
+    # matmul path: the effective weight in the compute dtype, built in forward and again in
+    # backward, never saved; a whole-tensor pick's gradient is a dense fp32 matrix. Hook path: an
+    # effective copy (fp32 for fp8 bases) that the module may keep for backward, and its dense
+    # gradient in backward.
+    device_indices = 0
+    largest_temp = 0
+    kept_copies = 0
+    for name, pick in selection.items():
+        info = manifest[name]
+        matmul, hook = engine_routes(manifest, info)
+        device_indices += pick.count * engine.device_index_bytes
+        if matmul and not pick.whole:
+            wide = 2 if info.numel >= 2**31 else 1
+            device_indices += 2 * pick.count * engine.csr_index_bytes * wide
+            device_indices += (info.shape[0] + 1) * engine.csr_index_bytes * wide
+        if matmul:
+            largest_temp = max(largest_temp, info.numel * (4 if pick.whole else cbytes))
+        if hook:
+            hb = (
+                4
+                if stored_dtype(info, base_dtype).startswith("F8")
+                else DTYPE_BYTES[stored_dtype(info, base_dtype)]
+            )
+            kept_copies += info.numel * hb
+            largest_temp = max(largest_temp, info.numel * hb)
     if base_dtype == "fp8":
-        # every fp8 Linear (trained or not) is upcast to the compute dtype for its matmul
-        workspace += (
-            max((t.numel for t in manifest if stored_dtype(t, base_dtype) == "F8_E4M3"), default=0) * cbytes
+        # every fp8 Linear, trained or not, is upcast to the compute dtype for its matmul
+        largest_temp = max(
+            largest_temp,
+            max((t.numel for t in manifest if stored_dtype(t, base_dtype) == "F8_E4M3"), default=0) * cbytes,
         )
+    workspace = largest_temp + kept_copies
 
     gpu = {
         "base_resident": resident,
         "swap_in_flight": in_flight,
         "proxies": k * engine.proxy_bytes,
-        "indices": indexed * engine.index_bytes,
+        "indices": device_indices,
         "gradients": k * engine.grad_bytes,
         "optimizer": opt.state_bytes(counts),
         "workspace": workspace,
@@ -434,7 +505,7 @@ def estimate_selection(
 
     host = {
         "swapped_blocks": parked_bytes,
-        "base_copy": k * engine.host_copy_bytes,
+        "host_indices": k * engine.host_index_bytes,
         "load_peak": sum(t.nbytes for t in manifest),
     }
     notes.append(
@@ -633,7 +704,7 @@ GPU_LABELS = {
     "workspace": "workspace",
     "activations": "activations",
 }
-HOST_LABELS = {"swapped_blocks": "swapped blocks", "base_copy": "base copy", "load_peak": "load peak"}
+HOST_LABELS = {"swapped_blocks": "swapped blocks", "host_indices": "indices", "load_peak": "load peak"}
 
 
 def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
@@ -689,6 +760,7 @@ def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
 
 __all__ = [
     "ENGINE",
+    "ENGINE_NOTE",
     "OPTIMIZERS",
     "EngineLayout",
     "Estimate",
