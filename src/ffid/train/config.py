@@ -1,5 +1,5 @@
-"""The trainer's configuration: kohya-style keys, read from TOML and/or command-line flags.
 # ruff: noqa: RUF009  (_key wraps dataclasses.field to attach help text and flags)
+"""The trainer's configuration: kohya-style keys, read from TOML and/or command-line flags.
 
 One dataclass, :class:`TrainConfig`, lists every key with its type, default and help text; the
 TOML reader, the CLI flags and the docs are all derived from it, so a key cannot exist in one
@@ -88,6 +88,9 @@ class TrainConfig:
     sigmoid_scale: float = _key("wan: scale of the normal draw before the sigmoid", 1.0, trajectory=True)
     task_args: dict[str, Any] = _key(
         "free-form options for the task (a TOML table, or k=v flags)", factory=dict, trajectory=True
+    )
+    base_deltas: list[str] = _key(
+        "delta files applied to the base before training (train on top of them)", factory=list, trajectory=True
     )
     # -- selection -----------------------------------------------------------------------------
     ff: float | None = _key("fraction of the model's weights to train, 0 < ff <= 1", trajectory=True)
@@ -258,6 +261,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if isinstance(value, (list, tuple)):
                 return parse_kv_list(value, name)
             raise TypeError
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         want = getattr(origin, "__name__", str(origin))
         raise bad(
@@ -354,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 *flags,
                 nargs="*",
-                metavar="K=V" if origin is dict or name == "optimizer_args" else "PATTERN",
+                metavar="K=V" if origin is dict or name == "optimizer_args" else "PATH" if name == "base_deltas" else "PATTERN",
                 **kw,
             )
         else:

@@ -11,11 +11,9 @@ and only then create ``output_dir``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import ConfigError, TrainingError
 from .config import TrainConfig
 from .data import BatchOrder, move_to
@@ -133,18 +130,8 @@ def _total_steps(cfg: TrainConfig, order: BatchOrder) -> int:
 
 
 def _metadata(cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: int) -> dict[str, str]:
-    """kohya ``ss_*`` keys plus a few SAI model-spec keys; the checkpoint writer adds the selection."""
+    """kohya ``ss_*`` training keys; the checkpoint writer adds the selection and model-spec keys."""
     return {
-        "ss_network_module": "ffid",
-        "ss_network_args": json.dumps(
-            {
-                "ff": cfg.ff,
-                "ffid": cfg.ffid,
-                "selector": cfg.selector,
-                "include": cfg.include,
-                "exclude": cfg.exclude,
-            }
-        ),
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_optimizer": cfg.optimizer_type
         + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
@@ -158,10 +145,6 @@ def _metadata(cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: in
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "ss_base_model_version": str(task.name),
         "ss_dataset": Path(cfg.dataset).name if cfg.dataset else "",
-        "ffid_version": __version__,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.title": cfg.output_name,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
@@ -206,6 +189,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     Raises :class:`~ffid.errors.FfidError` subclasses for bad input before writing anything, and
     :class:`~ffid.errors.TrainingError` when the loss stops being finite.
     """
+    from ..checkpoint import apply_delta
     from ..engine import attach
     from ..select import check_ff, check_ffid
 
@@ -242,12 +226,15 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     plan_kwargs: dict[str, Any] = {"include": cfg.include or None, "exclude": cfg.exclude or None}
     if cfg.slots is not None:
         plan_kwargs["slots"] = cfg.slots
-    handle = attach(model, ff=cfg.ff, ffid=cfg.ffid, selector=cfg.selector, **plan_kwargs)
+    for delta in cfg.base_deltas:
+        # Earlier runs' deltas become part of the base (e.g. ffid 2 trained on top of ffid 1).
+        apply_delta(model, delta)
+    handle = attach(model, ff=cfg.ff, ffid=cfg.ffid, selector=cfg.selector, device=device, **plan_kwargs)
     sel: Selection = handle.selection
     params = [p for p in handle.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
-    optimizer = build_optimizer(cfg, params)
+    optimizer = handle.guard(build_optimizer(cfg, params))
 
     order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world)
     total = _total_steps(cfg, order)
@@ -261,12 +248,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if resume_dir is not None and resume_meta is not None:
         check_identity(resume_dir, resume_meta, identity)
         st = load_state(resume_dir, rank)
-        handle.load_state_dict(
-            {
-                k: v.to(p.device)
-                for (k, v), p in zip(st["proxies"].items(), handle.state_dict().values(), strict=False)
-            }
-        )
+        handle.load_state_dict(st["proxies"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         set_rng_state(st["rng"], generator)

@@ -1,0 +1,187 @@
+"""The ``wan`` task: a diffusers ``WanTransformer3DModel`` trained with flow matching on cached latents.
+
+Wan is a rectified-flow model: ``x_t = (1 - t) x0 + t noise``, the DiT predicts the velocity
+``noise - x0`` at ``timestep = 1000 t``. Times ``t`` are drawn as musubi-tuner does:
+``shift`` = sigmoid of a normal draw, then shifted by ``discrete_flow_shift``
+(``t' = s t / (1 + (s - 1) t)``; 3.0 suits 480p Wan, larger shifts favour noisy times);
+``sigmoid`` = the same without the shift; ``uniform`` = ``U(0, 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, MissingFileError, ModelFileError
+from .cache import LatentCacheDataset, collate_latents
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .config import TrainConfig
+
+
+def sample_times(n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """``n`` flow-matching times in (0, 1) drawn on the CPU from ``generator``."""
+    if cfg.timestep_sampling == "uniform":
+        return torch.rand(n, generator=generator)
+    t = torch.sigmoid(cfg.sigmoid_scale * torch.randn(n, generator=generator))
+    if cfg.timestep_sampling == "shift":
+        s = cfg.discrete_flow_shift
+        t = s * t / (1 + (s - 1) * t)
+    return t
+
+
+def flow_matching_loss(model: nn.Module, latents: torch.Tensor, text: torch.Tensor, cfg: TrainConfig,
+                       generator: torch.Generator) -> torch.Tensor:
+    """MSE between the DiT's output and the velocity ``noise - x0`` (noise and t drawn on the CPU)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+    t = sample_times(latents.shape[0], cfg, generator).to(latents.device)
+    x0 = latents.float()
+    t_b = t.view(-1, *([1] * (x0.ndim - 1)))
+    noisy = (1 - t_b) * x0 + t_b * noise
+    dtype = next(model.parameters()).dtype
+    pred = model(hidden_states=noisy.to(dtype), timestep=t * 1000, encoder_hidden_states=text.to(dtype),
+                 return_dict=False)[0]
+    return F.mse_loss(pred.float(), noise - x0)
+
+
+def _config_from_shapes(shapes: dict[str, tuple[int, ...]], extra: dict[str, Any]) -> dict[str, Any]:
+    """A WanTransformer3DModel config inferred from diffusers-named tensor shapes.
+
+    Shapes cannot tell the head count; Wan always uses 128-wide heads, so that is assumed unless
+    ``task_args`` gives ``num_attention_heads`` or ``attention_head_dim``.
+    """
+    dim, in_ch, *patch = shapes["patch_embedding.weight"]
+    layers = 1 + max(int(n.split(".")[1]) for n in shapes if n.startswith("blocks."))
+    head_dim = extra.get("attention_head_dim")
+    heads = extra.get("num_attention_heads")
+    if heads and not head_dim:
+        head_dim = dim // int(heads)
+    head_dim = int(head_dim or 128)
+    if dim % head_dim:
+        raise ConfigError(f"model width {dim} is not a multiple of attention_head_dim {head_dim}; set "
+                          "task_args.num_attention_heads (or give a config.json via task_args.config)")
+    cfg = {
+        "patch_size": tuple(patch),
+        "num_attention_heads": dim // head_dim,
+        "attention_head_dim": head_dim,
+        "in_channels": in_ch,
+        "out_channels": shapes["proj_out.weight"][0] // (patch[0] * patch[1] * patch[2]),
+        "text_dim": shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+        "freq_dim": shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+        "ffn_dim": shapes["blocks.0.ffn.net.0.proj.weight"][0],
+        "num_layers": layers,
+        "cross_attn_norm": "blocks.0.norm2.weight" in shapes,
+        "qk_norm": "rms_norm_across_heads" if "blocks.0.attn1.norm_q.weight" in shapes else None,
+        "eps": 1e-6,
+    }
+    if "condition_embedder.image_embedder.ff.net.0.proj.weight" in shapes:
+        cfg["image_dim"] = shapes["condition_embedder.image_embedder.ff.net.0.proj.weight"][1]
+    if "blocks.0.attn2.add_k_proj.weight" in shapes:
+        cfg["added_kv_proj_dim"] = shapes["blocks.0.attn2.add_k_proj.weight"][1]
+    for key in ("rope_max_seq_len", "pos_embed_seq_len", "eps"):
+        if key in extra:
+            cfg[key] = extra[key]
+    return cfg
+
+
+def load_wan_single_file(path: Path, dtype: torch.dtype | None, extra: dict[str, Any]) -> nn.Module:
+    """A WanTransformer3DModel from one ``.safetensors`` file in original (Wan/ComfyUI) or diffusers naming.
+
+    diffusers' ``from_single_file`` wants to fetch a config from the Hub; this loader needs no
+    network: the config comes from ``task_args.config`` (a diffusers ``config.json`` or its
+    folder) or is inferred from the tensor shapes.
+    """
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from ..checkpoint.namemap import DIFFUSERS, detect_naming, map_name
+    from ..names import canonical_name
+
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(f"model file {str(path)!r} is not a readable safetensors file ({exc})") from None
+    raw = {canonical_name(k): v for k, v in raw.items()}
+    naming = detect_naming(raw)
+    state = {map_name(k, naming, DIFFUSERS): v for k, v in raw.items()}
+    if extra.get("config"):
+        cfg_path = Path(extra["config"])
+        cfg_path = cfg_path / "config.json" if cfg_path.is_dir() else cfg_path
+        if not cfg_path.is_file():
+            raise MissingFileError(f"task_args.config {str(cfg_path)!r} does not exist")
+        config = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_")}
+    else:
+        try:
+            config = _config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, extra)
+        except KeyError as exc:
+            raise ModelFileError(f"{str(path)!r} does not look like a Wan DiT (no {exc}); "
+                                 "give task_args.config or a diffusers model folder") from None
+    from accelerate import init_empty_weights
+
+    # Parameters on meta (no random init of billions of weights); buffers such as the rotary
+    # tables are not in the file and are built for real.
+    with init_empty_weights(include_buffers=False):
+        model = WanTransformer3DModel(**config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ModelFileError(f"{str(path)!r} does not match the Wan config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}; give task_args.config")
+    return model.to(dtype) if dtype is not None else model
+
+
+class WanTask:
+    """Flow matching on cached latents for a diffusers Wan 2.x DiT (see module docstring)."""
+
+    name = "wan"
+
+    def __init__(self) -> None:
+        self.cfg: TrainConfig | None = None
+
+    def build_model(self, cfg: TrainConfig) -> nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        from .trainer import model_dtype
+
+        self.cfg = cfg
+        if not cfg.model_path:
+            raise ConfigError("model_path (or dit) is not set; give a diffusers Wan transformer folder or file")
+        path = Path(cfg.model_path)
+        if not path.exists():
+            raise MissingFileError(f"model_path {str(path)!r} does not exist")
+        dtype = model_dtype(cfg)
+        if path.is_file():
+            return load_wan_single_file(path, dtype, cfg.task_args)
+        if (path / "transformer" / "config.json").is_file():  # a whole pipeline folder
+            path = path / "transformer"
+        if not (path / "config.json").is_file():
+            raise ModelFileError(f"{str(path)!r} has no config.json; give a diffusers WanTransformer3DModel folder "
+                                 "(save_pretrained) or a single .safetensors file")
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        try:
+            return WanTransformer3DModel.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelFileError(f"cannot load a Wan transformer from {str(path)!r}: {exc}") from None
+
+    def dataset(self, cfg: TrainConfig) -> torch.utils.data.Dataset:
+        self.cfg = cfg  # loss() reads the timestep-sampling keys
+        return LatentCacheDataset(cfg.dataset)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_latents(items)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        from .config import TrainConfig
+
+        return flow_matching_loss(model, batch["latents"], batch["text_embeds"], self.cfg or TrainConfig(),
+                                  generator)
+
+
+__all__ = ["WanTask", "flow_matching_loss", "load_wan_single_file", "sample_times"]

@@ -1,0 +1,223 @@
+"""The trainer on a tiny task of its own: resume equality, saving, errors, block swap, config keys."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ffid.cli import main
+from ffid.errors import ConfigError, MismatchError, TrainingError
+from ffid.train import TrainConfig, config_from_mapping, load_config, train
+from ffid.train.data import BatchOrder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: thread hand-offs cost more than the math on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)) for _ in range(3))
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+class TinyTask:
+    """Regression with input noise drawn from the trainer's generator (so resume must restore it)."""
+
+    name = "tiny"
+
+    def __init__(self, items: int = 10, poison_at: int | None = None):
+        self.items = items
+        self.poison_at = poison_at
+        self.calls = 0
+        self.samples: list[int] = []
+
+    def build_model(self, cfg: TrainConfig) -> nn.Module:
+        return TinyNet()
+
+    def dataset(self, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(self.items, 6, generator=g)
+        y = torch.stack([x[:, :3].sum(1), x[:, 3:].prod(1)], 1)
+        return [{"x": x[i], "y": y[i]} for i in range(self.items)]
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        self.calls += 1
+        x = batch["x"] + 0.05 * torch.randn(batch["x"].shape, generator=generator)
+        loss = nn.functional.mse_loss(model(x), batch["y"])
+        if self.poison_at is not None and self.calls >= self.poison_at:
+            loss = loss * float("nan")
+        return loss
+
+    def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
+        self.samples.append(step)
+
+
+def cfg_for(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(
+        model_type="tiny", ff=0.05, ffid=1, learning_rate=3e-2, max_train_steps=6, batch_size=3, seed=5,
+        output_dir=str(tmp_path / "out"), output_name="run", progress=False, logging_dir="none",
+    )
+    base.update(kw)
+    return config_from_mapping(base)
+
+
+def test_losses_fall_and_outputs_are_written(tmp_path: Path) -> None:
+    task = TinyTask()
+    res = train(cfg_for(tmp_path, max_train_steps=30, save_every_n_steps=10), task=task)
+    out = tmp_path / "out"
+    assert res.steps == 30 and len(res.losses) == 30
+    assert sum(res.losses[-5:]) < sum(res.losses[:5])
+    assert (out / "run.safetensors").is_file()
+    assert (out / "run-step00000010.safetensors").is_file() and (out / "run-step00000020.safetensors").is_file()
+    assert (out / "run-loss.png").stat().st_size > 1000
+    assert json.loads((out / "run-loss.json").read_text())["losses"] == res.losses
+    from ffid.checkpoint import load_delta
+
+    delta = load_delta(out / "run.safetensors")
+    assert delta.info.selection_fingerprint == res.selection.fingerprint
+    # the model's own weights were not written: only the delta differs from the base
+    fresh = TinyNet()
+    res.handle.detach()
+    for (n, a), (_, b) in zip(res.model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    # grad accumulation, a warm-up + cosine schedule and an epoch boundary inside the run
+    kw = dict(max_train_steps=8, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2)
+    full = train(cfg_for(tmp_path / "a", **kw), task=TinyTask())
+    part = train(cfg_for(tmp_path / "b", save_every_n_steps=3, save_state=True, **kw), task=TinyTask())
+    assert part.losses == full.losses
+    state = tmp_path / "b" / "out" / "run-step00000003-state"
+    assert (state / "state.json").is_file()
+    resumed = train(cfg_for(tmp_path / "b", resume=str(state), **kw), task=TinyTask())
+    assert resumed.losses == full.losses  # bit-for-bit, loss history included
+    assert resumed.steps == 8
+    a, b = full.handle.trained_values(), resumed.handle.trained_values()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 'latest' finds the newest state of this output_name
+    latest = train(cfg_for(tmp_path / "b", resume="latest", max_train_steps=10, **{k: v for k, v in kw.items()
+                                                                                  if k != "max_train_steps"}),
+                   task=TinyTask())
+    assert latest.losses[:8] == full.losses
+
+
+def test_resume_from_another_run_is_refused(tmp_path: Path) -> None:
+    train(cfg_for(tmp_path, save_state=True, max_train_steps=2), task=TinyTask())
+    state = tmp_path / "out" / "run-step00000002-state"
+    with pytest.raises(MismatchError, match="selection"):
+        train(cfg_for(tmp_path, resume=str(state), ffid=2), task=TinyTask())
+    with pytest.raises(MismatchError, match="learning_rate"):
+        train(cfg_for(tmp_path, resume=str(state), learning_rate=1e-3), task=TinyTask())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(cfg_for(tmp_path, resume=str(tmp_path / "nope")), task=TinyTask())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"at step 5 .*run-step00000004\.safetensors"):
+        train(cfg_for(tmp_path, max_train_steps=8, save_every_n_steps=2), task=TinyTask(poison_at=5))
+    out = tmp_path / "out"
+    assert (out / "run-step00000004.safetensors").is_file()
+    assert not (out / "run.safetensors").exists()
+
+
+def test_block_swap_is_the_same_computation(tmp_path: Path) -> None:
+    plain = train(cfg_for(tmp_path / "a"), task=TinyTask())
+    swapped = train(cfg_for(tmp_path / "b", blocks_to_swap=2), task=TinyTask())
+    assert swapped.losses == plain.losses
+    ckpt = train(cfg_for(tmp_path / "c", blocks_to_swap=2, gradient_checkpointing=False), task=TinyTask())
+    assert ckpt.losses == plain.losses
+    with pytest.raises(ConfigError, match="at most 3"):
+        train(cfg_for(tmp_path / "d", blocks_to_swap=4), task=TinyTask())
+
+
+def test_sampling_and_epochs(tmp_path: Path) -> None:
+    task = TinyTask(items=7)
+    res = train(cfg_for(tmp_path, max_train_steps=None, max_train_epochs=2, sample_every_n_steps=2,
+                        save_every_n_epochs=1), task=task)
+    assert res.steps == 6  # 7 items, batch 3 -> 3 micro-batches per epoch
+    assert task.samples == [2, 4, 6]
+    assert (tmp_path / "out" / "run-000001.safetensors").is_file()
+
+
+def test_batch_order_covers_each_epoch_once() -> None:
+    order = BatchOrder(items=10, batch_size=2, seed=1, rank=0, world=2)
+    other = BatchOrder(items=10, batch_size=2, seed=1, rank=1, world=2)
+    seen = [i for b in range(order.batches_per_epoch) for o in (order, other) for i in o.batch(0, b)]
+    assert sorted(seen[:10]) == list(range(10))
+    assert order.permutation(0).tolist() != order.permutation(1).tolist()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rat": 1e-4}, "did you mean 'learning_rate'"),
+        ({"batch_size": "two"}, "batch_size = 'two'"),
+        ({"mixed_precision": "bf17"}, "did you mean 'bf16'"),
+        ({"batch_size": 0}, "at least 1"),
+        ({"optimizer_args": ["lr"]}, "not k=v"),
+        ({"max_grad_norm": -1}, "max_grad_norm"),
+    ],
+)
+def test_config_errors_name_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping(values)
+
+
+def test_toml_tables_flags_and_aliases(tmp_path: Path) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text('dit = "m"\n[training]\nlearning_rate = 2e-4\nff = 0.1\n[task_args]\nx = 1\n')
+    cfg = load_config(toml, {"learning_rate": "5e-5"})
+    assert (cfg.model_path, cfg.learning_rate, cfg.ff, cfg.task_args) == ("m", 5e-5, 0.1, {"x": 1})
+    toml.write_text("[training]\nlearning_rat = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat' \(in .*t.toml\); did you mean"):
+        load_config(toml)
+
+
+def test_optimizers_and_schedulers(tmp_path: Path) -> None:
+    for opt in ("SGD", "Adafactor", "torch.optim.RAdam"):
+        res = train(cfg_for(tmp_path / opt, optimizer_type=opt, max_train_steps=2, learning_rate=1e-3,
+                            optimizer_args=["weight_decay=0.0"] if opt != "Adafactor" else []), task=TinyTask())
+        assert all(math.isfinite(v) for v in res.losses)
+    with pytest.raises(ConfigError, match="did you mean 'AdamW'"):
+        train(cfg_for(tmp_path, optimizer_type="AdamWW"), task=TinyTask())
+    with pytest.raises(ConfigError, match="unknown lr_scheduler"):
+        train(cfg_for(tmp_path, lr_scheduler="cosin"), task=TinyTask())
+
+
+def test_cli_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'model_type = "wan"\nff = 0.01\nffid = 1\noutput_dir = "{out}"\n'
+                    f'dataset = "{tmp_path / "missing"}"\nmodel_path = "{tmp_path}"\n')
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "ffid train: error: dataset folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--config", str(toml), "--dataset", str(tmp_path / "empty")]) == 2
+    assert "holds no .safetensors items" in capsys.readouterr().err
+    assert main(["train", "--config", str(toml), "--ff", "2"]) == 2
+    assert "--ff" in capsys.readouterr().err
+    assert not out.exists()
