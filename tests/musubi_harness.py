@@ -153,8 +153,13 @@ class TinyWanModel(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
-    def enable_block_swap(self, blocks_to_swap: int, device: Any = "cpu", supports_backward: bool = True,
-                          use_pinned_memory: bool = False) -> None:
+    def enable_block_swap(
+        self,
+        blocks_to_swap: int,
+        device: Any = "cpu",
+        supports_backward: bool = True,
+        use_pinned_memory: bool = False,
+    ) -> None:
         self.offloader = BlockSwapSimulator(self.blocks, blocks_to_swap)
 
     def move_to_device_except_swap_blocks(self, device: Any) -> None:
@@ -312,12 +317,14 @@ def make_batches(n: int, batch_size: int = 2, cfg: TinyWanConfig | None = None, 
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        out.append({
-            "latents": torch.randn(batch_size, cfg.in_dim, 1, 4, 4, generator=g),
-            "noise": torch.randn(batch_size, cfg.in_dim, 1, 4, 4, generator=g),
-            "t": torch.rand(batch_size, generator=g) * 1000,
-            "context": torch.randn(batch_size, 5, cfg.text_dim, generator=g),
-        })
+        out.append(
+            {
+                "latents": torch.randn(batch_size, cfg.in_dim, 1, 4, 4, generator=g),
+                "noise": torch.randn(batch_size, cfg.in_dim, 1, 4, 4, generator=g),
+                "t": torch.rand(batch_size, generator=g) * 1000,
+                "context": torch.randn(batch_size, 5, cfg.text_dim, generator=g),
+            }
+        )
     return out
 
 
@@ -409,8 +416,14 @@ def build_network(args: argparse.Namespace, transformer: nn.Module, weight_dtype
         network, _ = network_module.create_arch_network_from_weights(1, weights_sd, unet=transformer)
     elif hasattr(network_module, "create_arch_network"):
         network = network_module.create_arch_network(
-            1.0, args.network_dim, args.network_alpha, None, None, transformer,
-            neuron_dropout=args.network_dropout, **net_kwargs,
+            1.0,
+            args.network_dim,
+            args.network_alpha,
+            None,
+            None,
+            transformer,
+            neuron_dropout=args.network_dropout,
+            **net_kwargs,
         )
     else:
         network = network_module.create_network(

@@ -1,0 +1,547 @@
+"""A musubi-tuner (and sd-scripts style) network module: selective full finetuning without a fork.
+
+Use it with an unmodified musubi-tuner::
+
+    accelerate launch src/musubi_tuner/wan_train_network.py ... \\
+        --network_module ffid.integrations.musubi --network_args "ff=0.01" "ffid=1"
+
+musubi-tuner trains "a network" whose parameters it gives to the optimizer. Here the network is
+an :class:`FfidNetwork` wrapping an :class:`~ffid.engine.FfidHandle`: its only parameters are the
+fp32 proxies of the selected elements of the DiT's own weights, and the DiT's forward uses them at
+every call (so sampling mid-training sees the trained values). Checkpoints are ffid delta files
+(musubi's ``ss_*`` / ``modelspec.*`` metadata included) that ``ffid merge`` bakes into the
+original checkpoint for ComfyUI or musubi inference.
+
+``--network_args`` (``key=value`` strings; musubi splits on ``=``, so values cannot contain one):
+
+==================  ================================================================================
+``ff``              fraction of the model to train, 0 < ff <= 1 (required)
+``ffid``            selection id; different ids never touch the same weight (required)
+``selector``        ``spread`` (default) or ``compat-v2`` (the original whole-tensor v2.0 algorithm)
+``slots``, ``seed`` ``spread`` layout options (number of disjoint ids, default 16; seed 0)
+``include``         regexes searched in tensor names, separated by ``;``: only matching tensors
+``exclude``         regexes separated by ``;``: matching tensors are never trained
+``block_pattern``   regex with one group finding the block number (default finds ``blocks.N.``)
+``save_dtype``      value precision of saved deltas: ``fp32`` (default), ``bf16``, ``fp16`` or
+                    ``auto`` (musubi's save dtype, bf16 for Wan)
+==================  ================================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AttachError, ConfigError, MismatchError, ModelFileError
+from ..names import canonical_name
+
+logger = logging.getLogger(__name__)
+
+# network_args keys -> what they mean (for the error listing them).
+NETWORK_ARGS = {
+    "ff": "fraction to train, e.g. ff=0.01",
+    "ffid": "selection id, e.g. ffid=1",
+    "selector": "spread or compat-v2",
+    "slots": "spread: number of disjoint ids",
+    "seed": "spread: layout seed",
+    "include": "regexes separated by ';'",
+    "exclude": "regexes separated by ';'",
+    "block_pattern": "regex with one group for the block number",
+    "save_dtype": "fp32, bf16, fp16 or auto",
+}
+PATTERN_SEPARATOR = ";"
+_SAVE_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "auto": None,
+}
+
+
+@dataclass
+class MusubiConfig:
+    """The parsed ``--network_args``."""
+
+    ff: float
+    ffid: int
+    selector: str = "spread"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    block_pattern: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # selector options (slots, seed)
+    save_dtype: torch.dtype | None = torch.float32  # None: musubi's dtype
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(self.options)
+        if self.include:
+            kw["include"] = self.include
+        if self.exclude:
+            kw["exclude"] = self.exclude
+        if self.block_pattern:
+            kw["block_pattern"] = self.block_pattern
+        return kw
+
+
+def _patterns(text: str) -> list[str]:
+    return [p.strip() for p in text.split(PATTERN_SEPARATOR) if p.strip()]
+
+
+def _int_arg(key: str, value: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f'network_args {key}={value!r} is not an integer; write e.g. "{key}=16"') from None
+
+
+def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
+    """Turn musubi's ``--network_args`` (a dict of strings) into a :class:`MusubiConfig`.
+
+    Raises :class:`~ffid.errors.ConfigError` naming the bad key or value and the fix.
+    """
+    from ..select import SELECTORS, check_ff, check_ffid
+
+    args = {str(k).strip(): v for k, v in kwargs.items() if v is not None}
+    unknown = [k for k in args if k not in NETWORK_ARGS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], NETWORK_ARGS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(
+            f"unknown network_args key {unknown[0]!r}; {hint}ffid.integrations.musubi takes: "
+            + ", ".join(NETWORK_ARGS)
+        )
+    for key in ("ff", "ffid"):
+        if key not in args:
+            raise ConfigError(
+                f'network_args needs {key}=...; add --network_args "ff=0.01" "ffid=1" '
+                "(fraction of the model to train, and which disjoint selection)"
+            )
+    selector = str(args.get("selector", "spread")).strip()
+    if selector not in SELECTORS:
+        raise ConfigError(
+            f"network_args selector={selector!r} is unknown; choose one of: {', '.join(SELECTORS)}"
+        )
+    options: dict[str, Any] = {}
+    for key in ("slots", "seed"):
+        if key in args:
+            if selector != "spread":
+                raise ConfigError(f"network_args {key}= is a spread option; drop it or use selector=spread")
+            options[key] = _int_arg(key, args[key])
+    save_text = str(args.get("save_dtype", "fp32")).strip().lower()
+    if save_text not in _SAVE_DTYPES:
+        raise ConfigError(f"network_args save_dtype={save_text!r} is unknown; use fp32, bf16, fp16 or auto")
+    return MusubiConfig(
+        ff=check_ff(str(args["ff"]).strip()),
+        ffid=check_ffid(str(args["ffid"]).strip()),
+        selector=selector,
+        include=_patterns(str(args.get("include", ""))),
+        exclude=_patterns(str(args.get("exclude", ""))),
+        block_pattern=str(args["block_pattern"]).strip() if args.get("block_pattern") else None,
+        options=options,
+        save_dtype=_SAVE_DTYPES[save_text],
+    )
+
+
+def _architecture_suffixed(arch: str) -> str:
+    """``wan2.1-t2v-14b/lora`` -> ``wan2.1-t2v-14b/ffid-delta``: a delta is not a LoRA."""
+    return arch.rsplit("/", 1)[0] + "/ffid-delta" if "/" in arch else arch + "/ffid-delta"
+
+
+class FfidNetwork(nn.Module):
+    """The object musubi-tuner trains: an :class:`~ffid.engine.FfidHandle` behind musubi's network API.
+
+    Its only parameters are the handle's fp32 proxies, and its ``state_dict()`` is the proxies plus
+    the selection fingerprint (what ``--save_state`` stores: ``4 * ff * N`` bytes, not the model).
+    The DiT is referenced, never registered as a submodule.
+    """
+
+    def __init__(
+        self,
+        config: MusubiConfig | None,
+        unet: nn.Module | None = None,
+        multiplier: float = 1.0,
+        selection: Any = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.multiplier = multiplier
+        self.selection = selection
+        self.handle: Any = None  # the FfidHandle, registered as a submodule once applied
+        object.__setattr__(self, "_unet", unet)
+        self._warned_dtype = False
+        self._base_on_device: dict[str, torch.Tensor] | None = None
+        self._pending_weights: dict[str, torch.Tensor] | None = None  # create_arch_network_from_weights
+        self.args_seen: dict[str, Any] = {}
+        if selection is None and unet is not None and config is not None:
+            self.selection = self._plan(unet)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _plan(self, unet: nn.Module) -> Any:
+        from ..select import plan
+
+        assert self.config is not None
+        c = self.config
+        return plan(unet, c.ff, c.ffid, c.selector, **c.plan_kwargs())
+
+    def prepare_network(self, args: Any) -> None:
+        """Called by musubi with its argparse namespace before :meth:`apply_to`; records the setup."""
+        for key in (
+            "mixed_precision",
+            "fp8_base",
+            "fp8_scaled",
+            "blocks_to_swap",
+            "gradient_checkpointing",
+            "optimizer_type",
+            "full_bf16",
+            "full_fp16",
+        ):
+            if hasattr(args, key):
+                self.args_seen[key] = getattr(args, key)
+        if getattr(args, "fp8_scaled", False):
+            raise ConfigError(
+                "--fp8_scaled stores weights with per-tensor scales that ffid cannot train yet; "
+                "use --fp8_base "
+                "without --fp8_scaled, or a bf16 DiT"
+            )
+
+    def apply_to(
+        self, text_encoders: Any, unet: nn.Module, apply_text_encoder: bool = False, apply_unet: bool = True
+    ) -> None:
+        """Attach the selection to the DiT (``unet``): the step after which its forward uses the proxies."""
+        from ..engine import attach
+
+        if self.handle is not None:
+            raise AttachError(
+                "this ffid network is already applied to a model; create a new network to apply again"
+            )
+        if not apply_unet:
+            raise ConfigError("ffid trains the DiT's own weights; apply_unet=False leaves nothing to train")
+        if apply_text_encoder:
+            logger.warning("ffid: text encoders are not trained (musubi-tuner does not train them either)")
+        object.__setattr__(self, "_unet", unet)
+        if self.selection is None:
+            if self._pending_weights is not None:
+                self.selection = self._selection_from_weights(self._pending_weights, unet)
+            else:
+                self.selection = self._plan(unet)
+        self.handle = attach(unet, self.selection)
+        logger.info("%s", self.handle.describe())
+
+    def _require_handle(self, what: str) -> Any:
+        if self.handle is None:
+            raise AttachError(f"{what} needs the network applied first; musubi calls apply_to() before it")
+        return self.handle
+
+    # -- weights ----------------------------------------------------------------------------------
+    def load_weights(self, file: str) -> str:
+        """Continue from a delta file (``--network_weights``): the proxies take its trained values."""
+        from ..checkpoint.delta import load_delta, sample_positions, values_hash
+
+        handle = self._require_handle("load_weights")
+        delta = load_delta(file)
+        sel = handle.selection
+        if delta.info.selection_fingerprint != sel.fingerprint:
+            raise MismatchError(
+                f"{file} was trained on selection {delta.info.selection_fingerprint or '?'} "
+                f"({delta.info.selector} {_describe(delta.info.params)}) but this run trains "
+                f"{sel.fingerprint} ({sel.selector} {sel.describe_params()}); use the same network_args, "
+                "or merge it into the base "
+                "with --base_weights / `ffid merge` to train another id on top"
+            )
+        base = handle.base_values()
+        for name, fp in delta.info.base_fingerprint.items():
+            b = base.get(name)
+            if b is not None and values_hash(b.reshape(-1)[sample_positions(b.numel())]) != fp.hash:
+                raise MismatchError(
+                    f"{file} was trained from another base model (tensor {name!r} differs); "
+                    "load the same --dit "
+                    "checkpoint the delta was trained on"
+                )
+        handle.load_values(delta.values())
+        return (
+            f"ffid: {delta.selected:,} trained values in {len(delta)} tensors (selection {sel.fingerprint})"
+        )
+
+    def save_weights(
+        self, file: str, dtype: torch.dtype | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write the trained values as an ffid delta file, musubi's metadata merged in.
+
+        ``dtype`` (musubi's save precision) is used only with ``save_dtype=auto``: by default
+        values are saved in fp32 so that continuing from the file loses nothing.
+        """
+        handle = self._require_handle("save_weights")
+        md = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if "modelspec.architecture" in md:
+            md["modelspec.architecture"] = _architecture_suffixed(md["modelspec.architecture"])
+        save_dtype = self.config.save_dtype if self.config is not None else torch.float32
+        if save_dtype is None:
+            save_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        handle.save_delta(file, metadata=md, save_dtype=save_dtype)
+        logger.info("ffid: saved delta %s (%s values)", file, f"{handle.selection.selected:,}")
+
+    def merge_to(
+        self,
+        text_encoders: Any,
+        unet: nn.Module,
+        weights_sd: Mapping[str, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> None:
+        """Bake a delta (``--base_weights``) into ``unet``: ``base + multiplier * (trained - base)``.
+
+        musubi hands over the file's tensors without its metadata, so the base fingerprint cannot
+        be checked here; ``ffid merge`` / :func:`ffid.checkpoint.apply_delta` check it.
+        """
+        from ..checkpoint.delta import apply_delta
+
+        weights = weights_sd if weights_sd is not None else self._pending_weights
+        if weights is None:
+            if self.handle is None:
+                raise ConfigError(
+                    "merge_to needs weights_sd (the delta file's tensors) or an applied network"
+                )
+            self.handle.merge()
+            return
+        delta = _delta_from_weights(weights, unet)
+        apply_delta(unet, delta, self.multiplier, verify=False)
+        logger.info(
+            "ffid: merged %s values in %d tensors (multiplier %s)",
+            f"{delta.selected:,}",
+            len(delta),
+            self.multiplier,
+        )
+
+    def _selection_from_weights(self, weights: Mapping[str, torch.Tensor], unet: nn.Module) -> Any:
+        return _delta_from_weights(weights, unet).selection(unet)
+
+    # -- musubi's training-loop calls ----------------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Nothing to do: the engine's forward paths hold no state, so recomputation just works."""
+
+    def prepare_optimizer_params(
+        self, unet_lr: float | None = None, **kwargs: Any
+    ) -> tuple[list[dict], list[str]]:
+        """One parameter group with every proxy (``lr`` = ``unet_lr`` when given)."""
+        handle = self._require_handle("prepare_optimizer_params")
+        self.requires_grad_(True)
+        group: dict[str, Any] = {"params": list(handle.parameters())}
+        if unet_lr is not None:
+            group["lr"] = unet_lr
+        return [group], ["ffid"]
+
+    def to(self, *args: Any, **kwargs: Any) -> FfidNetwork:
+        """Move the proxies; a request to make them bf16/fp16 is ignored with a warning.
+
+        musubi's ``--full_bf16`` calls ``network.to(bf16)``. ffid keeps its trained values in fp32 on
+        purpose: in bf16 most single updates of a weight are smaller than its rounding step and
+        would be lost (the DiT's own weights stay in whatever dtype they are).
+        """
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != torch.float32:
+            if not self._warned_dtype:
+                logger.warning(
+                    "ffid: network.to(%s) ignored: the trained values stay fp32 so that small updates "
+                    "are not "
+                    "rounded away (the DiT keeps its own dtype)",
+                    dtype,
+                )
+                self._warned_dtype = True
+            if device is None:
+                return self
+            return super().to(device=device, non_blocking=non_blocking)
+        return super().to(*args, **kwargs)
+
+    def prepare_grad_etc(self, transformer: nn.Module) -> None:
+        """The proxies require gradients; the DiT's weights stay frozen."""
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, transformer: nn.Module) -> None:
+        self.train()
+
+    def on_step_start(self) -> None:
+        """Nothing per step: the DiT reads the proxies at every forward."""
+
+    def get_trainable_params(self) -> list[nn.Parameter]:
+        """The proxies (musubi clips their gradient norm)."""
+        return list(self.parameters())
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float, device: Any) -> tuple[int, float, float]:
+        """``--scale_weight_norms``: scale each tensor's update (trained - base) to L2 norm <= ``max_norm``.
+
+        Returns ``(tensors scaled, mean update norm, largest update norm)`` after scaling.
+        """
+        handle = self._require_handle("apply_max_norm_regularization")
+        if self._base_on_device is None:
+            self._base_on_device = {}
+            base = handle.base_values()
+            for name, p in handle.proxies():
+                self._base_on_device[name] = base[name].to(p.device)
+        scaled = 0
+        norms = []
+        for name, p in handle.proxies():
+            base = self._base_on_device[name]
+            diff = p - base
+            norm = float(diff.norm())
+            if norm > max_norm:
+                p.copy_(base + diff * (max_norm / norm))
+                norm = max_norm
+                scaled += 1
+            norms.append(norm)
+        if not norms:
+            return 0, 0.0, 0.0
+        return scaled, sum(norms) / len(norms), max(norms)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The proxies and the selection fingerprint, nothing of the DiT (``--save_state`` stays small)."""
+        self._require_handle("state_dict")
+        return super().state_dict(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling the network calls the DiT (musubi never does; DDP wrappers may)."""
+        return self._require_handle("forward")(*args, **kwargs)
+
+
+def _describe(params: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items() if v not in (None, [], ()))
+
+
+def _delta_from_weights(weights: Mapping[str, torch.Tensor], model: nn.Module) -> Any:
+    """A :class:`~ffid.checkpoint.delta.Delta` from a delta file's tensors (metadata lost by musubi's
+    ``load_file``): shapes come from ``model``, so it can be applied or trained on again."""
+    from ..checkpoint.delta import (
+        FORMAT_VERSION,
+        INDEX_SUFFIX,
+        VALUE_SUFFIX,
+        Delta,
+        DeltaInfo,
+        DeltaTensor,
+    )
+    from ..checkpoint.namemap import NameResolver, detect_naming
+
+    names = sorted(k[: -len(VALUE_SUFFIX)] for k in weights if k.endswith(VALUE_SUFFIX))
+    stray = [k for k in weights if not k.endswith((VALUE_SUFFIX, INDEX_SUFFIX))]
+    if not names or stray:
+        first = stray[0] if stray else next(iter(weights), "nothing")
+        raise ModelFileError(
+            f"these weights are not an ffid delta (tensor {first!r}); --base_weights / --network_weights "
+            "with ffid.integrations.musubi take files written by ffid (save_weights, `ffid extract`)"
+        )
+    targets: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        targets.setdefault(canonical_name(n), p)
+    naming = detect_naming(names)
+    resolver = NameResolver(targets, naming)
+    tensors = {}
+    for name in names:
+        target = resolver.resolve(name)
+        if target is None:
+            raise MismatchError(
+                f"delta tensor {name!r} has no counterpart in {type(model).__name__}; the delta was made for "
+                "another model"
+            )
+        shape = tuple(targets[target].shape)
+        numel = targets[target].numel()
+        values = weights[name + VALUE_SUFFIX].reshape(-1)
+        idx = weights.get(name + INDEX_SUFFIX)
+        indices = torch.arange(numel, dtype=torch.int64) if idx is None else idx.reshape(-1).to(torch.int64)
+        if indices.numel() != values.numel() or (indices.numel() and int(indices.max()) >= numel):
+            raise MismatchError(
+                f"delta tensor {name!r} has {values.numel()} values for {indices.numel()} positions "
+                "of a tensor "
+                f"of {numel}; the delta was made for another model size"
+            )
+        tensors[name] = DeltaTensor(name, shape, indices, values)
+    info = DeltaInfo(
+        format_version=FORMAT_VERSION,
+        ffid_version="",
+        selector="explicit",
+        params={},
+        ff=None,
+        ffid=None,
+        selection_fingerprint="",
+        base_fingerprint={},
+        base_manifest_fingerprint="",
+        naming=naming,
+        value_dtype="",
+        selected=sum(t.count for t in tensors.values()),
+        total_params=None,
+        source="musubi",
+    )
+    return Delta(None, tensors, {}, info)
+
+
+class NetworkAndWeights(tuple):
+    """``(network, weights_sd)`` that also behaves as the network.
+
+    musubi-tuner unpacks ``create_arch_network_from_weights`` as a pair for ``--dim_from_weights``
+    but calls ``.merge_to`` on the result directly for ``--base_weights``; this serves both.
+    """
+
+    def __new__(cls, network: FfidNetwork, weights_sd: Mapping[str, torch.Tensor]) -> NetworkAndWeights:
+        return super().__new__(cls, (network, weights_sd))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self[0], name)
+
+
+def create_arch_network(
+    multiplier: float,
+    network_dim: int | None,
+    network_alpha: float | None,
+    vae: Any,
+    text_encoders: Any,
+    unet: nn.Module,
+    neuron_dropout: float | None = None,
+    **kwargs: Any,
+) -> FfidNetwork:
+    """musubi's entry point: the network for ``--network_args`` (``ff=``, ``ffid=``, ...) on DiT ``unet``.
+
+    ``network_dim`` / ``network_alpha`` are LoRA notions and ignored; a dropout is refused because
+    ffid trains the weights themselves.
+    """
+    if neuron_dropout:
+        raise ConfigError(
+            f"--network_dropout {neuron_dropout} is a LoRA option; ffid trains the weights themselves, "
+            "drop it"
+        )
+    if network_dim is not None:
+        logger.info("ffid: --network_dim %s ignored (a LoRA rank; ffid's size is set by ff=)", network_dim)
+    config = parse_network_args(kwargs)
+    network = FfidNetwork(config, unet, multiplier)
+    if network.selection is not None:
+        logger.info("ffid: %r", network.selection)
+    return network
+
+
+create_network = create_arch_network  # the name LyCORIS-style loaders try
+
+
+def create_arch_network_from_weights(
+    multiplier: float,
+    weights_sd: Mapping[str, torch.Tensor],
+    unet: nn.Module | None = None,
+    for_inference: bool = False,
+    **kwargs: Any,
+) -> NetworkAndWeights:
+    """A network for the exact positions stored in ``weights_sd`` (a delta file's tensors).
+
+    Used by ``--base_weights`` (``.merge_to`` bakes the delta into the DiT with ``multiplier``) and
+    ``--dim_from_weights`` (train those same positions again). Returns ``(network, weights_sd)``.
+    """
+    network = FfidNetwork(None, None, multiplier)
+    network._pending_weights = dict(weights_sd)
+    if unet is not None:
+        network.selection = network._selection_from_weights(weights_sd, unet)
+        object.__setattr__(network, "_unet", unet)
+    return NetworkAndWeights(network, weights_sd)
