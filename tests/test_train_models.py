@@ -1,0 +1,176 @@
+"""``ffid train`` end to end on real architectures: a tiny diffusers Wan DiT on a latent cache,
+tiny GPT-2 / Llama causal LMs on JSONL/text with a local tokenizer. Save, resume, merge."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
+
+from ffid.cli import main
+from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset, write_cache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def losses(out: Path, name: str = "run") -> list[float]:
+    return json.loads((out / f"{name}-loss.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def wan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("wan")
+    tiny_wan().save_pretrained(root / "dit")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 1, 8, 8, generator=g)  # [N, C, F, H, W]: images as 1-frame videos
+    text = [torch.randn(5 + i, 32, generator=g) for i in range(4)]  # varying token counts
+    write_cache(root / "cache", latents, text, [f"caption {i}" for i in range(4)])
+    return root / "dit", root / "cache"
+
+
+def wan_toml(tmp: Path, dit: Path, cache: Path, **extra: object) -> Path:
+    keys = {
+        "model_type": "wan", "dit": str(dit), "dataset": str(cache), "ff": 0.02, "ffid": 1,
+        "batch_size": 2, "learning_rate": 1e-3, "max_train_steps": 4, "seed": 1,
+        "output_dir": str(tmp / "out"), "output_name": "run", "logging_dir": str(tmp / "logs"),
+        **extra,
+    }
+    text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
+    path = tmp / "train.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+def test_latent_cache_format(wan_setup: tuple[Path, Path]) -> None:
+    from safetensors import safe_open
+
+    _, cache = wan_setup
+    ds = LatentCacheDataset(cache)
+    assert len(ds) == 4 and ds.captions[2] == "caption 2"
+    with safe_open(str(ds.files[0]), framework="pt") as f:
+        assert f.metadata()["format"] == CACHE_FORMAT
+        assert f.get_tensor("latents").shape == (4, 1, 8, 8)
+
+
+def test_wan_train_save_resume_merge(tmp_path: Path, wan_setup: tuple[Path, Path]) -> None:
+    dit, cache = wan_setup
+    full = tmp_path / "full"
+    full.mkdir()
+    assert main(["train", "--config", str(wan_toml(full, dit, cache))]) == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    toml = wan_toml(part, dit, cache, save_every_n_steps=2, save_state=True, save_full=True)
+    assert main(["train", "--config", str(toml), "--max_train_steps", "2"]) == 0
+    out = part / "out"
+    assert (out / "run.safetensors").is_file() and (out / "run-full.safetensors").is_file()
+    assert main(["train", "--config", str(toml), "--resume", str(out / "run-step00000002-state")]) == 0
+    assert losses(out) == losses(full / "out")
+    assert len(losses(out)) == 4
+    assert list((part / "logs" / "run").glob("events.out.tfevents.*"))
+
+    # the final delta merges into the saved base folder's weights, giving the trained model
+    from safetensors.torch import load_file
+
+    merged = tmp_path / "merged.safetensors"
+    base_file = dit / "diffusion_pytorch_model.safetensors"
+    assert main(["merge", str(base_file), str(out / "run.safetensors"), "-o", str(merged)]) == 0
+    a = load_file(str(merged))
+    b = load_file(str(out / "run-full.safetensors"))  # save_precision bf16
+    for k in b:
+        assert torch.equal(a[k].to(torch.bfloat16), b[k]), k
+
+
+def test_wan_single_file_in_original_naming(tmp_path: Path, wan_setup: tuple[Path, Path]) -> None:
+    from safetensors.torch import save_file
+
+    from ffid.checkpoint.namemap import DIFFUSERS, WAN, map_name
+    from ffid.train import TrainConfig
+    from ffid.train.wan import WanTask
+
+    model = tiny_wan()
+    save_file({map_name(k, DIFFUSERS, WAN): v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "wan.safetensors"))
+    cfg = TrainConfig(model_path=str(tmp_path / "wan.safetensors"),
+                      task_args={"num_attention_heads": 2, "rope_max_seq_len": 64})
+    loaded = WanTask().build_model(cfg)
+    inputs = tiny_wan_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, model(**inputs).sample)
+
+
+def test_wan_mixed_precision_checkpointing_and_swap(tmp_path: Path, wan_setup: tuple[Path, Path]) -> None:
+    dit, cache = wan_setup
+    plain = tmp_path / "a"
+    plain.mkdir()
+    assert main(["train", "--config", str(wan_toml(plain, dit, cache, max_train_steps=2))]) == 0
+    swap = tmp_path / "b"
+    swap.mkdir()
+    toml = wan_toml(swap, dit, cache, max_train_steps=2, blocks_to_swap=1, gradient_checkpointing=True)
+    assert main(["train", "--config", str(toml)]) == 0
+    assert losses(swap / "out") == pytest.approx(losses(plain / "out"), rel=1e-5)
+    bf = tmp_path / "c"
+    bf.mkdir()
+    assert main(["train", "--config", str(wan_toml(bf, dit, cache, max_train_steps=2, mixed_precision="bf16"))]) == 0
+    assert losses(bf / "out") == pytest.approx(losses(plain / "out"), rel=0.05)
+
+
+def make_lm_folder(tmp: Path, factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", *string.ascii_letters, *string.digits, *" .,;:!?'\"-()\n"]
+    vocab = {c: i for i, c in enumerate(chars[:97])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    folder = tmp / "lm"
+    factory().save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_causal_lm_train_and_resume(tmp_path: Path, factory) -> None:
+    folder = make_lm_folder(tmp_path, factory)
+    data = tmp_path / "data.jsonl"
+    lines = [{"text": f"The cat number {i} sat on the mat, quietly."} for i in range(12)]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    common = ["--model_type", "causal-lm", "--model_path", str(folder), "--dataset", str(data), "--ff", "0.05",
+              "--ffid", "2", "--seq_len", "16", "--batch_size", "2", "--learning_rate", "5e-3", "--max_train_steps",
+              "6", "--output_name", "run", "--logging_dir", "none"]
+    assert main(["train", *common, "--output_dir", str(tmp_path / "a")]) == 0
+    ref = losses(tmp_path / "a")
+    assert ref[-1] < ref[0]
+    b = tmp_path / "b"
+    assert main(["train", *common, "--output_dir", str(b), "--save_every_n_steps", "3", "--save_state"]) == 0
+    assert main(["train", *common, "--output_dir", str(b), "--resume", "latest", "--max_train_steps", "6"]) == 0
+    assert losses(b) == ref
+    # a .txt file works as well
+    (tmp_path / "t.txt").write_text("Hello there. " * 40)
+    assert main(["train", *common, "--dataset", str(tmp_path / "t.txt"), "--output_dir", str(tmp_path / "c"),
+                 "--max_train_steps", "1"]) == 0
+
+
+def test_cache_cli(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"latents": torch.randn(3, 4, 8, 8)}, str(tmp_path / "lat.safetensors"))
+    torch.save({"text_embeds": torch.randn(3, 6, 32)}, tmp_path / "txt.pt")
+    (tmp_path / "caps.txt").write_text("a\nb\nc\n")
+    assert main(["cache", "--latents", str(tmp_path / "lat.safetensors"), "--text_embeds", str(tmp_path / "txt.pt"),
+                 "--captions", str(tmp_path / "caps.txt"), "--output_dir", str(tmp_path / "cache")]) == 0
+    ds = LatentCacheDataset(tmp_path / "cache")
+    assert len(ds) == 3 and ds[0]["latents"].shape == (4, 1, 8, 8) and ds.captions == ["a", "b", "c"]
+    (tmp_path / "caps.txt").write_text("a\n")
+    assert main(["cache", "--latents", str(tmp_path / "lat.safetensors"), "--text_embeds", str(tmp_path / "txt.pt"),
+                 "--captions", str(tmp_path / "caps.txt"), "--output_dir", str(tmp_path / "c2")]) == 2
+    assert not (tmp_path / "c2").exists()
