@@ -30,7 +30,9 @@ class TinyNet(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(6, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)) for _ in range(3))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.LayerNorm(16)) for _ in range(3)
+        )
         self.out = nn.Linear(16, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +79,17 @@ class TinyTask:
 
 def cfg_for(tmp_path: Path, **kw) -> TrainConfig:
     base = dict(
-        model_type="tiny", ff=0.05, ffid=1, learning_rate=3e-2, max_train_steps=6, batch_size=3, seed=5,
-        output_dir=str(tmp_path / "out"), output_name="run", progress=False, logging_dir="none",
+        model_type="tiny",
+        ff=0.05,
+        ffid=1,
+        learning_rate=3e-2,
+        max_train_steps=6,
+        batch_size=3,
+        seed=5,
+        output_dir=str(tmp_path / "out"),
+        output_name="run",
+        progress=False,
+        logging_dir="none",
     )
     base.update(kw)
     return config_from_mapping(base)
@@ -91,7 +102,9 @@ def test_losses_fall_and_outputs_are_written(tmp_path: Path) -> None:
     assert res.steps == 30 and len(res.losses) == 30
     assert sum(res.losses[-5:]) < sum(res.losses[:5])
     assert (out / "run.safetensors").is_file()
-    assert (out / "run-step00000010.safetensors").is_file() and (out / "run-step00000020.safetensors").is_file()
+    assert (out / "run-step00000010.safetensors").is_file() and (
+        out / "run-step00000020.safetensors"
+    ).is_file()
     assert (out / "run-loss.png").stat().st_size > 1000
     assert json.loads((out / "run-loss.json").read_text())["losses"] == res.losses
     from ffid.checkpoint import load_delta
@@ -119,9 +132,15 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
     a, b = full.handle.trained_values(), resumed.handle.trained_values()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # 'latest' finds the newest state of this output_name
-    latest = train(cfg_for(tmp_path / "b", resume="latest", max_train_steps=10, **{k: v for k, v in kw.items()
-                                                                                  if k != "max_train_steps"}),
-                   task=TinyTask())
+    latest = train(
+        cfg_for(
+            tmp_path / "b",
+            resume="latest",
+            max_train_steps=10,
+            **{k: v for k, v in kw.items() if k != "max_train_steps"},
+        ),
+        task=TinyTask(),
+    )
     assert latest.losses[:8] == full.losses
 
 
@@ -156,8 +175,12 @@ def test_block_swap_is_the_same_computation(tmp_path: Path) -> None:
 
 def test_sampling_and_epochs(tmp_path: Path) -> None:
     task = TinyTask(items=7)
-    res = train(cfg_for(tmp_path, max_train_steps=None, max_train_epochs=2, sample_every_n_steps=2,
-                        save_every_n_epochs=1), task=task)
+    res = train(
+        cfg_for(
+            tmp_path, max_train_steps=None, max_train_epochs=2, sample_every_n_steps=2, save_every_n_epochs=1
+        ),
+        task=task,
+    )
     assert res.steps == 6  # 7 items, batch 3 -> 3 micro-batches per epoch
     assert task.samples == [2, 4, 6]
     assert (tmp_path / "out" / "run-000001.safetensors").is_file()
@@ -199,8 +222,16 @@ def test_toml_tables_flags_and_aliases(tmp_path: Path) -> None:
 
 def test_optimizers_and_schedulers(tmp_path: Path) -> None:
     for opt in ("SGD", "Adafactor", "torch.optim.RAdam"):
-        res = train(cfg_for(tmp_path / opt, optimizer_type=opt, max_train_steps=2, learning_rate=1e-3,
-                            optimizer_args=["weight_decay=0.0"] if opt != "Adafactor" else []), task=TinyTask())
+        res = train(
+            cfg_for(
+                tmp_path / opt,
+                optimizer_type=opt,
+                max_train_steps=2,
+                learning_rate=1e-3,
+                optimizer_args=["weight_decay=0.0"] if opt != "Adafactor" else [],
+            ),
+            task=TinyTask(),
+        )
         assert all(math.isfinite(v) for v in res.losses)
     with pytest.raises(ConfigError, match="did you mean 'AdamW'"):
         train(cfg_for(tmp_path, optimizer_type="AdamWW"), task=TinyTask())
@@ -211,8 +242,10 @@ def test_optimizers_and_schedulers(tmp_path: Path) -> None:
 def test_cli_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     toml = tmp_path / "t.toml"
-    toml.write_text(f'model_type = "wan"\nff = 0.01\nffid = 1\noutput_dir = "{out}"\n'
-                    f'dataset = "{tmp_path / "missing"}"\nmodel_path = "{tmp_path}"\n')
+    toml.write_text(
+        f'model_type = "wan"\nff = 0.01\nffid = 1\noutput_dir = "{out}"\n'
+        f'dataset = "{tmp_path / "missing"}"\nmodel_path = "{tmp_path}"\n'
+    )
     assert main(["train", "--config", str(toml)]) == 2
     assert "ffid train: error: dataset folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
 
 from ffid.cli import main
 from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset, write_cache
+from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +40,18 @@ def wan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def wan_toml(tmp: Path, dit: Path, cache: Path, **extra: object) -> Path:
     keys = {
-        "model_type": "wan", "dit": str(dit), "dataset": str(cache), "ff": 0.02, "ffid": 1,
-        "batch_size": 2, "learning_rate": 1e-3, "max_train_steps": 4, "seed": 1,
-        "output_dir": str(tmp / "out"), "output_name": "run", "logging_dir": str(tmp / "logs"),
+        "model_type": "wan",
+        "dit": str(dit),
+        "dataset": str(cache),
+        "ff": 0.02,
+        "ffid": 1,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "max_train_steps": 4,
+        "seed": 1,
+        "output_dir": str(tmp / "out"),
+        "output_name": "run",
+        "logging_dir": str(tmp / "logs"),
         **extra,
     }
     text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
@@ -98,10 +107,14 @@ def test_wan_single_file_in_original_naming(tmp_path: Path, wan_setup: tuple[Pat
     from ffid.train.wan import WanTask
 
     model = tiny_wan()
-    save_file({map_name(k, DIFFUSERS, WAN): v.contiguous() for k, v in model.state_dict().items()},
-              str(tmp_path / "wan.safetensors"))
-    cfg = TrainConfig(model_path=str(tmp_path / "wan.safetensors"),
-                      task_args={"num_attention_heads": 2, "rope_max_seq_len": 64})
+    save_file(
+        {map_name(k, DIFFUSERS, WAN): v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp_path / "wan.safetensors"),
+    )
+    cfg = TrainConfig(
+        model_path=str(tmp_path / "wan.safetensors"),
+        task_args={"num_attention_heads": 2, "rope_max_seq_len": 64},
+    )
     loaded = WanTask().build_model(cfg)
     inputs = tiny_wan_inputs()
     with torch.no_grad():
@@ -120,7 +133,10 @@ def test_wan_mixed_precision_checkpointing_and_swap(tmp_path: Path, wan_setup: t
     assert losses(swap / "out") == pytest.approx(losses(plain / "out"), rel=1e-5)
     bf = tmp_path / "c"
     bf.mkdir()
-    assert main(["train", "--config", str(wan_toml(bf, dit, cache, max_train_steps=2, mixed_precision="bf16"))]) == 0
+    assert (
+        main(["train", "--config", str(wan_toml(bf, dit, cache, max_train_steps=2, mixed_precision="bf16"))])
+        == 0
+    )
     assert losses(bf / "out") == pytest.approx(losses(plain / "out"), rel=0.05)
 
 
@@ -134,7 +150,9 @@ def make_lm_folder(tmp: Path, factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     folder = tmp / "lm"
     factory().save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -144,20 +162,56 @@ def test_causal_lm_train_and_resume(tmp_path: Path, factory) -> None:
     data = tmp_path / "data.jsonl"
     lines = [{"text": f"The cat number {i} sat on the mat, quietly."} for i in range(12)]
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    common = ["--model_type", "causal-lm", "--model_path", str(folder), "--dataset", str(data), "--ff", "0.05",
-              "--ffid", "2", "--seq_len", "16", "--batch_size", "2", "--learning_rate", "5e-3", "--max_train_steps",
-              "6", "--output_name", "run", "--logging_dir", "none"]
+    common = [
+        "--model_type",
+        "causal-lm",
+        "--model_path",
+        str(folder),
+        "--dataset",
+        str(data),
+        "--ff",
+        "0.05",
+        "--ffid",
+        "2",
+        "--seq_len",
+        "16",
+        "--batch_size",
+        "2",
+        "--learning_rate",
+        "5e-3",
+        "--max_train_steps",
+        "6",
+        "--output_name",
+        "run",
+        "--logging_dir",
+        "none",
+    ]
     assert main(["train", *common, "--output_dir", str(tmp_path / "a")]) == 0
     ref = losses(tmp_path / "a")
     assert ref[-1] < ref[0]
     b = tmp_path / "b"
     assert main(["train", *common, "--output_dir", str(b), "--save_every_n_steps", "3", "--save_state"]) == 0
-    assert main(["train", *common, "--output_dir", str(b), "--resume", "latest", "--max_train_steps", "6"]) == 0
+    assert (
+        main(["train", *common, "--output_dir", str(b), "--resume", "latest", "--max_train_steps", "6"]) == 0
+    )
     assert losses(b) == ref
     # a .txt file works as well
     (tmp_path / "t.txt").write_text("Hello there. " * 40)
-    assert main(["train", *common, "--dataset", str(tmp_path / "t.txt"), "--output_dir", str(tmp_path / "c"),
-                 "--max_train_steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--dataset",
+                str(tmp_path / "t.txt"),
+                "--output_dir",
+                str(tmp_path / "c"),
+                "--max_train_steps",
+                "1",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cache_cli(tmp_path: Path) -> None:
@@ -166,11 +220,39 @@ def test_cache_cli(tmp_path: Path) -> None:
     save_file({"latents": torch.randn(3, 4, 8, 8)}, str(tmp_path / "lat.safetensors"))
     torch.save({"text_embeds": torch.randn(3, 6, 32)}, tmp_path / "txt.pt")
     (tmp_path / "caps.txt").write_text("a\nb\nc\n")
-    assert main(["cache", "--latents", str(tmp_path / "lat.safetensors"), "--text_embeds", str(tmp_path / "txt.pt"),
-                 "--captions", str(tmp_path / "caps.txt"), "--output_dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--latents",
+                str(tmp_path / "lat.safetensors"),
+                "--text_embeds",
+                str(tmp_path / "txt.pt"),
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--output_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     ds = LatentCacheDataset(tmp_path / "cache")
     assert len(ds) == 3 and ds[0]["latents"].shape == (4, 1, 8, 8) and ds.captions == ["a", "b", "c"]
     (tmp_path / "caps.txt").write_text("a\n")
-    assert main(["cache", "--latents", str(tmp_path / "lat.safetensors"), "--text_embeds", str(tmp_path / "txt.pt"),
-                 "--captions", str(tmp_path / "caps.txt"), "--output_dir", str(tmp_path / "c2")]) == 2
+    assert (
+        main(
+            [
+                "cache",
+                "--latents",
+                str(tmp_path / "lat.safetensors"),
+                "--text_embeds",
+                str(tmp_path / "txt.pt"),
+                "--captions",
+                str(tmp_path / "caps.txt"),
+                "--output_dir",
+                str(tmp_path / "c2"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "c2").exists()

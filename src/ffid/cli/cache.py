@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--latents", required=True, help="file with the latents of all items")
     p.add_argument("--text_embeds", required=True, help="file with the text embeddings of all items")
     p.add_argument("--captions", help="text file with one caption per line (stored as metadata)")
-    p.add_argument("--output_dir", required=True, help="cache folder to write (the dataset key of ffid train)")
+    p.add_argument(
+        "--output_dir", required=True, help="cache folder to write (the dataset key of ffid train)"
+    )
     p.add_argument("--prefix", default="item", help="file name prefix of the items")
     p.set_defaults(func=run)
 

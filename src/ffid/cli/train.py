@@ -1,4 +1,4 @@
-"""``ffid train``: train ``--ff`` of a model's weights (selection ``--ffid``) from a TOML config and/or flags."""
+"""``ffid train``: train ``--ff`` of a model's weights (selection ``--ffid``) from TOML and/or flags."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def register(subparsers: Any) -> None:
             "Multi-GPU: accelerate launch -m ffid train ... . See docs/train.md."
         ),
     )
-    p.add_argument("--config", "--config_file", dest="config", metavar="TOML", help="TOML file with training keys")
+    p.add_argument(
+        "--config", "--config_file", dest="config", metavar="TOML", help="TOML file with training keys"
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 

@@ -27,8 +27,12 @@ TEXT_SUFFIXES = (".txt", ".jsonl")
 def read_documents(path: Path, text_field: str) -> list[str]:
     """The documents of a .txt/.jsonl file or of every such file in a folder (sorted by name)."""
     if not path.exists():
-        raise MissingFileError(f"dataset {str(path)!r} does not exist; give a .txt/.jsonl file or a folder of them")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
+        raise MissingFileError(
+            f"dataset {str(path)!r} does not exist; give a .txt/.jsonl file or a folder of them"
+        )
+    files = (
+        [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES)
+    )
     if not files:
         raise ConfigError(f"dataset folder {str(path)!r} holds no .txt or .jsonl files")
     docs: list[str] = []
@@ -40,10 +44,14 @@ def read_documents(path: Path, text_field: str) -> list[str]:
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    raise ConfigError(f"{f}:{lineno} is not valid JSON; each .jsonl line must be one object") from None
+                    raise ConfigError(
+                        f"{f}:{lineno} is not valid JSON; each .jsonl line must be one object"
+                    ) from None
                 if not isinstance(row, dict) or text_field not in row:
-                    raise ConfigError(f"{f}:{lineno} has no field {text_field!r}; set text_field to the key "
-                                      "holding the text")
+                    raise ConfigError(
+                        f"{f}:{lineno} has no field {text_field!r}; set text_field to the key "
+                        "holding the text"
+                    )
                 docs.append(str(row[text_field]))
         elif f.suffix.lower() == ".txt":
             docs.append(f.read_text(encoding="utf-8"))
@@ -83,8 +91,10 @@ class CausalLMTask:
             raise ConfigError("model_path is not set; give a transformers model folder (save_pretrained)")
         path = Path(cfg.model_path)
         if not path.is_dir():
-            raise MissingFileError(f"model_path {str(path)!r} is not a folder; causal-lm loads a transformers "
-                                   "model folder with its tokenizer")
+            raise MissingFileError(
+                f"model_path {str(path)!r} is not a folder; causal-lm loads a transformers "
+                "model folder with its tokenizer"
+            )
         return path
 
     def build_model(self, cfg: TrainConfig) -> nn.Module:
@@ -121,7 +131,9 @@ class CausalLMTask:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.stack([it["input_ids"] for it in items])}
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         ids = batch["input_ids"]
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 

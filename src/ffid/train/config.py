@@ -90,7 +90,9 @@ class TrainConfig:
         "free-form options for the task (a TOML table, or k=v flags)", factory=dict, trajectory=True
     )
     base_deltas: list[str] = _key(
-        "delta files applied to the base before training (train on top of them)", factory=list, trajectory=True
+        "delta files applied to the base before training (train on top of them)",
+        factory=list,
+        trajectory=True,
     )
     # -- selection -----------------------------------------------------------------------------
     ff: float | None = _key("fraction of the model's weights to train, 0 < ff <= 1", trajectory=True)
@@ -359,7 +361,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(
                 *flags,
                 nargs="*",
-                metavar="K=V" if origin is dict or name == "optimizer_args" else "PATH" if name == "base_deltas" else "PATTERN",
+                metavar="K=V"
+                if origin is dict or name == "optimizer_args"
+                else "PATH"
+                if name == "base_deltas"
+                else "PATTERN",
                 **kw,
             )
         else:

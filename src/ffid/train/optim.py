@@ -80,7 +80,7 @@ def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> t
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """The schedule named by ``lr_scheduler`` (transformers' get_scheduler), stepped once per optimizer step."""
+    """The schedule named by ``lr_scheduler`` (transformers' get_scheduler), stepped per optimizer step."""
     name = cfg.lr_scheduler
     if name == "constant" and cfg.lr_warmup_steps:
         name = "constant_with_warmup"

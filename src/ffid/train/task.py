@@ -123,7 +123,8 @@ def get_task(model_type: str) -> Task:
     near = difflib.get_close_matches(model_type, TASKS, n=1)
     hint = f"did you mean {near[0]!r}? " if near else ""
     raise ConfigError(
-        f"unknown model_type {model_type!r}; {hint}choose one of: {', '.join(TASKS)} or 'package.module:factory'"
+        f"unknown model_type {model_type!r}; {hint}choose one of: {', '.join(TASKS)} "
+        "or 'package.module:factory'"
     )
 
 

@@ -170,12 +170,12 @@ def _summary(
         f"  items {n_items}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
         f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch",
         f"  steps {total} ({epochs:.2f} epochs)" + (f", resuming at step {start.step}" if start.step else ""),
-        f"  trainable params {sel.selected:,} of {sel.total_params:,} ({sel.selected / sel.total_params:.4%}) "
-        f"in {len(sel)} tensors",
+        f"  trainable params {sel.selected:,} of {sel.total_params:,} "
+        f"({sel.selected / sel.total_params:.4%}) in {len(sel)} tensors",
         f"  memory: base weights {format_bytes(base)}, trained values {format_bytes(proxies)}, "
         f"optimizer state ~{format_bytes(proxies * states)}; {peak_memory(accelerator.device)} so far",
-        f"  device {accelerator.device}, mixed precision {cfg.mixed_precision}, optimizer {cfg.optimizer_type}, "
-        f"lr {cfg.learning_rate} ({cfg.lr_scheduler}), gradient checkpointing "
+        f"  device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
+        f"optimizer {cfg.optimizer_type}, lr {cfg.learning_rate} ({cfg.lr_scheduler}), checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}, blocks swapped {swapped}",
     ]
     return "\n".join(lines)

@@ -36,8 +36,9 @@ def sample_times(n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.
     return t
 
 
-def flow_matching_loss(model: nn.Module, latents: torch.Tensor, text: torch.Tensor, cfg: TrainConfig,
-                       generator: torch.Generator) -> torch.Tensor:
+def flow_matching_loss(
+    model: nn.Module, latents: torch.Tensor, text: torch.Tensor, cfg: TrainConfig, generator: torch.Generator
+) -> torch.Tensor:
     """MSE between the DiT's output and the velocity ``noise - x0`` (noise and t drawn on the CPU)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
     t = sample_times(latents.shape[0], cfg, generator).to(latents.device)
@@ -45,8 +46,12 @@ def flow_matching_loss(model: nn.Module, latents: torch.Tensor, text: torch.Tens
     t_b = t.view(-1, *([1] * (x0.ndim - 1)))
     noisy = (1 - t_b) * x0 + t_b * noise
     dtype = next(model.parameters()).dtype
-    pred = model(hidden_states=noisy.to(dtype), timestep=t * 1000, encoder_hidden_states=text.to(dtype),
-                 return_dict=False)[0]
+    pred = model(
+        hidden_states=noisy.to(dtype),
+        timestep=t * 1000,
+        encoder_hidden_states=text.to(dtype),
+        return_dict=False,
+    )[0]
     return F.mse_loss(pred.float(), noise - x0)
 
 
@@ -64,8 +69,10 @@ def _config_from_shapes(shapes: dict[str, tuple[int, ...]], extra: dict[str, Any
         head_dim = dim // int(heads)
     head_dim = int(head_dim or 128)
     if dim % head_dim:
-        raise ConfigError(f"model width {dim} is not a multiple of attention_head_dim {head_dim}; set "
-                          "task_args.num_attention_heads (or give a config.json via task_args.config)")
+        raise ConfigError(
+            f"model width {dim} is not a multiple of attention_head_dim {head_dim}; set "
+            "task_args.num_attention_heads (or give a config.json via task_args.config)"
+        )
     cfg = {
         "patch_size": tuple(patch),
         "num_attention_heads": dim // head_dim,
@@ -120,8 +127,10 @@ def load_wan_single_file(path: Path, dtype: torch.dtype | None, extra: dict[str,
         try:
             config = _config_from_shapes({k: tuple(v.shape) for k, v in state.items()}, extra)
         except KeyError as exc:
-            raise ModelFileError(f"{str(path)!r} does not look like a Wan DiT (no {exc}); "
-                                 "give task_args.config or a diffusers model folder") from None
+            raise ModelFileError(
+                f"{str(path)!r} does not look like a Wan DiT (no {exc}); "
+                "give task_args.config or a diffusers model folder"
+            ) from None
     from accelerate import init_empty_weights
 
     # Parameters on meta (no random init of billions of weights); buffers such as the rotary
@@ -130,8 +139,10 @@ def load_wan_single_file(path: Path, dtype: torch.dtype | None, extra: dict[str,
         model = WanTransformer3DModel(**config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ModelFileError(f"{str(path)!r} does not match the Wan config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}; give task_args.config")
+        raise ModelFileError(
+            f"{str(path)!r} does not match the Wan config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; give task_args.config"
+        )
     return model.to(dtype) if dtype is not None else model
 
 
@@ -150,7 +161,9 @@ class WanTask:
 
         self.cfg = cfg
         if not cfg.model_path:
-            raise ConfigError("model_path (or dit) is not set; give a diffusers Wan transformer folder or file")
+            raise ConfigError(
+                "model_path (or dit) is not set; give a diffusers Wan transformer folder or file"
+            )
         path = Path(cfg.model_path)
         if not path.exists():
             raise MissingFileError(f"model_path {str(path)!r} does not exist")
@@ -160,8 +173,10 @@ class WanTask:
         if (path / "transformer" / "config.json").is_file():  # a whole pipeline folder
             path = path / "transformer"
         if not (path / "config.json").is_file():
-            raise ModelFileError(f"{str(path)!r} has no config.json; give a diffusers WanTransformer3DModel folder "
-                                 "(save_pretrained) or a single .safetensors file")
+            raise ModelFileError(
+                f"{str(path)!r} has no config.json; give a diffusers WanTransformer3DModel folder "
+                "(save_pretrained) or a single .safetensors file"
+            )
         kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
@@ -177,11 +192,14 @@ class WanTask:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return collate_latents(items)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         from .config import TrainConfig
 
-        return flow_matching_loss(model, batch["latents"], batch["text_embeds"], self.cfg or TrainConfig(),
-                                  generator)
+        return flow_matching_loss(
+            model, batch["latents"], batch["text_embeds"], self.cfg or TrainConfig(), generator
+        )
 
 
 __all__ = ["WanTask", "flow_matching_loss", "load_wan_single_file", "sample_times"]
