@@ -98,23 +98,32 @@ class SpreadSlot:
         )
 
     def elements(self, ranks):  # type: ignore[no-untyped-def]
-        """Flat element index of each rank (int64 tensor in, int64 tensor out)."""
-        r = (ranks + self.offset) % self.numel
-        rho = r % self.rows
-        q = r // self.rows
-        row = (rho * self.row_mult) % self.rows if self.rows > 1 else rho * 0
+        """Flat element index of each rank (int64 tensor in, int64 tensor out).
+
+        ``ranks`` is consumed (overwritten): the map works in place so that at most three
+        int64 vectors of length k are alive at once (24 bytes per selected element).
+        """
+        r = ranks.add_(self.offset).remainder_(self.numel)
         if self.cols == 1:
-            return row
-        col = (((q + (rho * self.col_shift) % self.cols) % self.cols) * self.col_mult) % self.cols
-        return row * self.cols + col
+            return r.mul_(self.row_mult).remainder_(self.rows) if self.rows > 1 else r.zero_()
+        rho = r % self.rows
+        q = r.div_(self.rows, rounding_mode="floor")
+        shift = rho * self.col_shift
+        col = q.add_(shift.remainder_(self.cols)).remainder_(self.cols)
+        col.mul_(self.col_mult).remainder_(self.cols)
+        del shift
+        row = rho.mul_(self.row_mult).remainder_(self.rows) if self.rows > 1 else rho.zero_()
+        return row.mul_(self.cols).add_(col)
 
     def indices(self, count: int):  # type: ignore[no-untyped-def]
         import torch
 
         if count > self.capacity:
             raise CapacityError(f"asked for {count} elements from a slot holding {self.capacity}")
-        ranks = torch.arange(self.lo, self.lo + count, dtype=torch.int64)
-        return self.elements(ranks).sort().values
+        out = self.elements(torch.arange(self.lo, self.lo + count, dtype=torch.int64))
+        # numpy sorts in place; torch.sort would also allocate an int64 permutation (8 more bytes each).
+        out.numpy().sort()
+        return out
 
     def key(self) -> str:
         return f"spread:{self.offset}:{self.lo}"
