@@ -28,6 +28,7 @@ Nothing here imports torch: ``ffid estimate`` on a 14B header answers in a fract
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -303,15 +304,34 @@ def index_dtype_bytes(numel: int) -> int:
     return 8
 
 
+def _index_code(numel: int) -> str:
+    return {1: "U8", 2: "U16", 4: "U32", 8: "I64"}[index_dtype_bytes(numel)]
+
+
 def delta_file_bytes(selection: Selection) -> int:
-    """Size of the delta file of ``selection``: fp32 values, indices in the smallest type that
-    fits the tensor, and the safetensors JSON header (estimated from its entries)."""
-    data = 0
-    header = 200  # metadata: fingerprints, selector, params
+    """Size of the delta file of ``selection`` as ``ffid.checkpoint`` writes it: fp32 values, for
+    partly trained tensors also indices in the smallest integer type that fits the tensor (whole
+    tensors store none), and the safetensors JSON header with the base fingerprint metadata."""
+    entries: list[tuple[str, str, list[int], int]] = []
     for name, pick in selection.items():
-        data += pick.count * (4 + index_dtype_bytes(pick.numel))
-        # two header entries (values + indices), each ~ name + dtype/shape/offsets JSON
-        header += 2 * (len(name) + 80)
+        if pick.whole:
+            entries.append((name + ".ffid_value", "F32", list(pick.shape), 4 * pick.count))
+        else:
+            code = _index_code(pick.numel)
+            entries.append((name + ".ffid_index", code, [pick.count], DTYPE_BYTES[code] * pick.count))
+            entries.append((name + ".ffid_value", "F32", [pick.count], 4 * pick.count))
+    data = sum(e[3] for e in entries)
+    header = 2
+    for key, code, shape, _ in entries:
+        # offsets have about as many digits as the running total; use the final total (an upper bound)
+        entry = {key: {"dtype": code, "shape": shape, "data_offsets": [data, data]}}
+        header += len(json.dumps(entry, separators=(",", ":"))) - 1
+    # metadata: a per-tensor base fingerprint [[shape], 16 hex] stored as an escaped JSON string,
+    # plus about 700 bytes of fixed keys (format, fingerprints, ss_* / modelspec.* keys, params)
+    for name, pick in selection.items():
+        header += len(name) + len(json.dumps(list(pick.shape))) + 32
+    header += 700 + 20 * len(selection.params)
+    header += -header % 8
     return 8 + header + data
 
 
