@@ -254,3 +254,10 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.Capt
     assert main(["train", "--config", str(toml), "--ff", "2"]) == 2
     assert "--ff" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["wan21-t2v-14b.toml", "llm-causal.toml", "demo-model.toml"])
+def test_example_configs_are_valid(name: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    cfg = load_config(path)
+    assert cfg.ff and cfg.ffid is not None and cfg.output_name

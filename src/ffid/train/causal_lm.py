@@ -102,9 +102,8 @@ class CausalLMTask:
 
         from .trainer import model_dtype
 
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if model_dtype(cfg) is not None:
-            kwargs["dtype"] = model_dtype(cfg)
+        # 'auto' keeps the dtype the files store instead of upcasting to fp32.
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": model_dtype(cfg) or "auto"}
         try:
             return AutoModelForCausalLM.from_pretrained(str(self._folder(cfg)), **kwargs)
         except (OSError, ValueError) as exc:

@@ -67,7 +67,7 @@ class TrainConfig:
         trajectory=True,
     )
     model_dtype: str = _key(
-        "dtype the base weights are loaded in (auto keeps the file's)",
+        "dtype the base weights are loaded in (auto: as stored in the files)",
         "auto",
         choices=DTYPES,
         trajectory=True,

@@ -146,6 +146,18 @@ def load_wan_single_file(path: Path, dtype: torch.dtype | None, extra: dict[str,
     return model.to(dtype) if dtype is not None else model
 
 
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The float dtype most of a model folder's stored weights have (read from the headers only)."""
+    from collections import Counter
+
+    from ..manifest import load_manifest
+
+    codes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    manifest = load_manifest(folder)
+    counts = Counter(manifest[n].dtype for n in manifest.names if manifest[n].dtype in codes)
+    return codes[counts.most_common(1)[0][0]] if counts else None
+
+
 class WanTask:
     """Flow matching on cached latents for a diffusers Wan 2.x DiT (see module docstring)."""
 
@@ -178,6 +190,8 @@ class WanTask:
                 "(save_pretrained) or a single .safetensors file"
             )
         kwargs: dict[str, Any] = {"local_files_only": True}
+        # diffusers upcasts to fp32 unless told; 'auto' keeps what the files store (bf16 for Wan).
+        dtype = dtype or stored_dtype(path)
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         try:
