@@ -1,0 +1,248 @@
+"""Train a selection with a Hugging Face ``transformers.Trainer``.
+
+Two equivalent ways::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds)
+    handle = attach_to_trainer(trainer, ff=0.01, ffid=1)   # before trainer.train()
+    trainer.train()                                        # or train(resume_from_checkpoint=True)
+
+    trainer = FfidTrainer(model=model, args=args, train_dataset=ds, ff=0.01, ffid=1)
+
+What changes in the Trainer (and only in that instance):
+
+- the optimizer is built on the handle's proxies (Trainer's optimizer choice, learning rate and
+  weight decay, no decay on biases and norms as usual), guarded by ``handle.guard`` (NaN/inf
+  checks); an optimizer passed with ``optimizers=(opt, sched)`` is checked instead;
+- gradient clipping and zeroing act on the proxies, which are not parameters of the model;
+- with several processes the proxy gradients are averaged before each step (accelerate does not
+  wrap a model without trainable parameters in DDP, so nothing else syncs them);
+- checkpoints hold ``ffid_delta.safetensors`` (the trained values: kilobytes to megabytes) instead
+  of the whole model, plus the usual optimizer / scheduler / RNG / trainer state; resuming
+  (``train(resume_from_checkpoint=...)``) loads the delta back into the proxies.
+
+Get the finished model with ``ffid merge BASE checkpoint-N/ffid_delta.safetensors -o OUT`` or
+``handle.merge()`` / ``handle.save_full(path)`` in Python.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, MismatchError, ModelFileError
+from ..names import canonical_name
+
+DELTA_NAME = "ffid_delta.safetensors"
+
+
+def all_reduce_grads(params: Any) -> None:
+    """Average the gradients of ``params`` over all processes (no-op in a single process).
+
+    Proxies live outside the model, so a trainer that wraps only the model in DDP never syncs
+    them; call this (or wrap the handle itself in DDP) between backward and the optimizer step.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    world = dist.get_world_size()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    # One flat buffer: one collective per step instead of one per tensor.
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+class FfidTrainerMixin:
+    """The Trainer overrides; mixed in front of the user's Trainer class by :func:`attach_to_trainer`."""
+
+    ffid_handle: Any
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:  # type: ignore[override]
+        """Trainer's optimizer choice, built on the proxies only."""
+        if self.optimizer is None:  # type: ignore[attr-defined]
+            handle = self.ffid_handle
+            decay = {canonical_name(n) for n in self.get_decay_parameter_names(handle.model)}  # type: ignore[attr-defined]
+            groups = [
+                {
+                    "params": [p for n, p in handle.proxies() if n in decay],
+                    "weight_decay": self.args.weight_decay,
+                },  # type: ignore[attr-defined]
+                {"params": [p for n, p in handle.proxies() if n not in decay], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, handle.model)  # type: ignore[attr-defined]
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model")}
+            self.optimizer = cls(groups, **kwargs)  # type: ignore[attr-defined]
+        _hook_optimizer(self.ffid_handle, self.optimizer)  # type: ignore[attr-defined]
+        return self.optimizer  # type: ignore[attr-defined,no-any-return]
+
+    def _clip_grad_norm(self, model: nn.Module) -> Any:
+        return self.accelerator.clip_grad_norm_(  # type: ignore[attr-defined]
+            list(self.ffid_handle.parameters()),
+            self.args.max_grad_norm,  # type: ignore[attr-defined]
+        )
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        if grad_norm is not None:
+            return grad_norm
+        grads = [p.grad for p in self.ffid_handle.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        """Save the trained values (a delta), the training arguments and the tokenizer; not the model."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir  # type: ignore[attr-defined]
+        os.makedirs(output_dir, exist_ok=True)
+        self.ffid_handle.save_delta(os.path.join(output_dir, DELTA_NAME))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))  # type: ignore[attr-defined]
+        processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: the proxies take the values of the checkpoint's delta (same selection only)."""
+        load_delta_into(self.ffid_handle, os.path.join(resume_from_checkpoint, DELTA_NAME))
+
+    def _load_best_model(self) -> None:
+        # Only reachable with load_best_model_at_end, refused when attaching; kept as a guard.
+        raise ConfigError(
+            "load_best_model_at_end is not supported with ffid; merge the best checkpoint's delta"
+        )
+
+
+def _hook_optimizer(handle: Any, optimizer: Any) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if getattr(inner, "_ffid_hooked", False):
+        return
+    handle.check_optimizer(inner)
+    params = list(handle.parameters())
+    # Registered before guard(): gradients are averaged over processes before the NaN check.
+    inner.register_step_pre_hook(lambda opt, args, kwargs: all_reduce_grads(params))
+    handle.guard(inner)
+    # Trainer zeroes the model's gradients only; the proxies are not in the model.
+    inner.register_step_post_hook(lambda opt, args, kwargs: handle.zero_grad(set_to_none=True))
+    inner._ffid_hooked = True
+
+
+def load_delta_into(handle: Any, path: str | os.PathLike[str]) -> int:
+    """Set ``handle``'s proxies from the delta at ``path``; refuses a delta of another selection.
+
+    Returns the number of values loaded.
+    """
+    from ..checkpoint.delta import load_delta
+
+    if not os.path.exists(path):
+        raise ModelFileError(
+            f"{path} does not exist; resume from a checkpoint folder written while ffid was attached"
+        )
+    delta = load_delta(path)
+    if delta.info.selection_fingerprint != handle.selection.fingerprint:
+        raise MismatchError(
+            f"{path} holds selection {delta.info.selection_fingerprint} but the trainer trains "
+            f"{handle.selection.fingerprint}; attach with the same ff, ffid and selector as the saved run"
+        )
+    handle.load_values(delta.values())
+    return delta.selected
+
+
+def _check_args(args: Any) -> None:
+    if getattr(args, "load_best_model_at_end", False):
+        raise ConfigError(
+            "load_best_model_at_end=True reloads full model weights, which ffid checkpoints do not hold; "
+            "set it to False and merge the best checkpoint's ffid_delta.safetensors"
+        )
+    for flag in ("deepspeed", "fsdp"):
+        if getattr(args, flag, None):
+            raise ConfigError(
+                f"ffid with Trainer {flag} is not supported: it shards the model's weights, but ffid trains "
+                "small proxies next to frozen weights; use plain DDP (accelerate launch / torchrun)"
+            )
+
+
+def attach_to_trainer(
+    trainer_or_model: Any,
+    ff: float | None = None,
+    ffid: int | None = None,
+    selector: str = "spread",
+    *,
+    selection: Any = None,
+    **plan_kwargs: Any,
+) -> Any:
+    """Attach ffid so that ``trainer.train()`` trains only the selected elements; returns the handle.
+
+    ``trainer_or_model`` is a ``transformers.Trainer`` (any subclass) built but not yet trained,
+    or a bare model (then this is :func:`ffid.attach`). ``plan_kwargs`` go to the planner
+    (``include=``, ``exclude=``, ``slots=``, ...). The Trainer's class is swapped for a subclass
+    with the overrides listed in the module docstring; nothing else about it changes.
+    """
+    from ..engine import attach
+
+    def _attach(model: nn.Module) -> Any:
+        if selection is not None:
+            return attach(model, selection)
+        return attach(model, ff=ff, ffid=ffid, selector=selector, **plan_kwargs)
+
+    if isinstance(trainer_or_model, nn.Module):
+        return _attach(trainer_or_model)
+    trainer = trainer_or_model
+    if not hasattr(trainer, "model") or not hasattr(trainer, "args"):
+        raise ConfigError(
+            f"attach_to_trainer needs a transformers Trainer or an nn.Module, got {type(trainer).__name__}"
+        )
+    if getattr(trainer, "ffid_handle", None) is not None:
+        raise ConfigError("this Trainer already has ffid attached; call attach_to_trainer once per Trainer")
+    _check_args(trainer.args)
+    handle = _attach(trainer.model)
+    trainer.ffid_handle = handle
+    cls = type(trainer)
+    if not issubclass(cls, FfidTrainerMixin):
+        trainer.__class__ = type(f"Ffid{cls.__name__}", (FfidTrainerMixin, cls), {})
+    if getattr(trainer, "optimizer", None) is not None:
+        _hook_optimizer(handle, trainer.optimizer)
+    return handle
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class FfidTrainer(FfidTrainerMixin, Trainer):  # type: ignore[misc]
+        """A ``transformers.Trainer`` that trains an ffid selection of its model.
+
+        Takes the Trainer's arguments plus ``ff``, ``ffid``, ``selector`` (or ``selection``) and
+        ``ffid_options`` (a dict for the planner: ``include``, ``exclude``, ``slots``, ...).
+        """
+
+        def __init__(
+            self,
+            *args: Any,
+            ff: float | None = None,
+            ffid: int | None = None,
+            selector: str = "spread",
+            selection: Any = None,
+            ffid_options: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ):
+            super().__init__(*args, **kwargs)
+            self.ffid_handle = None
+            attach_to_trainer(self, ff, ffid, selector, selection=selection, **(ffid_options or {}))
+
+    return FfidTrainer
+
+
+def __getattr__(name: str) -> Any:
+    # transformers is imported only when FfidTrainer is asked for.
+    if name == "FfidTrainer":
+        cls = _trainer_class()
+        globals()["FfidTrainer"] = cls
+        return cls
+    raise AttributeError(name)

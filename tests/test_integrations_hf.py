@@ -1,0 +1,170 @@
+"""ffid.integrations.hf: a transformers Trainer trains only the proxies, saves deltas, resumes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from ffid.errors import ConfigError, MismatchError, TrainingError
+from tiny_models import tiny_gpt2
+
+transformers = pytest.importorskip("transformers")
+
+from ffid.integrations.hf import DELTA_NAME, attach_to_trainer  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TinyLM(torch.utils.data.Dataset):
+    """16 fixed token sequences (a repeated pattern the model can learn)."""
+
+    def __init__(self, n: int = 16, length: int = 12):
+        g = torch.Generator().manual_seed(3)
+        start = torch.randint(0, 90, (n, 1), generator=g)
+        self.ids = (start + torch.arange(length)) % 97
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _args(out, **kw):
+    base = dict(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _trainer(out, model=None, **kw):
+    model = model if model is not None else tiny_gpt2()
+    return transformers.Trainer(
+        model=model, args=_args(out, **kw), train_dataset=TinyLM(), eval_dataset=TinyLM(4)
+    )
+
+
+def test_trainer_trains_only_the_proxies_and_checkpoints_deltas(tmp_path):
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _trainer(tmp_path, model)
+    handle = attach_to_trainer(trainer, ff=0.05, ffid=1)
+    assert type(trainer).__name__ == "FfidTrainer" and trainer.ffid_handle is handle
+    trainer.train()
+    # the optimizer holds exactly the proxies
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in handle.parameters()}
+    # base weights untouched, proxies moved, loss went down
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    trained, base = handle.trained_values(), handle.base_values()
+    assert any(not torch.equal(trained[n], base[n]) for n in trained)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # gradients do not leak across steps: Trainer zeroes the model, we zero the proxies
+    assert all(p.grad is None for p in handle.parameters())
+    for step in (2, 4):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        assert (ckpt / DELTA_NAME).exists() and (ckpt / "optimizer.pt").exists()
+        assert not (ckpt / "model.safetensors").exists()
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert (ckpt / DELTA_NAME).stat().st_size < 0.2 * model_bytes
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    straight = _trainer(tmp_path / "a")
+    h1 = attach_to_trainer(straight, ff=0.05, ffid=1)
+    straight.train()
+
+    resumed = _trainer(tmp_path / "a")  # fresh model, same output dir
+    h2 = attach_to_trainer(resumed, ff=0.05, ffid=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    a, b = h1.trained_values(), h2.trained_values()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=1e-6)
+
+
+def test_resume_with_another_selection_is_refused(tmp_path):
+    first = _trainer(tmp_path, max_steps=2)
+    attach_to_trainer(first, ff=0.05, ffid=1)
+    first.train()
+    other = _trainer(tmp_path, max_steps=2)
+    attach_to_trainer(other, ff=0.05, ffid=2)
+    with pytest.raises(MismatchError, match="same ff, ffid"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_ffid_trainer_class_and_merge(tmp_path):
+    from ffid.integrations.hf import FfidTrainer
+
+    model = tiny_gpt2()
+    trainer = FfidTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2),
+        train_dataset=TinyLM(),
+        ff=0.05,
+        ffid=3,
+        ffid_options={"exclude": ["wpe"]},
+    )
+    trainer.train()
+    handle = trainer.ffid_handle
+    assert not any("wpe" in n for n in handle.selection)
+    trained = handle.trained_values()
+    handle.merge()
+    handle.detach()
+    sd = model.state_dict()
+    for n, values in trained.items():
+        assert torch.equal(sd[n].reshape(-1)[handle.selection.indices(n)], values.to(sd[n].dtype))
+
+
+def test_user_optimizer_on_model_weights_is_refused(tmp_path):
+    model = tiny_gpt2()
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=TinyLM(),
+        optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-3), None),
+    )
+    with pytest.raises(TrainingError, match=r"handle\.parameters"):
+        attach_to_trainer(trainer, ff=0.05, ffid=1)
+
+
+@pytest.mark.parametrize("kw", [{"load_best_model_at_end": True, "eval_strategy": "steps"}])
+def test_unsupported_trainer_settings_are_refused(tmp_path, kw):
+    trainer = _trainer(tmp_path, **kw)
+    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+        attach_to_trainer(trainer, ff=0.05, ffid=1)
+    assert all(p.requires_grad for p in trainer.model.parameters())  # nothing attached
+
+
+def test_attach_to_bare_model():
+    model = tiny_gpt2()
+    handle = attach_to_trainer(model, ff=0.05, ffid=1)
+    assert handle.model is model and all(not p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match=r"Trainer or an nn\.Module"):
+        attach_to_trainer(object(), ff=0.05, ffid=1)
