@@ -14,9 +14,10 @@ What attaching does to the model (and ``detach()`` undoes):
      attribute calling :class:`~ffid.engine.kernels.SelectedMatmul`, which never saves the
      effective weight and computes only the selected entries of the weight gradient;
    - *generic path* (norms, biases of other modules, raw parameters such as ``scale_shift_table``
-     / ``modulation``, embeddings, other convs): a forward pre-hook places the effective tensor
-     ``base.index_put(idx, proxy)`` in the module's instance ``__dict__`` (shadowing the
-     Parameter for the duration of the call) and a forward hook removes it.
+     / ``modulation``, embeddings, other convs): the module's ``forward`` is wrapped (instance
+     attribute) so that, for the duration of the call, the effective tensor
+     ``base.index_put(idx, proxy)`` sits in the module's instance ``__dict__``, shadowing the
+     Parameter.
 
 Both paths read ``module.weight`` at call time, so block swap / offload that swaps ``.data``
 under the same Parameter objects keeps working; index tensors are cached per device.
@@ -145,7 +146,6 @@ class FfidHandle(nn.Module):
         self.proxy_dtype = proxy_dtype
         self._slots: dict[str, _Slot] = {}
         self._aliases: dict[str, _Slot] = {}  # every canonical name of a touched Parameter (tied ones too)
-        self._hooks: list[Any] = []
         self._patched_forwards: list[tuple[nn.Module, Any]] = []  # (module, previous instance forward or None)
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_snapshot: dict[str, torch.Tensor] | None = None
@@ -194,6 +194,10 @@ class FfidHandle(nn.Module):
                 raise MismatchError(
                     f"the selection picks both {seen[id(p)]!r} and {name!r}, which are the same tied tensor; "
                     "plan on the model itself (tied tensors are listed once)"
+                )
+            if p.device.type == "meta":
+                raise AttachError(
+                    f"tensor {name!r} is on the meta device (no values); load the weights before attaching"
                 )
             if not p.dtype.is_floating_point:
                 raise MismatchError(f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained")
@@ -261,8 +265,9 @@ class FfidHandle(nn.Module):
             module.forward = partial(fwd, module, slot, bias_of.get(mid))
             _ATTACHED[module] = self
         for module, attrs in generic.values():
-            self._hooks.append(module.register_forward_pre_hook(partial(self._shadow, attrs)))
-            self._hooks.append(module.register_forward_hook(partial(self._unshadow, attrs), always_call=True))
+            previous = module.__dict__.get("forward")
+            self._patched_forwards.append((module, previous))
+            module.forward = partial(self._shadowed_forward, module, module.forward, attrs)
             _ATTACHED[module] = self
         self._attached = True
 
@@ -334,16 +339,19 @@ class FfidHandle(nn.Module):
         y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
         return y.squeeze(0) if unbatched else y
 
-    def _shadow(self, attrs: list[tuple[str, _Slot]], module: nn.Module, args: Any) -> None:
-        for attr, slot in attrs:
-            # An instance attribute wins over nn.Module.__getattr__'s lookup in _parameters, so the
-            # module's own forward reads the effective tensor; the Parameter itself is untouched.
-            module.__dict__[attr] = self._effective(slot, module._parameters[attr])  # type: ignore[arg-type]
-
-    @staticmethod
-    def _unshadow(attrs: list[tuple[str, _Slot]], module: nn.Module, args: Any, output: Any) -> None:
-        for attr, _ in attrs:
-            module.__dict__.pop(attr, None)
+    def _shadowed_forward(
+        self, module: nn.Module, inner: Any, attrs: list[tuple[str, _Slot]], *args: Any, **kwargs: Any
+    ) -> Any:
+        # Substituted inside forward (after every pre-hook, e.g. an offloader that swaps .data in):
+        # an instance attribute wins over nn.Module.__getattr__'s lookup in _parameters, so the
+        # module's own forward reads the effective tensor while the Parameter stays untouched.
+        try:
+            for attr, slot in attrs:
+                module.__dict__[attr] = self._effective(slot, module._parameters[attr])  # type: ignore[arg-type]
+            return inner(*args, **kwargs)
+        finally:
+            for attr, _ in attrs:
+                module.__dict__.pop(attr, None)
 
     # -- the contract --------------------------------------------------------------------------
     @property
@@ -436,16 +444,13 @@ class FfidHandle(nn.Module):
                 _scatter_(base.view(-1), slot.idx_on(base.device), self._parameters[slot.key].detach())  # type: ignore[union-attr]
 
     def detach(self) -> None:
-        """Undo :func:`attach`: forwards and hooks removed, ``requires_grad`` flags restored.
+        """Undo :func:`attach`: forwards restored, ``requires_grad`` flags restored.
 
         Base weights were never written (unless :meth:`merge` was called), so the model is bit for
         bit what it was, with the same Parameter objects. The proxies stay readable.
         """
         if not self._attached:
             return
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
         for module, previous in self._patched_forwards:
             if previous is None:
                 module.__dict__.pop("forward", None)
@@ -605,7 +610,7 @@ class FfidHandle(nn.Module):
             "(handle.merge() writes the trained values)",
             f"    - forward replaced (sparse-gradient matmul path) on {r.get('linear', 0)} Linear, "
             f"{r.get('conv1d', 0)} Conv1D and {r.get('patch-conv', 0)} patch-conv modules",
-            f"    - forward pre/post hooks (effective tensor, generic path) for {len(generic)} tensors"
+            f"    - forward wrapped (effective tensor substituted, generic path) for {len(generic)} tensors"
             + (f": {', '.join(generic[:4])}{' ...' if len(generic) > 4 else ''}" if generic else ""),
         ]
         return "\n".join(lines)
@@ -644,8 +649,8 @@ def attach(
     - ``requires_grad=False`` on every parameter (``freeze=False`` leaves the flags alone);
     - the ``forward`` of each ``nn.Linear`` / ``Conv1D`` / patch conv with a touched weight is
       replaced by an instance attribute (sparse-gradient path);
-    - forward pre/post hooks on modules owning other touched tensors (norms, biases, raw
-      Parameters, embeddings), which substitute the effective tensor during their call.
+    - the ``forward`` of modules owning other touched tensors (norms, biases, raw Parameters,
+      embeddings) is wrapped to substitute the effective tensor during the call.
 
     Base weights are never written during training. The returned :class:`FfidHandle` holds one
     proxy per touched tensor (``proxy_dtype``, fp32 by default, on ``device`` or the weight's
