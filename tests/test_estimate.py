@@ -146,6 +146,9 @@ def test_block_swap_moves_exactly_n_blocks_to_the_host(n):
     assert est.gpu["swap_in_flight"] == min(n, 2) * block_bytes
     assert est.host["load_peak"] == total
     assert est.host_total == max(total, n * block_bytes + est.host["host_indices"])
+    # matmul-path weights of parked blocks get no int64 device copy at attach time
+    unswapped = estimate(PRESET, [0.001])[0].gpu["indices"]
+    assert (est.gpu["indices"] < unswapped) == (n > 0)
 
 
 def test_fp8_base_halves_matrices_but_keeps_vectors():

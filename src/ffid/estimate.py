@@ -475,7 +475,10 @@ def estimate_selection(
     for name, pick in selection.items():
         info = manifest[name]
         matmul, hook = engine_routes(manifest, info)
-        device_indices += pick.count * engine.device_index_bytes
+        # The int64 copy is made on the weight's device at attach time; swapped blocks are parked
+        # on the host then, and on the device only the hook path needs int64 positions.
+        if name not in parked or hook:
+            device_indices += pick.count * engine.device_index_bytes
         if matmul and not pick.whole:
             wide = 2 if info.numel >= 2**31 else 1
             device_indices += 2 * pick.count * engine.csr_index_bytes * wide
