@@ -28,7 +28,6 @@ Nothing here imports torch: ``ffid estimate`` on a 14B header answers in a fract
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -324,12 +323,12 @@ def delta_file_bytes(selection: Selection) -> int:
     header = 2
     for key, code, shape, _ in entries:
         # offsets have about as many digits as the running total; use the final total (an upper bound)
-        entry = {key: {"dtype": code, "shape": shape, "data_offsets": [data, data]}}
-        header += len(json.dumps(entry, separators=(",", ":"))) - 1
+        dims = ",".join(map(str, shape))
+        header += len(f'"{key}":{{"dtype":"{code}","shape":[{dims}],"data_offsets":[{data},{data}]}},')
     # metadata: a per-tensor base fingerprint [[shape], 16 hex] stored as an escaped JSON string,
     # plus about 700 bytes of fixed keys (format, fingerprints, ss_* / modelspec.* keys, params)
     for name, pick in selection.items():
-        header += len(name) + len(json.dumps(list(pick.shape))) + 32
+        header += len(name) + len(",".join(map(str, pick.shape))) + 34
     header += 700 + 20 * len(selection.params)
     header += -header % 8
     return 8 + header + data
