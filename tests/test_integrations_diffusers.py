@@ -1,4 +1,4 @@
-"""The diffusers recipe on tiny_wan: attach to pipe.transformer, train, save a delta, apply it for inference."""
+"""The diffusers recipe on tiny_wan: attach to pipe.transformer, train, save a delta, apply it."""
 
 from __future__ import annotations
 
