@@ -154,12 +154,29 @@ def test_user_optimizer_on_model_weights_is_refused(tmp_path):
         attach_to_trainer(trainer, ff=0.05, ffid=1)
 
 
-@pytest.mark.parametrize("kw", [{"load_best_model_at_end": True, "eval_strategy": "steps"}])
-def test_unsupported_trainer_settings_are_refused(tmp_path, kw):
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"load_best_model_at_end": True, "eval_strategy": "steps"}, "load_best_model_at_end"),
+    ],
+)
+def test_unsupported_trainer_settings_are_refused(tmp_path, kw, needle):
     trainer = _trainer(tmp_path, **kw)
-    with pytest.raises(ConfigError, match="load_best_model_at_end"):
+    with pytest.raises(ConfigError, match=needle):
         attach_to_trainer(trainer, ff=0.05, ffid=1)
     assert all(p.requires_grad for p in trainer.model.parameters())  # nothing attached
+
+
+@pytest.mark.parametrize(("flag", "needle"), [("fsdp", "FSDP"), ("deepspeed", "DeepSpeed ZeRO")])
+def test_sharding_trainers_are_refused(flag, needle):
+    # Trainer refuses FSDP/DeepSpeed outside a distributed launch, so the arguments are checked directly.
+    from types import SimpleNamespace
+
+    from ffid.integrations.hf import _check_args
+
+    with pytest.raises(ConfigError, match=f"does not run under {needle}"):
+        _check_args(SimpleNamespace(**{flag: "ds.json" if flag == "deepspeed" else True}))
+    _check_args(SimpleNamespace(fsdp=None, deepspeed=None, load_best_model_at_end=False))
 
 
 def test_attach_to_bare_model():

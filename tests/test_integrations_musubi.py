@@ -408,3 +408,20 @@ def test_resume_of_another_selection_is_refused(tmp_path):
     res = run_training(_args(tmp_path, save_every_n_steps=1, save_state=True, max_train_steps=1))
     with pytest.raises(FfidError, match="selection"):
         run_training(_args(resume=res.states[0], network_args=["ff=0.05", "ffid=3"], max_train_steps=0))
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharding_wrappers_are_refused(kind, monkeypatch):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class FakeState:
+        distributed_type = DistributedType[kind]
+
+    monkeypatch.setattr(accelerate, "PartialState", FakeState)
+    net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
+    with pytest.raises(ConfigError, match="does not run under"):
+        net.prepare_network(default_args())
+    for ok in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        FakeState.distributed_type = DistributedType[ok]
+        net.prepare_network(default_args())

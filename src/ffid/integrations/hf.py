@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError, MismatchError, ModelFileError
 from ..names import canonical_name
+from ._common import refuse_sharding
 
 DELTA_NAME = "ffid_delta.safetensors"
 
@@ -161,12 +162,10 @@ def _check_args(args: Any) -> None:
             "load_best_model_at_end=True reloads full model weights, which ffid checkpoints do not hold; "
             "set it to False and merge the best checkpoint's ffid_delta.safetensors"
         )
-    for flag in ("deepspeed", "fsdp"):
-        if getattr(args, flag, None):
-            raise ConfigError(
-                f"ffid with Trainer {flag} is not supported: it shards the model's weights, but ffid trains "
-                "small proxies next to frozen weights; use plain DDP (accelerate launch / torchrun)"
-            )
+    if getattr(args, "deepspeed", None):
+        refuse_sharding("DEEPSPEED")
+    if getattr(args, "fsdp", None):
+        refuse_sharding("FSDP")
 
 
 def attach_to_trainer(

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import AttachError, ConfigError, MismatchError, ModelFileError
 from ..names import canonical_name
+from ._common import refuse_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,12 @@ class FfidNetwork(nn.Module):
         ):
             if hasattr(args, key):
                 self.args_seen[key] = getattr(args, key)
+        try:
+            from accelerate import PartialState
+
+            refuse_sharding(PartialState().distributed_type)
+        except ImportError:  # pragma: no cover - musubi always has accelerate
+            pass
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
                 "--fp8_scaled stores weights with per-tensor scales that ffid cannot train yet; "
