@@ -13,10 +13,10 @@ positions replaced by the proxy values:
   ``[R, C]`` gradient is ever allocated. Whole-tensor picks (compat-v2) use a dense matmul, since
   their gradient is the size of the proxy anyway.
 
-On CPU (2 cores, 1024 tokens, a 1024x4096 weight) SDDMM took 90 ms at ff 0.01 and 25 ms at
-ff 0.001, against 750 / 214 ms for a chunked gather-dot over the (row, col) pairs and 200 ms for
-the dense ``gy @ W`` matmul itself, so SDDMM is the path; the gather-dot remains as a fallback for
-devices where SDDMM is not implemented.
+Measured on CPU (one thread, process CPU time, 1024 tokens, a 1024x4096 weight, ff 0.01): SDDMM
+12 ms with ``gy^T`` made contiguous first (19 ms without), a chunked gather-dot over the
+(row, col) pairs 272 ms, the dense ``gy^T x`` it replaces 91 ms. So SDDMM is the path; the
+gather-dot remains as a fallback for devices where SDDMM is not implemented.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Pattern:
                     idx.crow, idx.col, torch.zeros(self.count, dtype=torch.float32, device=a.device),
                     (self.rows, self.cols), check_invariants=False,
                 )
-                return torch.sparse.sampled_addmm(pattern, a.t(), b, beta=0.0).values()
+                # a.t() made contiguous: the kernel walks rows of mat1, 1.6x faster than strided.
+                return torch.sparse.sampled_addmm(pattern, a.t().contiguous(), b, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
             return self._gather_dot(a, b, idx)
 
