@@ -25,6 +25,7 @@ from tiny_models import tiny_mlp
 STEPS = 3
 WORLD = 2
 FF, FFID = 0.05, 1
+MODES = ("ddp", "allreduce", "musubi")
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -43,16 +44,17 @@ def _train(mode: str, rank: int, world: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = tiny_mlp()
     handle = ffid.attach(model, ff=FF, ffid=FFID)
-    net = DDP(handle) if mode == "ddp" and world > 1 else handle
+    # "musubi": accelerate.prepare wraps the network in DDP, but musubi never calls the wrapper
+    net = DDP(handle) if mode in ("ddp", "musubi") and world > 1 else handle
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     out = []
     for x, y in _batches():
         share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        # "ddp" calls the wrapper; "allreduce" calls the model directly, as musubi / Trainer do
+        # "ddp" calls the wrapper; the others call the model directly, as musubi / Trainer do
         pred = net(x[share]) if mode == "ddp" else model(x[share])
         loss = torch.nn.functional.mse_loss(pred, y[share])
         loss.backward()
-        if mode == "allreduce":
+        if mode in ("allreduce", "musubi"):
             all_reduce_grads(handle.parameters())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -64,7 +66,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for mode in ("ddp", "allreduce"):
+        for mode in MODES:
             traj = _train(mode, rank, world)
             for step, flat in enumerate(traj):
                 gathered = [torch.empty_like(flat) for _ in range(world)]
@@ -94,7 +96,7 @@ def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
         single = torch.stack(_train("single", 0, 1))
     finally:
         torch.set_num_threads(before)
-    for mode in ("ddp", "allreduce"):
+    for mode in MODES:
         multi = torch.load(tmp_path / f"{mode}.pt")
         assert multi.shape == single.shape
         # the mean of two half-batch mean losses is the full-batch mean: same gradients up to rounding
