@@ -52,7 +52,10 @@ def torch_dtype_code(dtype: torch.dtype) -> str:
     try:
         return table[dtype]
     except KeyError:
-        raise ConfigError(f"tensor dtype {dtype} is not supported by ffid; cast the model to bf16/fp16/fp32") from None
+        raise ConfigError(
+            f"tensor dtype {dtype} is not supported by ffid;"
+            " cast the model to bf16/fp16/fp32"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,10 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ModelFileError(f"{path} is too short to be a safetensors file ({size} bytes); re-download or re-save it")
+            raise ModelFileError(
+                f"{path} is too short to be a safetensors file ({size} bytes);"
+                " re-download or re-save it"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or n + 8 > size:
             raise ModelFileError(
@@ -195,9 +201,15 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from None
+        raise ModelFileError(
+            f"{path} has a corrupt safetensors header ({exc});"
+            " re-download or re-save it"
+        ) from None
     if not isinstance(header, dict):
-        raise ModelFileError(f"{path} has a corrupt safetensors header (not a JSON object); re-download or re-save it")
+        raise ModelFileError(
+            f"{path} has a corrupt safetensors header (not a JSON object);"
+            " re-download or re-save it"
+        )
     metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - n
     end_max = 0
@@ -211,7 +223,10 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ModelFileError(f"{path}: header entry {key!r} is malformed; the file is corrupt, re-save it")
+            raise ModelFileError(
+                f"{path}: header entry {key!r} is malformed;"
+                " the file is corrupt, re-save it"
+            )
         end_max = max(end_max, end)
     if end_max > data_len:
         raise ModelFileError(
@@ -248,14 +263,18 @@ def manifest_from_index(path: str | os.PathLike[str], block_pattern: str | None 
         index = json.loads(path.read_text())
         weight_map: dict[str, str] = index["weight_map"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{path} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
+        raise ModelFileError(
+            f"{path} is not a valid safetensors index ({exc});"
+            " re-save the checkpoint"
+        ) from None
     tensors: list[TensorInfo] = []
     for shard in sorted(set(weight_map.values())):
         entries, _, _ = read_safetensors_header(path.parent / shard)
         tensors += _tensors_from_header(entries, shard)
     if not tensors:
         raise ModelFileError(f"{path} lists no floating-point tensors; nothing to train in it")
-    return Manifest(tensors, str(path), block_pattern, {str(k): str(v) for k, v in (index.get("metadata") or {}).items()})
+    metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+    return Manifest(tensors, str(path), block_pattern, metadata)
 
 
 def find_checkpoint(folder: Path) -> Path:
@@ -286,7 +305,9 @@ def load_manifest(
 ) -> Manifest:
     """Make a :class:`Manifest` from a module, a manifest, a path (file/index/folder) or a preset name."""
     if isinstance(source, Manifest):
-        return source if block_pattern is None else Manifest(source.tensors, source.source, block_pattern, source.metadata)
+        if block_pattern is None:
+            return source
+        return Manifest(source.tensors, source.source, block_pattern, source.metadata)
     if not isinstance(source, (str, os.PathLike)):
         # torch is imported only here: planning from a file or preset must not pay its import time.
         import torch
@@ -311,6 +332,7 @@ def load_manifest(
     if not path.exists():
         names = ", ".join(sorted(PRESETS))
         raise MissingFileError(
-            f"{text!r} is neither an existing file or folder nor a preset; check the path or use one of: {names}"
+            f"{text!r} is neither an existing file or folder nor a preset;"
+            f" check the path or use one of: {names}"
         )
     return manifest_from_safetensors(path, block_pattern)

@@ -60,7 +60,7 @@ def compile_pattern(pattern: str, what: str = "pattern") -> re.Pattern[str]:
 
 @dataclass(frozen=True, order=True)
 class BlockKey:
-    """A repeated block: ``group`` is the container path (``blocks``, ``model.layers``), ``index`` its number."""
+    """A repeated block: ``group``, the container path (``model.layers``), and ``index``, its number."""
 
     group: str
     index: int

@@ -18,7 +18,7 @@ SELECTORS: dict[str, Callable[..., Selection]] = {
     "compat-v2": select_compat_v2,
 }
 SELECTOR_HELP = {
-    "spread": f"exact element-level budget from every tensor, {DEFAULT_SLOTS} disjoint ids by default (0..15)",
+    "spread": f"exact element budget from every tensor; {DEFAULT_SLOTS} disjoint ids by default",
     "compat-v2": f"the original v2.0 whole-tensor algorithm, {POOLS} disjoint pools (ids 0..7)",
 }
 
@@ -28,7 +28,10 @@ def check_ff(ff: Any) -> float:
     try:
         value = float(ff)
     except (TypeError, ValueError):
-        raise ConfigError(f"--ff {ff!r} is not a number; give a fraction such as 0.01 (1% of the model)") from None
+        raise ConfigError(
+            f"--ff {ff!r} is not a number;"
+            " give a fraction such as 0.01 (1% of the model)"
+        ) from None
     if isinstance(ff, bool) or not math.isfinite(value) or not 0 < value <= 1:
         raise ConfigError(
             f"--ff {ff!r} is out of range; it is the fraction of the model to train, 0 < ff <= 1 (e.g. 0.01)"
@@ -77,7 +80,8 @@ def plan(
     names = filter_names(manifest.names, include, exclude)
     if selector == "compat-v2" and options:
         raise ConfigError(
-            f"compat-v2 takes no options ({', '.join(options)} given); it reproduces the original algorithm as is"
+            f"compat-v2 takes no options ({', '.join(options)} given);"
+            " it reproduces the original algorithm as is"
         )
     sel = SELECTORS[selector](manifest, ff=ff, ffid=ffid, names=names, **options)
     if include:

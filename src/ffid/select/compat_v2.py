@@ -65,12 +65,12 @@ def select_compat_v2(manifest: Manifest, *, ff: float, ffid: int, names: list[st
     blocks: dict[int, list[str]] = defaultdict(list)
     others: list[str] = []
     for n in pool:
-        block, local = _block_and_local(n)
+        block, _ = _block_and_local(n)
         if block is None:
             others.append(n)
         else:
             blocks[block].append(n)
-    for block, members in blocks.items():
+    for members in blocks.values():
         members.sort(key=lambda n: _in_block_key(n, _block_and_local(n)[1], sizes[n]))
 
     candidates: list[str] = []

@@ -9,9 +9,10 @@ How it works (see docs/selectors.md for the guarantees and measurements):
 2. **Budget.** ``k = round(ff * N)`` elements (``N`` = all parameters) are apportioned to tensors
    as a prefix of one fixed order of *seats*: seat 0 of every tensor first (so every tensor is
    covered), then seat ``i >= 1`` of a tensor with ``n`` elements at time ``(2i - 1) / 2n``
-   (Sainte-Lague spacing, so each tensor ends within about one element of its proportional
-   share). Being a prefix of a fixed order, a larger ``ff`` always keeps every element of a
-   smaller one: no Alabama paradox, slices grow in place.
+   (Sainte-Lague spacing: there is one rate theta with count = 1 + round(n * theta) for every
+   tensor, i.e. each is within half an element of its share of what the coverage seats leave).
+   Being a prefix of a fixed order, a larger ``ff`` always keeps every element of a smaller
+   one: no Alabama paradox, slices grow in place.
 3. **Ranks to elements.** Id ``j`` takes the first ``k_t`` ranks of its block. A rank ``r`` is
    rotated by a per-tensor offset (from a hash of the name, so equal-shaped tensors differ) and
    split into ``row-round = r mod R`` and ``round = r div R`` for the tensor viewed as ``R x C``
