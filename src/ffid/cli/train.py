@@ -11,6 +11,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "train",
+        # A misspelt flag must fail, not silently match a longer key (--learning_rat -> --learning_rate).
+        allow_abbrev=False,
         help="train a selection of a model's weights (Wan DiT, causal LM, demo)",
         description=(
             "Train ff of a model's own weights, picked by selection id ffid. Keys come from the TOML "

@@ -182,20 +182,19 @@ class TrainConfig:
 
     def trajectory_hash(self) -> str:
         """16 hex digits over the keys that change what training computes (not paths or logging)."""
-        keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["trajectory"]}
-        # Paths identify the model and data by where they are; compare the names, not the mount point.
-        for name in ("model_path", "dataset"):
-            if keys[name]:
-                keys[name] = Path(keys[name]).name
-        blob = json.dumps(keys, sort_keys=True, default=str)
+        blob = json.dumps(self.trajectory_keys(), sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
     def trajectory_keys(self) -> dict[str, Any]:
-        """The values :meth:`trajectory_hash` covers (saved in states to explain a mismatch)."""
+        """The values :meth:`trajectory_hash` covers (saved in states to explain a mismatch).
+
+        Model, data and base-delta paths count by file name, so a run moved to another disk resumes.
+        """
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["trajectory"]}
         for name in ("model_path", "dataset"):
             if out[name]:
                 out[name] = Path(out[name]).name
+        out["base_deltas"] = [Path(p).name for p in out["base_deltas"]]
         return json.loads(json.dumps(out, default=str))
 
 
