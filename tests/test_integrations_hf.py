@@ -96,6 +96,20 @@ def test_trainer_trains_only_the_proxies_and_checkpoints_deltas(tmp_path):
         assert (ckpt / DELTA_NAME).stat().st_size < 0.2 * model_bytes
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_reaches_every_proxy(tmp_path, reentrant):
+    trainer = _trainer(
+        tmp_path,
+        max_steps=1,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    handle = attach_to_trainer(trainer, ff=0.05, ffid=1)
+    trainer.train()
+    trained, base = handle.trained_values(), handle.base_values()
+    assert all(not torch.equal(trained[n], base[n]) for n in trained)
+
+
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     straight = _trainer(tmp_path / "a")
     h1 = attach_to_trainer(straight, ff=0.05, ffid=1)
