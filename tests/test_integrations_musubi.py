@@ -425,3 +425,16 @@ def test_sharding_wrappers_are_refused(kind, monkeypatch):
     for ok in ("NO", "MULTI_GPU", "MULTI_CPU"):
         FakeState.distributed_type = DistributedType[ok]
         net.prepare_network(default_args())
+
+
+def test_nan_trained_values_stop_the_run():
+    from ffid.errors import TrainingError
+
+    res = run_training(_args(max_train_steps=1))
+    net = res.unwrapped
+    net.on_step_start()  # finite: nothing happens
+    _, proxy = next(iter(net.handle.proxies()))
+    with torch.no_grad():
+        proxy[0] = float("nan")
+    with pytest.raises(TrainingError, match="NaN/inf"):
+        net.on_step_start()

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttachError, ConfigError, MismatchError, ModelFileError
+from ..errors import AttachError, ConfigError, MismatchError, ModelFileError, TrainingError
 from ..names import canonical_name
 from ._common import refuse_sharding
 
@@ -375,7 +375,17 @@ class FfidNetwork(nn.Module):
         self.train()
 
     def on_step_start(self) -> None:
-        """Nothing per step: the DiT reads the proxies at every forward."""
+        """Stop at the first step after a trained value became NaN/inf (musubi would train on).
+
+        musubi builds the optimizer itself, so ffid cannot hook its step; checking the values
+        here costs one small reduction per step and keeps a broken run from going on for hours.
+        """
+        bad = self._require_handle("on_step_start").nonfinite(grads=False)
+        if bad:
+            raise TrainingError(
+                f"trained values of {', '.join(bad[:3])} became NaN/inf at the last optimizer step; "
+                "lower --learning_rate or set --max_grad_norm, and resume from the last saved state"
+            )
 
     def get_trainable_params(self) -> list[nn.Parameter]:
         """The proxies (musubi clips their gradient norm)."""
