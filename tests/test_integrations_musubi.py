@@ -438,3 +438,13 @@ def test_nan_trained_values_stop_the_run():
         proxy[0] = float("nan")
     with pytest.raises(TrainingError, match="NaN/inf"):
         net.on_step_start()
+
+
+def test_two_expert_training_is_refused():
+    import argparse
+
+    net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
+    with pytest.raises(ConfigError, match="each expert in its own run"):
+        net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
+    with pytest.raises(ConfigError, match="fp8_scaled"):
+        net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))

@@ -212,6 +212,13 @@ class FfidNetwork(nn.Module):
             refuse_sharding(PartialState().distributed_type)
         except ImportError:  # pragma: no cover - musubi always has accelerate
             pass
+        if getattr(args, "dit_high_noise", None):
+            raise ConfigError(
+                "--dit_high_noise trains one network on both Wan 2.2 experts, but ffid's trained values are "
+                "absolute weights and would overwrite both experts' different weights with the same numbers; "
+                "train each expert in its own run (--dit EXPERT with --min_timestep/--max_timestep "
+                "for its range)"
+            )
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
                 "--fp8_scaled stores weights with per-tensor scales that ffid cannot train yet; "
