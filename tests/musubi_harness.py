@@ -160,11 +160,12 @@ class TinyWanModel(nn.Module):
         supports_backward: bool = True,
         use_pinned_memory: bool = False,
     ) -> None:
-        self.offloader = BlockSwapSimulator(self.blocks, blocks_to_swap)
+        self.offloader = BlockSwapSimulator(self.blocks, blocks_to_swap, torch.device(device))
 
     def move_to_device_except_swap_blocks(self, device: Any) -> None:
-        # Everything is on the CPU here; the simulator owns the storages of the swapped blocks.
-        pass
+        self.to(device)
+        if self.offloader is not None:
+            self.offloader.reset()  # the swapped blocks' weights go back to the host
 
     def prepare_block_swap_before_forward(self) -> None:
         if self.offloader is not None:
@@ -208,17 +209,20 @@ def tiny_wan_original(seed: int = 0, cfg: TinyWanConfig | None = None) -> TinyWa
 
 
 class BlockSwapSimulator:
-    """musubi's block swap on one device: the last ``n`` blocks share one resident "device" slot.
+    """musubi's block swap: the last ``n`` blocks share one resident slot on ``device``.
 
-    Making block ``i`` resident moves the current occupant out (its weights get a fresh storage,
-    the "CPU copy") and copies block ``i``'s weights into the freed buffer, which then becomes the
+    Making block ``i`` resident moves the current occupant out (its weights get a fresh storage on
+    the host) and copies block ``i``'s weights into the freed device buffer, which then becomes the
     ``.data`` of block ``i``'s Parameters. Only ``.weight`` of sub-modules is swapped (as musubi does),
-    biases and raw Parameters stay put.
+    biases and raw Parameters stay on the device. With ``device`` = CPU the "host" and "device" are
+    two different CPU storages, which is what matters to an engine that might cache ``param.data``.
     """
 
-    def __init__(self, blocks: nn.ModuleList, n: int):
+    def __init__(self, blocks: nn.ModuleList, n: int, device: torch.device | None = None):
         if not 0 < n < len(blocks):
             raise ValueError(f"blocks_to_swap must be in 1..{len(blocks) - 1}")
+        self.device = device or torch.device("cpu")
+        self.host = torch.device("cpu")
         self.blocks = blocks
         self.swapped = list(range(len(blocks) - n, len(blocks)))
         self.resident: int | None = None
@@ -233,7 +237,7 @@ class BlockSwapSimulator:
         # Every swapped block starts "on the CPU" (own storage), the first one is made resident.
         for i in self.swapped:
             for p in self._weights(i):
-                p.data = p.data.clone()
+                p.data = p.data.to(self.host, copy=True)
         self.resident = None
         self.ensure_resident(self.swapped[0])
 
@@ -243,11 +247,11 @@ class BlockSwapSimulator:
         incoming = self._weights(i)
         if self.resident is None:
             for p in incoming:
-                p.data = p.data.clone()  # the "device" buffer
+                p.data = p.data.to(self.device, copy=True)  # the device buffer
         else:
             for p_out, p_in in zip(self._weights(self.resident), incoming, strict=True):
                 buffer = p_out.data
-                p_out.data = buffer.clone()  # device -> host copy, new storage
+                p_out.data = buffer.to(self.host, copy=True)  # device -> host, new storage
                 buffer.copy_(p_in.data)  # host -> device into the shared buffer
                 p_in.data = buffer
         self.resident = i
@@ -303,6 +307,7 @@ def default_args(**overrides: Any) -> argparse.Namespace:
         seed=1234,
         no_metadata=False,
         batch_size=2,
+        device="cpu",
     )
     for k, v in overrides.items():
         if not hasattr(args, k):
@@ -328,13 +333,20 @@ def make_batches(n: int, batch_size: int = 2, cfg: TinyWanConfig | None = None, 
     return out
 
 
+def _device_of(transformer: nn.Module) -> torch.device:
+    # patch_embedding is never swapped, so it tells where the model computes.
+    return getattr(transformer, "module", transformer).patch_embedding.weight.device
+
+
 def flow_loss(transformer: nn.Module, batch: dict, compute_dtype: torch.dtype | None) -> torch.Tensor:
     """musubi's flow-matching loss: predict ``noise - latents`` from the interpolated input."""
+    device = _device_of(transformer)
+    batch = {k: v.to(device) for k, v in batch.items()}
     sigma = (batch["t"] / 1000).view(-1, 1, 1, 1, 1)
     noisy = (1 - sigma) * batch["latents"] + sigma * batch["noise"]
     target = batch["noise"] - batch["latents"]
     if compute_dtype is not None:
-        with torch.autocast("cpu", dtype=compute_dtype):
+        with torch.autocast(device.type, dtype=compute_dtype):
             pred = transformer(noisy.to(compute_dtype), batch["t"], batch["context"].to(compute_dtype))
     else:
         pred = transformer(noisy, batch["t"], batch["context"])
@@ -344,16 +356,17 @@ def flow_loss(transformer: nn.Module, batch: dict, compute_dtype: torch.dtype | 
 @torch.no_grad()
 def sample(transformer: nn.Module, compute_dtype: torch.dtype | None = None, seed: int = 99) -> torch.Tensor:
     """A deterministic forward pass in eval mode, as musubi's sampling does mid-training."""
-    batch = make_batches(1, 1, seed=seed)[0]
+    device = _device_of(transformer)
+    batch = {k: v.to(device) for k, v in make_batches(1, 1, seed=seed)[0].items()}
     was_training = transformer.training
     transformer.eval()
     try:
         x = batch["latents"]
         if compute_dtype is not None:
-            with torch.autocast("cpu", dtype=compute_dtype):
+            with torch.autocast(device.type, dtype=compute_dtype):
                 out = transformer(x.to(compute_dtype), batch["t"], batch["context"].to(compute_dtype))
-                return out.float()
-        return transformer(x, batch["t"], batch["context"]).float()
+                return out.float().cpu()
+        return transformer(x, batch["t"], batch["context"]).float().cpu()
     finally:
         transformer.train(was_training)
 
@@ -453,11 +466,15 @@ def run_training(
 
     torch.manual_seed(args.seed)
     if accelerator is None:
-        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.gradient_accumulation_steps)
+        accelerator = Accelerator(
+            cpu=args.device == "cpu", gradient_accumulation_steps=args.gradient_accumulation_steps
+        )
     compute_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     weight_dtype = compute_dtype or torch.float32
     if transformer is None:
         transformer = tiny_wan_original()
+    if args.device != "cpu":
+        transformer.to(accelerator.device)  # musubi loads onto the GPU unless blocks are swapped
     # musubi loads the DiT in its dtype (bf16 with --mixed_precision bf16), frozen, then block swap.
     if compute_dtype is not None:
         transformer.to(compute_dtype)

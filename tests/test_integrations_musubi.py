@@ -448,3 +448,28 @@ def test_two_expert_training_is_refused():
         net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
     with pytest.raises(ConfigError, match="fp8_scaled"):
         net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))
+
+
+@pytest.mark.gpu
+def test_gpu_block_swap_with_adamw8bit():
+    """The seed's failure: block swap + AdamW8bit on a GPU. Proxies and their gradients stay on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    common = dict(
+        device="cuda",
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        optimizer_type="AdamW8bit",
+        optimizer_args=["min_8bit_size=16"],
+        max_train_steps=3,
+    )
+    plain = run_training(_args(**common))
+    swapped = run_training(_args(blocks_to_swap=2, **common))
+    assert swapped.swaps > 4 and swapped.grad_devices_ok
+    assert all(p.device.type == "cuda" for p in swapped.unwrapped.parameters())
+    # the swapped blocks' weights really sit on the host between uses
+    assert any(p.device.type == "cpu" for p in swapped.transformer.blocks[-1].parameters())
+    a, b = plain.unwrapped.handle.trained_values(), swapped.unwrapped.handle.trained_values()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
