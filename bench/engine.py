@@ -97,6 +97,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = args.device
     cuda = device.startswith("cuda")
+    import diffusers.models.transformers.transformer_wan  # noqa: F401  (library code is not training memory)
+
     runtime = 0 if cuda else _status_kb("VmRSS") * 1024  # interpreter + libraries, not ours
     model = build(args).to(device)
     if args.checkpointing:
