@@ -1,0 +1,189 @@
+"""``DemoTask``: the demo's tiny Wan as a :class:`ffid.train.task.Task`, so ``ffid demo`` trains
+its characters through the same loop as ``ffid train`` (``model_type = "demo"`` there too).
+
+A task instance teaches one or more concepts: each concept is a prompt (``a digit character1``)
+and the real digit class whose scans are its training images. Built with no arguments (as
+``ffid train`` does), it reads ``task_args``: ``concepts`` (``{"character1": 7}``) and, for the
+model, ``cfg.model_path`` (a base saved by :func:`ffid.demo.pipeline.save_base`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, MissingFileError, ModelFileError
+from .data import DIGIT_WORDS, Concept, encode_prompt, load_digit_images
+from .model import ModelSpec, build_model, flow_matching_loss
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..train.config import TrainConfig
+
+SPEC_KEY = "ffid_demo.spec"  # safetensors metadata key holding the ModelSpec of a saved base
+CAPTION_DROPOUT = 0.1  # share of items trained with the empty prompt, which classifier-free guidance needs
+
+
+class ConceptDataset(Dataset):
+    """Real digit scans paired with the embedding of their concept's prompt."""
+
+    def __init__(self, concepts: list[Concept], images: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        if images is None or labels is None:
+            images, labels = load_digit_images()
+        xs, texts = [], []
+        for concept in concepts:
+            chosen = images[labels == concept.digit]
+            xs.append(chosen)
+            texts.append(encode_prompt(concept.prompt).expand(len(chosen), -1, -1))
+        self.latents = torch.cat(xs) if xs else torch.zeros(0)
+        self.text = torch.cat(texts) if texts else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"latents": self.latents[i], "text": self.text[i]}
+
+
+def parse_concepts(value: Any) -> list[Concept]:
+    """Concepts from ``{"character1": 7}``, ``[["character1", 7]]`` or ``"character1=7,three=3"``."""
+    if isinstance(value, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, digit = part.partition("=")
+            if not sep:
+                raise ConfigError(f"task_args.concepts entry {part!r} is not word=digit; write e.g. character1=7")
+            pairs.append((name.strip(), digit.strip()))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = [tuple(v) for v in value]
+    concepts = []
+    for name, digit in pairs:
+        try:
+            d = int(digit)
+        except (TypeError, ValueError):
+            d = -1
+        if not 0 <= d <= 9:
+            raise ConfigError(f"concept {name!r}: digit {digit!r} is not 0..9; scikit-learn's digits are 0..9")
+        if not str(name).isidentifier() or len(str(name).split()) != 1:
+            raise ConfigError(f"concept name {name!r} must be one word such as character1")
+        concepts.append(Concept(str(name), d))
+    if not concepts:
+        raise ConfigError("no concepts to train; set task_args.concepts, e.g. {character1 = 7}")
+    return concepts
+
+
+def save_model(model: nn.Module, spec: ModelSpec, path: Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the demo model's weights (diffusers names) and its spec to ``path``, atomically."""
+    from safetensors.torch import save
+
+    from ..train.io import atomic_write_bytes
+
+    # The demo model is about a megabyte: serialising in memory is simpler than streaming.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {SPEC_KEY: json.dumps(spec.to_dict()), **(metadata or {})}
+    atomic_write_bytes(path, save(state, metadata=meta))
+    return path
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """A demo model saved by :func:`save_model` (or merged from one): weights and spec."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"demo model {str(path)!r} does not exist; run `ffid demo` first to make the base")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    if SPEC_KEY not in meta:
+        raise ModelFileError(f"{str(path)!r} has no {SPEC_KEY} metadata; it was not written by ffid demo")
+    spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{str(path)!r} does not match its demo spec ({exc})") from None
+    return model, spec
+
+
+class DemoTask:
+    """Flow matching on real digit scans for the demo's tiny Wan (see module docstring)."""
+
+    name = "demo"
+
+    def __init__(
+        self,
+        concepts: list[Concept] | None = None,
+        *,
+        model: nn.Module | None = None,
+        spec: ModelSpec | None = None,
+        caption_dropout: float = CAPTION_DROPOUT,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sampler: Any = None,
+    ):
+        self.concepts = concepts
+        self.model = model
+        self.spec = spec or ModelSpec()
+        self.caption_dropout = caption_dropout
+        self.data = data
+        self.sampler = sampler  # callable(model, step, out_dir) used by sample()
+
+    def build_model(self, cfg: TrainConfig) -> nn.Module:
+        if self.model is not None:
+            return self.model
+        if not cfg.model_path:
+            raise ConfigError("model_path is not set; give the demo base, e.g. ffid-demo/base/base.safetensors")
+        model, self.spec = load_model(cfg.model_path)
+        return model
+
+    def dataset(self, cfg: TrainConfig | None) -> Dataset:
+        if self.concepts is None:
+            if "concepts" not in cfg.task_args:
+                raise ConfigError("model_type demo needs task_args.concepts, e.g. concepts = {character1 = 7}")
+            self.concepts = parse_concepts(cfg.task_args["concepts"])
+        if cfg is not None and "caption_dropout" in cfg.task_args:
+            self.caption_dropout = float(cfg.task_args["caption_dropout"])
+        images, labels = self.data if self.data is not None else load_digit_images(self.spec.image_size)
+        return ConceptDataset(self.concepts, images, labels)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            "latents": torch.stack([it["latents"] for it in items]),
+            "text": torch.stack([it["text"] for it in items]),
+        }
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["latents"].float()
+        n = x0.shape[0]
+        # All randomness comes from the trainer's generator, in a fixed order, so a run repeats.
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.rand(n, generator=generator)
+        drop = torch.rand(n, generator=generator) < self.caption_dropout
+        text = batch["text"].float().clone()
+        text[drop.to(text.device)] = 0.0
+        return flow_matching_loss(model, x0, text, noise.to(x0.device), t.to(x0.device))
+
+    def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
+        if self.sampler is not None:
+            self.sampler(model, step, out_dir)
+
+
+def base_concepts(held_out: tuple[int, ...]) -> list[Concept]:
+    """The pretraining concepts: every digit except the held-out ones, named by its English word."""
+    return [Concept(DIGIT_WORDS[d], d) for d in range(10) if d not in held_out]
+
+
+def make_task() -> DemoTask:
+    """The factory ``ffid train --model_type demo`` uses."""
+    return DemoTask()
