@@ -199,3 +199,47 @@ def test_attach_to_bare_model():
     assert handle.model is model and all(not p.requires_grad for p in model.parameters())
     with pytest.raises(ConfigError, match=r"Trainer or an nn\.Module"):
         attach_to_trainer(object(), ff=0.05, ffid=1)
+
+
+_DDP_SCRIPT = """
+import sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from tiny_models import tiny_gpt2
+from test_integrations_hf import TinyLM, _args
+from ffid.integrations.hf import attach_to_trainer
+
+torch.set_num_threads(1)
+trainer = transformers.Trainer(model=tiny_gpt2(), args=_args({out!r}, max_steps=3, save_steps=3,
+                               per_device_train_batch_size=2), train_dataset=TinyLM())
+handle = attach_to_trainer(trainer, ff=0.05, ffid=1)
+trainer.train()
+rank = torch.distributed.get_rank()
+values = {{"trained": handle.trained_values(), "base": handle.base_values()}}
+torch.save(values, {out!r} + f"/rank{{rank}}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_process_trainer_keeps_ranks_identical(tmp_path):
+    """torchrun, 2 CPU processes (gloo): different data per rank, identical proxies after training."""
+    import subprocess
+
+    script = tmp_path / "train.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name, values in r0["trained"].items():
+        assert torch.equal(values, r1["trained"][name]), name
+    assert any(not torch.equal(r0["trained"][n], r0["base"][n]) for n in r0["trained"])

@@ -14,8 +14,9 @@ What changes in the Trainer (and only in that instance):
   weight decay, no decay on biases and norms as usual), guarded by ``handle.guard`` (NaN/inf
   checks); an optimizer passed with ``optimizers=(opt, sched)`` is checked instead;
 - gradient clipping and zeroing act on the proxies, which are not parameters of the model;
-- with several processes the proxy gradients are averaged before each step (accelerate does not
-  wrap a model without trainable parameters in DDP, so nothing else syncs them);
+- with several processes the proxy gradients are averaged before each step, and the frozen
+  model is prepared without a DDP wrapper (DDP refuses a module with no trainable parameter,
+  and nothing of the model needs syncing);
 - checkpoints hold ``ffid_delta.safetensors`` (the trained values: kilobytes to megabytes) instead
   of the whole model, plus the usual optimizer / scheduler / RNG / trainer state; resuming
   (``train(resume_from_checkpoint=...)``) loads the delta back into the proxies.
@@ -208,7 +209,26 @@ def attach_to_trainer(
         trainer.__class__ = type(f"Ffid{cls.__name__}", (FfidTrainerMixin, cls), {})
     if getattr(trainer, "optimizer", None) is not None:
         _hook_optimizer(handle, trainer.optimizer)
+    _skip_ddp_for(trainer, handle.model)
     return handle
+
+
+def _skip_ddp_for(trainer: Any, model: nn.Module) -> None:
+    """Prepare the frozen model without a DDP wrapper (accelerate wraps it on multi-CPU runs, and DDP
+    refuses a module with no trainable parameter); the proxies are synced by :func:`all_reduce_grads`."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None or getattr(accelerator, "_ffid_no_ddp", None) is not None:
+        return
+    original = accelerator.prepare_model
+
+    def prepare_model(module: nn.Module, device_placement: Any = None, evaluation_mode: bool = False) -> Any:
+        # evaluation_mode only skips the distributed wrappers; device placement and autocast still apply
+        return original(
+            module, device_placement=device_placement, evaluation_mode=evaluation_mode or module is model
+        )
+
+    accelerator.prepare_model = prepare_model
+    accelerator._ffid_no_ddp = model
 
 
 def _trainer_class() -> type:
