@@ -160,7 +160,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         # On a shared CPU, wall time measures the neighbours; CPU time of the process measures the work.
         "step": statistics.median(times) if cuda else statistics.median(cpu),
         "clock": "wall time" if cuda else "process CPU time",
-        "memory": "cuda max_memory_allocated" if cuda else "peak RSS (VmHWM) minus the RSS before the model was built",
+        "memory": "cuda max_memory_allocated"
+        if cuda
+        else "peak RSS (VmHWM) minus the RSS before the model was built",
     }
 
 
@@ -179,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true", help="autocast bf16")
     p.add_argument("--checkpointing", action="store_true", help="diffusers enable_gradient_checkpointing()")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = work, no spin-waits)")
-    p.add_argument("--only", nargs="*", help="variants to run (floor, full, spread@0.01, compat-v2@0.001, ...)")
+    p.add_argument(
+        "--only", nargs="*", help="variants to run (floor, full, spread@0.01, compat-v2@0.001, ...)"
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -193,16 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         variants = [v for v in variants if v in args.only]
     print(
         f"Wan-architecture (diffusers WanTransformer3DModel) dim {args.dim}, ffn {args.ffn or 4 * args.dim}, "
-        f"{args.layers} blocks, {tokens} tokens, {'bf16 autocast' if args.bf16 else 'fp32'} on {args.device}, "
+        f"{args.layers} blocks, {tokens} tokens, {'bf16 autocast' if args.bf16 else 'fp32'} "
+        f"on {args.device}, "
         f"{args.threads} threads, median of {args.steps} steps"
         + (", gradient checkpointing" if args.checkpointing else ""),
         flush=True,
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
     results: dict[str, dict] = {}
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--only")]
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), *_strip_only(passthrough), "--variant", v]
+        cmd = [sys.executable, os.path.abspath(__file__), *_forward_args(args), "--variant", v]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -210,24 +214,25 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[v] = json.loads(lines[-1])
         r = results[v]
-        print(f"  ran {v:<16} peak {r['peak'] / 2**20:8.1f} MiB  step {r['step']:7.3f} s "
-              f"({r['clock']}; wall {r['wall']:.3f} s)", flush=True)
+        print(
+            f"  ran {v:<16} peak {r['peak'] / 2**20:8.1f} MiB  step {r['step']:7.3f} s "
+            f"({r['clock']}; wall {r['wall']:.3f} s)",
+            flush=True,
+        )
     if "floor" not in results:
         return 1
     report(results)
     return 0
 
 
-def _strip_only(args: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in args:
-        if a == "--only":
-            skip = True
-            continue
-        if skip and a.startswith("--"):
-            skip = False
-        if not skip:
-            out.append(a)
+def _forward_args(args: argparse.Namespace) -> list[str]:
+    """The options of this run, for the per-variant subprocesses."""
+    out = []
+    keys = ("dim", "ffn", "layers", "text_dim", "text_len", "frames", "side", "steps", "device", "threads")
+    for key in keys:
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    out += ["--ff", *map(str, args.ff)]
+    out += ["--bf16"] * args.bf16 + ["--checkpointing"] * args.checkpointing
     return out
 
 
@@ -235,9 +240,14 @@ def report(results: dict[str, dict]) -> None:
     floor = results["floor"]
     full = results.get("full")
     print(f"\nmemory: {floor['memory']} (so it includes the weights); step: median {floor['clock']}")
-    print(f"model {floor['params']:,} parameters ({floor['params'] * 4 / 2**20:.0f} MiB in fp32); "
-          "'over floor' = peak - floor peak")
-    print(f"{'variant':<18}{'selected':>12}{'peak MiB':>10}{'x floor':>9}{'over floor MiB':>16}{'step s':>9}{'x floor':>9}")
+    print(
+        f"model {floor['params']:,} parameters ({floor['params'] * 4 / 2**20:.0f} MiB in fp32); "
+        "'over floor' = peak - floor peak"
+    )
+    print(
+        f"{'variant':<18}{'selected':>12}{'peak MiB':>10}{'x floor':>9}{'over floor MiB':>16}"
+        f"{'step s':>9}{'x floor':>9}"
+    )
     for v, r in results.items():
         print(
             f"{v:<18}{r['selected']:>12,}{r['peak'] / 2**20:>10.1f}{r['peak'] / floor['peak']:>9.2f}"
@@ -261,8 +271,10 @@ def report(results: dict[str, dict]) -> None:
         for what, got, limit, unit, scale in checks:
             verdict = "PASS" if got <= limit else "MISS"
             margin = (limit - got) / limit
-            print(f"{verdict} {v} {what}: {got / scale:.3f} vs {limit / scale:.3f} {unit} "
-                  f"({'margin' if got <= limit else 'over by'} {abs(margin):.1%})")
+            print(
+                f"{verdict} {v} {what}: {got / scale:.3f} vs {limit / scale:.3f} {unit} "
+                f"({'margin' if got <= limit else 'over by'} {abs(margin):.1%})"
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The engine's invariants over a matrix of tiny models x selectors (PEFT's test_only_params_are_updated style)."""
+"""The engine's invariants over a matrix of tiny models x selectors (PEFT's only-params-updated style)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from tiny_models import lm_inputs, tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan, tiny_wan_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ffid
 from ffid import attach, plan
 from ffid.errors import AttachError, MismatchError, TrainingError
 from ffid.names import canonical_name
+from tiny_models import lm_inputs, tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan, tiny_wan_inputs
 
 
 def _mlp_batch(seed: int = 1):
@@ -276,7 +276,9 @@ def test_torch_checkpoint_matches():
         handle = attach(model, sel)
         if ckpt:
             for block in model.blocks:
-                block.forward = (lambda b: lambda x: checkpoint(torch.nn.Sequential.forward, b, x, use_reentrant=False))(block)
+                block.forward = (
+                    lambda b: lambda x: checkpoint(torch.nn.Sequential.forward, b, x, use_reentrant=False)
+                )(block)
         loss_of(model, batch(1)).backward()
         results.append(_grads(handle))
     for n in results[0]:
@@ -292,11 +294,11 @@ def _simulate_block_swap(model: torch.nn.Module) -> None:
         store = [p.data for p in params]
 
         def swap_in(*_args, params=params, store=store):
-            for p, s in zip(params, store):
+            for p, s in zip(params, store, strict=False):
                 p.data = s.clone()  # a fresh "device" copy
 
         def swap_out(*_args, params=params, store=store):
-            for p, s in zip(params, store):
+            for p, s in zip(params, store, strict=False):
                 p.data = torch.full_like(s, float("nan"))
 
         swap_out()
@@ -372,14 +374,19 @@ def test_resume_is_bit_identical(model_key):
         assert torch.equal(v, resumed.trained_values()[n]), n
 
 
-@pytest.mark.parametrize(("model_key", "sel_key"), [("gpt2", "spread"), ("wan", "compat-v2"), ("mlp", "spread")])
+@pytest.mark.parametrize(
+    ("model_key", "sel_key"), [("gpt2", "spread"), ("wan", "compat-v2"), ("mlp", "spread")]
+)
 def test_detach_restores_exactly(model_key, sel_key):
     model, sel, batch = make(model_key, sel_key)
     model.blocks[0].requires_grad_(False) if model_key == "mlp" else None
     params = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
     flags = {n: p.requires_grad for n, p in params.items()}
     before = snapshot(model)
-    modules = {n: (dict(m.__dict__), len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    modules = {
+        n: (dict(m.__dict__), len(m._forward_pre_hooks), len(m._forward_hooks))
+        for n, m in model.named_modules()
+    }
     out_before = loss_of(model, batch(1)).item()
     handle = attach(model, sel)
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
@@ -576,3 +583,18 @@ def test_describe_and_attach_arguments():
     assert handle.routes()["patch-conv"] == 1
     with pytest.raises(ffid.ConfigError):
         attach(tiny_mlp(), plan(tiny_mlp(), 0.04, 1), ff=0.1)
+
+
+def test_ddp_wraps_the_handle(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, sel, batch = make("mlp", "spread")
+        handle = attach(model, sel)
+        ddp = torch.nn.parallel.DistributedDataParallel(handle)
+        ddp(batch(1)["x"]).pow(2).mean().backward()  # calling the handle calls the model
+        assert all(p.grad is not None for p in handle.parameters())
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -68,7 +68,9 @@ class _Owner:
     module: nn.Module
     attr: str
     path: str  # module path in the model, for messages
-    route: str = "generic"  # "linear", "conv1d", "patch-conv", "generic", "in-forward" (bias of a patched module)
+    route: str = (
+        "generic"  # "linear", "conv1d", "patch-conv", "generic", "in-forward" (bias of a patched module)
+    )
 
 
 @dataclass
@@ -99,7 +101,9 @@ def _matmul_route(module: nn.Module, attr: str) -> str:
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
         return "conv1d"  # transformers' GPT-2 style layer: y = x @ W + b with W [in, out]
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward in (
-        nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward,
+        nn.Conv1d.forward,
+        nn.Conv2d.forward,
+        nn.Conv3d.forward,
     ):
         pad = module.padding
         no_pad = pad == "valid" or (not isinstance(pad, str) and all(p == 0 for p in pad))
@@ -146,7 +150,9 @@ class FfidHandle(nn.Module):
         self.proxy_dtype = proxy_dtype
         self._slots: dict[str, _Slot] = {}
         self._aliases: dict[str, _Slot] = {}  # every canonical name of a touched Parameter (tied ones too)
-        self._patched_forwards: list[tuple[nn.Module, Any]] = []  # (module, previous instance forward or None)
+        self._patched_forwards: list[
+            tuple[nn.Module, Any]
+        ] = []  # (module, previous instance forward or None)
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_snapshot: dict[str, torch.Tensor] | None = None
         self._attached = False
@@ -178,7 +184,8 @@ class FfidHandle(nn.Module):
         missing = [n for n in selection if n not in canon]
         if missing:
             raise MismatchError(
-                f"the selection names {len(missing)} tensor(s) the model does not have (first: {missing[0]!r}); "
+                f"the selection names {len(missing)} tensor(s) the model does not have "
+                f"(first: {missing[0]!r}); "
                 f"it was planned for another model (selection {selection.fingerprint}): plan it on this model"
             )
         seen: dict[int, str] = {}
@@ -200,7 +207,9 @@ class FfidHandle(nn.Module):
                     f"tensor {name!r} is on the meta device (no values); load the weights before attaching"
                 )
             if not p.dtype.is_floating_point:
-                raise MismatchError(f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained")
+                raise MismatchError(
+                    f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained"
+                )
             seen[id(p)] = name
             flat = pick.indices().to(torch.int64)
             if flat.numel() != pick.count or (flat.numel() and int(flat[-1]) >= p.numel()):
@@ -261,7 +270,11 @@ class FfidHandle(nn.Module):
         for mid, (module, route, slot) in patched.items():
             previous = module.__dict__.get("forward")
             self._patched_forwards.append((module, previous))
-            fwd = {"linear": self._linear_forward, "conv1d": self._conv1d_forward, "patch-conv": self._patch_forward}[route]
+            fwd = {
+                "linear": self._linear_forward,
+                "conv1d": self._conv1d_forward,
+                "patch-conv": self._patch_forward,
+            }[route]
             module.forward = partial(fwd, module, slot, bias_of.get(mid))
             _ATTACHED[module] = self
         for module, attrs in generic.values():
@@ -300,25 +313,41 @@ class FfidHandle(nn.Module):
     def _getter(module: nn.Module, attr: str = "weight"):  # type: ignore[no-untyped-def]
         return lambda: module._parameters[attr]
 
-    def _linear_forward(self, module: nn.Linear, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+    def _linear_forward(
+        self, module: nn.Linear, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
+    ) -> torch.Tensor:
         out_f, in_f = module.weight.shape
         pattern = self._pattern(slot, out_f, in_f)
         lead = x.shape[:-1]
         y = SelectedMatmul.apply(
-            x.reshape(-1, in_f), self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False
+            x.reshape(-1, in_f),
+            self._proxy(slot),
+            self._bias(module, bias_slot),
+            self._getter(module),
+            pattern,
+            False,
         )
         return y.reshape(*lead, out_f)
 
-    def _conv1d_forward(self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+    def _conv1d_forward(
+        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
+    ) -> torch.Tensor:
         in_f, out_f = module.weight.shape
         pattern = self._pattern(slot, in_f, out_f)
         lead = x.shape[:-1]
         y = SelectedMatmul.apply(
-            x.reshape(-1, in_f), self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, True
+            x.reshape(-1, in_f),
+            self._proxy(slot),
+            self._bias(module, bias_slot),
+            self._getter(module),
+            pattern,
+            True,
         )
         return y.reshape(*lead, out_f)
 
-    def _patch_forward(self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor) -> torch.Tensor:
+    def _patch_forward(
+        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
+    ) -> torch.Tensor:
         # stride == kernel, no padding: the conv is a Linear over non-overlapping patches.
         k = tuple(module.kernel_size)
         nd = len(k)
@@ -326,16 +355,18 @@ class FfidHandle(nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         b, c = x.shape[:2]
-        outs = [s // kk for s, kk in zip(x.shape[2:], k)]
-        x = x[(slice(None), slice(None), *(slice(0, o * kk) for o, kk in zip(outs, k)))]
+        outs = [s // kk for s, kk in zip(x.shape[2:], k, strict=False)]
+        x = x[(slice(None), slice(None), *(slice(0, o * kk) for o, kk in zip(outs, k, strict=False)))]
         split = [b, c]
-        for o, kk in zip(outs, k):
+        for o, kk in zip(outs, k, strict=False):
             split += [o, kk]
         perm = [0, *(2 + 2 * i for i in range(nd)), 1, *(3 + 2 * i for i in range(nd))]
         patches = x.reshape(split).permute(perm).reshape(b * math.prod(outs), c * math.prod(k))
         out_c = module.weight.shape[0]
         pattern = self._pattern(slot, out_c, c * math.prod(k))
-        y = SelectedMatmul.apply(patches, self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False)
+        y = SelectedMatmul.apply(
+            patches, self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False
+        )
         y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
         return y.squeeze(0) if unbatched else y
 
@@ -478,7 +509,9 @@ class FfidHandle(nn.Module):
         return self._attached
 
     # -- state -------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[no-untyped-def]
         # Refuse before anything is copied: a state of another selection would put values at
         # the wrong positions silently.
         key = prefix + FINGERPRINT_KEY
@@ -490,10 +523,13 @@ class FfidHandle(nn.Module):
         got_hex = bytes(got.to(torch.uint8).tolist()).hex()
         if got_hex != self.selection.fingerprint:
             raise MismatchError(
-                f"the state was saved for selection {got_hex} but this handle trains {self.selection.fingerprint}; "
+                f"the state was saved for selection {got_hex} but this handle trains "
+                f"{self.selection.fingerprint}; "
                 "attach with the same model, selector, --ff and --ffid as the saved run"
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # -- safety --------------------------------------------------------------------------------
     def nonfinite(self, grads: bool = True) -> list[str]:
@@ -510,7 +546,7 @@ class FfidHandle(nn.Module):
         ok = torch.stack([t.to("cpu") for t in tensors])  # one sync per device, not per tensor
         if bool(ok.all()):
             return []
-        return [n for n, good in zip(names, ok.tolist()) if not good]
+        return [n for n, good in zip(names, ok.tolist(), strict=False) if not good]
 
     def check_finite(self, on_nonfinite: str | None = None) -> bool:
         """Check the proxy gradients before an optimizer step.
@@ -539,7 +575,8 @@ class FfidHandle(nn.Module):
         bad = self.nonfinite(grads=False)
         if bad:
             raise TrainingError(
-                f"refusing {what}: trained values of {', '.join(bad[:5])} hold NaN/inf; resume from an earlier "
+                f"refusing {what}: trained values of {', '.join(bad[:5])} hold NaN/inf; "
+                "resume from an earlier "
                 "checkpoint with a lower learning rate"
             )
 
@@ -551,13 +588,15 @@ class FfidHandle(nn.Module):
         foreign = [model_params[id(p)] for p in given if id(p) in model_params]
         if foreign:
             raise TrainingError(
-                f"the optimizer was given {len(foreign)} base weight(s) of the model (first: {foreign[0]!r}); "
+                f"the optimizer was given {len(foreign)} base weight(s) of the model "
+                f"(first: {foreign[0]!r}); "
                 "they are frozen and never trained: build it on handle.parameters()"
             )
         missing = len(mine - {id(p) for p in given})
         if missing:
             raise TrainingError(
-                f"the optimizer misses {missing} of the {len(mine)} ffid proxies; build it on handle.parameters()"
+                f"the optimizer misses {missing} of the {len(mine)} ffid proxies; "
+                "build it on handle.parameters()"
             )
 
     def guard(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -586,7 +625,11 @@ class FfidHandle(nn.Module):
 
     # -- reporting -----------------------------------------------------------------------------
     def routes(self) -> dict[str, int]:
-        """How many tensor uses take each path (``linear``, ``conv1d``, ``patch-conv``, ``generic``, ``in-forward``)."""
+        """How many tensor uses take each path.
+
+        Paths: ``linear``, ``conv1d``, ``patch-conv``, ``generic``, ``in-forward`` (a bias handled
+        by its module's matmul path).
+        """
         counts: dict[str, int] = {}
         for slot in self._slots.values():
             for o in slot.owners:
@@ -601,9 +644,12 @@ class FfidHandle(nn.Module):
         r = self.routes()
         generic = sorted({o.path for s in self._slots.values() for o in s.owners if o.route == "generic"})
         lines = [
-            f"ffid {sel.selector} {sel.describe_params()} (selection {sel.fingerprint}) on {type(self.model).__name__}:",
-            f"  trains {n:,} of {sel.total_params:,} parameters ({n / max(1, sel.total_params):.4%}) in {len(self._slots)} tensors",
-            f"  proxies: {len(self._slots)} {str(self.proxy_dtype).replace('torch.', '')} tensors on {', '.join(dev)} "
+            f"ffid {sel.selector} {sel.describe_params()} (selection {sel.fingerprint}) "
+            f"on {type(self.model).__name__}:",
+            f"  trains {n:,} of {sel.total_params:,} parameters ({n / max(1, sel.total_params):.4%}) "
+            f"in {len(self._slots)} tensors",
+            f"  proxies: {len(self._slots)} {str(self.proxy_dtype).replace('torch.', '')} tensors "
+            f"on {', '.join(dev)} "
             f"({n * self.proxy_dtype.itemsize / 2**20:.2f} MiB); the optimizer must get handle.parameters()",
             "  changes to the model (undone by handle.detach()):",
             "    - requires_grad=False on every model parameter; base weights are never written "
@@ -616,7 +662,9 @@ class FfidHandle(nn.Module):
         return "\n".join(lines)
 
     def extra_repr(self) -> str:
-        return f"{self.selection.selector} {self.selection.describe_params()}, {len(self._slots)} proxies, attached={self._attached}"
+        sel = self.selection
+        n = len(self._slots)
+        return f"{sel.selector} {sel.describe_params()}, {n} proxies, attached={self._attached}"
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -642,7 +690,9 @@ def attach(
     freeze: bool = True,
     **plan_kwargs: Any,
 ) -> FfidHandle:
-    """Attach ffid to ``model``: train exactly the elements of ``selection`` (or of ``plan(model, ff, ffid, selector)``).
+    """Attach ffid to ``model``: train exactly the elements of ``selection``.
+
+    Without a selection, ``plan(model, ff, ffid, selector, **plan_kwargs)`` makes one.
 
     What it changes on the model (all undone by ``handle.detach()``; ``handle.describe()`` prints it):
 
@@ -665,7 +715,9 @@ def attach(
         raise ConfigError(f"attach() needs an nn.Module, got {type(model).__name__}")
     if selection is None:
         if ff is None or ffid is None:
-            raise ConfigError("attach() needs a selection, or ff= and ffid= to plan one (e.g. ff=0.01, ffid=1)")
+            raise ConfigError(
+                "attach() needs a selection, or ff= and ffid= to plan one (e.g. ff=0.01, ffid=1)"
+            )
         from ..select import plan
 
         selection = plan(model, ff, ffid, selector, **plan_kwargs)
@@ -674,4 +726,3 @@ def attach(
     return FfidHandle(
         model, selection, device=device, proxy_dtype=proxy_dtype, on_nonfinite=on_nonfinite, freeze=freeze
     )
-

@@ -105,17 +105,22 @@ class Pattern:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
                 pattern = torch.sparse_csr_tensor(
-                    idx.crow, idx.col, torch.zeros(self.count, dtype=torch.float32, device=a.device),
-                    (self.rows, self.cols), check_invariants=False,
+                    idx.crow,
+                    idx.col,
+                    torch.zeros(self.count, dtype=torch.float32, device=a.device),
+                    (self.rows, self.cols),
+                    check_invariants=False,
                 )
                 # a.t() made contiguous: the kernel walks rows of mat1, 1.6x faster than strided.
                 return torch.sparse.sampled_addmm(pattern, a.t().contiguous(), b, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
             return self._gather_dot(a, b, idx)
 
-    def _gather_dot(self, a: torch.Tensor, b: torch.Tensor, idx: _OnDevice, chunk: int = 8192) -> torch.Tensor:
+    def _gather_dot(
+        self, a: torch.Tensor, b: torch.Tensor, idx: _OnDevice, chunk: int = 8192
+    ) -> torch.Tensor:
         at, bt = a.t().contiguous(), b.t().contiguous()
-        rows = (idx.flat.long() // self.cols)
+        rows = idx.flat.long() // self.cols
         cols = idx.col.long()
         out = torch.empty(self.count, dtype=torch.float32, device=a.device)
         for s in range(0, self.count, chunk):
@@ -127,7 +132,7 @@ class Pattern:
 def effective_matrix(
     weight: torch.Tensor, proxy: torch.Tensor, pattern: Pattern, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``weight`` as ``[rows, cols]`` in ``dtype`` on ``device`` with the selected entries = proxy (a copy)."""
+    """``weight`` as ``[rows, cols]`` in ``dtype`` on ``device``, selected entries = proxy (a copy)."""
     if pattern.whole:
         return proxy.detach().to(device=device, dtype=dtype).view(pattern.rows, pattern.cols)
     w = weight.detach().to(device=device, dtype=dtype, copy=True).view(pattern.rows, pattern.cols)
