@@ -287,6 +287,24 @@ def test_merge_bf16_base_and_dtype_option(tmp_path):
         assert torch.equal(m32[name].reshape(-1)[untouched], sd[name].reshape(-1)[untouched].float())
 
 
+def test_partial_delta_copies_untouched_tensors_byte_for_byte(tmp_path, wan_setup):
+    model, base, _, _ = wan_setup
+    sel = ffid.plan(model, 0.005, 3, include=[r"^blocks\.0\.attn1\."])
+    handle = StandInHandle(model, sel)
+    delta = tmp_path / "part.safetensors"
+    save_delta(handle, delta)
+    out = tmp_path / "m.safetensors"
+    result = merge_checkpoint(base, [delta], out)
+    assert result.tensors == len(sel) < len(model.state_dict())
+    merged, base_sd = load_file(str(out)), load_file(str(base))
+    eff = dict(handle.effective_state())
+    for k, v in merged.items():
+        assert torch.equal(v, eff[k])
+        if k not in sel:
+            assert torch.equal(v, base_sd[k])
+    assert out.stat().st_size == base.stat().st_size
+
+
 def test_multiplier_scales_the_change(tmp_path, wan_setup):
     _, base, handle, delta = wan_setup
     out = tmp_path / "half.safetensors"

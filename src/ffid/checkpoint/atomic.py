@@ -128,8 +128,8 @@ def atomic_write(target: str | os.PathLike[str], size: int | None = None) -> Ite
     if size is not None:
         check_free_space(folder, size)
     tmp = temp_path_for(target)
-    # Unbuffered: kernel-side copies (copy_file_range) and our writes then share one file offset.
-    f = open(tmp, "wb", buffering=0)  # noqa: SIM115 - closed in every branch below
+    # Unbuffered (kernel-side copies and our writes share one file offset) and readable (for mmap).
+    f = open(tmp, "w+b", buffering=0)  # noqa: SIM115 - closed in every branch below
     try:
         yield f
         f.flush()

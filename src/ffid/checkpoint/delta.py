@@ -37,6 +37,8 @@ VALUE_SUFFIX = ".ffid_value"
 # Base positions hashed per tensor for the base fingerprint: enough to tell two bases apart,
 # few enough that checking a 1,095-tensor model costs milliseconds.
 FINGERPRINT_SAMPLES = 32
+# Indices a DeltaFile keeps in memory after the first read (int64 bytes), so merge reads them once.
+INDEX_CACHE_BYTES = 512 * 2**20
 
 KEY_FORMAT = "ffid.format"
 KEY_FORMAT_VERSION = "ffid.format_version"
@@ -205,6 +207,9 @@ class DeltaFile:
             else:
                 raise ModelFileError(f"{self.path}: unexpected tensor {key!r} in a delta file; re-save it")
         self.names = sorted(names)
+        # Merging reads each tensor's indices twice (checks first, then patching); small ones are kept.
+        self._index_cache: dict[str, torch.Tensor] = {}
+        self._cache_budget = INDEX_CACHE_BYTES
         missing = [n for n in self.names if n not in self.info.base_fingerprint]
         if missing:
             raise ModelFileError(f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it")
@@ -226,6 +231,16 @@ class DeltaFile:
 
     def read_indices(self, name: str) -> torch.Tensor:
         """Sorted int64 flat indices of ``name`` (validated against the tensor's size)."""
+        cached = self._index_cache.get(name)
+        if cached is not None:
+            return cached
+        idx = self._read_indices(name)
+        if idx.numel() * 8 <= self._cache_budget:
+            self._index_cache[name] = idx
+            self._cache_budget -= idx.numel() * 8
+        return idx
+
+    def _read_indices(self, name: str) -> torch.Tensor:
         shape = self.shape(name)
         numel = 1
         for d in shape:

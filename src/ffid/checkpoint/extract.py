@@ -25,7 +25,7 @@ from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
 from .namemap import NameResolver, detect_naming
-from .stio import BIT_VIEW, is_float_code, parse_dtype
+from .stio import BIT_VIEW, one_thread, is_float_code, parse_dtype
 
 OUTSIDE_CHOICES = ("error", "warn")
 
@@ -76,7 +76,7 @@ def extract_delta(
         raise ConfigError("give either a selection (--ff/--ffid) or --threshold, not both")
     value_dtype = parse_dtype(save_dtype) or torch.float32
     out = Path(out)
-    with Checkpoint(base) as bk, Checkpoint(tuned) as tk:
+    with one_thread(), Checkpoint(base) as bk, Checkpoint(tuned) as tk:
         if out.is_dir():
             raise ConfigError(f"output {out} is a folder; name the delta file, e.g. {out / 'delta.safetensors'}")
         refuse_overwrite(out, bk.files + tk.files)

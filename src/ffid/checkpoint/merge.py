@@ -13,7 +13,9 @@ tensor), overlaps between deltas, free disk space.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from .delta import DeltaFile, blend, sample_positions, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
 from .stio import (
+    one_thread,
     SafetensorsFile,
     alignment_order,
     buffer_tensor,
@@ -38,6 +41,10 @@ from .stio import (
     tensor_bytes,
     write_all,
 )
+
+
+# The copy thread publishes progress in steps of this size; patching follows right behind it.
+_PIPELINE_CHUNK = 32 * 2**20
 
 
 @dataclass
@@ -143,7 +150,8 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
     out = t if t.dtype == out_dtype else t.to(out_dtype)
     if len(reads) == 1:
         idx, vals, m = reads[0]
-        out[idx] = blend(t[idx], vals, m).to(out_dtype)
+        # With multiplier 1 the base values are not needed: no gather (no read faults on a mapping).
+        out[idx] = (vals if m == 1.0 else blend(t[idx], vals, m)).to(out_dtype)
         return out, idx.numel()
     # Several deltas: where they overlap, their differences add up; elsewhere each writes its own.
     cat = torch.cat([r[0] for r in reads])
@@ -167,6 +175,82 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
     return out, uniq.numel()
 
 
+def _copy_and_patch(
+    src: SafetensorsFile,
+    target: Path,
+    patches: dict[str, list[_Patch]],
+    canon: dict[str, str],
+    progress: Callable[[int], None] | None,
+) -> tuple[int, int, int]:
+    """Same-dtype merge: copy the whole base in the kernel, then patch touched tensors in place.
+
+    Measured on ext4 with a 1% spread delta (every tensor touched, most 4 KiB pages dirtied):
+    ``copy_file_range`` + per-tensor ``mmap`` patching runs at about cp's speed, while reading
+    and writing every tensor through user space is several times slower. The copy runs in a
+    thread (the kernel call releases the GIL) and each tensor is patched as soon as its bytes
+    are copied, so the two overlap. Each tensor is mapped on its own and unmapped after, so
+    resident memory stays about one tensor.
+    """
+    size = src.data_start + max((e.end for e in src.order), default=0)
+    tensors = elements = 0
+    with atomic_write(target, size=size) as f:
+        state = {"copied": 0, "stop": False}
+        errors: list[BaseException] = []
+        cond = threading.Condition()
+
+        def copier() -> None:
+            done = 0
+            try:
+                while done < size and not state["stop"]:
+                    n = min(_PIPELINE_CHUNK, size - done)
+                    copy_range(src.f, f, done, n)
+                    done += n
+                    with cond:
+                        state["copied"] = done
+                        cond.notify_all()
+                    if progress is not None:
+                        progress(n)
+            except BaseException as exc:  # handed to the main thread
+                errors.append(exc)
+                with cond:
+                    state["copied"] = size
+                    cond.notify_all()
+
+        thread = threading.Thread(target=copier, name="ffid-merge-copy", daemon=True)
+        thread.start()
+        try:
+            fd = f.fileno()
+            for e in src.order:
+                plist = patches.get(canon[e.key])
+                if not plist or e.nbytes == 0:
+                    continue
+                offset = src.data_start + e.start
+                with cond:
+                    cond.wait_for(lambda: state["copied"] >= offset + e.nbytes)  # noqa: B023 - waited on here
+                if errors:
+                    break
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                mm = mmap.mmap(fd, offset + e.nbytes - start, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=start)
+                try:
+                    raw = torch.frombuffer(mm, dtype=torch.uint8)[offset - start :]
+                    t = buffer_tensor(raw.numpy(), e.dtype, (e.numel,))
+                    _, n = _patched(t, plist, t.dtype)
+                    tensors += 1
+                    elements += n
+                    del raw, t
+                finally:
+                    mm.close()
+        except BaseException:
+            state["stop"] = True  # the copy is pointless now; atomic_write removes the temp file
+            thread.join()
+            raise
+        thread.join()
+        if errors:
+            raise errors[0]
+    return size, tensors, elements
+
+
 def _write_shard(
     src: SafetensorsFile,
     target: Path,
@@ -176,6 +260,8 @@ def _write_shard(
     progress: Callable[[int], None] | None,
 ) -> tuple[int, int, int]:
     """Write one output shard; returns (bytes written, tensors patched, positions written)."""
+    if out_dtype is None:
+        return _copy_and_patch(src, target, patches, canon, progress)
     order = src.order
     if out_dtype is None:
         head = src.raw_header()
@@ -255,7 +341,7 @@ def merge_checkpoint(
         )
     out_dtype = parse_dtype(dtype)
     out = Path(out)
-    with Checkpoint(base) as ck:
+    with one_thread(), Checkpoint(base) as ck:
         dfs = [DeltaFile(d) for d in deltas]
         try:
             index_out, shard_out = _output_paths(ck, out)
