@@ -82,14 +82,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    # fork: the children reuse the imported torch/ffid (CPU only, so forking is safe)
-    mp.start_processes(
-        _worker,
-        args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)),
-        nprocs=WORLD,
-        join=True,
-        start_method="fork",
-    )
+    # spawn, not fork: forking a process whose OpenMP pool already ran can hang the children
+    mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
