@@ -17,7 +17,6 @@ Everything written is deleted at the end (``--keep`` keeps it).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def time_readers(path: Path) -> tuple[float, float]:
 
     t0 = time.perf_counter()
     with safe_open(str(path), "pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
             f.get_tensor(k).clone()  # get_tensor maps lazily; clone reads the bytes
     t_safe = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -136,15 +135,19 @@ def main() -> int:
         base, delta, out = work / "base.safetensors", work / "delta.safetensors", work / "out.safetensors"
         t0 = time.perf_counter()
         size, largest = build_base(base, args.layers)
-        print(f"base: {size / 1e9:.2f} GB bf16, largest tensor {largest / 2**20:.0f} MiB "
-              f"(built in {time.perf_counter() - t0:.0f} s)")
+        print(
+            f"base: {size / 1e9:.2f} GB bf16, largest tensor {largest / 2**20:.0f} MiB "
+            f"(built in {time.perf_counter() - t0:.0f} s)"
+        )
         from ffid.checkpoint import save_delta
 
         handle = _FileHandle(base, args.ff, 1)
         dsize = save_delta(handle, delta)
         sel = handle.selection
-        print(f"delta: ff {args.ff} spread id 1, {sel.selected:,} elements in {len(sel)} of "
-              f"{len(sel.manifest)} tensors, {dsize / 1e6:.1f} MB")
+        print(
+            f"delta: ff {args.ff} spread id 1, {sel.selected:,} elements in {len(sel)} of "
+            f"{len(sel.manifest)} tensors, {dsize / 1e6:.1f} MB"
+        )
         del handle
 
         t_safe, t_raw = time_readers(base)
@@ -174,14 +177,26 @@ def main() -> int:
             out.unlink()
         cp_best, merge_best, lib_best = min(cp_times), min(merge_times), min(lib_times)
         print("cp:    " + ", ".join(f"{t:.2f} s" for t in cp_times) + f"  -> {size / cp_best / 1e9:.2f} GB/s")
-        print("merge: " + ", ".join(f"{t:.2f} s" for t in merge_times) + f"  -> {size / merge_best / 1e9:.2f} GB/s")
-        print("merge_checkpoint() in-process (no interpreter/torch start-up): "
-              + ", ".join(f"{t:.2f} s" for t in lib_times) + f"  -> {size / lib_best / 1e9:.2f} GB/s")
-        print(f"merge speed / cp speed = {cp_best / merge_best:.2f} for the `ffid merge` command, "
-              f"{cp_best / lib_best:.2f} for the library call (best of {args.repeats}; target >= 0.50)")
-        print(f"merge peak RSS {rss / 2**20:.0f} MiB = python+torch+ffid import {rss_import / 2**20:.0f} MiB "
-              f"+ {(rss - rss_import) / 2**20:.0f} MiB ({(rss - rss_import) / largest:.1f} x the largest tensor; "
-              f"the checkpoint is {size / 2**20:.0f} MiB)")
+        print(
+            "merge: "
+            + ", ".join(f"{t:.2f} s" for t in merge_times)
+            + f"  -> {size / merge_best / 1e9:.2f} GB/s"
+        )
+        print(
+            "merge_checkpoint() in-process (no interpreter/torch start-up): "
+            + ", ".join(f"{t:.2f} s" for t in lib_times)
+            + f"  -> {size / lib_best / 1e9:.2f} GB/s"
+        )
+        print(
+            f"merge speed / cp speed = {cp_best / merge_best:.2f} for the `ffid merge` command, "
+            f"{cp_best / lib_best:.2f} for the library call (best of {args.repeats}; target >= 0.50)"
+        )
+        print(
+            f"merge peak RSS {rss / 2**20:.0f} MiB = python+torch+ffid import {rss_import / 2**20:.0f} MiB "
+            f"+ {(rss - rss_import) / 2**20:.0f} MiB ({(rss - rss_import) / largest:.1f} x the largest "
+            "tensor; "
+            f"the checkpoint is {size / 2**20:.0f} MiB)"
+        )
     finally:
         if args.keep:
             print(f"kept {work}")

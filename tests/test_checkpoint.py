@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tests.tiny_models import tiny_gpt2, tiny_mlp, tiny_wan
 
 import ffid
 from ffid.checkpoint import (
@@ -34,12 +35,11 @@ from ffid.checkpoint import (
     write_safetensors_stream,
 )
 from ffid.checkpoint.atomic import TEMP_SUFFIX, atomic_write, temp_path_for
-from ffid.checkpoint.delta import FINGERPRINT_SAMPLES, INDEX_SUFFIX, VALUE_SUFFIX
+from ffid.checkpoint.delta import INDEX_SUFFIX, VALUE_SUFFIX
 from ffid.checkpoint.namemap import DIFFUSERS, WAN, detect_naming, map_name
 from ffid.checkpoint.stio import index_code
 from ffid.errors import ConfigError, MismatchError, ModelFileError
 from ffid.names import canonical_name
-from tests.tiny_models import tiny_gpt2, tiny_mlp, tiny_wan
 
 # -- helpers shared with the other checkpoint test files -------------------------------------------
 
@@ -71,7 +71,9 @@ class StandInHandle:
             yield n, v
 
 
-def save_state(model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def save_state(
+    model: torch.nn.Module, path: Path, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Save a model's state dict (ties broken, optionally cast) as one safetensors file."""
     sd = {}
     for k, v in model.state_dict().items():
@@ -172,7 +174,7 @@ def test_whole_tensor_picks_store_values_without_indices(tmp_path):
     save_delta(StandInHandle(model, sel), path)
     with safe_open(str(path), "pt") as f:
         for n in whole:
-            assert n + INDEX_SUFFIX not in f.keys()
+            assert n + INDEX_SUFFIX not in f.keys()  # noqa: SIM118 - safe_open is not a dict
             assert tuple(f.get_slice(n + VALUE_SUFFIX).get_shape()) == sel[n].shape
     delta = load_delta(path)
     assert all(delta.tensors[n].whole for n in whole)
@@ -242,7 +244,7 @@ def test_stream_writer_rejects_wrong_sizes_and_leaves_nothing(tmp_path):
 
 
 def test_merge_equals_effective_state_and_keeps_layout(tmp_path, wan_setup):
-    model, base, handle, delta = wan_setup
+    _, base, handle, delta = wan_setup
     out = tmp_path / "merged.safetensors"
     result = merge_checkpoint(base, [delta], out)
     assert result.elements == handle.selection.selected
@@ -435,7 +437,7 @@ def test_extract_then_merge_is_bit_exact(tmp_path, dtype):
     sd = save_state(model, base, dtype)
     tuned_sd = {k: v.clone() for k, v in sd.items()}
     g = torch.Generator().manual_seed(0)
-    for k, v in tuned_sd.items():
+    for v in tuned_sd.values():
         flat = v.view(-1)
         pos = torch.randperm(flat.numel(), generator=g)[: max(1, flat.numel() // 50)]
         flat[pos] = (flat[pos].float() + torch.randn(pos.numel(), generator=g)).to(v.dtype)
@@ -456,7 +458,7 @@ def test_extract_then_merge_is_bit_exact(tmp_path, dtype):
 
 
 def test_extract_with_selection_matches_save_delta_and_flags_changes_outside(tmp_path, wan_setup):
-    model, base, handle, delta = wan_setup
+    _, base, handle, delta = wan_setup
     tuned = tmp_path / "tuned.safetensors"
     merge_checkpoint(base, [delta], tuned)
     sel = ffid.plan(base, 0.05, 1)
@@ -485,7 +487,7 @@ def test_extract_refuses_different_models(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_state(tiny_wan(), a)
     save_state(tiny_wan(layers=3), b)
-    with pytest.raises(MismatchError, match="lacks|missing"):
+    with pytest.raises(MismatchError, match=r"lacks|missing"):
         extract_delta(a, b, tmp_path / "x.safetensors")
 
 
@@ -493,7 +495,7 @@ def test_extract_refuses_different_models(tmp_path):
 
 
 def test_apply_delta_in_place_verifies_base(wan_setup):
-    model, _, handle, delta = wan_setup
+    _, _, handle, delta = wan_setup
     target = tiny_wan()
     result = apply_delta(target, delta)
     assert result.elements == handle.selection.selected
@@ -532,7 +534,10 @@ def test_name_map_inverts_the_diffusers_conversion():
 def test_delta_trained_in_diffusers_naming_merges_into_original_naming(tmp_path, wan_setup):
     model, _, handle, delta = wan_setup
     wan_file = tmp_path / "wan.safetensors"
-    wan_sd = {"model.diffusion_model." + k: v.clone().contiguous() for k, v in _diffusers_to_wan(model.state_dict()).items()}
+    wan_sd = {
+        "model.diffusion_model." + k: v.clone().contiguous()
+        for k, v in _diffusers_to_wan(model.state_dict()).items()
+    }
     save_file(wan_sd, str(wan_file))
     out = tmp_path / "wan_merged.safetensors"
     result = merge_checkpoint(wan_file, [delta], out)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.tiny_models import lm_inputs, tiny_gpt2, tiny_wan, tiny_wan_inputs
 
 import ffid
 from ffid.engine import attach
-from tests.tiny_models import lm_inputs, tiny_gpt2, tiny_wan, tiny_wan_inputs
 
 
 def _loss(kind: str, model: torch.nn.Module) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_apply_delta_to_fresh_model_equals_trained(trained_pair):
 
 
 def test_ids_1_and_2_merge_in_either_order_to_the_same_file(trained_pair):
-    kind, tmp, states = trained_pair
+    _, tmp, _ = trained_pair
     base_file = _weights_file(tmp / "base")
     a, b = tmp / "a.safetensors", tmp / "b.safetensors"
     ffid.merge_checkpoint(base_file, [tmp / "d1.safetensors", tmp / "d2.safetensors"], a)
@@ -99,7 +99,7 @@ def test_ids_1_and_2_merge_in_either_order_to_the_same_file(trained_pair):
 
 
 def test_extract_then_merge_gives_tuned_bit_exactly(trained_pair):
-    kind, tmp, _ = trained_pair
+    _, tmp, _ = trained_pair
     base_file = _weights_file(tmp / "base")
     tuned = tmp / "tuned.safetensors"
     ffid.merge_checkpoint(base_file, [tmp / "d1.safetensors", tmp / "d2.safetensors"], tuned)

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.test_checkpoint import StandInHandle, save_state
+from tests.tiny_models import tiny_wan
 
 import ffid
 from ffid.checkpoint import save_delta
 from ffid.cli import main
-from tests.test_checkpoint import StandInHandle, save_state
-from tests.tiny_models import tiny_wan
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,17 @@ def files(tmp_path_factory):
 
 def test_merge_extract_inspect_round_trip(files, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
-    rc = main(["merge", str(files / "base.safetensors"), str(files / "d1.safetensors"),
-               str(files / "d2.safetensors"), "-o", str(out), "-q"])
+    rc = main(
+        [
+            "merge",
+            str(files / "base.safetensors"),
+            str(files / "d1.safetensors"),
+            str(files / "d2.safetensors"),
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     x = tmp_path / "x.safetensors"
@@ -47,21 +56,67 @@ def test_merge_extract_inspect_round_trip(files, tmp_path, capsys):
 
 def test_extract_restricted_to_a_selection(files, tmp_path, capsys):
     tuned = tmp_path / "t.safetensors"
-    assert main(["merge", str(files / "base.safetensors"), str(files / "d1.safetensors"), "-o", str(tuned), "-q"]) == 0
+    assert (
+        main(
+            ["merge", str(files / "base.safetensors"), str(files / "d1.safetensors"), "-o", str(tuned), "-q"]
+        )
+        == 0
+    )
     x = tmp_path / "x.safetensors"
-    rc = main(["extract", str(files / "base.safetensors"), str(tuned), "-o", str(x), "--ff", "0.05", "--ffid", "1", "-q"])
+    rc = main(
+        [
+            "extract",
+            str(files / "base.safetensors"),
+            str(tuned),
+            "-o",
+            str(x),
+            "--ff",
+            "0.05",
+            "--ffid",
+            "1",
+            "-q",
+        ]
+    )
     assert rc == 0
-    assert ffid.load_delta(x).info.selection_fingerprint == ffid.load_delta(files / "d1.safetensors").info.selection_fingerprint
+    assert (
+        ffid.load_delta(x).info.selection_fingerprint
+        == ffid.load_delta(files / "d1.safetensors").info.selection_fingerprint
+    )
     y = tmp_path / "y.safetensors"
-    rc = main(["extract", str(files / "base.safetensors"), str(tuned), "-o", str(y), "--ff", "0.05", "--ffid", "2", "-q"])
+    rc = main(
+        [
+            "extract",
+            str(files / "base.safetensors"),
+            str(tuned),
+            "-o",
+            str(y),
+            "--ff",
+            "0.05",
+            "--ffid",
+            "2",
+            "-q",
+        ]
+    )
     assert rc == 2 and not y.exists()
     assert "outside the selection" in capsys.readouterr().err
 
 
 def test_merge_multiplier_and_dtype_flags(files, tmp_path):
     out = tmp_path / "m.safetensors"
-    rc = main(["merge", str(files / "base.safetensors"), str(files / "d1.safetensors"), "-o", str(out),
-               "--multiplier", "0.5", "--dtype", "bf16", "-q"])
+    rc = main(
+        [
+            "merge",
+            str(files / "base.safetensors"),
+            str(files / "d1.safetensors"),
+            "-o",
+            str(out),
+            "--multiplier",
+            "0.5",
+            "--dtype",
+            "bf16",
+            "-q",
+        ]
+    )
     assert rc == 0
     assert all(v.dtype == torch.bfloat16 for v in load_file(str(out)).values())
 
@@ -81,10 +136,18 @@ def test_merge_multiplier_and_dtype_flags(files, tmp_path):
     ],
 )
 def test_bad_input_is_one_line_error_exit_2_and_writes_nothing(files, tmp_path, capsys, argv, needle):
-    names = {"base": files / "base.safetensors", "d1": files / "d1.safetensors", "d2": files / "d2.safetensors",
-             "out": tmp_path / "out.safetensors", "missing": tmp_path / "missing.safetensors"}
+    names = {
+        "base": files / "base.safetensors",
+        "d1": files / "d1.safetensors",
+        "d2": files / "d2.safetensors",
+        "out": tmp_path / "out.safetensors",
+        "missing": tmp_path / "missing.safetensors",
+    }
     before = {p: p.read_bytes() for p in files.iterdir()}
-    rc = main([a.format(**{k: str(v) for k, v in names.items()}) for a in argv] + (["-q"] if argv[0] != "inspect" else []))
+    rc = main(
+        [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
+        + (["-q"] if argv[0] != "inspect" else [])
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith(f"ffid {argv[0]}: error:") and needle in err[0]

@@ -87,7 +87,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def refuse_overwrite(target: Path, inputs: Iterable[Path]) -> None:
-    """Refuse to write ``target`` when it is one of the ``inputs`` (reading and writing one file corrupts it)."""
+    """Refuse to write ``target`` when it is one of the ``inputs`` (it would corrupt what is read)."""
     for src in inputs:
         if same_file(target, src):
             raise ConfigError(
@@ -123,7 +123,9 @@ def atomic_write(target: str | os.PathLike[str], size: int | None = None) -> Ite
     if not folder.is_dir():
         raise ConfigError(f"output folder {folder} does not exist; create it first or choose another -o path")
     if target.is_dir():
-        raise ConfigError(f"output {target} is a folder; give a file name such as {target / 'model.safetensors'}")
+        raise ConfigError(
+            f"output {target} is a folder; give a file name such as {target / 'model.safetensors'}"
+        )
     cleanup_stale_temps(target)
     if size is not None:
         check_free_space(folder, size)

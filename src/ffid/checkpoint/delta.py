@@ -160,7 +160,9 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
         )
     try:
         params = json.loads(meta.get(KEY_PARAMS) or "{}")
-        base_fp = {n: TensorFingerprint.from_json(v) for n, v in json.loads(meta.get(KEY_BASE_FP) or "{}").items()}
+        base_fp = {
+            n: TensorFingerprint.from_json(v) for n, v in json.loads(meta.get(KEY_BASE_FP) or "{}").items()
+        }
         ff = float(meta[KEY_FF]) if meta.get(KEY_FF) else None
         ffid = int(meta[KEY_FFID]) if meta.get(KEY_FFID) else None
         total = int(meta[KEY_TOTAL]) if meta.get(KEY_TOTAL) else None
@@ -198,12 +200,18 @@ class DeltaFile:
             if key.endswith(VALUE_SUFFIX):
                 names.append(key[: -len(VALUE_SUFFIX)])
                 if not is_float_code(e.dtype):
-                    raise ModelFileError(f"{self.path}: {key!r} holds {e.dtype}, values must be floats; re-save it")
+                    raise ModelFileError(
+                        f"{self.path}: {key!r} holds {e.dtype}, values must be floats; re-save it"
+                    )
             elif key.endswith(INDEX_SUFFIX):
                 if e.dtype not in NUMPY_INT:
-                    raise ModelFileError(f"{self.path}: {key!r} holds {e.dtype}, indices must be integers; re-save it")
+                    raise ModelFileError(
+                        f"{self.path}: {key!r} holds {e.dtype}, indices must be integers; re-save it"
+                    )
                 if key[: -len(INDEX_SUFFIX)] + VALUE_SUFFIX not in self.file.entries:
-                    raise ModelFileError(f"{self.path}: {key!r} has no matching {VALUE_SUFFIX} tensor; re-save it")
+                    raise ModelFileError(
+                        f"{self.path}: {key!r} has no matching {VALUE_SUFFIX} tensor; re-save it"
+                    )
             else:
                 raise ModelFileError(f"{self.path}: unexpected tensor {key!r} in a delta file; re-save it")
         self.names = sorted(names)
@@ -212,7 +220,9 @@ class DeltaFile:
         self._cache_budget = INDEX_CACHE_BYTES
         missing = [n for n in self.names if n not in self.info.base_fingerprint]
         if missing:
-            raise ModelFileError(f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it")
+            raise ModelFileError(
+                f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it"
+            )
 
     def close(self) -> None:
         self.file.close()
@@ -250,18 +260,21 @@ class DeltaFile:
         if ientry is None:
             if ventry.numel != numel:
                 raise ModelFileError(
-                    f"{self.path}: {name!r} has no index tensor but {ventry.numel} values for a tensor of {numel}; "
+                    f"{self.path}: {name!r} has no index tensor but {ventry.numel} values for a tensor "
+                    f"of {numel}; "
                     "the file is corrupt, re-save it"
                 )
             return torch.arange(numel, dtype=torch.int64)
         idx = self.file.read_flat_int(ientry)
         if idx.numel() != ventry.numel:
             raise ModelFileError(
-                f"{self.path}: {name!r} has {idx.numel()} indices but {ventry.numel} values; re-save the delta"
+                f"{self.path}: {name!r} has {idx.numel()} indices but {ventry.numel} values; re-save "
+                "the delta"
             )
         if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
             raise ModelFileError(
-                f"{self.path}: indices of {name!r} are not sorted, unique and within [0, {numel}); re-save the delta"
+                f"{self.path}: indices of {name!r} are not sorted, unique and within [0, {numel}); "
+                "re-save the delta"
             )
         return idx
 
@@ -398,28 +411,32 @@ def write_delta(
             data[t.name + VALUE_SUFFIX] = t.values.reshape(-1).to(save_dtype)
     touched = {e[0].rsplit(".ffid_", 1)[0] for e in entries}
     meta: dict[str, str] = training_metadata(
-        selector=selector, params=params, architecture=architecture or _preset_for(base_manifest_fingerprint),
+        selector=selector,
+        params=params,
+        architecture=architecture or _preset_for(base_manifest_fingerprint),
         title=path.stem,
     )
-    meta.update({
-        KEY_FORMAT: FORMAT_NAME,
-        KEY_FORMAT_VERSION: FORMAT_VERSION,
-        KEY_VERSION: __version__,
-        KEY_SELECTOR: selector,
-        KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
-        KEY_FF: "" if params.get("ff") is None else repr(float(params["ff"])),
-        KEY_FFID: "" if params.get("ffid") is None else str(int(params["ffid"])),
-        KEY_SELECTION_FP: selection_fingerprint,
-        KEY_BASE_FP: json.dumps(
-            {n: base_fingerprint[n].to_json() for n in sorted(touched)}, separators=(",", ":")
-        ),
-        KEY_BASE_MANIFEST_FP: base_manifest_fingerprint,
-        KEY_NAMING: naming,
-        KEY_VALUE_DTYPE: value_code,
-        KEY_SELECTED: str(selected),
-        KEY_TOTAL: "" if total_params is None else str(int(total_params)),
-        KEY_SOURCE: source,
-    })
+    meta.update(
+        {
+            KEY_FORMAT: FORMAT_NAME,
+            KEY_FORMAT_VERSION: FORMAT_VERSION,
+            KEY_VERSION: __version__,
+            KEY_SELECTOR: selector,
+            KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
+            KEY_FF: "" if params.get("ff") is None else repr(float(params["ff"])),
+            KEY_FFID: "" if params.get("ffid") is None else str(int(params["ffid"])),
+            KEY_SELECTION_FP: selection_fingerprint,
+            KEY_BASE_FP: json.dumps(
+                {n: base_fingerprint[n].to_json() for n in sorted(touched)}, separators=(",", ":")
+            ),
+            KEY_BASE_MANIFEST_FP: base_manifest_fingerprint,
+            KEY_NAMING: naming,
+            KEY_VALUE_DTYPE: value_code,
+            KEY_SELECTED: str(selected),
+            KEY_TOTAL: "" if total_params is None else str(int(total_params)),
+            KEY_SOURCE: source,
+        }
+    )
     for k, v in (metadata or {}).items():
         if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
             raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
@@ -453,17 +470,24 @@ def save_delta(
         pick = sel[name]
         idx = sel.indices(name)
         if name not in trained or name not in base:
-            raise ConfigError(f"the handle has no trained/base values for {name!r}; attach again before saving")
+            raise ConfigError(
+                f"the handle has no trained/base values for {name!r}; attach again before saving"
+            )
         vals, bvals = trained[name].reshape(-1), base[name].reshape(-1)
         if vals.numel() != idx.numel() or bvals.numel() != idx.numel():
             raise ConfigError(
-                f"{name!r}: {vals.numel()} trained / {bvals.numel()} base values for {idx.numel()} selected positions"
+                f"{name!r}: {vals.numel()} trained / {bvals.numel()} base values for {idx.numel()} "
+                "selected positions"
             )
         tensors.append(DeltaTensor(name, tuple(pick.shape), idx, vals.detach().cpu()))
         fps[name] = TensorFingerprint(tuple(pick.shape), values_hash(bvals[sample_positions(idx.numel())]))
     params = dict(sel.params)
     model = getattr(handle, "model", None)
-    arch = architecture or _preset_for(sel.manifest.fingerprint) or (type(model).__name__ if model is not None else None)
+    arch = (
+        architecture
+        or _preset_for(sel.manifest.fingerprint)
+        or (type(model).__name__ if model is not None else None)
+    )
     return write_delta(
         path,
         tensors,
@@ -540,11 +564,14 @@ def apply_delta(
         t = targets[target_name]
         if tuple(t.shape) != dt.shape:
             raise MismatchError(
-                f"tensor {target_name!r} has shape {tuple(t.shape)} in the model but {dt.shape} in the delta; "
+                f"tensor {target_name!r} has shape {tuple(t.shape)} in the model but {dt.shape} in the "
+                "delta; "
                 "the delta was made for another model size"
             )
         if t.device.type == "meta":
-            raise ConfigError(f"tensor {target_name!r} is on the meta device; load the weights before applying")
+            raise ConfigError(
+                f"tensor {target_name!r} is on the meta device; load the weights before applying"
+            )
         if verify:
             fp = delta.info.base_fingerprint[name]
             pos = dt.indices[sample_positions(dt.count)]
@@ -561,7 +588,9 @@ def apply_delta(
         for dt, t in plan:
             flat = t.data.view(-1) if t.is_contiguous() else None
             if flat is None:
-                raise ConfigError(f"tensor {dt.name!r} is not contiguous; call .contiguous() on the model first")
+                raise ConfigError(
+                    f"tensor {dt.name!r} is not contiguous; call .contiguous() on the model first"
+                )
             idx = dt.indices.to(t.device)
             new = blend(flat[idx], dt.values.to(t.device), multiplier)
             flat[idx] = new.to(t.dtype)

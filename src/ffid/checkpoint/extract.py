@@ -25,7 +25,7 @@ from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
 from .namemap import NameResolver, detect_naming
-from .stio import BIT_VIEW, one_thread, is_float_code, parse_dtype
+from .stio import BIT_VIEW, is_float_code, one_thread, parse_dtype
 
 OUTSIDE_CHOICES = ("error", "warn")
 
@@ -78,7 +78,9 @@ def extract_delta(
     out = Path(out)
     with one_thread(), Checkpoint(base) as bk, Checkpoint(tuned) as tk:
         if out.is_dir():
-            raise ConfigError(f"output {out} is a folder; name the delta file, e.g. {out / 'delta.safetensors'}")
+            raise ConfigError(
+                f"output {out} is a folder; name the delta file, e.g. {out / 'delta.safetensors'}"
+            )
         refuse_overwrite(out, bk.files + tk.files)
         resolver = NameResolver(tk.tensors, detect_naming(bk.tensors))
         pairs = []
@@ -87,13 +89,15 @@ def extract_delta(
             tname = resolver.resolve(name)
             if tname is None:
                 raise MismatchError(
-                    f"tensor {name!r} of base {bk.path.name} is missing from tuned {tk.path.name} (first mismatching "
+                    f"tensor {name!r} of base {bk.path.name} is missing from tuned {tk.path.name} "
+                    "(first mismatching "
                     "tensor); compare checkpoints of the same model"
                 )
             tloc = tk.tensors[tname]
             if tloc.entry.shape != loc.entry.shape:
                 raise MismatchError(
-                    f"tensor {name!r} is {list(loc.entry.shape)} in base but {list(tloc.entry.shape)} in tuned (first "
+                    f"tensor {name!r} is {list(loc.entry.shape)} in base but {list(tloc.entry.shape)} "
+                    "in tuned (first "
                     "mismatching tensor); compare checkpoints of the same model"
                 )
             pairs.append((name, loc, tloc))
@@ -101,13 +105,16 @@ def extract_delta(
         extra = sorted(set(tk.tensors) - used)
         if extra:
             raise MismatchError(
-                f"tuned {tk.path.name} holds tensor {extra[0]!r} that base {bk.path.name} lacks; compare checkpoints "
+                f"tuned {tk.path.name} holds tensor {extra[0]!r} that base {bk.path.name} lacks; "
+                "compare checkpoints "
                 "of the same model"
             )
         if selection is not None:
             unknown = [n for n in selection if n not in bk.tensors]
             if unknown:
-                raise MismatchError(f"the selection names tensor {unknown[0]!r}, which base {bk.path.name} lacks")
+                raise MismatchError(
+                    f"the selection names tensor {unknown[0]!r}, which base {bk.path.name} lacks"
+                )
         pairs.sort(key=lambda p: (p[1].file.path.name, p[1].entry.start))
         tensors: list[DeltaTensor] = []
         fps: dict[str, TensorFingerprint] = {}
@@ -119,7 +126,8 @@ def extract_delta(
             if not is_float_code(loc.entry.dtype) or not is_float_code(tloc.entry.dtype):
                 if loc.entry.dtype != tloc.entry.dtype or not torch.equal(b, t):
                     raise MismatchError(
-                        f"non-float tensor {name!r} differs between base and tuned; a delta can only hold float "
+                        f"non-float tensor {name!r} differs between base and tuned; a delta can only "
+                        "hold float "
                         "changes, so merging could not reproduce the tuned model"
                     )
                 continue
@@ -145,7 +153,8 @@ def extract_delta(
         warnings = []
         if outside_n:
             msg = (
-                f"{outside_n:,} changed positions lie outside the selection (first in {first_outside!r}); the "
+                f"{outside_n:,} changed positions lie outside the selection (first in "
+                f"{first_outside!r}); the "
                 "delta leaves them out, so merging it does not give back the tuned model"
             )
             if outside == "error":
@@ -155,8 +164,11 @@ def extract_delta(
                 )
             warnings.append(msg)
         manifest = Manifest(
-            [TensorInfo(n, loc.entry.shape, loc.entry.dtype, loc.entry.key) for n, loc in bk.tensors.items()
-             if is_float_code(loc.entry.dtype)],
+            [
+                TensorInfo(n, loc.entry.shape, loc.entry.dtype, loc.entry.key)
+                for n, loc in bk.tensors.items()
+                if is_float_code(loc.entry.dtype)
+            ],
             str(bk.path),
         )
         if selection is not None:
@@ -164,7 +176,9 @@ def extract_delta(
             selector, params = sel.selector, dict(sel.params)
         else:
             picks = {d.name: TensorPick(d.name, d.shape, d.count, Explicit(d.indices)) for d in tensors}
-            sel = Selection("extract", {"threshold": threshold}, manifest, picks, sum(d.count for d in tensors))
+            sel = Selection(
+                "extract", {"threshold": threshold}, manifest, picks, sum(d.count for d in tensors)
+            )
             selector, params = "extract", {"threshold": threshold}
         size = write_delta(
             out,

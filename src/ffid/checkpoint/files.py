@@ -43,16 +43,29 @@ class Checkpoint:
                 self.index = json.loads(p.read_text())
                 weight_map: dict[str, str] = self.index["weight_map"]
                 shard_names = sorted(set(weight_map.values()))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise ModelFileError(f"{p} is not a valid safetensors index ({exc}); re-save the checkpoint") from None
+            except (
+                OSError,
+                UnicodeDecodeError,
+                json.JSONDecodeError,
+                KeyError,
+                TypeError,
+                AttributeError,
+            ) as exc:
+                raise ModelFileError(
+                    f"{p} is not a valid safetensors index ({exc}); re-save the checkpoint"
+                ) from None
             for name in shard_names:
                 if Path(name).name != name:
-                    raise ModelFileError(f"{p} names shard {name!r} outside its folder; ffid only reads flat shard sets")
+                    raise ModelFileError(
+                        f"{p} names shard {name!r} outside its folder; ffid only reads flat shard sets"
+                    )
                 self.shards.append(SafetensorsFile(p.parent / name))
             for key, shard in weight_map.items():
                 sf = next(s for s in self.shards if s.path.name == shard)
                 if key not in sf.entries:
-                    raise ModelFileError(f"{p} maps {key!r} to {shard}, which does not hold it; re-save the checkpoint")
+                    raise ModelFileError(
+                        f"{p} maps {key!r} to {shard}, which does not hold it; re-save the checkpoint"
+                    )
         else:
             self.shards.append(SafetensorsFile(p))
         self.tensors: dict[str, Located] = {}
@@ -60,7 +73,8 @@ class Checkpoint:
             for name, entry in sf.by_canonical.items():
                 if name in self.tensors:
                     raise ModelFileError(
-                        f"{self.path}: tensor {name!r} is stored twice ({self.tensors[name].file.path.name} and "
+                        f"{self.path}: tensor {name!r} is stored twice "
+                        f"({self.tensors[name].file.path.name} and "
                         f"{sf.path.name}); re-save the checkpoint"
                     )
                 self.tensors[name] = Located(sf, entry)

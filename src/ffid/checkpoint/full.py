@@ -47,10 +47,13 @@ def save_full(
         try:
             got_key, tensor = next(stream)
         except StopIteration:
-            raise AttachError(f"the handle's effective state ended before {key!r}; the model changed after attach") from None
+            raise AttachError(
+                f"the handle's effective state ended before {key!r}; the model changed after attach"
+            ) from None
         if canonical_name(got_key) != key:
             raise AttachError(
-                f"the handle yielded {got_key!r} where the state dict has {key!r}; the model changed after attach"
+                f"the handle yielded {got_key!r} where the state dict has {key!r}; the model changed "
+                "after attach"
             )
         return tensor
 
@@ -62,13 +65,15 @@ def save_full(
         title=os.path.splitext(os.path.basename(os.fspath(path)))[0],
         suffix="ffid-full",
     )
-    meta.update({
-        "ffid.format": "ffid-full",
-        "ffid.version": __version__,
-        "ffid.selector": sel.selector,
-        "ffid.params": json.dumps(dict(sel.params), sort_keys=True, default=str),
-        "ffid.selection_fingerprint": sel.fingerprint,
-    })
+    meta.update(
+        {
+            "ffid.format": "ffid-full",
+            "ffid.version": __version__,
+            "ffid.selector": sel.selector,
+            "ffid.params": json.dumps(dict(sel.params), sort_keys=True, default=str),
+            "ffid.selection_fingerprint": sel.fingerprint,
+        }
+    )
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     # State-dict order, unsorted: effective_state yields in that order and is consumed as it comes.

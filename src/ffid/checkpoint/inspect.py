@@ -63,7 +63,9 @@ def inspect_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "selected": sum(counts.values()),
             "total_params": info.total_params,
             "per_block": _blocks(df.names, counts),
-            "training_metadata": {k: v for k, v in sorted(df.metadata.items()) if k.startswith(TRAINING_PREFIXES)},
+            "training_metadata": {
+                k: v for k, v in sorted(df.metadata.items()) if k.startswith(TRAINING_PREFIXES)
+            },
         }
 
 
@@ -81,7 +83,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         floats = [n for n in names if is_float_code(ck.tensors[n].entry.dtype)]
         from ..manifest import Manifest, TensorInfo
 
-        manifest = Manifest([TensorInfo(n, ck.tensors[n].entry.shape, ck.tensors[n].entry.dtype, n) for n in floats])
+        manifest = Manifest(
+            [TensorInfo(n, ck.tensors[n].entry.shape, ck.tensors[n].entry.dtype, n) for n in floats]
+        )
         return {
             "kind": "checkpoint",
             "path": str(ck.path),
@@ -122,7 +126,8 @@ def format_inspect(report: dict[str, Any]) -> str:
         if report["total_params"]:
             frac = f" ({report['selected'] / report['total_params']:.4%} of {report['total_params']:,})"
         lines += [
-            f"ffid delta {report['path']} ({report['file_bytes']:,} bytes, format v{report['format_version']}, "
+            f"ffid delta {report['path']} ({report['file_bytes']:,} bytes, format "
+            f"v{report['format_version']}, "
             f"written by ffid {report['ffid_version'] or '?'} via {report['source'] or '?'})",
             f"  selector   {report['selector']}  ff={report['ff']}  ffid={report['ffid']}",
             f"  params     {report['params']}",
@@ -130,7 +135,8 @@ def format_inspect(report: dict[str, Any]) -> str:
             + (f", {report['whole_tensors']} whole" if report["whole_tensors"] else ""),
             f"  values     {report['value_dtype']}, naming {report['naming']}",
             f"  selection fingerprint {report['selection_fingerprint']}",
-            f"  base fingerprint      {report['base_fingerprint']} (manifest {report['base_manifest_fingerprint']})",
+            f"  base fingerprint      {report['base_fingerprint']} (manifest "
+            f"{report['base_manifest_fingerprint']})",
         ]
         meta = report["training_metadata"]
     else:
@@ -138,8 +144,12 @@ def format_inspect(report: dict[str, Any]) -> str:
             f"checkpoint {report['path']} ({report['file_bytes']:,} bytes"
             + (f", {len(report['shards'])} shards" if report["shards"] else "")
             + ")",
-            f"  tensors    {report['tensors']:,}  params {report['params']:,} (float {report['float_params']:,})",
-            "  dtypes     " + ", ".join(f"{k}: {v['tensors']} tensors / {v['params']:,}" for k, v in report["dtypes"].items()),
+            f"  tensors    {report['tensors']:,}  params {report['params']:,} (float "
+            f"{report['float_params']:,})",
+            "  dtypes     "
+            + ", ".join(
+                f"{k}: {v['tensors']} tensors / {v['params']:,}" for k, v in report["dtypes"].items()
+            ),
             f"  naming     {report['naming']}, {report['blocks']} blocks, manifest fingerprint "
             f"{report['manifest_fingerprint']}",
         ]

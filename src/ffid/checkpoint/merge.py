@@ -29,7 +29,6 @@ from .delta import DeltaFile, blend, sample_positions, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
 from .stio import (
-    one_thread,
     SafetensorsFile,
     alignment_order,
     buffer_tensor,
@@ -37,11 +36,11 @@ from .stio import (
     copy_range,
     dtype_code,
     is_float_code,
+    one_thread,
     parse_dtype,
     tensor_bytes,
     write_all,
 )
-
 
 # The copy thread publishes progress in steps of this size; patching follows right behind it.
 _PIPELINE_CHUNK = 32 * 2**20
@@ -91,7 +90,7 @@ def _check_delta_against_base(
     """Map every delta tensor to its base tensor, check shapes and base fingerprints."""
     patches: dict[str, list[_Patch]] = {}
     renamed: dict[str, str] = {}
-    for df, m in zip(deltas, multipliers):
+    for df, m in zip(deltas, multipliers, strict=True):
         resolver = NameResolver(base.tensors, df.info.naming)
         for name in df.names:
             target = resolver.resolve(name)
@@ -104,16 +103,21 @@ def _check_delta_against_base(
             if loc.entry.shape != df.shape(name):
                 raise MismatchError(
                     f"tensor {target!r} is {list(loc.entry.shape)} in base {base.path.name} but "
-                    f"{list(df.shape(name))} in delta {df.path.name} (first mismatching tensor); the delta was "
+                    f"{list(df.shape(name))} in delta {df.path.name} (first mismatching tensor); the "
+                    "delta was "
                     "made for another model size"
                 )
             if not is_float_code(loc.entry.dtype):
-                raise MismatchError(f"base tensor {target!r} is {loc.entry.dtype}, a delta can only change floats")
+                raise MismatchError(
+                    f"base tensor {target!r} is {loc.entry.dtype}, a delta can only change floats"
+                )
             if target != name:
                 renamed[name] = target
             patches.setdefault(target, []).append(_Patch(df, name, m))
     if verify:
-        for target in sorted(patches, key=lambda n: (base.tensors[n].file.path.name, base.tensors[n].entry.start)):
+        for target in sorted(
+            patches, key=lambda n: (base.tensors[n].file.path.name, base.tensors[n].entry.start)
+        ):
             loc = base.tensors[target]
             for p in patches[target]:
                 idx = p.delta.read_indices(p.name)
@@ -121,8 +125,10 @@ def _check_delta_against_base(
                 got = values_hash(loc.file.read_elements(loc.entry, pos.tolist()))
                 if got != p.delta.info.base_fingerprint[p.name].hash:
                     raise MismatchError(
-                        f"delta {p.delta.path.name} was not made from base {base.path.name}: tensor {target!r} holds "
-                        "other values at the trained positions (first mismatching tensor); merge into the model "
+                        f"delta {p.delta.path.name} was not made from base {base.path.name}: tensor "
+                        f"{target!r} holds "
+                        "other values at the trained positions (first mismatching tensor); merge into "
+                        "the model "
                         "it was trained on, or pass --no-verify if you are sure"
                     )
     return patches, renamed
@@ -230,8 +236,13 @@ def _copy_and_patch(
                 if errors:
                     break
                 start = offset - offset % mmap.ALLOCATIONGRANULARITY
-                mm = mmap.mmap(fd, offset + e.nbytes - start, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                               offset=start)
+                mm = mmap.mmap(
+                    fd,
+                    offset + e.nbytes - start,
+                    mmap.MAP_SHARED,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=start,
+                )
                 try:
                     raw = torch.frombuffer(mm, dtype=torch.uint8)[offset - start :]
                     t = buffer_tensor(raw.numpy(), e.dtype, (e.numel,))
@@ -332,12 +343,17 @@ def merge_checkpoint(
     """
     if not deltas:
         raise ConfigError("no delta given; name at least one delta file to merge into the base")
-    mults = [float(multipliers)] * len(deltas) if isinstance(multipliers, (int, float)) else [float(m) for m in multipliers]
+    mults = (
+        [float(multipliers)] * len(deltas)
+        if isinstance(multipliers, (int, float))
+        else [float(m) for m in multipliers]
+    )
     if len(mults) == 1 and len(deltas) > 1:
         mults = mults * len(deltas)
     if len(mults) != len(deltas):
         raise ConfigError(
-            f"{len(mults)} multipliers for {len(deltas)} deltas; give one --multiplier for all or one per delta"
+            f"{len(mults)} multipliers for {len(deltas)} deltas; give one --multiplier for all or one "
+            "per delta"
         )
     out_dtype = parse_dtype(dtype)
     out = Path(out)
@@ -352,7 +368,8 @@ def merge_checkpoint(
             overlap, first = _count_overlap(ck, patches)
             if overlap and not allow_overlap:
                 raise MismatchError(
-                    f"the deltas overlap in {overlap:,} positions (first in tensor {first!r}); they would overwrite "
+                    f"the deltas overlap in {overlap:,} positions (first in tensor {first!r}); they "
+                    "would overwrite "
                     "each other: pass --allow-overlap to add up their changes there"
                 )
             if len(shard_out) > 1 and out_dtype is None:
@@ -372,7 +389,12 @@ def merge_checkpoint(
                 index = json.loads(json.dumps(ck.index))
                 if out_dtype is not None:
                     index.setdefault("metadata", {})["total_size"] = sum(
-                        e.numel * (DTYPE_BYTES[dtype_code(out_dtype)] if is_float_code(e.dtype) else DTYPE_BYTES[e.dtype])
+                        e.numel
+                        * (
+                            DTYPE_BYTES[dtype_code(out_dtype)]
+                            if is_float_code(e.dtype)
+                            else DTYPE_BYTES[e.dtype]
+                        )
                         for loc in ck.tensors.values()
                         for e in [loc.entry]
                     )
@@ -382,4 +404,3 @@ def merge_checkpoint(
             for d in dfs:
                 d.close()
     return MergeResult(outputs, tensors, elements, overlap, written, renamed)
-

@@ -81,7 +81,9 @@ _BLOCK += [
 ]
 
 _BLOCK_RE = re.compile(r"^(blocks\.\d+\.)(.*)$")
-_WAN_HINT = re.compile(r"(^|\.)(self_attn|cross_attn)\.|^head\.head\.|^(text|time)_embedding\.|^time_projection\.")
+_WAN_HINT = re.compile(
+    r"(^|\.)(self_attn|cross_attn)\.|^head\.head\.|^(text|time)_embedding\.|^time_projection\."
+)
 _DIFFUSERS_HINT = re.compile(r"\.attn[12]\.|^condition_embedder\.|scale_shift_table$|^proj_out\.")
 
 

@@ -32,20 +32,38 @@ from .atomic import atomic_write
 
 # safetensors dtype code -> torch dtype (only the ones torch has).
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
-for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
+for _code, _name in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _name):
         TORCH_DTYPES[_code] = getattr(torch, _name)
 CODES = {v: k for k, v in TORCH_DTYPES.items()}
 
 # Integer codes read through numpy (torch's unsigned types lack most ops).
 NUMPY_INT = {
-    "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
-    "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
 }
 # Same-size integer views used to compare floats bit for bit.
 BIT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -75,17 +93,26 @@ def dtype_code(dtype: torch.dtype) -> str:
     try:
         return CODES[dtype]
     except KeyError:
-        raise ConfigError(f"dtype {dtype} cannot be stored in safetensors by ffid; use fp32, bf16 or fp16") from None
+        raise ConfigError(
+            f"dtype {dtype} cannot be stored in safetensors by ffid; use fp32, bf16 or fp16"
+        ) from None
 
 
 def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
-    """``bf16``/``bfloat16``/``fp16``/``float16``/``fp32``/``float32``/``fp8`` (or a torch dtype) -> torch dtype."""
+    """A dtype name (``bf16``, ``fp16``, ``fp32``, ``fp8``, ...) or a torch dtype -> torch dtype."""
     if text is None or isinstance(text, torch.dtype):
         return text
     table = {
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-        "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-        "fp64": torch.float64, "float64": torch.float64,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "half": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "float": torch.float32,
+        "fp64": torch.float64,
+        "float64": torch.float64,
     }
     if hasattr(torch, "float8_e4m3fn"):
         table["fp8"] = table["fp8_e4m3"] = table["float8_e4m3fn"] = torch.float8_e4m3fn
@@ -148,8 +175,13 @@ class SafetensorsFile:
         self.path = Path(path)
         header, self.metadata, self.data_start = read_safetensors_header(self.path)
         self.entries: dict[str, Entry] = {
-            k: Entry(k, e["dtype"], tuple(int(d) for d in e["shape"]), int(e["data_offsets"][0]),
-                     int(e["data_offsets"][1]))
+            k: Entry(
+                k,
+                e["dtype"],
+                tuple(int(d) for d in e["shape"]),
+                int(e["data_offsets"][0]),
+                int(e["data_offsets"][1]),
+            )
             for k, e in header.items()
         }
         # Data order (by offset) is the order a streaming copy reads and writes in.
@@ -159,7 +191,8 @@ class SafetensorsFile:
             name = canonical_name(e.key)
             if name in self.by_canonical:
                 raise ModelFileError(
-                    f"{self.path}: keys {self.by_canonical[name].key!r} and {e.key!r} both mean tensor {name!r}; "
+                    f"{self.path}: keys {self.by_canonical[name].key!r} and {e.key!r} both mean tensor "
+                    f"{name!r}; "
                     "the file mixes wrapped and unwrapped names, re-save it with one naming"
                 )
             self.by_canonical[name] = e
@@ -233,7 +266,9 @@ class SafetensorsFile:
         return buffer_tensor(buf, entry.dtype, (len(positions),)).to(torch.float32)
 
 
-def buffer_tensor(buf: bytearray | memoryview | np.ndarray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+def buffer_tensor(
+    buf: bytearray | memoryview | np.ndarray, code: str, shape: tuple[int, ...]
+) -> torch.Tensor:
     """A torch view of raw bytes (``code`` dtype, ``shape``); shares the buffer's memory."""
     dtype = TORCH_DTYPES.get(code)
     if dtype is None:
@@ -251,7 +286,9 @@ def build_header(
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
-            raise ConfigError(f"safetensors metadata values must be strings; {bad[0]!r} is not (JSON-encode it)")
+            raise ConfigError(
+                f"safetensors metadata values must be strings; {bad[0]!r} is not (JSON-encode it)"
+            )
         header["__metadata__"] = dict(metadata)
     laid_out = []
     offset = 0
@@ -270,7 +307,9 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw, laid_out
 
 
-def alignment_order(entries: Sequence[tuple[str, str, Sequence[int]]]) -> list[tuple[str, str, Sequence[int]]]:
+def alignment_order(
+    entries: Sequence[tuple[str, str, Sequence[int]]],
+) -> list[tuple[str, str, Sequence[int]]]:
     """Entries sorted by element size (largest first), stable: every tensor then starts aligned."""
     return sorted(entries, key=lambda e: -DTYPE_BYTES[e[1]])
 
@@ -343,7 +382,9 @@ def write_safetensors_stream(
                 data = tensor_bytes(data)
             view = memoryview(data).cast("B")
             if view.nbytes != e.nbytes:
-                raise ConfigError(f"tensor {e.key!r} produced {view.nbytes} bytes, the header says {e.nbytes}")
+                raise ConfigError(
+                    f"tensor {e.key!r} produced {view.nbytes} bytes, the header says {e.nbytes}"
+                )
             write_all(f, view)
             if progress is not None:
                 progress(e.nbytes)

@@ -20,9 +20,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "larger than T are kept (smaller file, no longer exact)."
         ),
     )
-    p.add_argument("base", metavar="BASE", help="base checkpoint: .safetensors, *.safetensors.index.json or model folder")
-    p.add_argument("tuned", metavar="TUNED", help="finetuned checkpoint of the same model (either Wan or diffusers naming)")
-    p.add_argument("-o", "--output", required=True, metavar="DELTA", help="delta file to write (.safetensors)")
+    p.add_argument(
+        "base", metavar="BASE", help="base checkpoint: .safetensors, *.safetensors.index.json or model folder"
+    )
+    p.add_argument(
+        "tuned",
+        metavar="TUNED",
+        help="finetuned checkpoint of the same model (either Wan or diffusers naming)",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="DELTA", help="delta file to write (.safetensors)"
+    )
     p.add_argument("--ff", metavar="F", help="restrict to the selection of this fraction (with --ffid)")
     p.add_argument("--ffid", metavar="N", help="selection id (with --ff)")
     p.add_argument("--selector", default="spread", help="selector of the training run (default: spread)")
@@ -30,13 +38,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", metavar="X", help="spread: layout seed of the training run")
     p.add_argument("--include", metavar="RX", action="append", help="--include pattern of the training run")
     p.add_argument("--exclude", metavar="RX", action="append", help="--exclude pattern of the training run")
-    p.add_argument("--threshold", metavar="T", type=float, help="keep only positions where |tuned - base| > T")
     p.add_argument(
-        "--outside", choices=("error", "warn"), default="error",
+        "--threshold", metavar="T", type=float, help="keep only positions where |tuned - base| > T"
+    )
+    p.add_argument(
+        "--outside",
+        choices=("error", "warn"),
+        default="error",
         help="with --ff/--ffid: what a change outside the selection does (default: error)",
     )
-    p.add_argument("--save_precision", "--save-precision", dest="save_precision", default="fp32",
-                   help="dtype of the stored values: fp32 (default, exact for bf16/fp16/fp32 models), bf16, fp16")
+    p.add_argument(
+        "--save_precision",
+        "--save-precision",
+        dest="save_precision",
+        default="fp32",
+        help="dtype of the stored values: fp32 (default, exact for bf16/fp16/fp32 models), bf16, fp16",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,8 +75,13 @@ def run(args: argparse.Namespace) -> int:
         with Checkpoint(args.base) as ck:
             base_path = ck.path
         selection = plan(
-            str(base_path), args.ff, int_option(args.ffid, "--ffid"), args.selector,
-            include=args.include, exclude=args.exclude, **selector_options(args),
+            str(base_path),
+            args.ff,
+            int_option(args.ffid, "--ffid"),
+            args.selector,
+            include=args.include,
+            exclude=args.exclude,
+            **selector_options(args),
         )
     elif args.include or args.exclude or args.slots or args.seed or args.selector != "spread":
         raise ConfigError("--selector/--slots/--seed/--include/--exclude only apply with --ff and --ffid")
@@ -67,8 +89,14 @@ def run(args: argparse.Namespace) -> int:
         total = sum(s.size - s.data_start for s in ck.shards) + sum(s.size - s.data_start for s in tk.shards)
     with byte_progress(total, "extract", disable=args.quiet) as bar:
         result = extract_delta(
-            args.base, args.tuned, args.output, selection=selection, threshold=args.threshold,
-            outside=args.outside, save_dtype=args.save_precision, progress=bar,
+            args.base,
+            args.tuned,
+            args.output,
+            selection=selection,
+            threshold=args.threshold,
+            outside=args.outside,
+            save_dtype=args.save_precision,
+            progress=bar,
         )
     for w in result.warnings:
         print(f"ffid extract: warning: {w}", file=sys.stderr)

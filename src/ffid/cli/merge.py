@@ -17,23 +17,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "other, are refused before anything is written."
         ),
     )
-    p.add_argument("base", metavar="BASE", help="base checkpoint: .safetensors, *.safetensors.index.json or model folder")
-    p.add_argument("deltas", metavar="DELTA", nargs="+", help="ffid delta files (from training or `ffid extract`)")
     p.add_argument(
-        "-o", "--output", required=True, metavar="OUT",
-        help="output .safetensors file (a folder or *.index.json for a sharded base); never one of the inputs",
+        "base", metavar="BASE", help="base checkpoint: .safetensors, *.safetensors.index.json or model folder"
     )
     p.add_argument(
-        "--multiplier", type=float, nargs="+", default=[1.0], metavar="M",
-        help="strength of the deltas: one value for all, or one per delta (default 1.0 = exactly the trained values)",
+        "deltas", metavar="DELTA", nargs="+", help="ffid delta files (from training or `ffid extract`)"
     )
-    p.add_argument("--dtype", metavar="D", help="cast float tensors of the output to bf16, fp16 or fp32 (default: keep the base's)")
     p.add_argument(
-        "--allow-overlap", action="store_true",
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help=(
+            "output .safetensors file (a folder or *.index.json for a sharded base); never one of the inputs"
+        ),
+    )
+    p.add_argument(
+        "--multiplier",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="M",
+        help=(
+            "strength of the deltas: one value for all, or one per delta (default 1.0 = exactly the "
+            "trained values)"
+        ),
+    )
+    p.add_argument(
+        "--dtype",
+        metavar="D",
+        help="cast float tensors of the output to bf16, fp16 or fp32 (default: keep the base's)",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
         help="allow deltas that touch the same positions; their changes are added up there",
     )
     p.add_argument(
-        "--no-verify", action="store_true",
+        "--no-verify",
+        action="store_true",
         help="skip the base fingerprint check (only if you know the delta fits this base)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -59,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
             progress=bar,
         )
     if result.overlap:
-        print(f"overlap: {result.overlap:,} positions are touched by more than one delta; their changes were added")
+        print(
+            f"overlap: {result.overlap:,} positions are touched by more than one delta; their changes "
+            "were added"
+        )
     if result.renamed:
         print(f"mapped {len(result.renamed)} tensor names between Wan and diffusers naming")
     print(
