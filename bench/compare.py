@@ -83,6 +83,7 @@ class Job:
     eval_batches: int
     ff: float | None = None
     rank: int | None = None
+    checkpointing: bool = False  # diffusers' gradient checkpointing of the blocks, for every method
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,7 +144,10 @@ def load_model(job: Job):  # type: ignore[no-untyped-def]
         state = load_file(job.base)
         model.load_state_dict(state)
         del state
-    return model.to(device=job.device, dtype=_torch_dtype(job.dtype))
+    model = model.to(device=job.device, dtype=_torch_dtype(job.dtype))
+    if job.checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
 
 
 def task_batches(job: Job, seed_offset: int = 0):  # type: ignore[no-untyped-def]
@@ -715,6 +719,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--mem-steps", type=int, default=None, help="training steps of each memory probe")
     ap.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="gradient checkpointing of the DiT blocks for every method (trades time for activation memory)",
+    )
+    ap.add_argument(
         "--in-process",
         action="store_true",
         help="probe memory in this process instead of a fresh one per method (faster, less exact)",
@@ -729,10 +738,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "sweep": ("", "tiny,s,m", "s,m,l,xl"),
         "image_size": (8, 8, 32),
         "batch": (4, 64, 32),
-        "steps": (3, 60, 40),
+        "steps": (3, 40, 40),
         "warmup": (1, 5, 5),
-        "sweep_steps": (2, 12, 20),
-        "pretrain_steps": (0, 400, 400),
+        "sweep_steps": (2, 10, 20),
+        "pretrain_steps": (0, 300, 400),
         "eval_batches": (1, 8, 8),
         "mem_steps": (2, 3, 3),
         "threads": (1, 1, 0),
@@ -764,6 +773,7 @@ def build_jobs(args: argparse.Namespace, base: str | None) -> tuple[list[Job], i
         threads=args.threads,
         base=base,
         eval_batches=args.eval_batches,
+        checkpointing=args.checkpointing,
     )
     jobs = [
         common,
@@ -801,6 +811,7 @@ def sweep_jobs(args: argparse.Namespace) -> list[Job]:
             threads=args.threads,
             base=None,
             eval_batches=0,
+            checkpointing=args.checkpointing,
         )
         jobs += [
             common,
@@ -829,7 +840,9 @@ def report(
         f"{args.steps} timed steps per method (N = {args.warmup + args.steps}), AdamW lr {args.lr:g}, "
         f"no weight decay, seed {args.seed}; "
         f"base pretrained {args.pretrain_steps} steps on upright digits, finetuned on mirrored digits. "
-        f"ffid k at ff {MATCH_FF:g} = {k:,}; LoRA rank = SHiRA r = {rank}. Wall time {elapsed:.0f} s.",
+        f"ffid k at ff {MATCH_FF:g} = {k:,}; LoRA rank = SHiRA r = {rank}. "
+        + ("Gradient checkpointing of the blocks on (every method). " if args.checkpointing else "")
+        + f"Wall time {elapsed:.0f} s.",
         "",
         "step ms: median wall time of a training step (forward, backward, optimizer step), warm-up excluded. "
         + (
@@ -844,6 +857,12 @@ def report(
         "",
         main_table(results),
     ]
+    if args.in_process:
+        lines += [
+            "",
+            "(--in-process: memory was probed one method after another in one process, so the peaks "
+            "are approximate; the first method pays for allocations the others reuse.)",
+        ]
     if any(r["method"] == "ffid" for r in results) and any(r["label"] == "floor" for r in results):
         lines += ["", "ffid against ff (same model):", "", ff_table(results)]
     all_sweep = sweep + [r for r in results if r["label"] in ("floor", f"ffid@{MATCH_FF:g}", "lora")]
