@@ -409,6 +409,11 @@ def test_sharded_base_keeps_shards_and_index(tmp_path):
     handle = StandInHandle(model, sel)
     save_delta(handle, tmp_path / "d.safetensors")
     out = tmp_path / "merged"
+    other = tmp_path / "d_other.safetensors"
+    save_delta(StandInHandle(model, ffid.plan(model, 0.05, 1), seed=7), other)
+    with pytest.raises(MismatchError, match="overlap"):
+        merge_checkpoint(tmp_path / "base", [tmp_path / "d.safetensors", other], out)
+    assert not out.exists()  # refused before the output folder is even created
     result = merge_checkpoint(tmp_path / "base", [tmp_path / "d.safetensors"], out)
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
     assert json.loads((out / index.name).read_text()) == json.loads(index.read_text())

@@ -153,3 +153,12 @@ def test_bad_input_is_one_line_error_exit_2_and_writes_nothing(files, tmp_path, 
     assert len(err) == 1 and err[0].startswith(f"ffid {argv[0]}: error:") and needle in err[0]
     assert not (tmp_path / "out.safetensors").exists()
     assert {p: p.read_bytes() for p in files.iterdir()} == before
+
+
+def test_allow_overlap_adds_changes_and_prints_the_count(files, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    d1 = str(files / "d1.safetensors")
+    rc = main(["merge", str(files / "base.safetensors"), d1, d1, "-o", str(out), "--allow-overlap", "-q"])
+    assert rc == 0
+    selected = ffid.load_delta(d1).selected
+    assert f"overlap: {selected:,} positions" in capsys.readouterr().out

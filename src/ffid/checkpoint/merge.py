@@ -74,12 +74,11 @@ def _output_paths(base: Checkpoint, out: Path) -> tuple[Path | None, dict[str, P
         folder, index_name = out.parent, out.name
     else:
         folder, index_name = out, base.path.name
-        if not folder.exists() and folder.parent.is_dir():
-            folder.mkdir()
-    if not folder.is_dir():
+    # A missing output folder is created (after every check passed) only if its parent exists.
+    if not folder.is_dir() and not (folder.parent.is_dir() and not folder.exists()):
         raise ConfigError(
-            f"output folder {folder} does not exist; a sharded base is written as a folder of shards plus "
-            "an index, create the folder or name an existing one with -o"
+            f"output folder {folder} cannot be used; a sharded base is written as a folder of shards plus "
+            "an index: name a new folder in an existing one, or an existing folder, with -o"
         )
     return folder / index_name, {s.path.name: folder / s.path.name for s in base.shards}
 
@@ -368,13 +367,15 @@ def merge_checkpoint(
             overlap, first = _count_overlap(ck, patches)
             if overlap and not allow_overlap:
                 raise MismatchError(
-                    f"the deltas overlap in {overlap:,} positions (first in tensor {first!r}); they "
-                    "would overwrite "
-                    "each other: pass --allow-overlap to add up their changes there"
+                    f"the deltas overlap in {overlap:,} positions (first in tensor {first!r}); they would "
+                    "overwrite each other: pass --allow-overlap to add up their changes there"
                 )
             if len(shard_out) > 1 and out_dtype is None:
                 # Each shard checks its own size; check the whole set first so no shard is written in vain.
-                check_free_space(next(iter(shard_out.values())).parent, sum(s.size for s in ck.shards))
+                folder = next(iter(shard_out.values())).parent
+                check_free_space(folder if folder.exists() else folder.parent, sum(s.size for s in ck.shards))
+            if index_out is not None:
+                index_out.parent.mkdir(exist_ok=True)
             written = tensors = elements = 0
             outputs: list[Path] = []
             for sf in ck.shards:
