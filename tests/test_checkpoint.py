@@ -204,6 +204,28 @@ def test_not_a_delta_and_corrupt_deltas_are_refused(tmp_path, wan_setup):
         load_delta(trunc)
 
 
+def test_numpy_merge_casts_match_torch_bit_for_bit():
+    import numpy as np
+
+    from ffid.checkpoint.stio import from_f32, to_f32
+
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-40, 38, (20000,), generator=g).float()
+    x = torch.cat(
+        [
+            torch.randn(20000, generator=g) * scale,
+            torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-45, 3.4e38, 1.00390625, 65520.0, 1e-8]),
+        ]
+    )
+    bf = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(from_f32(x.numpy(), "BF16"), bf)
+    assert np.array_equal(
+        from_f32(x.numpy(), "F16").view(np.uint16), x.to(torch.float16).numpy().view(np.uint16)
+    )
+    back = x.to(torch.bfloat16).float().numpy()
+    assert np.array_equal(to_f32(bf, "BF16").view(np.uint32), back.view(np.uint32))
+
+
 # -- streaming writer --------------------------------------------------------------------------------
 
 

@@ -13,23 +13,32 @@ Public entry points:
 
 from __future__ import annotations
 
-from .atomic import DiskSpaceError, atomic_write, cleanup_stale_temps
-from .delta import (
-    ApplyResult,
-    Delta,
-    DeltaFile,
-    DeltaInfo,
-    DeltaTensor,
-    apply_delta,
-    load_delta,
-    save_delta,
-)
-from .extract import ExtractResult, extract_delta
-from .full import save_full
-from .inspect import format_inspect, inspect_file
-from .merge import MergeResult, merge_checkpoint
-from .namemap import detect_naming, map_name
-from .stio import SafetensorsFile, write_safetensors_stream
+from importlib import import_module
+from typing import Any
+
+# Exported name -> submodule. Loaded on first use: `ffid merge` then never imports torch
+# (its same-dtype path is numpy only), which saves seconds per run on a busy machine.
+_EXPORTS = {
+    "DiskSpaceError": "atomic", "atomic_write": "atomic", "cleanup_stale_temps": "atomic",
+    "ApplyResult": "delta", "Delta": "delta", "DeltaFile": "delta", "DeltaInfo": "delta",
+    "DeltaTensor": "delta", "apply_delta": "delta", "load_delta": "delta", "save_delta": "delta",
+    "ExtractResult": "extract", "extract_delta": "extract",
+    "save_full": "full",
+    "format_inspect": "inspect", "inspect_file": "inspect",
+    "MergeResult": "merge", "merge_checkpoint": "merge",
+    "detect_naming": "namemap", "map_name": "namemap",
+    "SafetensorsFile": "stio", "write_safetensors_stream": "stio",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ApplyResult",

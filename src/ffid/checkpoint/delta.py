@@ -19,16 +19,28 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .. import __version__
 from ..errors import ConfigError, MismatchError, ModelFileError
 from ..names import canonical_name
 from ..selection import Explicit, Selection, TensorPick, Whole
 from .namemap import NameResolver, detect_naming
-from .stio import NUMPY_INT, SafetensorsFile, dtype_code, index_code, is_float_code, write_safetensors_stream
+from .stio import (
+    NUMPY_INT,
+    SafetensorsFile,
+    dtype_code,
+    index_code,
+    is_float_code,
+    np_storage,
+    to_f32,
+    write_safetensors_stream,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "ffid-delta"
 FORMAT_VERSION = "1"
@@ -58,16 +70,28 @@ KEY_SOURCE = "ffid.source"
 
 
 # -- base fingerprint -------------------------------------------------------------------------------
-def sample_positions(count: int, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
+def sample_positions_np(count: int, samples: int = FINGERPRINT_SAMPLES) -> np.ndarray:
     """Which entries (0..count-1) of a tensor's index list are hashed: evenly spaced, ends included."""
     if count <= samples:
-        return torch.arange(count, dtype=torch.int64)
-    return torch.arange(samples, dtype=torch.int64) * (count - 1) // (samples - 1)
+        return np.arange(count, dtype=np.int64)
+    return np.arange(samples, dtype=np.int64) * (count - 1) // (samples - 1)
 
 
-def values_hash(values: torch.Tensor) -> str:
-    """16 hex digits hashing values as little-endian fp32 (so bf16 and its fp32 upcast agree)."""
-    data = values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+def sample_positions(count: int, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
+    """:func:`sample_positions_np` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(sample_positions_np(count, samples))
+
+
+def values_hash(values: Any) -> str:
+    """16 hex digits hashing values (torch or numpy) as little-endian fp32 (bf16 and its upcast agree)."""
+    if isinstance(values, np.ndarray):
+        data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    else:
+        import torch
+
+        data = values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
@@ -216,7 +240,7 @@ class DeltaFile:
                 raise ModelFileError(f"{self.path}: unexpected tensor {key!r} in a delta file; re-save it")
         self.names = sorted(names)
         # Merging reads each tensor's indices twice (checks first, then patching); small ones are kept.
-        self._index_cache: dict[str, torch.Tensor] = {}
+        self._index_cache: dict[str, np.ndarray] = {}
         self._cache_budget = INDEX_CACHE_BYTES
         missing = [n for n in self.names if n not in self.info.base_fingerprint]
         if missing:
@@ -241,16 +265,23 @@ class DeltaFile:
 
     def read_indices(self, name: str) -> torch.Tensor:
         """Sorted int64 flat indices of ``name`` (validated against the tensor's size)."""
+        import torch
+
+        return torch.from_numpy(self.read_indices_np(name).copy())  # the cached array is read-only
+
+    def read_indices_np(self, name: str) -> np.ndarray:
+        """:meth:`read_indices` as a read-only int64 numpy array (kept while the cache has room)."""
         cached = self._index_cache.get(name)
         if cached is not None:
             return cached
         idx = self._read_indices(name)
-        if idx.numel() * 8 <= self._cache_budget:
+        idx.flags.writeable = False  # shared through the cache
+        if idx.size * 8 <= self._cache_budget:
             self._index_cache[name] = idx
-            self._cache_budget -= idx.numel() * 8
+            self._cache_budget -= idx.size * 8
         return idx
 
-    def _read_indices(self, name: str) -> torch.Tensor:
+    def _read_indices(self, name: str) -> np.ndarray:
         shape = self.shape(name)
         numel = 1
         for d in shape:
@@ -261,17 +292,15 @@ class DeltaFile:
             if ventry.numel != numel:
                 raise ModelFileError(
                     f"{self.path}: {name!r} has no index tensor but {ventry.numel} values for a tensor "
-                    f"of {numel}; "
-                    "the file is corrupt, re-save it"
+                    f"of {numel}; the file is corrupt, re-save it"
                 )
-            return torch.arange(numel, dtype=torch.int64)
-        idx = self.file.read_flat_int(ientry)
-        if idx.numel() != ventry.numel:
+            return np.arange(numel, dtype=np.int64)
+        idx = self.file.read_bytes(ientry).view(NUMPY_INT[ientry.dtype]).astype(np.int64)
+        if idx.size != ventry.numel:
             raise ModelFileError(
-                f"{self.path}: {name!r} has {idx.numel()} indices but {ventry.numel} values; re-save "
-                "the delta"
+                f"{self.path}: {name!r} has {idx.size} indices but {ventry.numel} values; re-save the delta"
             )
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+        if idx.size and (idx[0] < 0 or idx[-1] >= numel or not bool((idx[1:] > idx[:-1]).all())):
             raise ModelFileError(
                 f"{self.path}: indices of {name!r} are not sorted, unique and within [0, {numel}); "
                 "re-save the delta"
@@ -281,6 +310,11 @@ class DeltaFile:
     def read_values(self, name: str) -> torch.Tensor:
         """The stored values of ``name``, flat, in their stored dtype."""
         return self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+
+    def read_values_f32(self, name: str) -> np.ndarray:
+        """The stored values of ``name`` as flat numpy fp32 (F32/F16/BF16 values; no torch needed)."""
+        entry = self.file.entries[name + VALUE_SUFFIX]
+        return to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
 
     def read(self, name: str) -> DeltaTensor:
         return DeltaTensor(name, self.shape(name), self.read_indices(name), self.read_values(name))
@@ -304,6 +338,8 @@ class Delta:
 
     def values(self) -> dict[str, torch.Tensor]:
         """Canonical name -> fp32 values in index order (what ``handle.load_values`` takes to resume)."""
+        import torch
+
         return {n: t.values.to(torch.float32) for n, t in self.tensors.items()}
 
     def selection(self, manifest: Any | None = None) -> Selection:
@@ -383,11 +419,16 @@ def write_delta(
     total_params: int | None,
     source: str,
     metadata: Mapping[str, Any] | None = None,
-    save_dtype: torch.dtype = torch.float32,
+    save_dtype: torch.dtype | str = "fp32",
     architecture: str | None = None,
 ) -> int:
     """Write a delta file atomically from in-memory tensors; returns the file size in bytes."""
+    import torch
+
+    from .stio import parse_dtype
+
     path = Path(path)
+    save_dtype = parse_dtype(save_dtype) or torch.float32
     value_code = dtype_code(save_dtype)
     if not is_float_code(value_code):
         raise ConfigError(f"--save_precision {save_dtype} is not a float dtype; use fp32, bf16 or fp16")
@@ -449,7 +490,7 @@ def save_delta(
     path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, Any] | None = None,
-    save_dtype: torch.dtype | str = torch.float32,
+    save_dtype: torch.dtype | str = "fp32",
     architecture: str | None = None,
 ) -> int:
     """Save what an attached engine handle trained as a delta file; returns the file size.
@@ -458,9 +499,6 @@ def save_delta(
     ``base_values()``). ``metadata`` adds (or overrides) string keys such as ``ss_learning_rate``;
     ``save_dtype`` is the value precision (fp32 by default, like other trainers' adapters).
     """
-    from .stio import parse_dtype
-
-    save_dtype = parse_dtype(save_dtype) or torch.float32
     sel: Selection = handle.selection
     trained = handle.trained_values()
     base = handle.base_values()
@@ -508,6 +546,8 @@ def save_delta(
 # -- applying to a module ----------------------------------------------------------------------------
 def blend(base: torch.Tensor, trained: torch.Tensor, multiplier: float) -> torch.Tensor:
     """``base + multiplier * (trained - base)`` in fp32; exactly ``trained`` when the multiplier is 1."""
+    import torch
+
     trained = trained.to(torch.float32)
     if multiplier == 1.0:
         return trained
@@ -546,6 +586,8 @@ def apply_delta(
     is never applied to another model or applied twice; nothing is changed unless every tensor
     checks out. Diffusers and original Wan names are mapped onto each other.
     """
+    import torch
+
     if not isinstance(delta, Delta):
         delta = load_delta(delta)
     targets = _module_tensors(model)

@@ -25,7 +25,7 @@ from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
 from .namemap import NameResolver, detect_naming
-from .stio import BIT_VIEW, is_float_code, one_thread, parse_dtype
+from .stio import bit_view, is_float_code, one_thread, parse_dtype
 
 OUTSIDE_CHOICES = ("error", "warn")
 
@@ -51,7 +51,7 @@ def _differs(base: torch.Tensor, tuned: torch.Tensor, threshold: float | None) -
         return ~((tuned.to(torch.float32) - base.to(torch.float32)).abs() <= threshold)
     if base.dtype != tuned.dtype:
         base, tuned = base.to(torch.float32), tuned.to(torch.float32)
-    bits = BIT_VIEW[base.element_size()]
+    bits = bit_view(base.element_size())
     return base.view(bits) != tuned.view(bits)
 
 

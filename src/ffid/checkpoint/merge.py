@@ -19,28 +19,36 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..errors import ConfigError, MismatchError
 from ..manifest import DTYPE_BYTES
 from .atomic import atomic_write, check_free_space, refuse_overwrite, write_bytes_atomic
-from .delta import DeltaFile, blend, sample_positions, values_hash
+from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
 from .stio import (
+    NUMPY_FAST,
     SafetensorsFile,
     alignment_order,
     buffer_tensor,
     build_header,
     copy_range,
     dtype_code,
+    from_f32,
     is_float_code,
+    np_storage,
     one_thread,
     parse_dtype,
     tensor_bytes,
+    to_f32,
     write_all,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # The copy thread publishes progress in steps of this size; patching follows right behind it.
 _PIPELINE_CHUNK = 32 * 2**20
@@ -119,9 +127,12 @@ def _check_delta_against_base(
         ):
             loc = base.tensors[target]
             for p in patches[target]:
-                idx = p.delta.read_indices(p.name)
-                pos = idx[sample_positions(idx.numel())]
-                got = values_hash(loc.file.read_elements(loc.entry, pos.tolist()))
+                idx = p.delta.read_indices_np(p.name)
+                pos = idx[sample_positions_np(idx.size)]
+                if loc.entry.dtype in NUMPY_FAST:
+                    got = values_hash(loc.file.read_elements_f32(loc.entry, pos))
+                else:
+                    got = values_hash(loc.file.read_elements(loc.entry, pos.tolist()))
                 if got != p.delta.info.base_fingerprint[p.name].hash:
                     raise MismatchError(
                         f"delta {p.delta.path.name} was not made from base {base.path.name}: tensor "
@@ -138,8 +149,8 @@ def _count_overlap(base: Checkpoint, patches: dict[str, list[_Patch]]) -> tuple[
     for target, plist in patches.items():
         if len(plist) < 2:
             continue
-        idx = torch.cat([p.delta.read_indices(p.name) for p in plist])
-        n = idx.numel() - torch.unique(idx).numel()
+        idx = np.concatenate([p.delta.read_indices_np(p.name) for p in plist])
+        n = idx.size - np.unique(idx).size
         if n and first is None:
             first = target
         total += n
@@ -148,6 +159,8 @@ def _count_overlap(base: Checkpoint, patches: dict[str, list[_Patch]]) -> tuple[
 
 def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """``t`` (flat, base dtype) with every patch applied, in ``out_dtype``; also the positions written."""
+    import torch
+
     reads = []
     for p in plist:
         idx = p.delta.read_indices(p.name)
@@ -180,12 +193,41 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
     return out, uniq.numel()
 
 
+def _numpy_ok(code: str, plist: list[_Patch], overlap_free: bool) -> bool:
+    """Whether the torch-free patch path handles this tensor (common float dtypes, no overlaps)."""
+    return (
+        code in NUMPY_FAST
+        and (overlap_free or len(plist) == 1)
+        and all(p.delta.info.value_dtype in NUMPY_FAST for p in plist)
+    )
+
+
+def _patch_np(arr: np.ndarray, code: str, plist: list[_Patch]) -> int:
+    """Apply non-overlapping patches to ``arr`` (flat storage of ``code``) in place; positions written.
+
+    Same arithmetic as :func:`~ffid.checkpoint.delta.blend` (fp32, then round to nearest even),
+    so the numpy and torch paths write identical bytes.
+    """
+    n = 0
+    for p in plist:
+        idx = p.delta.read_indices_np(p.name)
+        vals = p.delta.read_values_f32(p.name)
+        if p.multiplier == 1.0:
+            arr[idx] = from_f32(vals, code)
+        else:
+            base = to_f32(arr[idx], code)
+            arr[idx] = from_f32(base + np.float32(p.multiplier) * (vals - base), code)
+        n += idx.size
+    return n
+
+
 def _copy_and_patch(
     src: SafetensorsFile,
     target: Path,
     patches: dict[str, list[_Patch]],
     canon: dict[str, str],
     progress: Callable[[int], None] | None,
+    overlap_free: bool,
 ) -> tuple[int, int, int]:
     """Same-dtype merge: copy the whole base in the kernel, then patch touched tensors in place.
 
@@ -243,12 +285,19 @@ def _copy_and_patch(
                     offset=start,
                 )
                 try:
-                    raw = torch.frombuffer(mm, dtype=torch.uint8)[offset - start :]
-                    t = buffer_tensor(raw.numpy(), e.dtype, (e.numel,))
-                    _, n = _patched(t, plist, t.dtype)
+                    if _numpy_ok(e.dtype, plist, overlap_free):
+                        arr = np.frombuffer(mm, np_storage(e.dtype), e.numel, offset - start)
+                        elements += _patch_np(arr, e.dtype, plist)
+                        del arr  # the mapping cannot close while a view exports it
+                    else:
+                        import torch
+
+                        with one_thread():
+                            raw = torch.frombuffer(mm, dtype=torch.uint8)[offset - start :]
+                            t = buffer_tensor(raw.numpy(), e.dtype, (e.numel,))
+                            elements += _patched(t, plist, t.dtype)[1]
+                            del raw, t
                     tensors += 1
-                    elements += n
-                    del raw, t
                 finally:
                     mm.close()
         except BaseException:
@@ -268,24 +317,20 @@ def _write_shard(
     canon: dict[str, str],
     out_dtype: torch.dtype | None,
     progress: Callable[[int], None] | None,
+    overlap_free: bool,
 ) -> tuple[int, int, int]:
     """Write one output shard; returns (bytes written, tensors patched, positions written)."""
     if out_dtype is None:
-        return _copy_and_patch(src, target, patches, canon, progress)
-    order = src.order
-    if out_dtype is None:
-        head = src.raw_header()
-        layout = order
-        codes = {e.key: e.dtype for e in order}
-    else:
-        want = dtype_code(out_dtype)
-        specs = [(e.key, want if is_float_code(e.dtype) else e.dtype, e.shape) for e in order]
-        head, laid = build_header(alignment_order(specs), src.metadata)
-        layout = [src.entries[e.key] for e in laid]
-        codes = {e.key: e.dtype for e in laid}
+        return _copy_and_patch(src, target, patches, canon, progress, overlap_free)
+    # Casting: every float tensor is decoded, converted and re-encoded (new header, new offsets).
+    want = dtype_code(out_dtype)
+    specs = [(e.key, want if is_float_code(e.dtype) else e.dtype, e.shape) for e in src.order]
+    head, laid = build_header(alignment_order(specs), src.metadata)
+    layout = [src.entries[e.key] for e in laid]
+    codes = {e.key: e.dtype for e in laid}
     size = len(head) + sum(e.numel * DTYPE_BYTES[codes[e.key]] for e in layout)
     tensors = elements = 0
-    with atomic_write(target, size=size) as f:
+    with one_thread(), atomic_write(target, size=size) as f:
         write_all(f, head)
         run: list[int] = []  # [start, end) of a run of untouched tensors, copied in one go
 
@@ -298,7 +343,7 @@ def _write_shard(
 
         for e in layout:
             plist = patches.get(canon[e.key])
-            convert = out_dtype is not None and codes[e.key] != e.dtype
+            convert = codes[e.key] != e.dtype
             if plist is None and not convert:
                 if run and run[1] == e.start:
                     run[1] = e.end
@@ -356,7 +401,7 @@ def merge_checkpoint(
         )
     out_dtype = parse_dtype(dtype)
     out = Path(out)
-    with one_thread(), Checkpoint(base) as ck:
+    with Checkpoint(base) as ck:
         dfs = [DeltaFile(d) for d in deltas]
         try:
             index_out, shard_out = _output_paths(ck, out)
@@ -380,7 +425,9 @@ def merge_checkpoint(
             outputs: list[Path] = []
             for sf in ck.shards:
                 canon = {e.key: n for n, e in sf.by_canonical.items()}
-                size, nt, ne = _write_shard(sf, shard_out[sf.path.name], patches, canon, out_dtype, progress)
+                size, nt, ne = _write_shard(
+                    sf, shard_out[sf.path.name], patches, canon, out_dtype, progress, overlap == 0
+                )
                 written += size
                 tensors += nt
                 elements += ne

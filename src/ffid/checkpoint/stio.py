@@ -20,39 +20,50 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError, ModelFileError
 from ..manifest import DTYPE_BYTES, read_safetensors_header
 from ..names import canonical_name
 from .atomic import atomic_write
 
-# safetensors dtype code -> torch dtype (only the ones torch has).
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _name in (
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-):
-    if hasattr(torch, _name):
-        TORCH_DTYPES[_code] = getattr(torch, _name)
-CODES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported on first use only: `ffid merge` (numpy path) then starts without it, which
+# on a busy machine saves seconds per run.
+_TORCH_TABLES: dict[str, Any] = {}
+
+
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype code -> torch dtype (only the ones this torch has)."""
+    if not _TORCH_TABLES:
+        import torch
+
+        table = {
+            "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U8": torch.uint8, "BOOL": torch.bool,
+        }  # fmt: skip
+        for code, name in (
+            ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+            ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+        ):  # fmt: skip
+            if hasattr(torch, name):
+                table[code] = getattr(torch, name)
+        _TORCH_TABLES["dtypes"] = table
+        _TORCH_TABLES["codes"] = {v: k for k, v in table.items()}
+        _TORCH_TABLES["bits"] = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+    return _TORCH_TABLES["dtypes"]
+
+
+def bit_view(element_size: int) -> torch.dtype:
+    """The same-size integer dtype used to compare floats bit for bit."""
+    torch_dtypes()
+    return _TORCH_TABLES["bits"][element_size]
+
 
 # Integer codes read through numpy (torch's unsigned types lack most ops).
 NUMPY_INT = {
@@ -65,8 +76,8 @@ NUMPY_INT = {
     "I32": np.int32,
     "I64": np.int64,
 }
-# Same-size integer views used to compare floats bit for bit.
-BIT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# numpy dtypes of the float codes numpy has (bf16 is handled as uint16 bits).
+NUMPY_FLOAT = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 # Large copies go through the kernel in chunks of this size (bounded, and cheap on any filesystem).
 COPY_CHUNK = 64 * 1024 * 1024
@@ -80,6 +91,8 @@ def one_thread() -> Iterator[None]:
     from intra-op threads and, on a busy machine, lose several times to thread contention
     (measured: 3-4x slower with 2 threads on a loaded 2-core box).
     """
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -90,8 +103,9 @@ def one_thread() -> Iterator[None]:
 
 def dtype_code(dtype: torch.dtype) -> str:
     """safetensors code of a torch dtype."""
+    torch_dtypes()
     try:
-        return CODES[dtype]
+        return _TORCH_TABLES["codes"][dtype]
     except KeyError:
         raise ConfigError(
             f"dtype {dtype} cannot be stored in safetensors by ffid; use fp32, bf16 or fp16"
@@ -100,7 +114,11 @@ def dtype_code(dtype: torch.dtype) -> str:
 
 def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     """A dtype name (``bf16``, ``fp16``, ``fp32``, ``fp8``, ...) or a torch dtype -> torch dtype."""
-    if text is None or isinstance(text, torch.dtype):
+    if text is None:
+        return None
+    import torch
+
+    if isinstance(text, torch.dtype):
         return text
     table = {
         "bf16": torch.bfloat16,
@@ -137,6 +155,8 @@ def index_code(numel: int) -> str:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (made contiguous, on CPU), without a copy when possible."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -229,6 +249,8 @@ class SafetensorsFile:
         The buffer comes from torch's allocator, not a reused Python heap block: measured on
         Linux, reading into and writing from freshly mapped memory streams several times faster.
         """
+        import torch
+
         buf = torch.empty(entry.nbytes, dtype=torch.uint8).numpy()
         if entry.nbytes:
             got = os.preadv(self.f.fileno(), [buf], self.data_start + entry.start)
@@ -250,8 +272,9 @@ class SafetensorsFile:
     def read_flat_int(self, entry: Entry) -> torch.Tensor:
         """An integer tensor (any width, signed or not) as flat int64."""
         buf = self.read_bytes(entry)
-        arr = buf.view(NUMPY_INT[entry.dtype]).astype(np.int64)
-        return torch.from_numpy(arr)
+        import torch
+
+        return torch.from_numpy(buf.view(NUMPY_INT[entry.dtype]).astype(np.int64))
 
     def read_elements(self, entry: Entry, positions: Sequence[int]) -> torch.Tensor:
         """A few elements at flat ``positions`` as fp32, read without touching the rest of the tensor."""
@@ -263,14 +286,30 @@ class SafetensorsFile:
             if len(chunk) != size:
                 raise ModelFileError(f"{self.path} ended while reading {entry.key!r}; the file is truncated")
             buf += chunk
+        import torch
+
         return buffer_tensor(buf, entry.dtype, (len(positions),)).to(torch.float32)
+
+    def read_elements_f32(self, entry: Entry, positions: np.ndarray) -> np.ndarray:
+        """Like :meth:`read_elements` but numpy fp32 (F32/F16/BF16 tensors; no torch needed)."""
+        size = DTYPE_BYTES[entry.dtype]
+        fd = self.f.fileno()
+        chunks = []
+        for p in positions.tolist():
+            chunk = os.pread(fd, size, self.data_start + entry.start + p * size)
+            if len(chunk) != size:
+                raise ModelFileError(f"{self.path} ended while reading {entry.key!r}; the file is truncated")
+            chunks.append(chunk)
+        return to_f32(np.frombuffer(b"".join(chunks), dtype=np_storage(entry.dtype)), entry.dtype)
 
 
 def buffer_tensor(
     buf: bytearray | memoryview | np.ndarray, code: str, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """A torch view of raw bytes (``code`` dtype, ``shape``); shares the buffer's memory."""
-    dtype = TORCH_DTYPES.get(code)
+    import torch
+
+    dtype = torch_dtypes().get(code)
     if dtype is None:
         raise ModelFileError(f"safetensors dtype {code} is not supported by this torch build")
     if len(buf) == 0:
@@ -371,8 +410,8 @@ def write_safetensors_stream(
         write_all(f, head)
         for e in laid_out:
             data = produce(e.key)
-            if isinstance(data, torch.Tensor):
-                want = TORCH_DTYPES[e.dtype]
+            if type(data).__module__.startswith("torch"):
+                want = torch_dtypes()[e.dtype]
                 if data.dtype != want or tuple(data.shape) != e.shape:
                     if data.numel() != e.numel:
                         raise ConfigError(
@@ -389,3 +428,33 @@ def write_safetensors_stream(
             if progress is not None:
                 progress(e.nbytes)
     return total
+
+
+# -- numpy helpers for the torch-free merge path --------------------------------------------------
+NUMPY_FAST = frozenset({"F32", "F16", "BF16"})  # float codes the numpy path handles bit-exactly like torch
+
+
+def np_storage(code: str) -> Any:
+    """numpy dtype holding one element of ``code`` (bf16 as its uint16 bits)."""
+    return np.uint16 if code == "BF16" else NUMPY_FLOAT.get(code) or NUMPY_INT[code]
+
+
+def to_f32(arr: np.ndarray, code: str) -> np.ndarray:
+    """Stored elements (``np_storage(code)``) as fp32 values (exact for F16/BF16/F32)."""
+    if code == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32)
+
+
+def from_f32(values: np.ndarray, code: str) -> np.ndarray:
+    """fp32 values cast to ``code`` storage, rounding to nearest even exactly as torch does."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if code == "BF16":
+        u = values.view(np.uint32)
+        bits = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)  # uint32 wraps only for NaNs
+        nan = np.isnan(values)
+        if nan.any():
+            bits[nan] = 0x7FC0  # torch's canonical bf16 NaN
+        return bits
+    with np.errstate(over="ignore"):  # out-of-range values become inf, as in torch
+        return values.astype(NUMPY_FLOAT[code])
