@@ -8,8 +8,8 @@ allocations, and RSS is too coarse for a few MB):
 - base weights: the model's parameters;
 - proxies and their gradients: ``handle.parameters()`` and their ``.grad``;
 - optimizer state: distinct tensors in ``optimizer.state`` (shared ones counted once);
-- indices: distinct index tensors the engine caches (CPU flat indices, per-device copies, CSR
-  patterns); on CPU the estimate's device and host copies are the same tensor;
+- indices: distinct index tensors the engine keeps (``handle.index_tensors()``: compact flat
+  positions and CSR row pointers per compute device);
 - workspace: the largest temporary the engine builds (effective weights, dense whole-tensor
   gradients) plus the hook-path effective copies of one forward, recorded by wrapping the
   engine functions that build them;
@@ -109,16 +109,8 @@ def distinct_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def engine_index_tensors(handle: Any) -> list[torch.Tensor]:
-    """Every index tensor the engine keeps (private structures: this is a bench, not an API)."""
-    out: list[torch.Tensor] = []
-    for slot in handle._slots.values():
-        out.append(slot.flat)
-        out += list(slot._dev_idx.values())
-        if slot.pattern is not None:
-            out.append(slot.pattern._cpu)
-            for cached in slot.pattern._cache.values():
-                out += [cached.flat, cached.crow, cached.col]
-    return out
+    """Every index tensor the engine keeps."""
+    return list(handle.index_tensors())
 
 
 @contextlib.contextmanager

@@ -12,15 +12,16 @@ Parts and where they live::
     GPU   base_resident   base weights kept on the device (all of them without block swap)
           swap_in_flight  swapped blocks being used on the device (block swap only)
           proxies         fp32 trained values, k x 4 B
-          indices         int64 flat positions (8 B/elem) for every touched tensor, plus int32
-                          CSR positions (8 B/elem + row pointers) for weights on the matmul path
+          indices         int32 flat positions (4 B/elem) of every partially touched tensor on
+                          the compute device, plus CSR row pointers for matmul-path weights
           gradients       fp32 gradients of the proxies only, k x 4 B
           optimizer       optimizer state of the proxies (AdamW 8 B/elem, ...)
-          workspace       transient weight-sized temporaries (the largest one) plus the
-                          effective copies of hook-path tensors kept for backward
+          workspace       the largest transient temporary (an upcast weight copy when the base
+                          dtype is not the compute dtype, a whole tensor's dense gradient, a
+                          proxy gradient) plus the effective copies of hook-path tensors kept
+                          for backward
           activations     only when given or estimated
     host  swapped_blocks  weights of the swapped blocks, parked in pinned RAM
-          host_indices    the selection's int64 flat indices, kept on the CPU by the engine
           load_peak       the whole state dict while loading (what musubi-tuner does)
 
 Nothing here imports torch: ``ffid estimate`` on a 14B header answers in a fraction of a second.
@@ -50,20 +51,21 @@ class EngineLayout:
     """Bytes ``ffid.engine`` allocates per trained element (kept in one place so that
     ``bench/estimate_check.py`` compares the estimate with the engine's real tensors).
 
-    Per touched tensor the engine keeps an fp32 proxy, the selection's int64 flat indices on the
-    CPU and a copy of them on the weight's device (also for whole tensors); a weight on the
-    matmul path (Linear, Conv1D, patch conv) also caches a CSR pattern on the compute device:
-    int32 flat + column indices (int64 from 2**31 elements on) and ``rows + 1`` row pointers.
+    Per touched tensor the engine keeps an fp32 proxy and, unless the whole tensor is picked,
+    its flat positions on the compute device as int32 (int64 from 2**31 elements on); a weight
+    on the matmul path (Linear, Conv1D, patch conv) also caches ``rows + 1`` CSR row pointers
+    there. Nothing is kept on the host (indices are regenerated from the selection, O(k), when
+    needed). On the matmul path, a base weight already in the compute dtype has the proxies
+    swapped in place around each matmul: no weight-sized copy.
     """
 
     proxy_bytes: int = 4
     grad_bytes: int = 4
-    device_index_bytes: int = 8
-    host_index_bytes: int = 8
-    csr_index_bytes: int = 4  # per flat/column entry; doubled above 2**31 elements
+    device_index_bytes: int = 4  # per selected element; doubled from 2**31 elements on
+    crow_index_bytes: int = 4  # per CSR row pointer; doubled from 2**31 elements on
 
 
-ENGINE_NOTE = "indices and workspace follow ffid.engine as of its first release (bench/estimate_check.py)"
+ENGINE_NOTE = "indices and workspace follow ffid.engine: int32 indices, in-place swap (estimate_check)"
 
 
 ENGINE = EngineLayout()
@@ -463,27 +465,30 @@ def estimate_selection(
         # One swapped block is computing while the next one is copied in.
         in_flight = 2 * max(per_block.values()) if len(per_block) > 1 else max(per_block.values())
 
-    # Indices on the device, and the transient temps of each path (see EngineLayout / the engine):
-    # matmul path: the effective weight in the compute dtype, built in forward and again in
-    # backward, never saved; a whole-tensor pick's gradient is a dense fp32 matrix. Hook path: an
-    # effective copy (fp32 for fp8 bases) that the module may keep for backward, and its dense
-    # gradient in backward.
+    # Indices on the compute device, and the transient temps of each path (see EngineLayout /
+    # the engine): matmul path: the effective weight is the base with the proxies swapped in
+    # place when the base is in the compute dtype, else an upcast copy; the proxy gradient is k
+    # fp32 values, a whole-tensor pick's a dense fp32 matrix (and its effective weight the proxy,
+    # cast to the compute dtype). Hook path: an effective copy (fp32 for fp8 bases) that the
+    # module may keep for backward, and its dense gradient in backward.
     device_indices = 0
     largest_temp = 0
     kept_copies = 0
     for name, pick in selection.items():
         info = manifest[name]
         matmul, hook = engine_routes(manifest, info)
-        # The int64 copy is made on the weight's device at attach time; swapped blocks are parked
-        # on the host then, and on the device only the hook path needs int64 positions.
-        if name not in parked or hook:
-            device_indices += pick.count * engine.device_index_bytes
+        wide = 2 if info.numel >= 2**31 else 1
+        if not pick.whole:
+            device_indices += pick.count * engine.device_index_bytes * wide
         if matmul and not pick.whole:
-            wide = 2 if info.numel >= 2**31 else 1
-            device_indices += 2 * pick.count * engine.csr_index_bytes * wide
-            device_indices += (info.shape[0] + 1) * engine.csr_index_bytes * wide
+            device_indices += (info.shape[0] + 1) * engine.crow_index_bytes * wide
         if matmul:
-            largest_temp = max(largest_temp, info.numel * (4 if pick.whole else cbytes))
+            if pick.whole:
+                temp = info.numel * max(4, cbytes)
+            else:
+                upcast = stored_dtype(info, base_dtype) != compute
+                temp = max(info.numel * cbytes if upcast else 0, pick.count * 4)
+            largest_temp = max(largest_temp, temp)
         if hook:
             hb = (
                 4
@@ -527,7 +532,6 @@ def estimate_selection(
 
     host = {
         "swapped_blocks": parked_bytes,
-        "host_indices": k * engine.host_index_bytes,
         "load_peak": sum(t.nbytes for t in manifest),
     }
     notes.append(
@@ -726,7 +730,7 @@ GPU_LABELS = {
     "workspace": "workspace",
     "activations": "activations",
 }
-HOST_LABELS = {"swapped_blocks": "swapped blocks", "host_indices": "indices", "load_peak": "load peak"}
+HOST_LABELS = {"swapped_blocks": "swapped blocks", "load_peak": "load peak"}
 
 
 def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:

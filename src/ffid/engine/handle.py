@@ -20,7 +20,8 @@ What attaching does to the model (and ``detach()`` undoes):
      Parameter.
 
 Both paths read ``module.weight`` at call time, so block swap / offload that swaps ``.data``
-under the same Parameter objects keeps working; index tensors are cached per device.
+under the same Parameter objects keeps working; index tensors are cached per compute device
+(int32, 4 B per selected element; none kept on the host).
 """
 
 from __future__ import annotations
@@ -78,18 +79,19 @@ class _Slot:
     name: str  # canonical name
     key: str  # proxy parameter name
     param: nn.Parameter  # the base parameter (never replaced)
-    flat: torch.Tensor  # sorted int64 CPU flat indices
-    whole: bool
+    pattern: Pattern  # the selected positions (compact, per compute device; none on the host)
     owners: list[_Owner] = field(default_factory=list)
-    pattern: Pattern | None = None
-    _dev_idx: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
-    def idx_on(self, device: torch.device) -> torch.Tensor:
-        found = self._dev_idx.get(device)
-        if found is None:
-            found = self.flat.to(device)
-            self._dev_idx[device] = found
-        return found
+    @property
+    def whole(self) -> bool:
+        return self.pattern.whole
+
+    @property
+    def count(self) -> int:
+        return self.pattern.count
+
+    def idx_on(self, device: torch.device, cache: bool = True) -> torch.Tensor:
+        return self.pattern.flat(device, cache=cache)
 
 
 def _matmul_route(module: nn.Module, attr: str) -> str:
@@ -164,7 +166,10 @@ class FfidHandle(nn.Module):
         for slot in slots:
             base = slot.param.detach()
             dev = torch.device(device) if device is not None else base.device
-            values = base.reshape(-1)[slot.idx_on(base.device)].to(torch.float32)
+            if slot.whole:
+                values = base.reshape(-1).to(torch.float32, copy=True)
+            else:
+                values = base.reshape(-1)[slot.idx_on(base.device, cache=False)].to(torch.float32)
             self.register_parameter(slot.key, nn.Parameter(values.to(device=dev, dtype=proxy_dtype)))
             self._slots[slot.name] = slot
         self._install(model, freeze)
@@ -211,10 +216,14 @@ class FfidHandle(nn.Module):
                     f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained"
                 )
             seen[id(p)] = name
-            flat = pick.indices().to(torch.int64)
+            # Checked once here, then dropped: the indices are regenerated from the selection
+            # where they are needed, so no int64 host copy lives for the whole run.
+            flat = pick.indices()
             if flat.numel() != pick.count or (flat.numel() and int(flat[-1]) >= p.numel()):
                 raise MismatchError(f"selection indices of {name!r} do not fit its {p.numel()} elements")
-            slots.append(_Slot(name, escape(name), p, flat, pick.whole))
+            del flat
+            pattern = Pattern(pick.indices, pick.count, p.numel(), pick.whole)
+            slots.append(_Slot(name, escape(name), p, pattern))
 
         # Owners: every (module, attr) holding a touched Parameter; tied weights have several.
         wanted = {id(s.param): s for s in slots}
@@ -305,9 +314,7 @@ class FfidHandle(nn.Module):
         return self._effective(bias_slot, b)
 
     def _pattern(self, slot: _Slot, rows: int, cols: int) -> Pattern:
-        if slot.pattern is None:
-            slot.pattern = Pattern(slot.flat, rows, cols, slot.whole)
-        return slot.pattern
+        return slot.pattern.matrix(rows, cols)
 
     @staticmethod
     def _getter(module: nn.Module, attr: str = "weight"):  # type: ignore[no-untyped-def]
@@ -410,7 +417,9 @@ class FfidHandle(nn.Module):
         out = {}
         for name, slot in self._slots.items():
             base = slot.param.detach()
-            out[name] = base.reshape(-1)[slot.idx_on(base.device)].to(device="cpu", dtype=torch.float32)
+            out[name] = base.reshape(-1)[slot.idx_on(base.device, cache=False)].to(
+                device="cpu", dtype=torch.float32
+            )
         return out
 
     def effective_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -427,7 +436,8 @@ class FfidHandle(nn.Module):
                 yield name, t.detach().to(device="cpu", dtype=target)
                 continue
             out = t.detach().to(device="cpu", dtype=target, copy=True)
-            _scatter_(out.view(-1), slot.flat, self._parameters[slot.key].detach().cpu())  # type: ignore[union-attr]
+            values = self._parameters[slot.key].detach().cpu()  # type: ignore[union-attr]
+            _scatter_(out.view(-1), slot.idx_on(out.device, cache=False), values)
             yield name, out
 
     def load_values(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -439,9 +449,9 @@ class FfidHandle(nn.Module):
                 f"they belong to another selection than {self.selection.fingerprint}"
             )
         for n, v in values.items():
-            if v.numel() != self._slots[n].flat.numel():
+            if v.numel() != self._slots[n].count:
                 raise MismatchError(
-                    f"{n!r}: {v.numel()} values given but the selection trains {self._slots[n].flat.numel()} "
+                    f"{n!r}: {v.numel()} values given but the selection trains {self._slots[n].count} "
                     "elements of it; the values belong to another selection"
                 )
         with torch.no_grad():
@@ -472,7 +482,8 @@ class FfidHandle(nn.Module):
         with torch.no_grad():
             for slot in self._slots.values():
                 base = slot.param.data
-                _scatter_(base.view(-1), slot.idx_on(base.device), self._parameters[slot.key].detach())  # type: ignore[union-attr]
+                idx = slot.idx_on(base.device, cache=False)
+                _scatter_(base.view(-1), idx, self._parameters[slot.key].detach())  # type: ignore[union-attr]
 
     def detach(self) -> None:
         """Undo :func:`attach`: forwards restored, ``requires_grad`` flags restored.
@@ -493,9 +504,7 @@ class FfidHandle(nn.Module):
                 o.module.__dict__.pop(o.attr, None)
                 if _ATTACHED.get(o.module) is self:
                     del _ATTACHED[o.module]
-            if slot.pattern is not None:
-                slot.pattern.drop_cache()
-            slot._dev_idx.clear()
+            slot.pattern.drop_cache()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
         self._requires_grad.clear()
@@ -503,6 +512,11 @@ class FfidHandle(nn.Module):
             h.remove()
         self._sr_hooks.clear()
         self._attached = False
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """Every index tensor the engine keeps (per-device flat positions and CSR row pointers),
+        for memory accounting; empty after :meth:`detach`."""
+        return [t for slot in self._slots.values() for t in slot.pattern.tensors()]
 
     @property
     def attached(self) -> bool:

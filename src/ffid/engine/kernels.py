@@ -1,17 +1,24 @@
 """The sparse-gradient path for matrix-shaped weights (Linear, transformers' Conv1D, patch convs).
 
-A :class:`Pattern` holds the selected positions of one weight viewed as a matrix ``[R, C]``:
-a CSR layout (``crow`` / ``col``) and the flat indices, cached per device. :class:`SelectedMatmul`
+A :class:`Pattern` holds the selected positions of one tensor (compact flat indices per device,
+plus CSR row pointers when the tensor is used as a matrix ``[R, C]``). :class:`SelectedMatmul`
 is the autograd Function that computes ``y = x @ W_eff^T (+ b)`` (or ``x @ W_eff`` for Conv1D,
 whose weight is stored ``[in, out]``), where ``W_eff`` is the base weight with the selected
 positions replaced by the proxy values:
 
-- forward: ``W_eff`` is materialised in the compute dtype, used, and dropped (never saved);
-- backward: ``W_eff`` is rebuilt from ``module.weight`` *as it is at that moment* (block swap may
-  have moved ``.data``), ``grad_x = gy @ W_eff`` densely, and the proxy gradient is only the
+- forward: ``W_eff`` is formed for the matmul and never saved. When the base weight already has
+  the compute dtype and device, the selected entries are swapped in place around the matmul and
+  swapped back (:func:`effective_weight`: no weight-sized copy, the base is bit-identical after);
+  otherwise (fp8/bf16 upcast, autocast, offloaded weight) the conversion copy takes the proxies;
+- backward: ``W_eff`` is formed again from ``module.weight`` *as it is at that moment* (block swap
+  may have moved ``.data``), ``grad_x = gy @ W_eff`` densely, and the proxy gradient is only the
   selected entries of ``gy^T x``, computed by ``torch.sparse.sampled_addmm`` (SDDMM): no
   ``[R, C]`` gradient is ever allocated. Whole-tensor picks (compat-v2) use a dense matmul, since
   their gradient is the size of the proxy anyway.
+
+A dense matmul plus a sparse correction (``x @ W^T + x @ D^T`` with ``D`` the CSR delta) was
+measured too (CPU, one thread, 512 tokens, 512x2048 and 2048x512 weights, ff 0.01): 20-40%
+slower than one dense matmul, against 1-3% for forming ``W_eff``, and not bit-equal to it.
 
 Measured on CPU (one thread, process CPU time, 1024 tokens, a 1024x4096 weight, ff 0.01): SDDMM
 12 ms with ``gy^T`` made contiguous first (19 ms without), a chunked gather-dot over the
@@ -23,8 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -51,44 +57,75 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None
     return torch.autocast(device.type, enabled=False)
 
 
-@dataclass
-class _OnDevice:
-    flat: torch.Tensor  # flat indices into W.reshape(-1)
-    crow: torch.Tensor  # CSR row pointers [R + 1]
-    col: torch.Tensor  # CSR column indices [k]
+def index_dtype(numel: int) -> torch.dtype:
+    """The compact integer dtype for flat positions into a tensor of ``numel`` elements."""
+    return torch.int32 if numel < 2**31 else torch.int64
 
 
 class Pattern:
-    """Selected positions of a weight viewed as ``[rows, cols]``; indices cached per device.
+    """Selected positions of one tensor, with one compact index tensor per compute device.
 
-    Indices are stored as int32 when the tensor has fewer than 2**31 elements, so the persistent
-    cost on the compute device is 8 bytes per selected element (flat index + column).
+    The flat positions are kept once per device where they are used, as int32 (int64 from 2**31
+    elements on): 4 bytes per selected element. Nothing is kept on the host: ``source()`` (the
+    selection's recipe, O(k)) regenerates the int64 positions when a new device needs them or a
+    save/merge wants them. Tensors on the matmul path (:meth:`matrix`) also get CSR row pointers
+    (``rows + 1`` entries) per device; their CSR column indices are derived per call (``flat %
+    cols``, transient). Whole-tensor picks keep no indices at all.
     """
 
-    def __init__(self, flat: torch.Tensor, rows: int, cols: int, whole: bool):
-        self.rows, self.cols, self.whole = rows, cols, whole
-        self.count = int(flat.numel())
-        self._cpu = flat.to(torch.int64)
-        self._cache: dict[torch.device, _OnDevice] = {}
+    def __init__(self, source: Callable[[], torch.Tensor], count: int, numel: int, whole: bool):
+        self.source, self.count, self.numel, self.whole = source, count, numel, whole
+        self.rows, self.cols = 1, numel
+        self.itype = index_dtype(numel)
+        self._flat: dict[torch.device, torch.Tensor] = {}
+        self._crow: dict[torch.device, torch.Tensor] = {}
 
-    def on(self, device: torch.device) -> _OnDevice:
-        found = self._cache.get(device)
+    def matrix(self, rows: int, cols: int) -> Pattern:
+        """View the tensor as ``[rows, cols]`` (for the matmul path); returns ``self``."""
+        if rows * cols != self.numel:
+            raise ValueError(f"a [{rows}, {cols}] view does not fit {self.numel} elements")
+        if (rows, cols) != (self.rows, self.cols):
+            self.rows, self.cols = rows, cols
+            self._crow.clear()
+        return self
+
+    def host(self) -> torch.Tensor:
+        """Sorted int64 CPU flat positions, regenerated from the selection (not kept)."""
+        if self.whole:
+            return torch.arange(self.numel, dtype=torch.int64)
+        return self.source().to(torch.int64)
+
+    def flat(self, device: torch.device, cache: bool = True) -> torch.Tensor:
+        """Flat positions on ``device`` (compact dtype); cached unless ``cache=False``, which
+        returns a transient copy when none is cached there (saves and merges of offloaded
+        weights must not leave host copies behind)."""
+        device = torch.device(device)
+        found = self._flat.get(device)
         if found is None:
-            itype = torch.int32 if self.rows * self.cols < 2**31 else torch.int64
-            flat = self._cpu
-            r = flat // self.cols
-            crow = torch.zeros(self.rows + 1, dtype=torch.int64)
-            crow[1:] = torch.bincount(r, minlength=self.rows).cumsum(0)
-            found = _OnDevice(
-                flat.to(device=device, dtype=itype),
-                crow.to(device=device, dtype=itype),
-                (flat % self.cols).to(device=device, dtype=itype),
-            )
-            self._cache[device] = found
+            found = self.host().to(device=device, dtype=self.itype)
+            if cache:
+                self._flat[device] = found
         return found
 
+    def crow(self, device: torch.device) -> torch.Tensor:
+        """CSR row pointers ``[rows + 1]`` on ``device`` for the ``[rows, cols]`` view."""
+        device = torch.device(device)
+        found = self._crow.get(device)
+        if found is None:
+            r = self.flat(device).long() // self.cols
+            found = torch.zeros(self.rows + 1, dtype=torch.int64, device=device)
+            found[1:] = torch.bincount(r, minlength=self.rows).cumsum(0)
+            found = found.to(self.itype)
+            self._crow[device] = found
+        return found
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every index tensor this pattern keeps (for memory accounting)."""
+        return [*self._flat.values(), *self._crow.values()]
+
     def drop_cache(self) -> None:
-        self._cache.clear()
+        self._flat.clear()
+        self._crow.clear()
 
     def sampled_grad(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order.
@@ -100,13 +137,13 @@ class Pattern:
         b = b.float()
         if self.whole:
             return (a.t() @ b).reshape(-1)
-        idx = self.on(a.device)
+        flat = self.flat(a.device)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
                 pattern = torch.sparse_csr_tensor(
-                    idx.crow,
-                    idx.col,
+                    self.crow(a.device),
+                    flat % self.cols,
                     torch.zeros(self.count, dtype=torch.float32, device=a.device),
                     (self.rows, self.cols),
                     check_invariants=False,
@@ -114,14 +151,14 @@ class Pattern:
                 # a.t() made contiguous: the kernel walks rows of mat1, 1.6x faster than strided.
                 return torch.sparse.sampled_addmm(pattern, a.t().contiguous(), b, beta=0.0).values()
         except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
-            return self._gather_dot(a, b, idx)
+            return self._gather_dot(a, b, flat)
 
     def _gather_dot(
-        self, a: torch.Tensor, b: torch.Tensor, idx: _OnDevice, chunk: int = 8192
+        self, a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor, chunk: int = 8192
     ) -> torch.Tensor:
         at, bt = a.t().contiguous(), b.t().contiguous()
-        rows = idx.flat.long() // self.cols
-        cols = idx.col.long()
+        rows = flat.long() // self.cols
+        cols = flat.long() % self.cols
         out = torch.empty(self.count, dtype=torch.float32, device=a.device)
         for s in range(0, self.count, chunk):
             e = min(self.count, s + chunk)
@@ -136,8 +173,40 @@ def effective_matrix(
     if pattern.whole:
         return proxy.detach().to(device=device, dtype=dtype).view(pattern.rows, pattern.cols)
     w = weight.detach().to(device=device, dtype=dtype, copy=True).view(pattern.rows, pattern.cols)
-    w.view(-1)[pattern.on(device).flat] = proxy.detach().to(device=device, dtype=dtype)
+    w.view(-1)[pattern.flat(device)] = proxy.detach().to(device=device, dtype=dtype)
     return w
+
+
+@contextlib.contextmanager
+def effective_weight(
+    weight: torch.Tensor, proxy: torch.Tensor, pattern: Pattern, device: torch.device, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """``W_eff`` as ``[rows, cols]`` in ``dtype`` on ``device`` for the duration of the block.
+
+    When the base weight already is what the matmul needs (same device and dtype, contiguous),
+    the selected entries are swapped in place: the k base values are gathered, the proxies
+    written, and the base values written back on exit (also on error), so the weight is bit for
+    bit what it was once the block ends and no weight-sized copy is made. The write goes through
+    ``.data``, which has its own version counter, so autograd graphs that saved the weight
+    elsewhere are not invalidated (the values they see are restored before they run). Otherwise
+    (fp8/bf16 base upcast, offloaded weight, autocast) the conversion is a copy anyway and the
+    proxies are written into it (:func:`effective_matrix`).
+    """
+    if not pattern.whole and weight.device == device and weight.dtype == dtype and weight.is_contiguous():
+        base = weight.data.view(-1)
+        idx = pattern.flat(device)
+        kept = base[idx]
+        try:
+            base[idx] = proxy.detach().to(device=device, dtype=dtype)
+        except RuntimeError:  # e.g. an inference tensor: nothing was written, use a copy
+            pass
+        else:
+            try:
+                yield base.view(pattern.rows, pattern.cols)
+            finally:
+                base[idx] = kept
+            return
+    yield effective_matrix(weight, proxy, pattern, device, dtype)
 
 
 class SelectedMatmul(torch.autograd.Function):
@@ -160,11 +229,10 @@ class SelectedMatmul(torch.autograd.Function):
     ) -> torch.Tensor:
         cd = compute_dtype(x)
         with _no_autocast(x.device):
-            w = effective_matrix(get_weight(), proxy, pattern, x.device, cd)
             xc = x.to(cd)
             b = bias.to(cd) if bias is not None else None
-            y = torch.nn.functional.linear(xc, w.t() if transposed else w, b)
-        del w
+            with effective_weight(get_weight(), proxy, pattern, x.device, cd) as w:
+                y = torch.nn.functional.linear(xc, w.t() if transposed else w, b)
         ctx.save_for_backward(xc, proxy)
         ctx.get_weight, ctx.pattern, ctx.transposed = get_weight, pattern, transposed
         ctx.cd, ctx.x_dtype = cd, x.dtype
@@ -180,9 +248,8 @@ class SelectedMatmul(torch.autograd.Function):
         with _no_autocast(gy.device):
             gyc = gy.to(ctx.cd)
             if ctx.needs_input_grad[0]:
-                w = effective_matrix(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd)
-                gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)
-                del w
+                with effective_weight(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd) as w:
+                    gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 # Linear: W is [out, in] -> entries of gy^T x.  Conv1D: W is [in, out] -> x^T gy.
                 a, b = (xc, gyc) if ctx.transposed else (gyc, xc)
