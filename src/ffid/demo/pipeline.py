@@ -58,6 +58,7 @@ class DemoConfig:
     steps: int = 300
     learning_rate: float = 1e-2
     batch_size: int = 32
+    prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
     sample_steps: int = 20
@@ -339,7 +340,13 @@ def train_character(
     from ..train import config_from_mapping, train
 
     model, spec = load_model(base_path)
-    task = DemoTask([Concept(name, digit)], model=model, spec=spec, data=data)
+    # No caption dropout here: training the empty prompt on one character would pull the
+    # unconditional prediction (which guidance uses for every prompt) towards that character.
+    prior = base_concepts(cfg.held_out) if cfg.prior_per_class else None
+    task = DemoTask(
+        [Concept(name, digit)], prior=prior, prior_per_class=cfg.prior_per_class, model=model, spec=spec,
+        data=data, caption_dropout=0.0,
+    )
     out = Path(cfg.output_dir) / name
     tcfg = config_from_mapping(
         {
@@ -358,7 +365,11 @@ def train_character(
             "output_name": name,
             "logging_dir": str(Path(cfg.output_dir) / "logs"),
             "base_deltas": [str(p) for p in base_deltas],
-            "task_args": {"concepts": {name: digit}},
+            "task_args": {
+                "concepts": {name: digit},
+                "caption_dropout": 0.0,
+                **({"prior": {c.name: c.digit for c in prior}, "prior_per_class": cfg.prior_per_class} if prior else {}),
+            },
             "progress": cfg.progress,
         }
     )

@@ -2,9 +2,12 @@
 its characters through the same loop as ``ffid train`` (``model_type = "demo"`` there too).
 
 A task instance teaches one or more concepts: each concept is a prompt (``a digit character1``)
-and the real digit class whose scans are its training images. Built with no arguments (as
-``ffid train`` does), it reads ``task_args``: ``concepts`` (``{"character1": 7}``) and, for the
-model, ``cfg.model_path`` (a base saved by :func:`ffid.demo.pipeline.save_base`).
+and the real digit class whose scans are its training images. Optional *prior* concepts (the
+classes the base already knows, a few scans each) are mixed in, as DreamBooth-style
+regularisation images are, so that teaching a character does not redraw what the base knew.
+Built with no arguments (as ``ffid train`` does), it reads ``task_args``: ``concepts``
+(``{"character1": 7}``), ``prior`` and ``prior_per_class``, ``caption_dropout``, and, for the
+model, ``cfg.model_path`` (a base saved by :func:`save_model`).
 """
 
 from __future__ import annotations
@@ -33,12 +36,22 @@ CAPTION_DROPOUT = 0.1  # share of items trained with the empty prompt, which cla
 class ConceptDataset(Dataset):
     """Real digit scans paired with the embedding of their concept's prompt."""
 
-    def __init__(self, concepts: list[Concept], images: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    def __init__(
+        self,
+        concepts: list[Concept],
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prior: list[Concept] | None = None,
+        prior_per_class: int = 0,
+    ):
         if images is None or labels is None:
             images, labels = load_digit_images()
         xs, texts = [], []
-        for concept in concepts:
-            chosen = images[labels == concept.digit]
+        # Prior concepts contribute their first ``prior_per_class`` scans (a fixed choice, so
+        # the dataset is the same in every run).
+        wanted = [(c, None) for c in concepts] + [(c, prior_per_class) for c in (prior or []) if prior_per_class]
+        for concept, limit in wanted:
+            chosen = images[labels == concept.digit][:limit]
             xs.append(chosen)
             texts.append(encode_prompt(concept.prompt).expand(len(chosen), -1, -1))
         self.latents = torch.cat(xs) if xs else torch.zeros(0)
@@ -126,6 +139,8 @@ class DemoTask:
         self,
         concepts: list[Concept] | None = None,
         *,
+        prior: list[Concept] | None = None,
+        prior_per_class: int = 0,
         model: nn.Module | None = None,
         spec: ModelSpec | None = None,
         caption_dropout: float = CAPTION_DROPOUT,
@@ -133,6 +148,8 @@ class DemoTask:
         sampler: Any = None,
     ):
         self.concepts = concepts
+        self.prior = prior
+        self.prior_per_class = prior_per_class
         self.model = model
         self.spec = spec or ModelSpec()
         self.caption_dropout = caption_dropout
@@ -152,10 +169,15 @@ class DemoTask:
             if "concepts" not in cfg.task_args:
                 raise ConfigError("model_type demo needs task_args.concepts, e.g. concepts = {character1 = 7}")
             self.concepts = parse_concepts(cfg.task_args["concepts"])
-        if cfg is not None and "caption_dropout" in cfg.task_args:
-            self.caption_dropout = float(cfg.task_args["caption_dropout"])
+        if cfg is not None:
+            args = cfg.task_args
+            if "caption_dropout" in args:
+                self.caption_dropout = float(args["caption_dropout"])
+            if self.prior is None and "prior" in args:
+                self.prior = parse_concepts(args["prior"])
+                self.prior_per_class = int(args.get("prior_per_class", 20))
         images, labels = self.data if self.data is not None else load_digit_images(self.spec.image_size)
-        return ConceptDataset(self.concepts, images, labels)
+        return ConceptDataset(self.concepts, images, labels, self.prior, self.prior_per_class)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {
