@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,6 +80,8 @@ NUMPY_INT = {
 # numpy dtypes of the float codes numpy has (bf16 is handled as uint16 bits).
 NUMPY_FLOAT = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
+# Tensor reads at least this large get a fresh anonymous mapping (see SafetensorsFile.read_bytes).
+_FRESH_MAP_BYTES = 1 << 20
 # Large copies go through the kernel in chunks of this size (bounded, and cheap on any filesystem).
 COPY_CHUNK = 64 * 1024 * 1024
 
@@ -246,12 +249,13 @@ class SafetensorsFile:
     def read_bytes(self, entry: Entry) -> np.ndarray:
         """The bytes of one tensor, in a fresh writable uint8 buffer.
 
-        The buffer comes from torch's allocator, not a reused Python heap block: measured on
-        Linux, reading into and writing from freshly mapped memory streams several times faster.
+        Large buffers are fresh anonymous mappings rather than reused heap blocks: measured on
+        Linux, reading into and writing from fresh pages streams several times faster.
         """
-        import torch
-
-        buf = torch.empty(entry.nbytes, dtype=torch.uint8).numpy()
+        if entry.nbytes >= _FRESH_MAP_BYTES:
+            buf = np.frombuffer(mmap.mmap(-1, entry.nbytes), dtype=np.uint8)
+        else:
+            buf = np.empty(entry.nbytes, dtype=np.uint8)
         if entry.nbytes:
             got = os.preadv(self.f.fileno(), [buf], self.data_start + entry.start)
             while 0 < got < entry.nbytes:
