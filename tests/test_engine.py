@@ -598,3 +598,55 @@ def test_ddp_wraps_the_handle(tmp_path):
         assert all(p.grad is None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+# -- the in-place swap of the matmul path and the index layout ------------------------------------
+def test_in_place_swap_leaves_base_bit_identical_also_on_error(monkeypatch):
+    model, sel, batch = make("wan", "spread")
+    before = snapshot(model)
+    versions = {n: p._version for n, p in model.named_parameters()}
+    handle = attach(model, sel)
+    opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
+    for _ in range(2):
+        loss_of(model, batch(1)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the swap writes through .data: no version bump that would break graphs saving the weight
+    assert {n: p._version for n, p in model.named_parameters()} == versions
+    # an error inside the matmul (the proxies are swapped in at that moment) restores the base
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__)
+    seen = []
+
+    def failing_linear(x, w, b=None):
+        seen.append(w.clone())
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.functional, "linear", failing_linear)
+        with pytest.raises(RuntimeError, match="boom"):
+            linear(torch.randn(3, linear.in_features))
+    assert seen and not torch.equal(seen[0], linear.weight)  # it did see the trained values
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # and the forward really sees the trained values (not the restored base)
+    trained = loss_of(model, batch(1)).item()
+    handle.merge()
+    handle.detach()
+    assert loss_of(model, batch(1)).item() == pytest.approx(trained, rel=1e-6)
+
+
+@pytest.mark.parametrize("sel_key", list(SELECTORS))
+def test_indices_are_compact_and_only_on_the_compute_device(sel_key):
+    model, sel, batch = make("wan", sel_key)
+    handle = attach(model, sel)
+    assert handle.index_tensors() == []  # built lazily where the forward runs, none at attach
+    loss_of(model, batch(1)).backward()
+    held = handle.index_tensors()
+    partial = [p for p in sel.values() if not p.whole]
+    budget = 4 * sum(p.count for p in partial) + 4 * sum(p.shape[0] + 1 for p in partial)
+    assert sum(t.numel() * t.element_size() for t in held) <= budget
+    assert all(t.dtype == torch.int32 for t in held)
+    if not partial:
+        assert held == []
+    handle.detach()
+    assert handle.index_tensors() == []

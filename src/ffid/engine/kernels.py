@@ -247,13 +247,15 @@ class SelectedMatmul(torch.autograd.Function):
         gx = gp = gb = None
         with _no_autocast(gy.device):
             gyc = gy.to(ctx.cd)
-            if ctx.needs_input_grad[0]:
-                with effective_weight(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd) as w:
-                    gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)
+            # The proxy gradient first: its transient (a contiguous copy of gy^T or x^T) is freed
+            # before grad_x is allocated, so the two never add up at the backward peak.
             if ctx.needs_input_grad[1]:
                 # Linear: W is [out, in] -> entries of gy^T x.  Conv1D: W is [in, out] -> x^T gy.
                 a, b = (xc, gyc) if ctx.transposed else (gyc, xc)
                 gp = pattern.sampled_grad(a, b).to(device=proxy.device, dtype=proxy.dtype)
+            if ctx.needs_input_grad[0]:
+                with effective_weight(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd) as w:
+                    gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)
             if ctx.needs_input_grad[2]:
                 gb = gy.sum(0).to(device=ctx.bias_device, dtype=ctx.bias_dtype)
         return gx, gp, gb, None, None, None
