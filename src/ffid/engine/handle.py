@@ -3,7 +3,8 @@
 What attaching does to the model (and ``detach()`` undoes):
 
 1. Every parameter of the model gets ``requires_grad=False`` (the old flags are restored on
-   detach). Base weights are never written during training and never get a ``.grad``.
+   detach). Base weights never get a ``.grad`` and are never left modified during training (the
+   matmul path swaps the selected entries in for one matmul and writes the base values back).
 2. One fp32 ``nn.Parameter`` (a *proxy*) per touched tensor holds the selected values; the proxies
    are the only parameters of the handle, so ``handle.parameters()`` is what the optimizer gets.
 3. The forward of the modules that own touched tensors uses ``base with the selected positions
@@ -488,7 +489,7 @@ class FfidHandle(nn.Module):
     def detach(self) -> None:
         """Undo :func:`attach`: forwards restored, ``requires_grad`` flags restored.
 
-        Base weights were never written (unless :meth:`merge` was called), so the model is bit for
+        Base weights were never left modified (unless :meth:`merge` was called), so the model is bit for
         bit what it was, with the same Parameter objects. The proxies stay readable.
         """
         if not self._attached:
@@ -666,7 +667,7 @@ class FfidHandle(nn.Module):
             f"on {', '.join(dev)} "
             f"({n * self.proxy_dtype.itemsize / 2**20:.2f} MiB); the optimizer must get handle.parameters()",
             "  changes to the model (undone by handle.detach()):",
-            "    - requires_grad=False on every model parameter; base weights are never written "
+            "    - requires_grad=False on every model parameter; base weights are never left modified "
             "(handle.merge() writes the trained values)",
             f"    - forward replaced (sparse-gradient matmul path) on {r.get('linear', 0)} Linear, "
             f"{r.get('conv1d', 0)} Conv1D and {r.get('patch-conv', 0)} patch-conv modules",
@@ -716,7 +717,7 @@ def attach(
     - the ``forward`` of modules owning other touched tensors (norms, biases, raw Parameters,
       embeddings) is wrapped to substitute the effective tensor during the call.
 
-    Base weights are never written during training. The returned :class:`FfidHandle` holds one
+    Base weights are never left modified during training. The returned :class:`FfidHandle` holds one
     proxy per touched tensor (``proxy_dtype``, fp32 by default, on ``device`` or the weight's
     device); give ``handle.parameters()`` to the optimizer, ideally through ``handle.guard(opt)``
     which checks it and handles NaN/inf gradients per ``on_nonfinite`` (``raise``/``skip``/``warn``).
