@@ -879,6 +879,8 @@ def report(
             "",
             size_table(all_sweep),
         ]
+    if args.failures:
+        lines += ["", "Methods that failed (not measured):", ""] + [f"- {f}" for f in args.failures]
     checks = check_targets(results)
     if checks:
         lines += ["", f"Targets (ff {MATCH_FF:g}, LoRA/SHiRA at rank {rank}):", ""]
@@ -889,18 +891,26 @@ def report(
 def measure(jobs: list[Job], args: argparse.Namespace, what: str) -> list[dict[str, Any]]:
     """Memory probes (a fresh process per method unless ``--in-process``), then interleaved timing."""
     results = []
+    ok = []
     for job in jobs:
-        r = run_job(job, args.mem_steps) if args.in_process else spawn(job, args.mem_steps)
+        try:
+            r = run_job(job, args.mem_steps) if args.in_process else spawn(job, args.mem_steps)
+        except Exception as exc:  # one broken method (say, on an untested GPU) must not sink the others
+            note = f"{job.label} ({job.size}) failed: {str(exc).strip().splitlines()[-1]}"
+            print(f"  FAILED {note}", flush=True)
+            args.failures.append(note)
+            continue
+        ok.append(job)
         print(
             f"  memory {job.label:>10} ({job.size}): peak {fmt_bytes(r['peak_mem'])} "
             f"(+{fmt_bytes(r['peak_above_model'])} above the model), trainable {r['trainable']:,}",
             flush=True,
         )
         results.append(r)
-    print(
-        f"timing {what}: {len(jobs)} methods interleaved, {jobs[0].warmup}+{jobs[0].steps} steps", flush=True
-    )
-    timed = time_jobs(jobs)
+    if not ok:
+        return results
+    print(f"timing {what}: {len(ok)} methods interleaved, {ok[0].warmup}+{ok[0].steps} steps", flush=True)
+    timed = time_jobs(ok)
     for r in results:
         r.update(timed[r["label"]])
         loss = "" if r["eval_loss"] is None else f", loss after N {r['eval_loss']:.4f}"
@@ -913,6 +923,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet()
     if args.worker:
         return worker_main(args.worker)
+    args.failures = []
     start = time.perf_counter()
     command = (
         "python bench/compare.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
@@ -930,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results = measure(jobs, args, f"size {args.size}")
+    if not results:
+        print("no method could be measured: " + "; ".join(args.failures), file=sys.stderr)
+        return 1
     sweep: list[dict[str, Any]] = []
     by_size: dict[str, list[Job]] = {}
     for job in sweep_jobs(args):
