@@ -13,7 +13,7 @@ from ffid.cli import main
 from ffid.demo.classifier import fit_judge
 from ffid.demo.data import encode_prompt, load_digit_images, word_embedding
 from ffid.demo.model import ModelSpec, build_model, flow_matching_loss, sample
-from ffid.demo.pipeline import DemoConfig, quick_config, run_demo
+from ffid.demo.pipeline import DemoConfig, load_or_pretrain, quick_config, run_demo, set_determinism
 from ffid.demo.task import DemoTask, load_model, parse_concepts, save_model
 from ffid.errors import ConfigError, ModelFileError
 
@@ -89,7 +89,10 @@ def test_model_file_round_trip_and_foreign_file(tmp_path: Path) -> None:
     path = save_model(model, TINY, tmp_path / "m.safetensors")
     loaded, spec = load_model(path)
     assert spec == TINY
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
@@ -164,12 +167,13 @@ def _numbers(report: dict) -> dict:
 
 
 def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
-    """A shortened demo writes every promised file; the same seed gives the same numbers."""
-    runs = []
-    for name in ("a", "b"):
-        cfg = quick_config(output_dir=str(tmp_path / name), progress=False)
-        result = run_demo(cfg)
-        runs.append(result)
+    """A shortened demo writes every promised file; a second run with the same seed takes the base
+    from the cache and repeats every number (pretraining's own determinism is tested below)."""
+    cache = tmp_path / "cache"
+    runs = [
+        run_demo(quick_config(output_dir=str(tmp_path / name), cache_dir=str(cache), progress=False))
+        for name in ("a", "b")
+    ]
     out = runs[0].output_dir
     for rel in (
         "report.md",
@@ -185,6 +189,7 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
     ):
         assert (out / rel).is_file(), rel
     assert any((out / "logs").rglob("events.out.tfevents.*"))
+    assert list(cache.glob("base-*.safetensors")) and list(cache.glob("base-*-loss.png"))
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     assert summary["merged_equals_deltas"] is True
@@ -193,12 +198,27 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
         assert value is True or 0.0 <= value <= 1.0
     assert report["characters"]["character1"]["trainable"] == round(0.01 * report["model_params"])
     assert "character1 accuracy after 3a" in (out / "report.md").read_text()
+    assert report["files"]["base_cached"] is False
+    assert runs[1].report["files"]["base_cached"] is True
     assert _numbers(report) == _numbers(json.loads((runs[1].output_dir / "report.json").read_text()))
 
-    # A second run in the same folder takes the base from the cache.
-    again = run_demo(quick_config(output_dir=str(out), progress=False))
-    assert again.report["files"]["base_cached"] is True
-    assert _numbers(again.report) == _numbers(report)
+
+def test_pretraining_is_deterministic_and_fresh_redoes_it(tmp_path: Path, digits) -> None:
+    cfg = quick_config(output_dir=str(tmp_path), pretrain_steps=3, progress=False)
+    set_determinism(cfg.seed, cfg.threads)
+    path, losses, cached = load_or_pretrain(cfg, digits, lambda _: None)
+    assert not cached and len(losses) == 3
+    first = path.read_bytes()
+    path2, losses2, cached2 = load_or_pretrain(cfg, digits, lambda _: None)
+    assert cached2 and path2 == path and losses2 == losses
+    cfg.fresh = True
+    path3, losses3, cached3 = load_or_pretrain(cfg, digits, lambda _: None)
+    assert not cached3 and losses3 == losses and path3.read_bytes() == first
+    # A different recipe is a different cache entry, never a stale hit.
+    other, _, cached4 = load_or_pretrain(
+        quick_config(output_dir=str(tmp_path), pretrain_steps=4, progress=False), digits, lambda _: None
+    )
+    assert not cached4 and other != path
 
 
 def test_default_config_is_the_documented_story() -> None:

@@ -21,14 +21,34 @@ def register(subparsers: Any) -> None:
             "trained on the real digits. CPU only, no network. " + DEFAULTS_NOTE
         ),
     )
-    p.add_argument("--output_dir", default="ffid-demo", help="folder for everything the demo writes (default ./ffid-demo)")
-    p.add_argument("--cache_dir", default=None, help="where the pretrained base is cached (default {output_dir}/base)")
-    p.add_argument("--fresh", action="store_true", help="pretrain the base again even if a cached one matches")
-    p.add_argument("--quick", action="store_true", help="a shortened demo: smaller model, few steps (for tests)")
-    p.add_argument("--seed", type=int, default=None, help="seed of everything (same seed, same numbers; default 0)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (fixed for reproducibility; default 1: on a busy machine more threads spin and slow down)")
+    p.add_argument(
+        "--output_dir",
+        default="ffid-demo",
+        help="folder for everything the demo writes (default ./ffid-demo)",
+    )
+    p.add_argument(
+        "--cache_dir", default=None, help="where the pretrained base is cached (default {output_dir}/base)"
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="pretrain the base again even if a cached one matches"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a shortened demo: smaller model, few steps (for tests)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of everything (same seed, same numbers; default 0)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (fixed for reproducibility; default 1: on a busy machine more threads spin and "
+        "slow down)",
+    )
     p.add_argument("--selector", default=None, help="selection algorithm: spread (default) or compat-v2")
-    p.add_argument("--ff", type=float, default=None, help="fraction of the model each character trains (default 0.01)")
+    p.add_argument(
+        "--ff", type=float, default=None, help="fraction of the model each character trains (default 0.01)"
+    )
     p.add_argument("--ffid1", type=int, default=None, help="selection id of character1 (default 1)")
     p.add_argument("--ffid2", type=int, default=None, help="selection id of character2 (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per character")
@@ -50,9 +70,24 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from ..demo.pipeline import DemoConfig, quick_config
 
     keys = (
-        "output_dir", "cache_dir", "seed", "threads", "selector", "ff", "ffid1", "ffid2", "steps",
-        "learning_rate", "batch_size", "pretrain_steps", "pretrain_lr", "character1", "character2",
-        "samples", "sample_steps", "guidance",
+        "output_dir",
+        "cache_dir",
+        "seed",
+        "threads",
+        "selector",
+        "ff",
+        "ffid1",
+        "ffid2",
+        "steps",
+        "learning_rate",
+        "batch_size",
+        "pretrain_steps",
+        "pretrain_lr",
+        "character1",
+        "character2",
+        "samples",
+        "sample_steps",
+        "guidance",
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     given["fresh"] = bool(args.fresh)

@@ -35,7 +35,9 @@ def encode_prompt(prompt: str, tokens: int = TEXT_TOKENS, dim: int = TEXT_DIM) -
     """``[tokens, dim]`` embeddings of a prompt's words, zero-padded; the empty prompt is all zeros."""
     words = prompt.lower().split()
     if len(words) > tokens:
-        raise ValueError(f"prompt {prompt!r} has {len(words)} words; the demo's text conditioning holds {tokens}")
+        raise ValueError(
+            f"prompt {prompt!r} has {len(words)} words; the demo's text conditioning holds {tokens}"
+        )
     out = torch.zeros(tokens, dim)
     for i, word in enumerate(words):
         out[i] = word_embedding(word, dim)

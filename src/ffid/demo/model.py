@@ -106,7 +106,9 @@ def sample(
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(range(start, min(start + batch_size, len(prompts))))
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[i]))) for i in chunk])
+        x = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(int(seeds[i]))) for i in chunk]
+        )
         text = torch.stack([encode_prompt(prompts[i]) for i in chunk]).to(param.dtype)
         both_text = torch.cat([text, empty.expand_as(text)]) if guidance != 1.0 else text
         for k in range(steps):

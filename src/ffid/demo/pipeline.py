@@ -44,7 +44,7 @@ class DemoConfig:
     threads: int = 1
     # model and pretraining
     spec: ModelSpec = field(default_factory=ModelSpec)
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1200
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 64
     # the two characters (held out of pretraining)
@@ -56,7 +56,7 @@ class DemoConfig:
     ffid1: int = 1
     ffid2: int = 2
     steps: int = 300
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-2
     batch_size: int = 32
     prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
     # sampling and judging
@@ -82,7 +82,15 @@ class DemoConfig:
             raise ConfigError(
                 f"--character1 and --character2 are both digit {self.character1}; pick two different digits"
             )
-        for name in ("pretrain_steps", "steps", "samples", "sample_steps", "threads", "batch_size", "pretrain_batch"):
+        for name in (
+            "pretrain_steps",
+            "steps",
+            "samples",
+            "sample_steps",
+            "threads",
+            "batch_size",
+            "pretrain_batch",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be at least 1")
         for name in ("pretrain_lr", "learning_rate"):
@@ -185,8 +193,12 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
     monitor = TrainMonitor(
-        cfg.pretrain_steps, 0, [], logging_dir=str(Path(cfg.output_dir) / "logs" / "pretrain"),
-        enabled=True, progress=cfg.progress,
+        cfg.pretrain_steps,
+        0,
+        [],
+        logging_dir=str(Path(cfg.output_dir) / "logs" / "pretrain"),
+        enabled=True,
+        progress=cfg.progress,
     )
     log(
         f"pretraining the base: {_param_count(model):,} params (all trained), {len(dataset)} real digit "
@@ -245,7 +257,11 @@ def load_or_pretrain(
 # -- evaluation ---------------------------------------------------------------------------------
 def prompts_for(cfg: DemoConfig) -> list[Concept]:
     """Every prompt the demo scores: the base digits, then character1 and character2."""
-    return [*base_concepts(cfg.held_out), Concept("character1", cfg.character1), Concept("character2", cfg.character2)]
+    return [
+        *base_concepts(cfg.held_out),
+        Concept("character1", cfg.character1),
+        Concept("character2", cfg.character2),
+    ]
 
 
 def evaluate(
@@ -264,7 +280,9 @@ def evaluate(
     )
 
 
-def write_grid(images: torch.Tensor, concepts: list[Concept], path: Path, title: str, columns: int = 8) -> Path:
+def write_grid(
+    images: torch.Tensor, concepts: list[Concept], path: Path, title: str, columns: int = 8
+) -> Path:
     """A PNG grid: one row per prompt, ``columns`` samples each, prompts written on the left."""
     import io
 
@@ -282,8 +300,13 @@ def write_grid(images: torch.Tensor, concepts: list[Concept], path: Path, title:
     for r, concept in enumerate(concepts):
         for c in range(cols):
             ax = axes[r][c]
-            ax.imshow(to_unit(images[r, c]).reshape(images.shape[-2], images.shape[-1]).numpy(), cmap="gray",
-                      vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(
+                to_unit(images[r, c]).reshape(images.shape[-2], images.shape[-1]).numpy(),
+                cmap="gray",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(concept.name, rotation=0, ha="right", va="center", fontsize=9)
@@ -308,11 +331,13 @@ def plot_all_losses(curves: dict[str, list[float]], path: Path) -> Path:
     from ..train.io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), dpi=90, squeeze=False)
-    for ax, (name, losses) in zip(axes[0], curves.items()):
+    for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
         ax.plot(range(1, len(losses) + 1), losses, lw=0.7, alpha=0.5)
         window = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(range(1, len(losses) + 1), smooth, lw=1.5)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
@@ -344,8 +369,13 @@ def train_character(
     # unconditional prediction (which guidance uses for every prompt) towards that character.
     prior = base_concepts(cfg.held_out) if cfg.prior_per_class else None
     task = DemoTask(
-        [Concept(name, digit)], prior=prior, prior_per_class=cfg.prior_per_class, model=model, spec=spec,
-        data=data, caption_dropout=0.0,
+        [Concept(name, digit)],
+        prior=prior,
+        prior_per_class=cfg.prior_per_class,
+        model=model,
+        spec=spec,
+        data=data,
+        caption_dropout=0.0,
     )
     out = Path(cfg.output_dir) / name
     tcfg = config_from_mapping(
@@ -368,7 +398,11 @@ def train_character(
             "task_args": {
                 "concepts": {name: digit},
                 "caption_dropout": 0.0,
-                **({"prior": {c.name: c.digit for c in prior}, "prior_per_class": cfg.prior_per_class} if prior else {}),
+                **(
+                    {"prior": {c.name: c.digit for c in prior}, "prior_per_class": cfg.prior_per_class}
+                    if prior
+                    else {}
+                ),
             },
             "progress": cfg.progress,
         }
@@ -461,12 +495,17 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
 
     t0 = time.perf_counter()
     log(f"[bold]3a[/] teaching character1 (digit {cfg.character1}) into --ffid {cfg.ffid1}")
-    delta1, losses1, info1 = train_character(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data)
+    delta1, losses1, info1 = train_character(
+        cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data
+    )
     timings["character1"] = time.perf_counter() - t0
     score("character1", f"base + character1 (ffid {cfg.ffid1})", model_with_deltas(base_path, [delta1]))
 
     t0 = time.perf_counter()
-    log(f"[bold]3b[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} on top of character1")
+    log(
+        f"[bold]3b[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} "
+        "on top of character1"
+    )
     delta2, losses2, info2 = train_character(
         cfg, "character2", cfg.character2, cfg.ffid2, base_path, [delta1], data
     )
@@ -483,7 +522,8 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     merged, _ = load_model(merged_path)
     timings["merge"] = time.perf_counter() - t0
     merged_same = all(
-        torch.equal(a, b) for a, b in zip(merged.state_dict().values(), both.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(merged.state_dict().values(), both.state_dict().values(), strict=True)
     )
     score("merged", "merged checkpoint (base + both deltas)", merged.eval())
 
@@ -491,15 +531,18 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
         {"pretraining (base)": base_losses, "character1 (ffid)": losses1, "character2 (ffid)": losses2},
         out / "loss.png",
     )
-    report = build_report(cfg, stages, info1, info2, judge, total, merged_same, cached, timings, base_path,
-                          merged_path)
+    report = build_report(
+        cfg, stages, info1, info2, judge, total, merged_same, cached, timings, base_path, merged_path
+    )
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["peak_memory"] = peak_memory(torch.device("cpu"))
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.md", render_markdown(report).encode())
     console.print(render_table(report))
-    log(f"wrote {out / 'report.md'}, {out / 'report.json'}, {sample_dir}/*.png, {out / 'loss.png'}, "
-        f"TensorBoard logs in {out / 'logs'}; total {report['seconds']:.0f} s")
+    log(
+        f"wrote {out / 'report.md'}, {out / 'report.json'}, {sample_dir}/*.png, {out / 'loss.png'}, "
+        f"TensorBoard logs in {out / 'logs'}; total {report['seconds']:.0f} s"
+    )
     return DemoResult(out, report, stages, report["seconds"])
 
 
@@ -555,6 +598,11 @@ def build_report(
     }
 
 
+def _base_mean(accuracy: dict[str, float]) -> float:
+    values = [v for k, v in accuracy.items() if not k.startswith("character")]
+    return sum(values) / len(values)
+
+
 STAGE_TITLES = {
     "base": "base",
     "character1": "after 3a (+char1)",
@@ -569,25 +617,34 @@ def render_table(report: dict[str, Any]) -> Any:
 
     cfg = report["config"]
     table = Table(
-        title=f"judge accuracy per prompt (share of {cfg['samples']} samples classified as the intended digit)"
+        title=f"judge accuracy per prompt (share of {cfg['samples']} samples classified as the "
+        "intended digit)"
     )
     table.add_column("prompt")
     table.add_column("digit", justify="right")
     for stage in report["stages"]:
         table.add_column(STAGE_TITLES.get(stage, stage), justify="right")
-    digits = {**{w: i for i, w in enumerate(DIGIT_WORDS)}, "character1": cfg["character1"],
-              "character2": cfg["character2"]}
+    digits = {
+        **{w: i for i, w in enumerate(DIGIT_WORDS)},
+        "character1": cfg["character1"],
+        "character2": cfg["character2"],
+    }
     names = list(next(iter(report["stages"].values())))
     for name in names:
         style = "bold" if name.startswith("character") else None
-        table.add_row(f"a digit {name}", str(digits[name]),
-                      *[f"{report['stages'][s][name]:.0%}" for s in report["stages"]], style=style)
+        table.add_row(
+            f"a digit {name}",
+            str(digits[name]),
+            *[f"{report['stages'][s][name]:.0%}" for s in report["stages"]],
+            style=style,
+        )
     s = report["summary"]
     table.add_section()
-    table.add_row("[bold]base classes (mean)", "", *[
-        f"{sum(v for k, v in report['stages'][st].items() if not k.startswith('character')) / (len(names) - 2):.0%}"
-        for st in report["stages"]
-    ])
+    table.add_row(
+        "[bold]base classes (mean)",
+        "",
+        *[f"{_base_mean(report['stages'][st]):.0%}" for st in report["stages"]],
+    )
     table.caption = (
         f"character1 {s['character1_before']:.0%} -> {s['character1_after_3a']:.0%} (3a) -> "
         f"{s['character1_after_3b']:.0%} (kept after 3b); character2 {s['character2_before']:.0%} -> "
@@ -608,9 +665,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Tiny Wan DiT ({report['model_params']:,} params) pretrained on scikit-learn's real digits; "
         f"character1 = digit {cfg['character1']} taught with `--ff {cfg['ff']} --ffid {cfg['ffid1']}`, "
         f"character2 = digit {cfg['character2']} with `--ffid {cfg['ffid2']}` on top "
-        f"(selector `{cfg['selector']}`, {cfg['steps']} steps each, lr {cfg['learning_rate']}, seed {cfg['seed']}).",
+        f"(selector `{cfg['selector']}`, {cfg['steps']} steps each, lr {cfg['learning_rate']}, "
+        f"seed {cfg['seed']}).",
         f"Samples are judged by an RBF SVM trained on real digits only "
-        f"({report['judge_holdout_accuracy']:.1%} on held-out real scans); {cfg['samples']} samples per prompt, "
+        f"({report['judge_holdout_accuracy']:.1%} on held-out real scans); {cfg['samples']} samples per "
+        "prompt, "
         f"{cfg['sample_steps']} Euler steps, guidance {cfg['guidance']}.",
         "",
         "## Summary",
@@ -633,17 +692,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|" + "---|" * len(stages),
     ]
     for name in names:
-        lines.append(f"| a digit {name} | " + " | ".join(f"{report['stages'][st][name]:.0%}" for st in stages) + " |")
+        lines.append(
+            f"| a digit {name} | " + " | ".join(f"{report['stages'][st][name]:.0%}" for st in stages) + " |"
+        )
     c1, c2 = report["characters"]["character1"], report["characters"]["character2"]
     lines += [
         "",
         "## Files",
         "",
-        f"- base: `{report['files']['base']}` ({'from cache' if report['files']['base_cached'] else 'pretrained now'})",
+        f"- base: `{report['files']['base']}` "
+        f"({'from cache' if report['files']['base_cached'] else 'pretrained now'})",
         f"- character1 delta: `{c1['delta']}` ({c1['trainable']:,} weights, fingerprint {c1['fingerprint']})",
         f"- character2 delta: `{c2['delta']}` ({c2['trainable']:,} weights, fingerprint {c2['fingerprint']})",
         f"- merged: `{report['files']['merged']}`",
-        "- sample grids: `samples/base.png`, `samples/character1.png`, `samples/character2.png`, `samples/merged.png`",
+        "- sample grids: `samples/base.png`, `samples/character1.png`, `samples/character2.png`, "
+        "`samples/merged.png`",
         "- loss curves: `loss.png`; TensorBoard: `tensorboard --logdir logs`",
         "",
         "## Time",

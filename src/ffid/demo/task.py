@@ -49,7 +49,9 @@ class ConceptDataset(Dataset):
         xs, texts = [], []
         # Prior concepts contribute their first ``prior_per_class`` scans (a fixed choice, so
         # the dataset is the same in every run).
-        wanted = [(c, None) for c in concepts] + [(c, prior_per_class) for c in (prior or []) if prior_per_class]
+        wanted = [(c, None) for c in concepts] + [
+            (c, prior_per_class) for c in (prior or []) if prior_per_class
+        ]
         for concept, limit in wanted:
             chosen = images[labels == concept.digit][:limit]
             xs.append(chosen)
@@ -71,7 +73,9 @@ def parse_concepts(value: Any) -> list[Concept]:
         for part in filter(None, (p.strip() for p in value.split(","))):
             name, sep, digit = part.partition("=")
             if not sep:
-                raise ConfigError(f"task_args.concepts entry {part!r} is not word=digit; write e.g. character1=7")
+                raise ConfigError(
+                    f"task_args.concepts entry {part!r} is not word=digit; write e.g. character1=7"
+                )
             pairs.append((name.strip(), digit.strip()))
     elif isinstance(value, Mapping):
         pairs = list(value.items())
@@ -84,7 +88,9 @@ def parse_concepts(value: Any) -> list[Concept]:
         except (TypeError, ValueError):
             d = -1
         if not 0 <= d <= 9:
-            raise ConfigError(f"concept {name!r}: digit {digit!r} is not 0..9; scikit-learn's digits are 0..9")
+            raise ConfigError(
+                f"concept {name!r}: digit {digit!r} is not 0..9; scikit-learn's digits are 0..9"
+            )
         if not str(name).isidentifier() or len(str(name).split()) != 1:
             raise ConfigError(f"concept name {name!r} must be one word such as character1")
         concepts.append(Concept(str(name), d))
@@ -93,7 +99,9 @@ def parse_concepts(value: Any) -> list[Concept]:
     return concepts
 
 
-def save_model(model: nn.Module, spec: ModelSpec, path: Path, metadata: Mapping[str, str] | None = None) -> Path:
+def save_model(
+    model: nn.Module, spec: ModelSpec, path: Path, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write the demo model's weights (diffusers names) and its spec to ``path``, atomically."""
     from safetensors.torch import save
 
@@ -112,7 +120,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
 
     path = Path(path)
     if not path.is_file():
-        raise MissingFileError(f"demo model {str(path)!r} does not exist; run `ffid demo` first to make the base")
+        raise MissingFileError(
+            f"demo model {str(path)!r} does not exist; run `ffid demo` first to make the base"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -160,14 +170,18 @@ class DemoTask:
         if self.model is not None:
             return self.model
         if not cfg.model_path:
-            raise ConfigError("model_path is not set; give the demo base, e.g. ffid-demo/base/base.safetensors")
+            raise ConfigError(
+                "model_path is not set; give the demo base, e.g. ffid-demo/base/base.safetensors"
+            )
         model, self.spec = load_model(cfg.model_path)
         return model
 
     def dataset(self, cfg: TrainConfig | None) -> Dataset:
         if self.concepts is None:
             if "concepts" not in cfg.task_args:
-                raise ConfigError("model_type demo needs task_args.concepts, e.g. concepts = {character1 = 7}")
+                raise ConfigError(
+                    "model_type demo needs task_args.concepts, e.g. concepts = {character1 = 7}"
+                )
             self.concepts = parse_concepts(cfg.task_args["concepts"])
         if cfg is not None:
             args = cfg.task_args
@@ -185,7 +199,9 @@ class DemoTask:
             "text": torch.stack([it["text"] for it in items]),
         }
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         x0 = batch["latents"].float()
         n = x0.shape[0]
         # All randomness comes from the trainer's generator, in a fixed order, so a run repeats.
