@@ -192,7 +192,7 @@ def main() -> int:
             f"{cp_best / lib_best:.2f} for the library call (best of {args.repeats}; target >= 0.50)"
         )
         print(
-            f"merge peak RSS {rss / 2**20:.0f} MiB = python+torch+ffid import {rss_import / 2**20:.0f} MiB "
+            f"merge peak RSS {rss / 2**20:.0f} MiB = python+ffid import {rss_import / 2**20:.0f} MiB "
             f"+ {(rss - rss_import) / 2**20:.0f} MiB ({(rss - rss_import) / largest:.1f} x the largest "
             "tensor; "
             f"the checkpoint is {size / 2**20:.0f} MiB)"

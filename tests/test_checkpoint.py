@@ -406,6 +406,23 @@ def test_merge_refuses_to_overwrite_inputs_and_corrupt_inputs(tmp_path, wan_setu
     assert not out.exists()
 
 
+def test_corrupt_delta_indices_are_refused_and_nothing_is_written(tmp_path, wan_setup):
+    _, base, _, delta = wan_setup
+    with safe_open(str(delta), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        meta = f.metadata()
+    key = next(k for k in sorted(tensors) if k.endswith(INDEX_SUFFIX) and tensors[k].numel() > 93)
+    idx = tensors[key].numpy().copy()  # torch has no index_put for uint16
+    idx[[1, 2]] = idx[[2, 1]]  # unsorted; entries 1, 2 are not sampled for k > 93
+    tensors[key] = torch.from_numpy(idx)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ModelFileError, match="not sorted"):
+        merge_checkpoint(base, [bad], out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+
+
 def test_full_disk_is_refused_before_writing(tmp_path, wan_setup, monkeypatch):
     import shutil
     from collections import namedtuple

@@ -49,8 +49,6 @@ VALUE_SUFFIX = ".ffid_value"
 # Base positions hashed per tensor for the base fingerprint: enough to tell two bases apart,
 # few enough that checking a 1,095-tensor model costs milliseconds.
 FINGERPRINT_SAMPLES = 32
-# Indices a DeltaFile keeps in memory after the first read (int64 bytes), so merge reads them once.
-INDEX_CACHE_BYTES = 512 * 2**20
 
 KEY_FORMAT = "ffid.format"
 KEY_FORMAT_VERSION = "ffid.format_version"
@@ -239,9 +237,6 @@ class DeltaFile:
             else:
                 raise ModelFileError(f"{self.path}: unexpected tensor {key!r} in a delta file; re-save it")
         self.names = sorted(names)
-        # Merging reads each tensor's indices twice (checks first, then patching); small ones are kept.
-        self._index_cache: dict[str, np.ndarray] = {}
-        self._cache_budget = INDEX_CACHE_BYTES
         missing = [n for n in self.names if n not in self.info.base_fingerprint]
         if missing:
             raise ModelFileError(
@@ -267,19 +262,24 @@ class DeltaFile:
         """Sorted int64 flat indices of ``name`` (validated against the tensor's size)."""
         import torch
 
-        return torch.from_numpy(self.read_indices_np(name).copy())  # the cached array is read-only
+        return torch.from_numpy(self.read_indices_np(name))
 
     def read_indices_np(self, name: str) -> np.ndarray:
-        """:meth:`read_indices` as a read-only int64 numpy array (kept while the cache has room)."""
-        cached = self._index_cache.get(name)
-        if cached is not None:
-            return cached
-        idx = self._read_indices(name)
-        idx.flags.writeable = False  # shared through the cache
-        if idx.size * 8 <= self._cache_budget:
-            self._index_cache[name] = idx
-            self._cache_budget -= idx.size * 8
-        return idx
+        """:meth:`read_indices` as an int64 numpy array."""
+        return self._read_indices(name)
+
+    def read_index_elements(self, name: str, entries: np.ndarray) -> np.ndarray:
+        """``read_indices(name)[entries]`` without reading the whole index tensor (a few preads)."""
+        ientry = self.file.entries.get(name + INDEX_SUFFIX)
+        if ientry is None:
+            return entries.astype(np.int64)
+        size = np.dtype(NUMPY_INT[ientry.dtype]).itemsize
+        fd = self.file.f.fileno()
+        base = self.file.data_start + ientry.start
+        raw = b"".join(os.pread(fd, size, base + int(j) * size) for j in entries)
+        if len(raw) != size * len(entries):
+            raise ModelFileError(f"{self.path} is truncated inside {ientry.key!r}; re-save the delta")
+        return np.frombuffer(raw, dtype=NUMPY_INT[ientry.dtype]).astype(np.int64)
 
     def _read_indices(self, name: str) -> np.ndarray:
         shape = self.shape(name)

@@ -12,6 +12,7 @@ tensor), overlaps between deltas, free disk space.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -127,8 +128,8 @@ def _check_delta_against_base(
         ):
             loc = base.tensors[target]
             for p in patches[target]:
-                idx = p.delta.read_indices_np(p.name)
-                pos = idx[sample_positions_np(idx.size)]
+                # Only the sampled indices are read here; the whole index is read (and checked) when patching.
+                pos = p.delta.read_index_elements(p.name, sample_positions_np(p.delta.count(p.name)))
                 if loc.entry.dtype in NUMPY_FAST:
                     got = values_hash(loc.file.read_elements_f32(loc.entry, pos))
                 else:
@@ -299,7 +300,10 @@ def _copy_and_patch(
                             del raw, t
                     tensors += 1
                 finally:
-                    mm.close()
+                    # A propagating error's traceback may still hold a view of the mapping: it is then
+                    # unmapped with that traceback (and atomic_write removes the temp file).
+                    with contextlib.suppress(BufferError):
+                        mm.close()
         except BaseException:
             state["stop"] = True  # the copy is pointless now; atomic_write removes the temp file
             thread.join()
