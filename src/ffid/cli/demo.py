@@ -54,6 +54,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per character")
     p.add_argument("--learning_rate", type=float, default=None, help="learning rate of the character runs")
     p.add_argument("--batch_size", type=int, default=None, help="batch size of the character runs")
+    p.add_argument(
+        "--prior_per_class",
+        type=int,
+        default=None,
+        help="real scans of each base class mixed into a character's data as regularisation "
+        "(0: none; default 23)",
+    )
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="mix character1's scans into character2's regularisation data (keeps character1 better)",
+    )
     p.add_argument("--pretrain_steps", type=int, default=None, help="steps of base pretraining")
     p.add_argument("--pretrain_lr", type=float, default=None, help="learning rate of base pretraining")
     p.add_argument("--character1", type=int, default=None, help="digit that plays character1 (default 7)")
@@ -81,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "steps",
         "learning_rate",
         "batch_size",
+        "prior_per_class",
         "pretrain_steps",
         "pretrain_lr",
         "character1",
@@ -91,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     given["fresh"] = bool(args.fresh)
+    given["rehearse"] = bool(args.rehearse)
     given["progress"] = not args.no_progress
     cfg = quick_config(**given) if args.quick else DemoConfig(**given)
     return cfg.validate()

@@ -59,6 +59,7 @@ class DemoConfig:
     learning_rate: float = 3e-2
     batch_size: int = 32
     prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
+    rehearse: bool = False  # also mix character1's scans into character2's data
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
     sample_steps: int = 20
@@ -360,6 +361,7 @@ def train_character(
     base_path: Path,
     base_deltas: list[Path],
     data: tuple[torch.Tensor, torch.Tensor],
+    extra_prior: list[Concept] | None = None,
 ) -> tuple[Path, list[float], dict[str, Any]]:
     """Teach ``a digit <name>`` (real scans of ``digit``) into slice ``ffid`` through the trainer."""
     from ..train import config_from_mapping, train
@@ -367,7 +369,7 @@ def train_character(
     model, spec = load_model(base_path)
     # No caption dropout here: training the empty prompt on one character would pull the
     # unconditional prediction (which guidance uses for every prompt) towards that character.
-    prior = base_concepts(cfg.held_out) if cfg.prior_per_class else None
+    prior = [*base_concepts(cfg.held_out), *(extra_prior or [])] if cfg.prior_per_class else None
     task = DemoTask(
         [Concept(name, digit)],
         prior=prior,
@@ -507,7 +509,14 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
         "on top of character1"
     )
     delta2, losses2, info2 = train_character(
-        cfg, "character2", cfg.character2, cfg.ffid2, base_path, [delta1], data
+        cfg,
+        "character2",
+        cfg.character2,
+        cfg.ffid2,
+        base_path,
+        [delta1],
+        data,
+        [Concept("character1", cfg.character1)] if cfg.rehearse else None,
     )
     timings["character2"] = time.perf_counter() - t0
     both = model_with_deltas(base_path, [delta1, delta2])
@@ -666,7 +675,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"character1 = digit {cfg['character1']} taught with `--ff {cfg['ff']} --ffid {cfg['ffid1']}`, "
         f"character2 = digit {cfg['character2']} with `--ffid {cfg['ffid2']}` on top "
         f"(selector `{cfg['selector']}`, {cfg['steps']} steps each, lr {cfg['learning_rate']}, "
-        f"seed {cfg['seed']}).",
+        f"seed {cfg['seed']}). Each character's data: the real scans of its digit plus "
+        f"{cfg['prior_per_class']} real scans of each base class with their own prompts (regularisation)"
+        + (", and character2's also character1's (rehearsal)." if cfg["rehearse"] else "."),
         f"Samples are judged by an RBF SVM trained on real digits only "
         f"({report['judge_holdout_accuracy']:.1%} on held-out real scans); {cfg['samples']} samples per "
         "prompt, "
