@@ -114,6 +114,25 @@ def save_model(
     return path
 
 
+def read_spec(path: str | Path) -> ModelSpec:
+    """The :class:`ModelSpec` stored in a demo model file (reads the header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(
+            f"demo model {str(path)!r} does not exist; run `ffid demo` first to make the base"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    if SPEC_KEY not in meta:
+        raise ModelFileError(f"{str(path)!r} has no {SPEC_KEY} metadata; it was not written by ffid demo")
+    return ModelSpec(**json.loads(meta[SPEC_KEY]))
+
+
 def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     """A demo model saved by :func:`save_model` (or merged from one): weights and spec."""
     from safetensors import safe_open
@@ -190,6 +209,9 @@ class DemoTask:
             if self.prior is None and "prior" in args:
                 self.prior = parse_concepts(args["prior"])
                 self.prior_per_class = int(args.get("prior_per_class", 20))
+        if self.data is None and self.model is None and cfg is not None and cfg.model_path:
+            # The trainer asks for the data before the model: take the image size from the file.
+            self.spec = read_spec(cfg.model_path)
         images, labels = self.data if self.data is not None else load_digit_images(self.spec.image_size)
         return ConceptDataset(self.concepts, images, labels, self.prior, self.prior_per_class)
 
