@@ -230,3 +230,22 @@ def test_default_config_is_the_documented_story() -> None:
     assert (cfg.ff, cfg.ffid1, cfg.ffid2, cfg.selector) == (0.01, 1, 2, "spread")
     assert cfg.output_dir == "ffid-demo"
     assert cfg.held_out == (7, 4)
+
+
+def test_prior_scans_are_a_fixed_share_per_class(digits) -> None:
+    from ffid.demo.data import Concept
+    from ffid.demo.task import ConceptDataset
+
+    images, labels = digits
+    main_only = ConceptDataset([Concept("character1", 7)], images, labels)
+    with_prior = ConceptDataset(
+        [Concept("character1", 7)],
+        images,
+        labels,
+        prior=[Concept("one", 1), Concept("two", 2)],
+        prior_per_class=5,
+    )
+    assert len(with_prior) == len(main_only) + 10
+    # Prior items keep their own prompts and are the first scans of their class.
+    assert torch.equal(with_prior[len(main_only)]["text"], encode_prompt("a digit one"))
+    assert torch.equal(with_prior[len(main_only)]["latents"], images[labels == 1][0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DEFAULTS_NOTE = "defaults: the full demo (~5 min on 2 free CPU cores); --quick: a 1-minute smoke run"
+DEFAULTS_NOTE = "defaults: the full demo (about 5 CPU-minutes, one thread); --quick: a short smoke run"
 
 
 def register(subparsers: Any) -> None:
