@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.atomic import write_bytes_atomic
 from .errors import ConfigError
 from .manifest import Manifest
 from .names import BlockKey, filter_names
@@ -431,20 +431,6 @@ def render_overlap_rich(mat: OverlapMatrix, console: Any = None) -> None:
 
 
 # -- plot ----------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    # A temp file in the target folder then rename: a crash never leaves a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_coverage(
     selections: Sequence[Selection],
     path: str | os.PathLike[str],
@@ -490,7 +476,7 @@ def plot_coverage(
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
