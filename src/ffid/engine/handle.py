@@ -281,8 +281,8 @@ class FfidHandle(nn.Module):
             previous = module.__dict__.get("forward")
             self._patched_forwards.append((module, previous))
             fwd = {
-                "linear": self._linear_forward,
-                "conv1d": self._conv1d_forward,
+                "linear": partial(self._matmul_forward, transposed=False),
+                "conv1d": partial(self._matmul_forward, transposed=True),
                 "patch-conv": self._patch_forward,
             }[route]
             module.forward = partial(fwd, module, slot, bias_of.get(mid))
@@ -321,35 +321,20 @@ class FfidHandle(nn.Module):
     def _getter(module: nn.Module, attr: str = "weight"):  # type: ignore[no-untyped-def]
         return lambda: module._parameters[attr]
 
-    def _linear_forward(
-        self, module: nn.Linear, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
+    def _matmul_forward(
+        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor, *, transposed: bool
     ) -> torch.Tensor:
-        out_f, in_f = module.weight.shape
-        pattern = self._pattern(slot, out_f, in_f)
+        # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
+        rows, cols = module.weight.shape
+        in_f, out_f = (rows, cols) if transposed else (cols, rows)
         lead = x.shape[:-1]
         y = SelectedMatmul.apply(
             x.reshape(-1, in_f),
             self._proxy(slot),
             self._bias(module, bias_slot),
             self._getter(module),
-            pattern,
-            False,
-        )
-        return y.reshape(*lead, out_f)
-
-    def _conv1d_forward(
-        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
-    ) -> torch.Tensor:
-        in_f, out_f = module.weight.shape
-        pattern = self._pattern(slot, in_f, out_f)
-        lead = x.shape[:-1]
-        y = SelectedMatmul.apply(
-            x.reshape(-1, in_f),
-            self._proxy(slot),
-            self._bias(module, bias_slot),
-            self._getter(module),
-            pattern,
-            True,
+            self._pattern(slot, rows, cols),
+            transposed,
         )
         return y.reshape(*lead, out_f)
 
