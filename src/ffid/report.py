@@ -16,15 +16,14 @@ as they were logged.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint.atomic import write_bytes_atomic
 from .errors import ConfigError
+from .figures import pyplot, save_figure
 from .manifest import Manifest
 from .names import BlockKey, filter_names
 from .selection import Selection, overlap_count
@@ -447,10 +446,7 @@ def plot_coverage(
         )
     fmt = path.suffix.lstrip(".").lower() or "png"
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         raise ConfigError("--plot needs matplotlib; pip install 'ffid[plot]'") from None
     if fmt not in plt.figure().canvas.get_supported_filetypes():
@@ -473,11 +469,7 @@ def plot_coverage(
     ax.set_title(f"{selections[0].selector}: selected fraction per block")
     ax.legend(fontsize=7, ncol=min(4, len(labels) + 1))
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
-    return path
+    return save_figure(fig, path, fmt=fmt, dpi=120)
 
 
 __all__ = [

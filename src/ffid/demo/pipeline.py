@@ -285,14 +285,11 @@ def write_grid(
     images: torch.Tensor, concepts: list[Concept], path: Path, title: str, columns: int = 8
 ) -> Path:
     """A PNG grid: one row per prompt, ``columns`` samples each, prompts written on the left."""
-    import io
 
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from ..train.io import atomic_write_bytes
     from .data import to_unit
 
     cols = min(columns, images.shape[1])
@@ -313,23 +310,16 @@ def write_grid(
         axes[r][0].set_ylabel(concept.name, rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def plot_all_losses(curves: dict[str, list[float]], path: Path) -> Path:
     """All stages' loss curves side by side in one PNG."""
-    import io
 
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    from ..train.io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), dpi=90, squeeze=False)
     for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
@@ -345,11 +335,7 @@ def plot_all_losses(curves: dict[str, list[float]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("flow-matching loss")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 # -- the ffid stages ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from ..figures import pyplot, save_figure
 from .io import atomic_write_bytes
 
 # The bar's avr_loss is the mean of this many recent steps (kohya shows the epoch mean; a window
@@ -114,13 +115,9 @@ def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     if not losses:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
-    import io
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = range(1, len(losses) + 1)
@@ -136,11 +133,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
