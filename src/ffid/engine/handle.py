@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
 from ..selection import Selection
-from .kernels import FP8_DTYPES, Pattern, SelectedMatmul
+from .kernels import FP8_DTYPES, Pattern, SelectedMatmul, activation_sources
 
 # Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -335,6 +335,7 @@ class FfidHandle(nn.Module):
             self._getter(module),
             self._pattern(slot, rows, cols),
             transposed,
+            activation_sources(x),  # read before the reshape hides the producing op
         )
         return y.reshape(*lead, out_f)
 
@@ -358,7 +359,13 @@ class FfidHandle(nn.Module):
         out_c = module.weight.shape[0]
         pattern = self._pattern(slot, out_c, c * math.prod(k))
         y = SelectedMatmul.apply(
-            patches, self._proxy(slot), self._bias(module, bias_slot), self._getter(module), pattern, False
+            patches,
+            self._proxy(slot),
+            self._bias(module, bias_slot),
+            self._getter(module),
+            pattern,
+            False,
+            None,  # a patch matrix is a reshaped copy of the conv input: nothing to recompute from
         )
         y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
         return y.squeeze(0) if unbatched else y

@@ -209,12 +209,86 @@ def effective_weight(
     yield effective_matrix(weight, proxy, pattern, device, dtype)
 
 
+# Switch for the activation recomputation below (tests compare runs with it on and off).
+RECOMPUTE_ACTIVATIONS = True
+
+
+def _saved_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are active (checkpointing, ``save_on_cpu``, ...).
+
+    Reading a node's saved tensor then runs the hooks' unpack (non-reentrant checkpointing would
+    recompute its whole region; offloading would copy back), and saving the source again packs
+    a second copy, so the recomputation is not used. Unknown -> treated as active.
+    """
+    top = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except Exception:  # signature changed in another torch version
+        return True
+
+
+def _elementwise_sources(node: object, x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple] | None:
+    # Only ops whose node saves every input needed to recompute ``x`` bit for bit: the same op
+    # on the same tensors (same dtype, device, shape) gives the same values.
+    name = type(node).__name__
+    if name == "GeluBackward0":
+        approximate = node._saved_approximate  # type: ignore[attr-defined]
+        if not isinstance(approximate, str):
+            return None
+        src = (node._saved_self,)  # type: ignore[attr-defined]
+
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.gelu(h, approximate=approximate)
+
+    elif name == "SiluBackward0":
+        src, fn = (node._saved_self,), torch.nn.functional.silu  # type: ignore[attr-defined]
+    elif name == "MulBackward0":  # e.g. Llama's act(gate) * up, GPT-2's gelu_new
+        src, fn = (node._saved_self, node._saved_other), torch.mul  # type: ignore[attr-defined]
+        if not all(isinstance(t, torch.Tensor) for t in src):
+            return None  # a side that needs no grad is not saved
+        if torch.broadcast_shapes(src[0].shape, src[1].shape) != x.shape:
+            return None
+    else:
+        return None
+    for t in src:
+        if not isinstance(t, torch.Tensor) or t.dtype != x.dtype or t.device != x.device:
+            return None
+        if t.dim() == 0 or (len(src) == 1 and t.shape != x.shape):
+            return None
+    return fn, tuple(t.detach() for t in src)
+
+
+def activation_sources(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple] | None:
+    """How to recompute ``x`` from tensors its autograd node already saves, or ``None``.
+
+    A Linear after an activation (Wan's FFN: ``gelu(h)`` [N, 4 dim]; Llama's ``silu(g) * u``)
+    would otherwise keep ``x`` for its weight gradient on top of the ``h`` the activation's own
+    node keeps. Saving that node's inputs instead (the same storages: no new memory) and
+    recomputing the op in backward gives the same bits. ``x.grad_fn`` is the op that produced
+    ``x``'s current value (an in-place change afterwards would replace it, and an in-place change
+    of the sources trips autograd's version check). Anything unrecognised, any attribute missing
+    in another torch version, or active saved-tensor hooks: ``None`` (save ``x`` as before).
+    """
+    if not RECOMPUTE_ACTIVATIONS or x.grad_fn is None or not x.dtype.is_floating_point:
+        return None
+    if _saved_hooks_active():
+        return None
+    try:
+        return _elementwise_sources(x.grad_fn, x)
+    except Exception:  # attribute missing/renamed, freed buffers, ...: fall back
+        return None
+
+
 class SelectedMatmul(torch.autograd.Function):
     """``y = x @ W_eff^T + b`` (``transposed=False``) or ``y = x @ W_eff + b`` (``transposed=True``).
 
     ``get_weight`` returns the module's current base weight (read at call time, twice: in forward
     and again in backward). ``x`` is ``[N, in]``; ``bias`` may be ``None`` and may require grad
-    (a selected bias, already made effective by the caller).
+    (a selected bias, already made effective by the caller). ``recompute`` (from
+    :func:`activation_sources` on the un-reshaped input) makes it save the activation's sources
+    instead of ``x`` and rebuild ``x`` in backward.
     """
 
     @staticmethod
@@ -226,6 +300,7 @@ class SelectedMatmul(torch.autograd.Function):
         get_weight: Callable[[], torch.Tensor],
         pattern: Pattern,
         transposed: bool,
+        recompute: tuple[Callable[..., torch.Tensor], tuple] | None = None,
     ) -> torch.Tensor:
         cd = compute_dtype(x)
         with _no_autocast(x.device):
@@ -233,20 +308,29 @@ class SelectedMatmul(torch.autograd.Function):
             b = bias.to(cd) if bias is not None else None
             with effective_weight(get_weight(), proxy, pattern, x.device, cd) as w:
                 y = torch.nn.functional.linear(xc, w.t() if transposed else w, b)
-        ctx.save_for_backward(xc, proxy)
+        if recompute is None:
+            ctx.save_for_backward(proxy, xc)
+            ctx.recompute = None
+        else:
+            ctx.save_for_backward(proxy, *recompute[1])
+            ctx.recompute = recompute[0]
         ctx.get_weight, ctx.pattern, ctx.transposed = get_weight, pattern, transposed
-        ctx.cd, ctx.x_dtype = cd, x.dtype
+        ctx.cd, ctx.x_dtype, ctx.in_features = cd, x.dtype, x.shape[-1]
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.bias_device = bias.device if bias is not None else None
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        xc, proxy = ctx.saved_tensors
+        proxy, *saved = ctx.saved_tensors
         pattern: Pattern = ctx.pattern
         gx = gp = gb = None
         with _no_autocast(gy.device):
             gyc = gy.to(ctx.cd)
+            if ctx.recompute is None:
+                xc = saved[0]
+            else:  # the same op on the same tensors: x bit for bit, as forward had it
+                xc = ctx.recompute(*saved).reshape(-1, ctx.in_features).to(ctx.cd)
             # The proxy gradient first: its transient (a contiguous copy of gy^T or x^T) is freed
             # before grad_x is allocated, so the two never add up at the backward peak.
             if ctx.needs_input_grad[1]:
@@ -258,4 +342,4 @@ class SelectedMatmul(torch.autograd.Function):
                     gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)
             if ctx.needs_input_grad[2]:
                 gb = gy.sum(0).to(device=ctx.bias_device, dtype=ctx.bias_dtype)
-        return gx, gp, gb, None, None, None
+        return gx, gp, gb, None, None, None, None
