@@ -24,8 +24,9 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], *, fmt: str = "png", dpi: int | None = None) -> Path:
-    """Render ``fig`` to ``path`` atomically (temp file, fsync, rename) and close it."""
+    """Render ``fig`` to ``path`` atomically (temp file, fsync, rename), creating its folder, and close it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=dpi)
     pyplot().close(fig)
