@@ -160,9 +160,8 @@ def test_bad_flags_exit_2_and_write_nothing(tmp_path: Path, capsys, flags: list[
 
 def _numbers(report: dict) -> dict:
     return {k: report[k] for k in ("summary", "stages", "predictions", "model_params")} | {
-        "trainable": [report["characters"][c]["trainable"] for c in ("character1", "character2")],
-        "fingerprints": [report["characters"][c]["fingerprint"] for c in ("character1", "character2")],
-        "final_loss": [report["characters"][c]["final_loss"] for c in ("character1", "character2")],
+        k: {c: info[k] for c, info in report["characters"].items()}
+        for k in ("trainable", "fingerprint", "final_loss")
     }
 
 
@@ -181,10 +180,12 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
         "loss.png",
         "samples/base.png",
         "samples/character1.png",
-        "samples/character2.png",
+        "samples/character2_plain.png",
+        "samples/character2_rehearsed.png",
         "samples/merged.png",
         "character1/character1.safetensors",
-        "character2/character2.safetensors",
+        "character2-plain/character2-plain.safetensors",
+        "character2-rehearsed/character2-rehearsed.safetensors",
         "merged/demo-merged.safetensors",
     ):
         assert (out / rel).is_file(), rel
@@ -193,11 +194,35 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
     assert summary["merged_equals_deltas"] is True
-    assert set(report["stages"]) == {"base", "character1", "character2", "merged"}
+    assert list(report["stages"]) == [
+        "base",
+        "character1",
+        "character2_plain",
+        "character2_rehearsed",
+        "merged",
+    ]
     for value in summary.values():
         assert value is True or 0.0 <= value <= 1.0
+    # Both character2 variants ran from the same state into the same slice; only their data
+    # differs, so they select the same weights but learn different values.
+    chars = report["characters"]
+    assert chars["character2_plain"]["fingerprint"] == chars["character2_rehearsed"]["fingerprint"]
+    assert chars["character2_plain"]["rehearsed"] == []
+    assert chars["character2_rehearsed"]["rehearsed"] == ["character1"]
+    assert report["character2_merged"] == "rehearsed"
+    assert chars["character2"] == chars["character2_rehearsed"]
+    assert report["files"]["delta2"] == report["files"]["delta2_rehearsed"] != report["files"]["delta2_plain"]
+    assert summary["character1_after_3b"] == summary["character1_after_3b_rehearsed"]
+    assert summary["character2_after_3b"] == summary["character2_after_3b_rehearsed"]
+    assert report["stages"]["merged"] == report["stages"]["character2_rehearsed"]
+    from safetensors.torch import load_file
+
+    plain, rehearsed = (load_file(report["files"][f"delta2_{v}"]) for v in ("plain", "rehearsed"))
+    assert plain.keys() == rehearsed.keys()
+    assert any(not torch.equal(plain[k], rehearsed[k]) for k in plain)
     assert report["characters"]["character1"]["trainable"] == round(0.01 * report["model_params"])
-    assert "character1 accuracy after 3a" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "character1 accuracy after 3a" in md and "| 3b plain | 3b rehearsed |" in md
     assert report["files"]["base_cached"] is False
     assert runs[1].report["files"]["base_cached"] is True
     assert _numbers(report) == _numbers(json.loads((runs[1].output_dir / "report.json").read_text()))
@@ -225,11 +250,34 @@ def test_pretraining_is_deterministic_and_fresh_redoes_it(tmp_path: Path, digits
     assert not cached4 and other != path
 
 
+def test_single_character2_mode_trains_and_merges_that_variant(tmp_path: Path) -> None:
+    cfg = quick_config(
+        output_dir=str(tmp_path / "p"),
+        cache_dir=str(tmp_path / "cache"),
+        character2_mode="plain",
+        pretrain_steps=3,
+        steps=2,
+        samples=2,
+        sample_steps=2,
+        progress=False,
+    )
+    report = run_demo(cfg).report
+    assert list(report["stages"]) == ["base", "character1", "character2_plain", "merged"]
+    assert report["character2_variants"] == ["plain"] and report["character2_merged"] == "plain"
+    assert report["files"]["delta2"] == report["files"]["delta2_plain"]
+    assert "delta2_rehearsed" not in report["files"]
+    assert report["summary"]["merged_equals_deltas"] is True
+    assert not (tmp_path / "p" / "character2-rehearsed").exists()
+
+
 def test_default_config_is_the_documented_story() -> None:
     cfg = DemoConfig().validate()
+    assert cfg.character2_mode == "both" and cfg.character2_variants == ["plain", "rehearsed"]
     assert (cfg.ff, cfg.ffid1, cfg.ffid2, cfg.selector) == (0.01, 1, 2, "spread")
     assert cfg.output_dir == "ffid-demo"
     assert cfg.held_out == (7, 4)
+    with pytest.raises(ConfigError, match="character2_mode 'mixed' is not one of both, plain, rehearsed"):
+        DemoConfig(character2_mode="mixed").validate()
 
 
 def test_prior_scans_are_a_fixed_share_per_class(digits) -> None:

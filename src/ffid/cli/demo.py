@@ -15,7 +15,8 @@ def register(subparsers: Any) -> None:
         help="pretrain a tiny Wan on real digits, teach two characters into --ffid 1 and 2, merge, report",
         description=(
             "Pretrain a small Wan-architecture DiT (diffusers WanTransformer3DModel) on scikit-learn's "
-            "handwritten digits, teach 'character1' and then 'character2' (two held-out digits) with "
+            "handwritten digits, teach 'character1' and then 'character2' (two held-out digits; character2 "
+            "both plain and with character1 rehearsed, from the same state) with "
             "--ff into two disjoint ids through the ffid trainer, merge both deltas into a full "
             "checkpoint, sample every prompt at every stage and judge the samples with a classifier "
             "trained on the real digits. CPU only, no network. " + DEFAULTS_NOTE
@@ -62,9 +63,12 @@ def register(subparsers: Any) -> None:
         "(0: none; default 23)",
     )
     p.add_argument(
-        "--rehearse",
-        action="store_true",
-        help="mix character1's scans into character2's regularisation data (keeps character1 better)",
+        "--character2_mode",
+        choices=("both", "plain", "rehearsed"),
+        default=None,
+        help="how character2 is taught on top of character1: plain (its own data only), rehearsed "
+        "(character1's scans mixed into its data; keeps character1, recommended) or both from the "
+        "same state, side by side (default both; the merged checkpoint takes the rehearsed one)",
     )
     p.add_argument("--pretrain_steps", type=int, default=None, help="steps of base pretraining")
     p.add_argument("--pretrain_lr", type=float, default=None, help="learning rate of base pretraining")
@@ -94,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "learning_rate",
         "batch_size",
         "prior_per_class",
+        "character2_mode",
         "pretrain_steps",
         "pretrain_lr",
         "character1",
@@ -104,7 +109,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     given["fresh"] = bool(args.fresh)
-    given["rehearse"] = bool(args.rehearse)
     given["progress"] = not args.no_progress
     cfg = quick_config(**given) if args.quick else DemoConfig(**given)
     return cfg.validate()

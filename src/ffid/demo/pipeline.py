@@ -6,8 +6,11 @@ Stages (everything under ``output_dir``):
 1. ``base/``: the pretrained base (cached; reused while its recipe is unchanged, ``fresh`` redoes it).
 2. ``character1/``: ``--ffid 1`` trained through :func:`ffid.train.train` on the held-out digit
    ``character1``; its delta file.
-3. ``character2/``: ``--ffid 2`` trained the same way on top of base + character1.
-4. ``merged/``: both deltas baked into a full checkpoint with :func:`ffid.checkpoint.merge_checkpoint`.
+3. ``character2-plain/`` and ``character2-rehearsed/``: ``--ffid 2`` trained the same way on top of
+   base + character1, twice from the same state: alone (plain) and with character1's scans
+   rehearsed in its data (what we recommend); ``character2_mode`` can keep one of them only.
+4. ``merged/``: character1's delta and the recommended character2 delta (rehearsed when it was
+   trained) baked into a full checkpoint with :func:`ffid.checkpoint.merge_checkpoint`.
 5. ``samples/*.png`` grids, ``report.md`` / ``report.json``, loss curves, TensorBoard ``logs/``.
 """
 
@@ -31,6 +34,9 @@ from .model import ModelSpec, build_model, sample
 from .task import DemoTask, base_concepts, load_model, save_model
 
 DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key cannot see
+# character2's two recipes; the last is the recommended one, merged into the full checkpoint
+VARIANTS = ("plain", "rehearsed")
+CHARACTER2_MODES = ("both", *VARIANTS)
 
 
 @dataclass
@@ -59,7 +65,9 @@ class DemoConfig:
     learning_rate: float = 3e-2
     batch_size: int = 32
     prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
-    rehearse: bool = False  # also mix character1's scans into character2's data
+    # how character2 is taught on top of character1: "plain" (its own data only), "rehearsed"
+    # (character1's scans mixed in), or "both" from the same state, side by side
+    character2_mode: str = "both"
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
     sample_steps: int = 20
@@ -75,6 +83,10 @@ class DemoConfig:
             raise ConfigError(
                 f"--ffid1 and --ffid2 are both {self.ffid1}; the demo needs two different ids so the "
                 "characters never share a weight, e.g. 1 and 2"
+            )
+        if self.character2_mode not in CHARACTER2_MODES:
+            raise ConfigError(
+                f"--character2_mode {self.character2_mode!r} is not one of {', '.join(CHARACTER2_MODES)}"
             )
         for name in ("character1", "character2"):
             if not 0 <= getattr(self, name) <= 9:
@@ -99,6 +111,11 @@ class DemoConfig:
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"--{name} {value} must be a positive number")
         return self
+
+    @property
+    def character2_variants(self) -> list[str]:
+        """The character2 runs this config trains, the merged (recommended) one last."""
+        return list(VARIANTS) if self.character2_mode == "both" else [self.character2_mode]
 
     @property
     def held_out(self) -> tuple[int, int]:
@@ -320,7 +337,6 @@ def plot_all_losses(curves: dict[str, list[float]], path: Path) -> Path:
 
     plt = pyplot()
 
-
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), dpi=90, squeeze=False)
     for ax, (name, losses) in zip(axes[0], curves.items(), strict=True):
         ax.plot(range(1, len(losses) + 1), losses, lw=0.7, alpha=0.5)
@@ -348,8 +364,14 @@ def train_character(
     base_deltas: list[Path],
     data: tuple[torch.Tensor, torch.Tensor],
     extra_prior: list[Concept] | None = None,
+    run_name: str | None = None,
 ) -> tuple[Path, list[float], dict[str, Any]]:
-    """Teach ``a digit <name>`` (real scans of ``digit``) into slice ``ffid`` through the trainer."""
+    """Teach ``a digit <name>`` (real scans of ``digit``) into slice ``ffid`` through the trainer.
+
+    ``run_name`` (default ``name``) names the output folder, files and logs, so two runs that
+    teach the same prompt differently do not overwrite each other.
+    """
+    run_name = run_name or name
     from ..train import config_from_mapping, train
 
     model, spec = load_model(base_path)
@@ -365,7 +387,7 @@ def train_character(
         data=data,
         caption_dropout=0.0,
     )
-    out = Path(cfg.output_dir) / name
+    out = Path(cfg.output_dir) / run_name
     tcfg = config_from_mapping(
         {
             "model_type": "demo",
@@ -380,7 +402,7 @@ def train_character(
             "batch_size": cfg.batch_size,
             "seed": cfg.seed + ffid,
             "output_dir": str(out),
-            "output_name": name,
+            "output_name": run_name,
             "logging_dir": str(Path(cfg.output_dir) / "logs"),
             "base_deltas": [str(p) for p in base_deltas],
             "task_args": {
@@ -398,6 +420,8 @@ def train_character(
     result = train(tcfg, task, model)
     sel = result.selection
     info = {
+        "run": run_name,
+        "rehearsed": [c.name for c in extra_prior or []],
         "ffid": ffid,
         "digit": digit,
         "delta": str(result.final),
@@ -489,45 +513,66 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     timings["character1"] = time.perf_counter() - t0
     score("character1", f"base + character1 (ffid {cfg.ffid1})", model_with_deltas(base_path, [delta1]))
 
-    t0 = time.perf_counter()
-    log(
-        f"[bold]3b[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} "
-        "on top of character1"
-    )
-    delta2, losses2, info2 = train_character(
-        cfg,
-        "character2",
-        cfg.character2,
-        cfg.ffid2,
-        base_path,
-        [delta1],
-        data,
-        [Concept("character1", cfg.character1)] if cfg.rehearse else None,
-    )
-    timings["character2"] = time.perf_counter() - t0
-    both = model_with_deltas(base_path, [delta1, delta2])
-    score("character2", f"base + character1 + character2 (ffids {cfg.ffid1}, {cfg.ffid2})", both)
+    # 3b, once per variant, each from the same base + character1 state: the trainer starts from
+    # the base file plus delta1 every time, so the variants differ only by their data.
+    deltas2: dict[str, Path] = {}
+    losses2: dict[str, list[float]] = {}
+    infos2: dict[str, dict[str, Any]] = {}
+    models2: dict[str, torch.nn.Module] = {}
+    for variant in cfg.character2_variants:
+        t0 = time.perf_counter()
+        rehearsed = variant == "rehearsed"
+        log(
+            f"[bold]3b {variant}[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} "
+            "on top of character1"
+            + (", with character1's scans rehearsed" if rehearsed else ", its own data only")
+        )
+        deltas2[variant], losses2[variant], infos2[variant] = train_character(
+            cfg,
+            "character2",
+            cfg.character2,
+            cfg.ffid2,
+            base_path,
+            [delta1],
+            data,
+            [Concept("character1", cfg.character1)] if rehearsed else None,
+            run_name=f"character2-{variant}",
+        )
+        timings[f"character2_{variant}"] = time.perf_counter() - t0
+        models2[variant] = model_with_deltas(base_path, [delta1, deltas2[variant]])
+        score(
+            f"character2_{variant}",
+            f"base + character1 + character2 {variant} (ffids {cfg.ffid1}, {cfg.ffid2})",
+            models2[variant],
+        )
+    merged_variant = cfg.character2_variants[-1]
 
     t0 = time.perf_counter()
     merged_path = out / "merged" / "demo-merged.safetensors"
     merged_path.parent.mkdir(parents=True, exist_ok=True)
     if merged_path.exists():
         merged_path.unlink()  # the merge tool refuses to overwrite; this run owns the file
-    merge_checkpoint(base_path, [delta1, delta2], merged_path)
+    merge_checkpoint(base_path, [delta1, deltas2[merged_variant]], merged_path)
     merged, _ = load_model(merged_path)
     timings["merge"] = time.perf_counter() - t0
     merged_same = all(
         torch.equal(a, b)
-        for a, b in zip(merged.state_dict().values(), both.state_dict().values(), strict=True)
+        for a, b in zip(
+            merged.state_dict().values(), models2[merged_variant].state_dict().values(), strict=True
+        )
     )
-    score("merged", "merged checkpoint (base + both deltas)", merged.eval())
+    score("merged", f"merged checkpoint (base + character1 + character2 {merged_variant})", merged.eval())
 
     plot_all_losses(
-        {"pretraining (base)": base_losses, "character1 (ffid)": losses1, "character2 (ffid)": losses2},
+        {
+            "pretraining (base)": base_losses,
+            "character1 (ffid)": losses1,
+            **{f"character2 {v} (ffid)": losses2[v] for v in cfg.character2_variants},
+        },
         out / "loss.png",
     )
     report = build_report(
-        cfg, stages, info1, info2, judge, total, merged_same, cached, timings, base_path, merged_path
+        cfg, stages, info1, infos2, judge, total, merged_same, cached, timings, base_path, merged_path
     )
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["peak_memory"] = peak_memory(torch.device("cpu"))
@@ -546,7 +591,7 @@ def build_report(
     cfg: DemoConfig,
     stages: list[StageScores],
     info1: dict[str, Any],
-    info2: dict[str, Any],
+    infos2: dict[str, dict[str, Any]],
     judge: DigitJudge,
     total: int,
     merged_same: bool,
@@ -555,24 +600,35 @@ def build_report(
     base_path: Path,
     merged_path: Path,
 ) -> dict[str, Any]:
-    """The numbers the demo is about, as plain JSON-ready values."""
+    """The numbers the demo is about, as plain JSON-ready values.
+
+    The summary's unsuffixed 3b keys describe the character2 variant that was merged (the
+    recommended one when both ran); ``*_plain`` / ``*_rehearsed`` keys give each variant trained.
+    """
     by = {s.name: s.accuracy for s in stages}
+    variants = cfg.character2_variants
+    merged_variant = variants[-1]
     base_names = [c.name for c in base_concepts(cfg.held_out)]
 
     def mean(stage: str) -> float:
         return sum(by[stage][n] for n in base_names) / len(base_names)
 
-    summary = {
+    after = f"character2_{merged_variant}"
+    summary: dict[str, Any] = {
         "character1_before": by["base"]["character1"],
         "character1_after_3a": by["character1"]["character1"],
-        "character1_after_3b": by["character2"]["character1"],
+        "character1_after_3b": by[after]["character1"],
         "character2_before": by["base"]["character2"],
-        "character2_after_3b": by["character2"]["character2"],
+        "character2_after_3b": by[after]["character2"],
         "base_classes_before": mean("base"),
         "base_classes_after_3a": mean("character1"),
-        "base_classes_after_3b": mean("character2"),
+        "base_classes_after_3b": mean(after),
         "merged_equals_deltas": merged_same,
     }
+    for v in variants:
+        summary[f"character1_after_3b_{v}"] = by[f"character2_{v}"]["character1"]
+        summary[f"character2_after_3b_{v}"] = by[f"character2_{v}"]["character2"]
+        summary[f"base_classes_after_3b_{v}"] = mean(f"character2_{v}")
     return {
         "config": {**{k: v for k, v in asdict(cfg).items() if k != "spec"}, "spec": cfg.spec.to_dict()},
         "model_params": total,
@@ -580,12 +636,19 @@ def build_report(
         "summary": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()},
         "stages": {s.name: {k: round(v, 4) for k, v in s.accuracy.items()} for s in stages},
         "predictions": {s.name: s.predictions for s in stages},
-        "characters": {"character1": info1, "character2": info2},
+        "character2_variants": variants,
+        "character2_merged": merged_variant,
+        "characters": {
+            "character1": info1,
+            "character2": infos2[merged_variant],
+            **{f"character2_{v}": infos2[v] for v in variants},
+        },
         "files": {
             "base": str(base_path),
             "base_cached": cached,
             "delta1": info1["delta"],
-            "delta2": info2["delta"],
+            "delta2": infos2[merged_variant]["delta"],
+            **{f"delta2_{v}": infos2[v]["delta"] for v in variants},
             "merged": str(merged_path),
         },
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -600,9 +663,10 @@ def _base_mean(accuracy: dict[str, float]) -> float:
 
 STAGE_TITLES = {
     "base": "base",
-    "character1": "after 3a (+char1)",
-    "character2": "after 3b (+char2)",
-    "merged": "merged file",
+    "character1": "3a +char1",
+    "character2_plain": "3b plain",
+    "character2_rehearsed": "3b rehearsed",
+    "merged": "merged",
 }
 
 
@@ -640,11 +704,15 @@ def render_table(report: dict[str, Any]) -> Any:
         "",
         *[f"{_base_mean(report['stages'][st]):.0%}" for st in report["stages"]],
     )
+    kept = ", ".join(
+        f"{v}: character1 kept {s[f'character1_after_3b_{v}']:.0%}, character2 "
+        f"{s[f'character2_after_3b_{v}']:.0%}, base classes {s[f'base_classes_after_3b_{v}']:.0%}"
+        for v in report["character2_variants"]
+    )
     table.caption = (
-        f"character1 {s['character1_before']:.0%} -> {s['character1_after_3a']:.0%} (3a) -> "
-        f"{s['character1_after_3b']:.0%} (kept after 3b); character2 {s['character2_before']:.0%} -> "
-        f"{s['character2_after_3b']:.0%}; base classes {s['base_classes_before']:.0%} -> "
-        f"{s['base_classes_after_3b']:.0%}; merged file == base+deltas: {s['merged_equals_deltas']}"
+        f"character1 {s['character1_before']:.0%} -> {s['character1_after_3a']:.0%} (3a); after 3b "
+        f"{kept}; merged file ({report['character2_merged']}) == base+deltas: "
+        f"{s['merged_equals_deltas']}"
     )
     return table
 
@@ -652,18 +720,26 @@ def render_table(report: dict[str, Any]) -> Any:
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the same numbers as the terminal table, plus the setup and timings."""
     cfg, s = report["config"], report["summary"]
+    variants, merged_variant = report["character2_variants"], report["character2_merged"]
     stages = list(report["stages"])
+    how = {
+        "plain": "character2's data is its own scans and the base classes only (the seed's recipe)",
+        "rehearsed": "character1's real scans are also mixed into character2's data (rehearsal, recommended)",
+    }
     names = list(report["stages"][stages[0]])
     lines = [
         "# ffid demo report",
         "",
         f"Tiny Wan DiT ({report['model_params']:,} params) pretrained on scikit-learn's real digits; "
         f"character1 = digit {cfg['character1']} taught with `--ff {cfg['ff']} --ffid {cfg['ffid1']}`, "
-        f"character2 = digit {cfg['character2']} with `--ffid {cfg['ffid2']}` on top "
+        f"character2 = digit {cfg['character2']} with `--ffid {cfg['ffid2']}` on top, "
+        f"{' and '.join(variants)} from the same state "
         f"(selector `{cfg['selector']}`, {cfg['steps']} steps each, lr {cfg['learning_rate']}, "
         f"seed {cfg['seed']}). Each character's data: the real scans of its digit plus "
-        f"{cfg['prior_per_class']} real scans of each base class with their own prompts (regularisation)"
-        + (", and character2's also character1's (rehearsal)." if cfg["rehearse"] else "."),
+        f"{cfg['prior_per_class']} real scans of each base class with their own prompts "
+        "(regularisation). 3b "
+        + "; 3b ".join(f"{v}: {how[v]}" for v in variants)
+        + f". The merged checkpoint holds character1 and the {merged_variant} character2.",
         f"Samples are judged by an RBF SVM trained on real digits only "
         f"({report['judge_holdout_accuracy']:.1%} on held-out real scans); {cfg['samples']} samples per "
         "prompt, "
@@ -671,17 +747,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Summary",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| character1 accuracy before training | {s['character1_before']:.1%} |",
-        f"| character1 accuracy after 3a | {s['character1_after_3a']:.1%} |",
-        f"| character1 accuracy after 3b (retention) | {s['character1_after_3b']:.1%} |",
-        f"| character2 accuracy before training | {s['character2_before']:.1%} |",
-        f"| character2 accuracy after 3b | {s['character2_after_3b']:.1%} |",
-        f"| base-class accuracy before | {s['base_classes_before']:.1%} |",
-        f"| base-class accuracy after 3a | {s['base_classes_after_3a']:.1%} |",
-        f"| base-class accuracy after 3b (damage = before - after) | {s['base_classes_after_3b']:.1%} |",
-        f"| merged checkpoint identical to base + both deltas | {s['merged_equals_deltas']} |",
+        "| measure | " + " | ".join(f"3b {v}" for v in variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+
+    def row(label: str, value: Callable[[str], str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(value(v) for v in variants) + " |")
+
+    row("character1 accuracy before training", lambda v: f"{s['character1_before']:.1%}")
+    row("character1 accuracy after 3a", lambda v: f"{s['character1_after_3a']:.1%}")
+    row("character1 accuracy after 3b (retention)", lambda v: f"{s[f'character1_after_3b_{v}']:.1%}")
+    row("character2 accuracy before training", lambda v: f"{s['character2_before']:.1%}")
+    row("character2 accuracy after 3b", lambda v: f"{s[f'character2_after_3b_{v}']:.1%}")
+    row("base-class accuracy before", lambda v: f"{s['base_classes_before']:.1%}")
+    row("base-class accuracy after 3a", lambda v: f"{s['base_classes_after_3a']:.1%}")
+    row(
+        "base-class accuracy after 3b (damage = before - after)",
+        lambda v: f"{s[f'base_classes_after_3b_{v}']:.1%}",
+    )
+    row(
+        "merged checkpoint identical to base + both deltas",
+        lambda v: str(s["merged_equals_deltas"]) if v == merged_variant else "(not merged)",
+    )
+    lines += [
         "",
         "## Per prompt",
         "",
@@ -692,7 +780,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| a digit {name} | " + " | ".join(f"{report['stages'][st][name]:.0%}" for st in stages) + " |"
         )
-    c1, c2 = report["characters"]["character1"], report["characters"]["character2"]
+    c1 = report["characters"]["character1"]
     lines += [
         "",
         "## Files",
@@ -700,10 +788,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- base: `{report['files']['base']}` "
         f"({'from cache' if report['files']['base_cached'] else 'pretrained now'})",
         f"- character1 delta: `{c1['delta']}` ({c1['trainable']:,} weights, fingerprint {c1['fingerprint']})",
-        f"- character2 delta: `{c2['delta']}` ({c2['trainable']:,} weights, fingerprint {c2['fingerprint']})",
-        f"- merged: `{report['files']['merged']}`",
-        "- sample grids: `samples/base.png`, `samples/character1.png`, `samples/character2.png`, "
-        "`samples/merged.png`",
+        *[
+            f"- character2 {v} delta: `{c['delta']}` ({c['trainable']:,} weights, "
+            f"fingerprint {c['fingerprint']})"
+            for v, c in ((v, report["characters"][f"character2_{v}"]) for v in variants)
+        ],
+        f"- merged (character1 + character2 {merged_variant}): `{report['files']['merged']}`",
+        "- sample grids: " + ", ".join(f"`samples/{st}.png`" for st in stages),
         "- loss curves: `loss.png`; TensorBoard: `tensorboard --logdir logs`",
         "",
         "## Time",
