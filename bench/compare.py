@@ -761,26 +761,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_jobs(args: argparse.Namespace, base: str | None) -> tuple[list[Job], int, int]:
-    k = ffid_count(args.size, args.image_size, MATCH_FF)
-    rank, _, _ = adapter_rank(args.size, args.image_size, k)
-    common = Job(
+def _floor_job(
+    args: argparse.Namespace, size: str, steps: int, warmup: int, base: str | None, eval_batches: int
+) -> Job:
+    """The floor job of one comparison; the other methods are ``replace``d copies of it."""
+    return Job(
         method="floor",
         label="floor",
-        size=args.size,
+        size=size,
         image_size=args.image_size,
         batch=args.batch,
-        steps=args.steps,
-        warmup=args.warmup,
+        steps=steps,
+        warmup=warmup,
         lr=args.lr,
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,
         base=base,
-        eval_batches=args.eval_batches,
+        eval_batches=eval_batches,
         checkpointing=args.checkpointing,
     )
+
+
+def build_jobs(args: argparse.Namespace, base: str | None) -> tuple[list[Job], int, int]:
+    k = ffid_count(args.size, args.image_size, MATCH_FF)
+    rank, _, _ = adapter_rank(args.size, args.image_size, k)
+    common = _floor_job(args, args.size, args.steps, args.warmup, base, args.eval_batches)
     jobs = [
         common,
         replace(common, method="full", label="full"),
@@ -802,23 +809,7 @@ def sweep_jobs(args: argparse.Namespace) -> list[Job]:
             continue  # measured by the main comparison
         k = ffid_count(size, args.image_size, MATCH_FF)
         rank, _, _ = adapter_rank(size, args.image_size, k)
-        common = Job(
-            method="floor",
-            label="floor",
-            size=size,
-            image_size=args.image_size,
-            batch=args.batch,
-            steps=args.sweep_steps,
-            warmup=max(1, args.warmup // 2),
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-            threads=args.threads,
-            base=None,
-            eval_batches=0,
-            checkpointing=args.checkpointing,
-        )
+        common = _floor_job(args, size, args.sweep_steps, max(1, args.warmup // 2), None, 0)
         jobs += [
             common,
             replace(common, method="ffid", label=f"ffid@{MATCH_FF:g}", ff=MATCH_FF),
