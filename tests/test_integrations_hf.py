@@ -216,6 +216,11 @@ trainer.train()
 rank = torch.distributed.get_rank()
 values = {{"trained": handle.trained_values(), "base": handle.base_values()}}
 torch.save(values, {out!r} + f"/rank{{rank}}.pt")
+# see tests/test_integrations_distributed.py: torch 2.13's gloo can abort at interpreter shutdown
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+import os
+sys.stdout.flush(); sys.stderr.flush(); os._exit(0)
 """
 
 
