@@ -256,3 +256,37 @@ def test_cache_cli(tmp_path: Path) -> None:
         == 2
     )
     assert not (tmp_path / "c2").exists()
+
+
+def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> None:
+    """``torchrun -m ffid train`` with 2 CPU processes: one delta, the same curve as one process
+    with twice the batch (Llama: no dropout, so the two runs see the same computation)."""
+    import os
+    import subprocess
+    import sys
+
+    from ffid.checkpoint import load_delta
+
+    folder = make_lm_folder(tmp_path, tiny_llama)
+    data = tmp_path / "data.jsonl"
+    lines = [{"text": f"The cat number {i} sat on the mat, quietly."} for i in range(12)]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    common = [
+        "--model_type", "causal-lm", "--model_path", str(folder), "--dataset", str(data),
+        "--ff", "0.05", "--ffid", "2", "--seq_len", "16", "--learning_rate", "5e-3",
+        "--max_train_steps", "4", "--output_name", "run", "--logging_dir", "none", "--no-progress",
+    ]  # fmt: skip
+    assert main(["train", *common, "--batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "ffid", "train", *common, "--batch_size", "2", "--output_dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one start-up summary: the second process is not training on its own
+    assert proc.stdout.count("x 2 process(es)") == 1, proc.stdout[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one = load_delta(tmp_path / "one" / "run.safetensors").values()
+    two = load_delta(tmp_path / "two" / "run.safetensors").values()
+    assert one.keys() == two.keys()
+    for name, values in one.items():
+        torch.testing.assert_close(two[name], values, rtol=1e-5, atol=1e-6)

@@ -76,13 +76,18 @@ def _accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
         # accelerate keeps one process-wide state; a second run in the same process (tests, the
         # demo's two stages) may want another mixed precision, which needs a fresh state.
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     try:
-        return Accelerator(mixed_precision=cfg.mixed_precision)
+        # Without cpu=True, accelerate treats a multi-process launch on a machine with no GPU as
+        # one process per copy (each would train alone and write the same files); with it, the
+        # processes form a gloo group like they form an NCCL one on GPUs.
+        cpu = world > 1 and not torch.cuda.is_available()
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"mixed_precision {cfg.mixed_precision!r} is not usable here: {exc}") from None
 
@@ -399,6 +404,10 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if cfg.sample_every_n_steps and main and hasattr(task, "sample") and step % cfg.sample_every_n_steps:
         _sample(task, model, step, sample_dir)
     accelerator.wait_for_everyone()
+    if world > 1:
+        # leave the process group before the interpreter shuts down: gloo can abort a process
+        # whose group is torn down during finalisation
+        accelerator.end_training()
     final = out / f"{cfg.output_name}.safetensors"
     monitor.note(f"ffid train: done, {step} steps; delta {final}")
     return TrainResult(
