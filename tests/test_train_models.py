@@ -4,6 +4,7 @@ tiny GPT-2 / Llama causal LMs on JSONL/text with a local tokenizer. Save, resume
 from __future__ import annotations
 
 import json
+import math
 import string
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from ffid.cli import main
+from ffid.errors import ConfigError, MissingFileError, ModelFileError
 from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset, write_cache
 from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
 
@@ -69,6 +71,91 @@ def test_latent_cache_format(wan_setup: tuple[Path, Path]) -> None:
     with safe_open(str(ds.files[0]), framework="pt") as f:
         assert f.metadata()["format"] == CACHE_FORMAT
         assert f.get_tensor("latents").shape == (4, 1, 8, 8)
+
+
+def write_musubi_cache(folder: Path, conditioning: str | None = None) -> dict[str, torch.Tensor]:
+    """A cache folder as musubi-tuner's Wan cache scripts write it: an image item and two clips of
+    one video that share the video's text cache; returns the tensors by latent file name."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    written = {}
+    for name, stem, caption in (
+        ("cat_0064x0064_wan.safetensors", "cat", "a cat"),
+        ("walk_00000-005_0064x0064_wan.safetensors", "walk", "a walk"),
+        ("walk_00005-005_0064x0064_wan.safetensors", "walk", "a walk"),
+    ):
+        latents = torch.randn(4, 1, 8, 8, generator=g).to(torch.bfloat16)
+        tensors = {"latents_1x8x8_bf16": latents}
+        if conditioning:
+            tensors[conditioning] = torch.zeros(3)
+        meta = {"architecture": "wan", "width": "64", "height": "64", "format_version": "1.0.1"}
+        save_file(tensors, str(folder / name), metadata=meta)
+        written[name] = latents
+        te = folder / f"{stem}_wan_te.safetensors"
+        if not te.exists():
+            text = torch.randn(3 + len(stem), 32, generator=g).to(torch.bfloat16)
+            meta = {"architecture": "wan", "caption1": caption, "format_version": "1.0.1"}
+            save_file({"varlen_t5_bf16": text}, str(te), metadata=meta)
+        written[te.name] = load_tensor(te, "varlen_t5_bf16")
+    return written
+
+
+def load_tensor(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def test_musubi_cache_folder_is_read_as_it_is(tmp_path: Path, wan_setup: tuple[Path, Path]) -> None:
+    from ffid.train.cache import collate_latents
+
+    written = write_musubi_cache(tmp_path / "musubi")
+    ds = LatentCacheDataset(tmp_path / "musubi")
+    assert ds.kind == "musubi-tuner" and len(ds) == 3
+    assert [it.text_file.name for it in ds.items] == [
+        "cat_wan_te.safetensors",
+        *["walk_wan_te.safetensors"] * 2,
+    ]
+    assert ds.captions == ["a cat", "a walk", "a walk"]
+    item = ds[1]
+    assert torch.equal(item["latents"], written["walk_00000-005_0064x0064_wan.safetensors"])
+    assert torch.equal(item["text_embeds"], written["walk_wan_te.safetensors"])
+    # padded with zeros to Wan's 512 tokens (or the batch's longest with text_len 0)
+    batch = collate_latents([ds[0], ds[1]], 512)
+    assert batch["text_embeds"].shape == (2, 512, 32) and batch["latents"].shape == (2, 4, 1, 8, 8)
+    assert not batch["text_embeds"][0, 6:].any() and batch["text_embeds"][1, :7].any()
+    assert collate_latents([ds[0], ds[1]])["text_embeds"].shape == (2, 7, 32)
+    with pytest.raises(ConfigError, match=r"more than task_args\.text_len = 4"):
+        collate_latents([ds[0]], 4)
+
+    # and ffid train takes the folder as its dataset
+    dit, _ = wan_setup
+    out = tmp_path / "run"
+    out.mkdir()
+    assert (
+        main(["train", "--config", str(wan_toml(out, dit, tmp_path / "musubi")), "--max_train_steps", "2"])
+        == 0
+    )
+    assert len(losses(out / "out")) == 2 and all(math.isfinite(x) for x in losses(out / "out"))
+
+
+def test_musubi_cache_refusals(tmp_path: Path) -> None:
+    write_musubi_cache(tmp_path / "i2v", conditioning="clip_bf16")
+    with pytest.raises(ConfigError, match="'clip_bf16': an image-to-video or control cache"):
+        LatentCacheDataset(tmp_path / "i2v")
+    write_musubi_cache(tmp_path / "no_te")
+    (tmp_path / "no_te" / "cat_wan_te.safetensors").unlink()
+    with pytest.raises(
+        MissingFileError, match=r"cat_0064x0064_wan\.safetensors has no text-encoder cache cat_wan_te"
+    ):
+        LatentCacheDataset(tmp_path / "no_te")
+    write_musubi_cache(tmp_path / "odd")
+    (tmp_path / "odd" / "stray_wan.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"stray_wan\.safetensors .* is not named like a musubi-tuner"):
+        LatentCacheDataset(tmp_path / "odd")
 
 
 def test_wan_train_save_resume_merge(tmp_path: Path, wan_setup: tuple[Path, Path]) -> None:

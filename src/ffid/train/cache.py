@@ -11,11 +11,22 @@ Format ``ffid-latent-cache/1`` (one file per training item, any file name ending
 
 :func:`write_item` / :func:`write_cache` make such files from tensors you already hold (your
 VAE and text encoder are not ffid's business); ``ffid cache`` does the same from files.
+
+A musubi-tuner Wan cache folder (``cache_directory`` after its ``wan_cache_latents.py`` and
+``wan_cache_text_encoder_outputs.py``) is read as it is, with no conversion:
+
+- ``{item}_{W:04d}x{H:04d}_wan.safetensors`` (images) or
+  ``{item}_{start:05d}-{frames:03d}_{W:04d}x{H:04d}_wan.safetensors`` (video clips) hold the
+  latents ``[C, F, H, W]`` under ``latents_{F}x{H}x{W}_{dtype}``, already normalised by Wan's VAE;
+- ``{item}_wan_te.safetensors`` holds the umT5 output ``[L, 4096]`` under ``varlen_t5_{dtype}``
+  (unpadded) and the caption as metadata ``caption1``; every clip of a video shares it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +93,101 @@ def write_cache(
     ]
 
 
+@dataclass(frozen=True)
+class CacheItem:
+    """Where one training item's two tensors live (the same file for ffid's own format)."""
+
+    latent_file: Path
+    latent_key: str
+    text_file: Path
+    text_key: str
+    caption: str = ""
+
+
+def _header(path: Path) -> tuple[set[str], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys()), dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(
+            f"dataset item {str(path)!r} is not a readable safetensors file ({exc})"
+        ) from None
+
+
+def _ffid_items(files: list[Path]) -> list[CacheItem]:
+    items = []
+    for path in files:
+        keys, meta = _header(path)
+        missing = {"latents", "text_embeds"} - keys
+        if missing:
+            raise ModelFileError(
+                f"dataset item {str(path)!r} lacks {', '.join(sorted(missing))}; items need "
+                f"'latents' [C,F,H,W] and 'text_embeds' [L,D] ({CACHE_FORMAT}), or give a "
+                "musubi-tuner Wan cache folder (*_wan.safetensors + *_wan_te.safetensors)"
+            )
+        items.append(CacheItem(path, "latents", path, "text_embeds", meta.get("caption", "")))
+    return items
+
+
+_MUSUBI_SIZE = re.compile(r"^\d+x\d+$")  # the W x H token of a latent file name
+_MUSUBI_CLIP = re.compile(r"^\d+-\d+(-\d+)?$")  # start-frames[-section] of a video clip
+_MUSUBI_LATENT_KEY = re.compile(r"^latents_\d+x\d+x\d+_")
+# keys of musubi's Wan latent files that condition on an image or a control video (I2V, Fun-Control)
+_MUSUBI_CONDITIONING = ("clip_", "latents_image_", "latents_control_")
+
+
+def _musubi_items(folder: Path) -> list[CacheItem]:
+    """Pair musubi-tuner's ``*_wan.safetensors`` latent files with their ``*_wan_te.safetensors``."""
+    items = []
+    for path in sorted(folder.glob("*_wan.safetensors")):
+        tokens = path.name[: -len("_wan.safetensors")].split("_")
+        if len(tokens) < 2 or not _MUSUBI_SIZE.match(tokens[-1]):
+            raise ModelFileError(
+                f"{path.name} in {str(folder)!r} is not named like a musubi-tuner Wan latent file "
+                "({item}_{W}x{H}_wan.safetensors); remove it or move it out of the cache folder"
+            )
+        stem = tokens[:-1]
+        if len(stem) > 1 and _MUSUBI_CLIP.match(stem[-1]):
+            stem = stem[:-1]  # a clip of a video: the text cache is the video's
+        text_file = folder / f"{'_'.join(stem)}_wan_te.safetensors"
+        if not text_file.is_file():
+            raise MissingFileError(
+                f"{path.name} has no text-encoder cache {text_file.name} in {str(folder)!r}; run "
+                "musubi-tuner's wan_cache_text_encoder_outputs.py on the same dataset config"
+            )
+        keys, _ = _header(path)
+        conditioning = sorted(k for k in keys if k.startswith(_MUSUBI_CONDITIONING))
+        if conditioning:
+            raise ConfigError(
+                f"{path.name} holds {conditioning[0]!r}: an image-to-video or control cache; the wan "
+                "task of ffid train is text-to-video, so train this one inside musubi-tuner with "
+                "--network_module ffid.integrations.musubi"
+            )
+        latent_keys = [k for k in keys if _MUSUBI_LATENT_KEY.match(k)]
+        text_keys, meta = _header(text_file)
+        t5_keys = [k for k in text_keys if k.startswith("varlen_t5_")]
+        for file, found, want in (
+            (path, latent_keys, "latents_{F}x{H}x{W}_{dtype}"),
+            (text_file, t5_keys, "varlen_t5_{dtype}"),
+        ):
+            if len(found) != 1:
+                raise ModelFileError(
+                    f"{file.name} holds {len(found)} tensors named {want}, not one; re-run "
+                    "musubi-tuner's Wan cache scripts for it"
+                )
+        items.append(CacheItem(path, latent_keys[0], text_file, t5_keys[0], meta.get("caption1", "")))
+    return items
+
+
 class LatentCacheDataset(torch.utils.data.Dataset):
-    """The items of a cache folder, in file-name order; headers are checked on open, data read per item."""
+    """The items of a cache folder in file-name order: ffid's own format or a musubi-tuner Wan cache.
+
+    Headers are read and checked on open; tensors are read per item.
+    """
 
     def __init__(self, folder: str | Path | None):
-        from safetensors import safe_open
-
         if not folder:
             raise ConfigError("dataset is not set; give the cache folder (see `ffid cache --help`)")
         self.folder = Path(folder)
@@ -95,42 +195,38 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             raise MissingFileError(
                 f"dataset folder {str(self.folder)!r} does not exist; make it with `ffid cache`"
             )
-        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
-        if not files:
+        if self.folder.is_dir() and any(self.folder.glob("*_wan_te.safetensors")):
+            self.kind = "musubi-tuner"
+            self.items = _musubi_items(self.folder)
+        else:
+            self.kind = CACHE_FORMAT
+            files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
+            self.items = _ffid_items(files)
+        if not self.items:
             raise ConfigError(
-                f"dataset folder {str(self.folder)!r} holds no .safetensors items; "
-                "make them with `ffid cache` (format ffid-latent-cache/1)"
+                f"dataset folder {str(self.folder)!r} holds no training items; make them with `ffid "
+                f"cache` ({CACHE_FORMAT}) or give a musubi-tuner Wan cache_directory"
             )
-        self.files = files
-        self.captions: list[str] = []
-        for path in files:
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    keys, meta = set(f.keys()), f.metadata() or {}
-            except Exception as exc:  # safetensors raises its own error types
-                raise ModelFileError(
-                    f"dataset item {str(path)!r} is not a readable safetensors file ({exc})"
-                ) from None
-            missing = {"latents", "text_embeds"} - keys
-            if missing:
-                raise ModelFileError(
-                    f"dataset item {str(path)!r} lacks {', '.join(sorted(missing))}; "
-                    f"items need 'latents' [C,F,H,W] and 'text_embeds' [L,D] ({CACHE_FORMAT})"
-                )
-            self.captions.append(meta.get("caption", ""))
+        self.files = [it.latent_file for it in self.items]
+        self.captions = [it.caption for it in self.items]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        item = load_file(str(self.files[i]))
-        return {"latents": item["latents"], "text_embeds": item["text_embeds"], "name": self.files[i].name}
+        it = self.items[i]
+        with safe_open(str(it.latent_file), framework="pt") as f:
+            latents = f.get_tensor(it.latent_key)
+        with safe_open(str(it.text_file), framework="pt") as f:
+            text = f.get_tensor(it.text_key)
+        return {"latents": latents, "text_embeds": text, "name": it.latent_file.name}
 
 
-def collate_latents(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack latents (equal shapes required) and zero-pad text embeddings to the longest."""
+def collate_latents(items: list[dict[str, Any]], text_len: int = 0) -> dict[str, torch.Tensor]:
+    """Stack latents (equal shapes required) and zero-pad text embeddings to ``text_len`` tokens
+    (Wan pads every prompt to 512), or to the longest in the batch when ``text_len`` is 0."""
     shapes = {tuple(it["latents"].shape) for it in items}
     if len(shapes) > 1:
         names = ", ".join(str(it.get("name", "?")) for it in items)
@@ -138,7 +234,14 @@ def collate_latents(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             f"a batch mixes latent shapes {sorted(shapes)} ({names}); use batch_size = 1 "
             "or cache items of one resolution and frame count"
         )
-    length = max(it["text_embeds"].shape[0] for it in items)
+    longest = max(it["text_embeds"].shape[0] for it in items)
+    if text_len and longest > text_len:
+        name = next(str(it.get("name", "?")) for it in items if it["text_embeds"].shape[0] == longest)
+        raise ConfigError(
+            f"text embeddings of {name} have {longest} tokens, more than task_args.text_len = "
+            f"{text_len}; raise text_len, or set it to 0 to pad each batch to its longest"
+        )
+    length = text_len or longest
     text = torch.zeros(
         len(items), length, items[0]["text_embeds"].shape[1], dtype=items[0]["text_embeds"].dtype
     )
@@ -176,6 +279,7 @@ def load_tensor_file(path: str | Path, key: str | None = None) -> torch.Tensor |
 
 __all__ = [
     "CACHE_FORMAT",
+    "CacheItem",
     "LatentCacheDataset",
     "collate_latents",
     "load_tensor_file",

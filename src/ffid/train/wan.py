@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 
+WAN_TEXT_LEN = 512  # tokens every Wan 2.x prompt is padded to
+
+
 def sample_times(n: int, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """``n`` flow-matching times in (0, 1) drawn on the CPU from ``generator``."""
     if cfg.timestep_sampling == "uniform":
@@ -204,7 +207,11 @@ class WanTask:
         return LatentCacheDataset(cfg.dataset)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate_latents(items)
+        # Wan (its own code, diffusers' pipelines, musubi-tuner) pads every prompt to 512 tokens
+        # with zeros, and cross-attention has no mask, so the padding count changes the output:
+        # train with what inference will feed.
+        text_len = int((self.cfg.task_args if self.cfg else {}).get("text_len", WAN_TEXT_LEN))
+        return collate_latents(items, text_len)
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
