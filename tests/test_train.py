@@ -250,7 +250,7 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.Capt
     assert "ffid train: error: dataset folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["train", "--config", str(toml), "--dataset", str(tmp_path / "empty")]) == 2
-    assert "holds no .safetensors items" in capsys.readouterr().err
+    assert "holds no training items" in capsys.readouterr().err
     assert main(["train", "--config", str(toml), "--ff", "2"]) == 2
     assert "--ff" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # a misspelt flag is not taken as an abbreviation
@@ -264,3 +264,13 @@ def test_example_configs_are_valid(name: str) -> None:
     path = Path(__file__).resolve().parents[1] / "examples" / name
     cfg = load_config(path)
     assert cfg.ff and cfg.ffid is not None and cfg.output_name
+
+
+def test_docs_list_every_key() -> None:
+    """docs/train.md shows the table derived from TrainConfig, so a new key cannot go undocumented."""
+    from ffid.train.config import keys_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "train.md"
+    assert keys_markdown() in docs.read_text(encoding="utf-8"), (
+        "docs/train.md is out of date: paste ffid.train.config.keys_markdown() under '## All keys'"
+    )

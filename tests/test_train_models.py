@@ -142,6 +142,22 @@ def test_musubi_cache_folder_is_read_as_it_is(tmp_path: Path, wan_setup: tuple[P
     assert len(losses(out / "out")) == 2 and all(math.isfinite(x) for x in losses(out / "out"))
 
 
+def test_rehearsal_datasets_join_the_pool(
+    tmp_path: Path, wan_setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training on top of an earlier concept with its data mixed in: both folders feed the batches."""
+    dit, cache = wan_setup
+    write_musubi_cache(tmp_path / "earlier")
+    out = tmp_path / "run"
+    out.mkdir()
+    toml = wan_toml(out, dit, cache, rehearsal_datasets=[str(tmp_path / "earlier")], batch_size=7)
+    assert main(["train", "--config", str(toml), "--max_train_steps", "1", "--no-progress"]) == 0
+    assert "items 7 (3 of them from rehearsal_datasets)" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--config", str(toml), "--rehearsal_datasets", str(tmp_path / "empty")]) == 2
+    assert "empty' holds no training items" in capsys.readouterr().err
+
+
 def test_musubi_cache_refusals(tmp_path: Path) -> None:
     write_musubi_cache(tmp_path / "i2v", conditioning="clip_bf16")
     with pytest.raises(ConfigError, match="'clip_bf16': an image-to-video or control cache"):

@@ -19,7 +19,9 @@ def register(subparsers: Any) -> None:
             "file given with --config (kohya style; [tables] are flattened) and from flags of the same "
             "name, which win. Outputs: {output_name}-step{step:08d}.safetensors deltas, the final "
             "{output_name}.safetensors, optional states ({...}-state/) and full checkpoint. "
-            "Multi-GPU: accelerate launch -m ffid train ... . See docs/train.md."
+            "Several GPUs: accelerate launch --multi_gpu --num_processes N -m ffid train ...; several "
+            "CPU processes: torchrun --standalone --nproc_per_node N -m ffid train ... . "
+            "See docs/train.md."
         ),
     )
     p.add_argument(

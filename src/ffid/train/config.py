@@ -76,6 +76,12 @@ class TrainConfig:
         "wan: folder of cached items (see `ffid cache`); causal-lm: a .txt/.jsonl file or a folder of them",
         trajectory=True,
     )
+    rehearsal_datasets: list[str] = _key(
+        "more datasets of the same kind trained on together with dataset, e.g. character1's cache "
+        "while training character2 on top of it, so character2 does not wash character1 out",
+        factory=list,
+        trajectory=True,
+    )
     batch_size: int = _key("items per micro-batch and process", 1, trajectory=True)
     seq_len: int = _key("causal-lm: tokens per training sequence", 512, trajectory=True)
     text_field: str = _key("causal-lm: the field holding the text in .jsonl lines", "text", trajectory=True)
@@ -194,12 +200,32 @@ class TrainConfig:
         for name in ("model_path", "dataset"):
             if out[name]:
                 out[name] = Path(out[name]).name
-        out["base_deltas"] = [Path(p).name for p in out["base_deltas"]]
+        for name in ("base_deltas", "rehearsal_datasets"):
+            out[name] = [Path(p).name for p in out[name]]
         return json.loads(json.dumps(out, default=str))
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 ALIASES: dict[str, str] = {a: f.name for f in FIELDS.values() for a in f.metadata["aliases"]}
+
+
+def keys_markdown() -> str:
+    """The table of every key (name, aliases, default, help, choices) that docs/train.md shows."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for f in FIELDS.values():
+        meta = f.metadata
+        key = f"`{f.name}`" + (
+            " (" + ", ".join(f"`{a}`" for a in meta["aliases"]) + ")" if meta["aliases"] else ""
+        )
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        default = "–" if value is None else f"`{value!r}`"
+        meaning = meta["help"]
+        if meta["choices"]:
+            meaning += f" ({' / '.join(meta['choices'])})"
+        if meta["trajectory"]:
+            meaning += " · resume-checked"
+        lines.append(f"| {key} | {default} | {meaning} |")
+    return "\n".join(lines)
 
 
 def _base_type(name: str) -> Any:

@@ -11,6 +11,7 @@ and only then create ``output_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -165,14 +166,16 @@ def _summary(
     accelerator: Any,
     start: Position,
     swapped: int,
+    n_rehearsal: int = 0,
 ) -> str:
     proxies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    rehearsed = f" ({n_rehearsal} of them from rehearsal_datasets)" if n_rehearsal else ""
     base = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     states = {"AdamW": 2, "Adam": 2, "AdamW8bit": 0.5, "SGD": 0, "Adafactor": 0.1}.get(cfg.optimizer_type, 2)
     epochs = total * cfg.gradient_accumulation_steps / order.batches_per_epoch
     lines = [
         f"ffid train: {task.name}  {sel.selector} ff={cfg.ff} ffid={cfg.ffid}  fingerprint {sel.fingerprint}",
-        f"  items {n_items}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
+        f"  items {n_items}{rehearsed}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
         f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch",
         f"  steps {total} ({epochs:.2f} epochs)" + (f", resuming at step {start.step}" if start.step else ""),
         f"  trainable params {sel.selected:,} of {sel.total_params:,} "
@@ -206,11 +209,27 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     task = task if task is not None else get_task(cfg.model_type)
 
     dataset = task.dataset(cfg)
-    n_items = len(dataset)  # type: ignore[arg-type]
-    if n_items == 0:
+    if len(dataset) == 0:  # type: ignore[arg-type]
         raise ConfigError(
             f"dataset {cfg.dataset!r} has no items; point dataset at a folder/file with training data"
         )
+    n_rehearsal = 0
+    if cfg.rehearsal_datasets:
+        if task.name == "demo":
+            raise ConfigError(
+                "rehearsal_datasets does not apply to model_type demo, whose data is built in; "
+                "rehearse earlier concepts with task_args.prior instead"
+            )
+        # each read by the task exactly as `dataset` is, then taken as one pool of items
+        parts = [dataset]
+        for extra in cfg.rehearsal_datasets:
+            part = task.dataset(dataclasses.replace(cfg, dataset=extra))
+            if len(part) == 0:  # type: ignore[arg-type]
+                raise ConfigError(f"rehearsal dataset {extra!r} has no items; remove it or fill it")
+            parts.append(part)
+            n_rehearsal += len(part)  # type: ignore[arg-type]
+        dataset = torch.utils.data.ConcatDataset(parts)
+    n_items = len(dataset)  # type: ignore[arg-type]
 
     resume_dir = _resume_folder(cfg)
     resume_meta = read_state_meta(resume_dir) if resume_dir else None
@@ -290,6 +309,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
             accelerator,
             pos,
             len(swapper.blocks) if swapper else 0,
+            n_rehearsal,
         )
     )
 
