@@ -194,6 +194,30 @@ def test_batch_order_covers_each_epoch_once() -> None:
     assert order.permutation(0).tolist() != order.permutation(1).tolist()
 
 
+def test_batch_order_with_buckets_never_mixes_them() -> None:
+    groups = (0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 0)  # 6 + 3 + 2 items
+    orders = [BatchOrder(11, 2, seed=3, rank=r, world=2, groups=groups) for r in (0, 1)]
+    assert orders[0].batches_per_epoch == 2 + 1 + 1  # ceil(6/4) + ceil(3/4) + ceil(2/4)
+    for epoch in (0, 1):
+        seen = []
+        for b in range(orders[0].batches_per_epoch):
+            ids = [i for o in orders for i in o.batch(epoch, b)]
+            assert len({groups[i] for i in ids}) == 1, ids  # one bucket per global batch
+            seen += ids
+        assert set(seen) == set(range(11))  # every item each epoch (short batches wrap within the bucket)
+    plans = [[c.tolist() for c, _ in orders[0].plan(e)] for e in (0, 1)]
+    assert plans[0] != plans[1]  # shuffled afresh each epoch, from the seed alone
+    again = BatchOrder(11, 2, seed=3, rank=0, world=2, groups=groups)
+    assert [c.tolist() for c, _ in again.plan(0)] == plans[0]
+    it = again.iterate(1, 2)  # resuming mid-epoch gives the uninterrupted run's batches
+    assert [next(it)[2] for _ in range(2)] == [orders[0].batch(1, 2), orders[0].batch(1, 3)]
+    # without buckets: the plain permutation, cut in order
+    plain = BatchOrder(5, 2, seed=3)
+    assert [plain.batch(0, b) for b in range(3)] == [
+        plain.permutation(0)[s : s + 2].tolist() for s in (0, 2, 4)
+    ]
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [

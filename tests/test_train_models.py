@@ -73,7 +73,9 @@ def test_latent_cache_format(wan_setup: tuple[Path, Path]) -> None:
         assert f.get_tensor("latents").shape == (4, 1, 8, 8)
 
 
-def write_musubi_cache(folder: Path, conditioning: str | None = None) -> dict[str, torch.Tensor]:
+def write_musubi_cache(
+    folder: Path, conditioning: str | None = None, wide: bool = False
+) -> dict[str, torch.Tensor]:
     """A cache folder as musubi-tuner's Wan cache scripts write it: an image item and two clips of
     one video that share the video's text cache; returns the tensors by latent file name."""
     from safetensors.torch import save_file
@@ -85,9 +87,11 @@ def write_musubi_cache(folder: Path, conditioning: str | None = None) -> dict[st
         ("cat_0064x0064_wan.safetensors", "cat", "a cat"),
         ("walk_00000-005_0064x0064_wan.safetensors", "walk", "a walk"),
         ("walk_00005-005_0064x0064_wan.safetensors", "walk", "a walk"),
+        *((("wide_0096x0064_wan.safetensors", "wide", "a wide view"),) if wide else ()),
     ):
-        latents = torch.randn(4, 1, 8, 8, generator=g).to(torch.bfloat16)
-        tensors = {"latents_1x8x8_bf16": latents}
+        width = 12 if name.startswith("wide") else 8
+        latents = torch.randn(4, 1, 8, width, generator=g).to(torch.bfloat16)
+        tensors = {f"latents_1x8x{width}_bf16": latents}
         if conditioning:
             tensors[conditioning] = torch.zeros(3)
         meta = {"architecture": "wan", "width": "64", "height": "64", "format_version": "1.0.1"}
@@ -156,6 +160,22 @@ def test_rehearsal_datasets_join_the_pool(
     (tmp_path / "empty").mkdir()
     assert main(["train", "--config", str(toml), "--rehearsal_datasets", str(tmp_path / "empty")]) == 2
     assert "empty' holds no training items" in capsys.readouterr().err
+
+
+def test_buckets_of_several_resolutions_train_with_batches(
+    tmp_path: Path, wan_setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A musubi cache with two resolutions and batch_size 2: batches keep to one resolution."""
+    dit, _ = wan_setup
+    write_musubi_cache(tmp_path / "musubi", wide=True)
+    ds = LatentCacheDataset(tmp_path / "musubi")
+    assert sorted(set(ds.bucket_keys)) == [(4, 1, 8, 8), (4, 1, 8, 12)]
+    out = tmp_path / "run"
+    out.mkdir()
+    toml = wan_toml(out, dit, tmp_path / "musubi", batch_size=2)
+    assert main(["train", "--config", str(toml), "--max_train_steps", "3", "--no-progress"]) == 0
+    assert "3 micro-batches/epoch from 2 buckets" in capsys.readouterr().out
+    assert len(losses(out / "out")) == 3
 
 
 def test_musubi_cache_refusals(tmp_path: Path) -> None:

@@ -181,6 +181,14 @@ def _musubi_items(folder: Path) -> list[CacheItem]:
     return items
 
 
+def _latent_shape(item: CacheItem) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(item.latent_file), framework="pt") as f:
+        shape = tuple(f.get_slice(item.latent_key).get_shape())
+    return (*shape[:1], 1, *shape[1:]) if len(shape) == 3 else shape  # [C, H, W] is one frame
+
+
 class LatentCacheDataset(torch.utils.data.Dataset):
     """The items of a cache folder in file-name order: ffid's own format or a musubi-tuner Wan cache.
 
@@ -209,6 +217,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             )
         self.files = [it.latent_file for it in self.items]
         self.captions = [it.caption for it in self.items]
+        # latent shape [C, F, H, W] per item, from the headers: the trainer's buckets
+        self.bucket_keys = [_latent_shape(it) for it in self.items]
 
     def __len__(self) -> int:
         return len(self.items)

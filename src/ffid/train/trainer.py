@@ -154,6 +154,22 @@ def _metadata(cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: in
     }
 
 
+def _buckets(parts: list[Any]) -> tuple[int, ...] | None:
+    """A bucket id per item when the datasets tell item shapes (``bucket_keys``) and they differ:
+    batches then never mix shapes. ``None`` when there is one shape or the datasets do not say."""
+    keys: list[Any] = []
+    for part in parts:
+        part_keys = getattr(part, "bucket_keys", None)
+        if part_keys is None:
+            return None
+        keys.extend(part_keys)
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        return None
+    ids = {k: i for i, k in enumerate(distinct)}
+    return tuple(ids[k] for k in keys)
+
+
 def _summary(
     cfg: TrainConfig,
     task: Task,
@@ -176,7 +192,8 @@ def _summary(
     lines = [
         f"ffid train: {task.name}  {sel.selector} ff={cfg.ff} ffid={cfg.ffid}  fingerprint {sel.fingerprint}",
         f"  items {n_items}{rehearsed}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
-        f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch",
+        f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch"
+        + (f" from {len(set(order.groups))} buckets (one latent shape per batch)" if order.groups else ""),
         f"  steps {total} ({epochs:.2f} epochs)" + (f", resuming at step {start.step}" if start.step else ""),
         f"  trainable params {sel.selected:,} of {sel.total_params:,} "
         f"({sel.selected / sel.total_params:.4%}) in {len(sel)} tensors",
@@ -214,6 +231,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
             f"dataset {cfg.dataset!r} has no items; point dataset at a folder/file with training data"
         )
     n_rehearsal = 0
+    parts = [dataset]
     if cfg.rehearsal_datasets:
         if task.name == "demo":
             raise ConfigError(
@@ -221,7 +239,6 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
                 "rehearse earlier concepts with task_args.prior instead"
             )
         # each read by the task exactly as `dataset` is, then taken as one pool of items
-        parts = [dataset]
         for extra in cfg.rehearsal_datasets:
             part = task.dataset(dataclasses.replace(cfg, dataset=extra))
             if len(part) == 0:  # type: ignore[arg-type]
@@ -260,7 +277,8 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
         raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
     optimizer = handle.guard(build_optimizer(cfg, params))
 
-    order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world)
+    groups = _buckets(parts) if cfg.batch_size > 1 else None
+    order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world, groups)
     total = _total_steps(cfg, order)
     scheduler = build_scheduler(cfg, optimizer, total)
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
