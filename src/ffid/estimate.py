@@ -275,12 +275,11 @@ def engine_routes(manifest: Manifest, info: TensorInfo) -> tuple[bool, bool]:
 
 
 def stored_dtype(info: TensorInfo, base_dtype: str | None) -> str:
-    """The dtype a base tensor has in memory. With ``fp8``, matrices are fp8 and vectors (biases,
-    norms, modulation) stay bf16, as musubi-tuner's ``--fp8_base`` does."""
-    if base_dtype is None:
-        return info.dtype
-    if base_dtype == "fp8":
-        return "F8_E4M3" if sum(d > 1 for d in info.shape) >= 2 else "BF16"
+    """The dtype a base tensor has in memory. ``fp8`` is musubi-tuner's ``--fp8_base`` (without
+    ``--fp8_scaled``, which ffid refuses): it casts the whole DiT with ``model.to(float8_e4m3fn)``,
+    so every float tensor, vectors included, holds 1 byte per element."""
+    if base_dtype is None or not info.dtype.startswith(("F", "BF")):
+        return info.dtype  # integer buffers keep their dtype
     return BASE_DTYPES[base_dtype]
 
 

@@ -63,7 +63,7 @@ def register(subparsers: Any) -> None:
         dest="base_dtype",
         metavar="DT",
         help=f"dtype the base weights are held in: {', '.join(BASE_DTYPES)} (default: as stored in the file; "
-        "fp8 keeps vectors in bf16 like musubi's --fp8_base)",
+        "fp8 is musubi's --fp8_base: the whole model in float8_e4m3fn)",
     )
     p.add_argument(
         "--blocks_to_swap",
