@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -621,6 +622,16 @@ def check_targets(results: list[dict[str, Any]]) -> list[Check]:
                 f"{fl:.4f} vs {ll:.4f} (margin {ll - fl:+.4f}, {(ll - fl) / ll:+.1%})",
             )
         )
+    if f.get("best_loss") is not None and lora.get("best_loss") is not None and len(f["loss_by_lr"]) > 1:
+        fl, ll = f["best_loss"], lora["best_loss"]
+        out.append(
+            Check(
+                "ffid loss after N <= LoRA, each at its best learning rate of the grid",
+                fl <= ll,
+                f"{fl:.4f} (lr {f['best_lr']:g}) vs {ll:.4f} (lr {lora['best_lr']:g}) "
+                f"(margin {ll - fl:+.4f}, {(ll - fl) / ll:+.1%})",
+            )
+        )
     return out
 
 
@@ -708,6 +719,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--lr", type=float, default=1e-3, help="AdamW learning rate of every method (no weight decay)"
     )
+    ap.add_argument(
+        "--lr-grid",
+        default=None,
+        help="comma-separated extra learning rates: every method is trained again at each one and "
+        "the loss table takes each method's best ('' to skip)",
+    )
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--pretrain-lr", type=float, default=2e-3)
     ap.add_argument("--eval-batches", type=int, default=None)
@@ -751,6 +768,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "eval_batches": (1, 8, 8),
         "mem_steps": (2, 3, 3),
         "threads": (1, 1, 0),
+        "lr_grid": ("", "3e-4,3e-3,1e-2,3e-2", "3e-4,3e-3,1e-2,3e-2"),
     }
     col = 0 if args.quick else (2 if gpu else 1)
     if args.quick:
@@ -870,6 +888,14 @@ def report(
             "",
             size_table(all_sweep),
         ]
+    if getattr(args, "lrs", None):
+        lines += [
+            "",
+            f"Loss after N by learning rate (same data, steps and seed; each method's best in bold; "
+            f"the tables above use lr {args.lr:g}):",
+            "",
+            lr_table(results, args.lrs),
+        ]
     if args.failures:
         lines += ["", "Methods that failed (not measured):", ""] + [f"- {f}" for f in args.failures]
     checks = check_targets(results)
@@ -909,6 +935,40 @@ def measure(jobs: list[Job], args: argparse.Namespace, what: str) -> list[dict[s
     return results
 
 
+def lr_grid(jobs: list[Job], results: list[dict[str, Any]], args: argparse.Namespace) -> list[float]:
+    """Train every measured method again at each extra learning rate (same data, steps and seed)
+    and record its loss after N per rate, so each method can be judged at its own best rate."""
+    lrs = [float(x) for x in args.lr_grid.split(",") if x.strip()]
+    trained = [j for j in jobs if j.method != "floor" and j.label in {r["label"] for r in results}]
+    for r in results:
+        r["loss_by_lr"] = {} if r["eval_loss"] is None else {args.lr: r["eval_loss"]}
+    for lr in lrs:
+        print(f"learning-rate grid: lr {lr:g}, {len(trained)} methods", flush=True)
+        timed = time_jobs([replace(j, lr=lr) for j in trained], log=False)
+        for r in results:
+            if r["label"] in timed and timed[r["label"]]["eval_loss"] is not None:
+                r["loss_by_lr"][lr] = timed[r["label"]]["eval_loss"]
+    for r in results:
+        finite = {lr: v for lr, v in r["loss_by_lr"].items() if math.isfinite(v)}
+        r["best_lr"] = min(finite, key=finite.__getitem__) if finite else None
+        r["best_loss"] = finite[r["best_lr"]] if finite else None
+    return sorted({args.lr, *lrs}) if lrs else []
+
+
+def lr_table(results: list[dict[str, Any]], lrs: list[float]) -> str:
+    rows = []
+    for r in results:
+        if r["label"] == "floor":
+            continue
+        cells = []
+        for lr in lrs:
+            v = r["loss_by_lr"].get(lr)
+            text = "-" if v is None else f"{v:.4f}"
+            cells.append(f"**{text}**" if lr == r["best_lr"] else text)
+        rows.append([r["label"], *cells])
+    return md_table(["method", *[f"lr {lr:g}" for lr in lrs]], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet()
@@ -935,6 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not results:
         print("no method could be measured: " + "; ".join(args.failures), file=sys.stderr)
         return 1
+    args.lrs = lr_grid(jobs, results, args)
     sweep: list[dict[str, Any]] = []
     by_size: dict[str, list[Job]] = {}
     for job in sweep_jobs(args):

@@ -33,7 +33,8 @@ def _load_compare():
 
 def test_quick_run_measures_every_method(tmp_path, capsys):
     compare = _load_compare()
-    assert compare.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
+    argv = ["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--lr-grid", "3e-3"]
+    assert compare.main(argv) == 0
 
     data = json.loads((tmp_path / "compare-quick.json").read_text())
     by = {r["label"]: r for r in data["results"]}
@@ -66,7 +67,13 @@ def test_quick_run_measures_every_method(tmp_path, capsys):
     # Methods that train something move the loss away from the untrained base's.
     assert by["full"]["eval_loss"] != by["floor"]["eval_loss"]
 
+    # --lr-grid: every trained method again at lr 3e-3, and the best of both rates is picked
+    for label, r in by.items():
+        if label != "floor":
+            assert set(r["loss_by_lr"]) == {"0.001", "0.003"}, label  # JSON keys are strings
+            assert r["best_loss"] == min(r["loss_by_lr"].values()), label
     names = {c["name"] for c in data["checks"]}
+    assert "ffid loss after N <= LoRA, each at its best learning rate of the grid" in names
     assert any("LoRA" in n for n in names) and any("floor" in n for n in names)
     out = capsys.readouterr().out
     assert "| method |" in out and ("PASS" in out or "MISS" in out)
