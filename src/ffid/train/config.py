@@ -389,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="K=V"
                 if origin is dict or name == "optimizer_args"
                 else "PATH"
-                if name == "base_deltas"
+                if name in ("base_deltas", "rehearsal_datasets")
                 else "PATTERN",
                 **kw,
             )
