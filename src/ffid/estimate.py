@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CapacityError, ConfigError
-from .manifest import DTYPE_BYTES, Manifest, TensorInfo, load_manifest
+from .manifest import DTYPE_BYTES, FLOAT_DTYPES, Manifest, TensorInfo, load_manifest
 from .select import check_ff, plan
 from .select.spread import DEFAULT_SLOTS
 from .selection import Selection
@@ -278,7 +278,7 @@ def stored_dtype(info: TensorInfo, base_dtype: str | None) -> str:
     """The dtype a base tensor has in memory. ``fp8`` is musubi-tuner's ``--fp8_base`` (without
     ``--fp8_scaled``, which ffid refuses): it casts the whole DiT with ``model.to(float8_e4m3fn)``,
     so every float tensor, vectors included, holds 1 byte per element."""
-    if base_dtype is None or not info.dtype.startswith(("F", "BF")):
+    if base_dtype is None or info.dtype not in FLOAT_DTYPES:
         return info.dtype  # integer buffers keep their dtype
     return BASE_DTYPES[base_dtype]
 
