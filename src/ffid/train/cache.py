@@ -102,14 +102,17 @@ class CacheItem:
     text_file: Path
     text_key: str
     caption: str = ""
+    shape: tuple[int, ...] = ()  # of the latents, [C, F, H, W]: the trainer's bucket key
 
 
-def _header(path: Path) -> tuple[set[str], dict[str, str]]:
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes by key and the metadata of a safetensors file (its header only)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return set(f.keys()), dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return shapes, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFileError(
             f"dataset item {str(path)!r} is not a readable safetensors file ({exc})"
@@ -119,15 +122,16 @@ def _header(path: Path) -> tuple[set[str], dict[str, str]]:
 def _ffid_items(files: list[Path]) -> list[CacheItem]:
     items = []
     for path in files:
-        keys, meta = _header(path)
-        missing = {"latents", "text_embeds"} - keys
+        shapes, meta = _header(path)
+        missing = {"latents", "text_embeds"} - shapes.keys()
         if missing:
             raise ModelFileError(
                 f"dataset item {str(path)!r} lacks {', '.join(sorted(missing))}; items need "
                 f"'latents' [C,F,H,W] and 'text_embeds' [L,D] ({CACHE_FORMAT}), or give a "
                 "musubi-tuner Wan cache folder (*_wan.safetensors + *_wan_te.safetensors)"
             )
-        items.append(CacheItem(path, "latents", path, "text_embeds", meta.get("caption", "")))
+        caption = meta.get("caption", "")
+        items.append(CacheItem(path, "latents", path, "text_embeds", caption, _frames(shapes["latents"])))
     return items
 
 
@@ -141,6 +145,7 @@ _MUSUBI_CONDITIONING = ("clip_", "latents_image_", "latents_control_")
 def _musubi_items(folder: Path) -> list[CacheItem]:
     """Pair musubi-tuner's ``*_wan.safetensors`` latent files with their ``*_wan_te.safetensors``."""
     items = []
+    text_headers: dict[Path, tuple[dict[str, tuple[int, ...]], dict[str, str]]] = {}
     for path in sorted(folder.glob("*_wan.safetensors")):
         tokens = path.name[: -len("_wan.safetensors")].split("_")
         if len(tokens) < 2 or not _MUSUBI_SIZE.match(tokens[-1]):
@@ -157,16 +162,18 @@ def _musubi_items(folder: Path) -> list[CacheItem]:
                 f"{path.name} has no text-encoder cache {text_file.name} in {str(folder)!r}; run "
                 "musubi-tuner's wan_cache_text_encoder_outputs.py on the same dataset config"
             )
-        keys, _ = _header(path)
-        conditioning = sorted(k for k in keys if k.startswith(_MUSUBI_CONDITIONING))
+        shapes, _ = _header(path)
+        conditioning = sorted(k for k in shapes if k.startswith(_MUSUBI_CONDITIONING))
         if conditioning:
             raise ConfigError(
                 f"{path.name} holds {conditioning[0]!r}: an image-to-video or control cache; the wan "
                 "task of ffid train is text-to-video, so train this one inside musubi-tuner with "
                 "--network_module ffid.integrations.musubi"
             )
-        latent_keys = [k for k in keys if _MUSUBI_LATENT_KEY.match(k)]
-        text_keys, meta = _header(text_file)
+        latent_keys = [k for k in shapes if _MUSUBI_LATENT_KEY.match(k)]
+        if text_file not in text_headers:  # every clip of a video shares one text file
+            text_headers[text_file] = _header(text_file)
+        text_keys, meta = text_headers[text_file]
         t5_keys = [k for k in text_keys if k.startswith("varlen_t5_")]
         for file, found, want in (
             (path, latent_keys, "latents_{F}x{H}x{W}_{dtype}"),
@@ -177,15 +184,13 @@ def _musubi_items(folder: Path) -> list[CacheItem]:
                     f"{file.name} holds {len(found)} tensors named {want}, not one; re-run "
                     "musubi-tuner's Wan cache scripts for it"
                 )
-        items.append(CacheItem(path, latent_keys[0], text_file, t5_keys[0], meta.get("caption1", "")))
+        latent_key, text_key = latent_keys[0], t5_keys[0]
+        caption = meta.get("caption1", "")
+        items.append(CacheItem(path, latent_key, text_file, text_key, caption, _frames(shapes[latent_key])))
     return items
 
 
-def _latent_shape(item: CacheItem) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(item.latent_file), framework="pt") as f:
-        shape = tuple(f.get_slice(item.latent_key).get_shape())
+def _frames(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:1], 1, *shape[1:]) if len(shape) == 3 else shape  # [C, H, W] is one frame
 
 
@@ -217,8 +222,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             )
         self.files = [it.latent_file for it in self.items]
         self.captions = [it.caption for it in self.items]
-        # latent shape [C, F, H, W] per item, from the headers: the trainer's buckets
-        self.bucket_keys = [_latent_shape(it) for it in self.items]
+        self.bucket_keys = [it.shape for it in self.items]  # the trainer's buckets
 
     def __len__(self) -> int:
         return len(self.items)
