@@ -114,8 +114,8 @@ def save_model(
     return path
 
 
-def read_spec(path: str | Path) -> ModelSpec:
-    """The :class:`ModelSpec` stored in a demo model file (reads the header only)."""
+def _read_demo_file(path: str | Path, tensors: bool) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The spec stored in a demo model file and, if asked, its tensors (else only the header)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -126,31 +126,22 @@ def read_spec(path: str | Path) -> ModelSpec:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118
     except Exception as exc:  # safetensors raises its own error types
         raise ModelFileError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
     if SPEC_KEY not in meta:
         raise ModelFileError(f"{str(path)!r} has no {SPEC_KEY} metadata; it was not written by ffid demo")
-    return ModelSpec(**json.loads(meta[SPEC_KEY]))
+    return ModelSpec(**json.loads(meta[SPEC_KEY])), state
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """The :class:`ModelSpec` stored in a demo model file (reads the header only)."""
+    return _read_demo_file(path, tensors=False)[0]
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelSpec]:
     """A demo model saved by :func:`save_model` (or merged from one): weights and spec."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(
-            f"demo model {str(path)!r} does not exist; run `ffid demo` first to make the base"
-        )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except Exception as exc:  # safetensors raises its own error types
-        raise ModelFileError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
-    if SPEC_KEY not in meta:
-        raise ModelFileError(f"{str(path)!r} has no {SPEC_KEY} metadata; it was not written by ffid demo")
-    spec = ModelSpec(**json.loads(meta[SPEC_KEY]))
+    spec, state = _read_demo_file(path, tensors=True)
     model = build_model(spec)
     try:
         model.load_state_dict(state, strict=True)
