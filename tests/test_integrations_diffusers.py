@@ -17,13 +17,7 @@ from ffid.errors import ConfigError, MismatchError
 from ffid.integrations.diffusers import apply_delta_to_pipeline, attach_to_pipeline, denoiser_of
 from tiny_models import tiny_wan, tiny_wan_inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flow_step(transformer, seed: int) -> torch.Tensor:

@@ -17,13 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from ffid.integrations.hf import DELTA_NAME, attach_to_trainer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyLM(torch.utils.data.Dataset):

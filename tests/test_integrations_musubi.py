@@ -26,13 +26,7 @@ from musubi_harness import (
 NET_ARGS = ["ff=0.05", "ffid=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: thread hand-offs cost more than they save, and the CI box has 2 shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(tmp_path=None, **kw):

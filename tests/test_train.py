@@ -15,14 +15,7 @@ from ffid.errors import ConfigError, MismatchError, TrainingError
 from ffid.train import TrainConfig, config_from_mapping, load_config, train
 from ffid.train.data import BatchOrder
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than the math on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -16,13 +16,7 @@ from ffid.errors import ConfigError, MissingFileError, ModelFileError
 from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset, write_cache
 from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def losses(out: Path, name: str = "run") -> list[float]:
