@@ -337,41 +337,13 @@ def test_cache_cli(tmp_path: Path) -> None:
     save_file({"latents": torch.randn(3, 4, 8, 8)}, str(tmp_path / "lat.safetensors"))
     torch.save({"text_embeds": torch.randn(3, 6, 32)}, tmp_path / "txt.pt")
     (tmp_path / "caps.txt").write_text("a\nb\nc\n")
-    assert (
-        main(
-            [
-                "cache",
-                "--latents",
-                str(tmp_path / "lat.safetensors"),
-                "--text_embeds",
-                str(tmp_path / "txt.pt"),
-                "--captions",
-                str(tmp_path / "caps.txt"),
-                "--output_dir",
-                str(tmp_path / "cache"),
-            ]
-        )
-        == 0
-    )
+    inputs = ["--latents", str(tmp_path / "lat.safetensors"), "--text_embeds", str(tmp_path / "txt.pt")]
+    inputs += ["--captions", str(tmp_path / "caps.txt")]
+    assert main(["cache", *inputs, "--output_dir", str(tmp_path / "cache")]) == 0
     ds = LatentCacheDataset(tmp_path / "cache")
     assert len(ds) == 3 and ds[0]["latents"].shape == (4, 1, 8, 8) and ds.captions == ["a", "b", "c"]
-    (tmp_path / "caps.txt").write_text("a\n")
-    assert (
-        main(
-            [
-                "cache",
-                "--latents",
-                str(tmp_path / "lat.safetensors"),
-                "--text_embeds",
-                str(tmp_path / "txt.pt"),
-                "--captions",
-                str(tmp_path / "caps.txt"),
-                "--output_dir",
-                str(tmp_path / "c2"),
-            ]
-        )
-        == 2
-    )
+    (tmp_path / "caps.txt").write_text("a\n")  # one caption for three items
+    assert main(["cache", *inputs, "--output_dir", str(tmp_path / "c2")]) == 2
     assert not (tmp_path / "c2").exists()
 
 
