@@ -27,6 +27,7 @@ under the same Parameter objects keeps working; index tensors are cached per com
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -160,6 +161,7 @@ class FfidHandle(nn.Module):
         self._base_snapshot: dict[str, torch.Tensor] | None = None
         self._attached = False
         self._sr_hooks: list[Any] = []
+        self._teacher_depth = 0  # > 0 inside teacher(): forwards use the base weights only
 
         slots = self._resolve(model, selection)  # validates everything before touching the model
         fp = bytes.fromhex(selection.fingerprint)
@@ -324,6 +326,8 @@ class FfidHandle(nn.Module):
     def _matmul_forward(
         self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor, *, transposed: bool
     ) -> torch.Tensor:
+        if self._teacher_depth:
+            return type(module).forward(module, x)
         # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
         rows, cols = module.weight.shape
         in_f, out_f = (rows, cols) if transposed else (cols, rows)
@@ -342,6 +346,8 @@ class FfidHandle(nn.Module):
     def _patch_forward(
         self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
     ) -> torch.Tensor:
+        if self._teacher_depth:
+            return type(module).forward(module, x)
         # stride == kernel, no padding: the conv is a Linear over non-overlapping patches.
         k = tuple(module.kernel_size)
         nd = len(k)
@@ -376,6 +382,8 @@ class FfidHandle(nn.Module):
         # Substituted inside forward (after every pre-hook, e.g. an offloader that swaps .data in):
         # an instance attribute wins over nn.Module.__getattr__'s lookup in _parameters, so the
         # module's own forward reads the effective tensor while the Parameter stays untouched.
+        if self._teacher_depth:
+            return inner(*args, **kwargs)
         try:
             for attr, slot in attrs:
                 module.__dict__[attr] = self._effective(slot, module._parameters[attr])  # type: ignore[arg-type]
@@ -383,6 +391,39 @@ class FfidHandle(nn.Module):
         finally:
             for attr, _ in attrs:
                 module.__dict__.pop(attr, None)
+
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[nn.Module]:
+        """The model as it was before this run, for as long as the ``with`` block lasts.
+
+        Inside the block every forward uses the base weights only: this run's slice is back at
+        its starting values, so the model equals a separately built base + earlier deltas, bit
+        for bit (ids are disjoint, so nothing else differs). No weight is copied or written:
+        the base is never modified while training and the proxies are not touched, so the
+        trained values are in effect again, unchanged, when the block ends. Gradients are off
+        inside (a teacher is a fixed target); nesting is allowed.
+
+        Raises :class:`~ffid.errors.TrainingError` after :meth:`merge` (the base then holds the
+        trained values) or :meth:`detach`.
+        """
+        if not self._attached:
+            raise TrainingError("handle.teacher() needs an attached handle; this one was detached")
+        if self._base_snapshot is not None:
+            raise TrainingError(
+                "handle.teacher() after handle.merge(): the base weights now hold the trained values, "
+                "so the model as it was before this run is gone; use the teacher before merging"
+            )
+        self._teacher_depth += 1
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            self._teacher_depth -= 1
+
+    @property
+    def in_teacher(self) -> bool:
+        """True inside :meth:`teacher`."""
+        return self._teacher_depth > 0
 
     # -- the contract --------------------------------------------------------------------------
     @property

@@ -1,0 +1,116 @@
+"""``handle.teacher()``: the model as it was before this run, exactly, with no copy and no trace.
+
+The reference is built separately: a fresh model, the earlier delta applied with
+``apply_delta`` (what a user loads for inference). The teacher must equal it bit for bit, after
+real optimizer steps have moved this run's slice, on every model kind and selector.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ffid import attach, plan
+from ffid.errors import TrainingError
+from test_engine import CASES, MODELS, SELECTORS, loss_of
+
+
+def _outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    if "x" in batch:
+        return model(batch["x"])
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return out.logits if hasattr(out, "logits") else out.sample
+
+
+def _train_steps(handle, model, batch, steps=3):
+    opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=5e-2))
+    for _ in range(steps):
+        loss_of(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(("model_key", "sel_key"), CASES)
+def test_teacher_equals_base_plus_earlier_delta_exactly(tmp_path, model_key, sel_key):
+    factory, batch_fn = MODELS[model_key]
+    batch = batch_fn()
+    selector, ff, ffid_ = SELECTORS[sel_key]
+    other = 1 if ffid_ != 1 else 4
+
+    # run 1: an earlier id, trained and saved as a delta
+    model = factory().eval()
+    h1 = attach(model, plan(model, ff, other, selector))
+    _train_steps(h1, model, batch)
+    delta1 = tmp_path / "one.safetensors"
+    h1.save_delta(delta1)
+    h1.detach()
+
+    # run 2 on top of run 1 (the trainer's base_deltas), trained for a few steps
+    from ffid.checkpoint import apply_delta
+
+    model = factory().eval()
+    apply_delta(model, delta1)
+    h2 = attach(model, plan(model, ff, ffid_, selector))
+    _train_steps(h2, model, batch)
+    trained = {n: p.detach().clone() for n, p in h2.proxies()}
+    student = _outputs(model, batch).detach()
+
+    reference = factory().eval()
+    apply_delta(reference, delta1)
+    with torch.no_grad():
+        expected = _outputs(reference, batch)
+
+    with h2.teacher() as teacher:
+        assert h2.in_teacher
+        got = _outputs(teacher, batch)
+        assert not got.requires_grad
+    assert torch.equal(got, expected), "teacher differs from base + earlier delta"
+    assert not torch.equal(student, expected), "run 2 did not change the output: the test proves nothing"
+
+    # nothing of the training state moved: proxies, their grads, and the student's output
+    assert not h2.in_teacher
+    for n, p in h2.proxies():
+        assert torch.equal(p.detach(), trained[n])
+        assert p.grad is None
+    again = _outputs(model, batch)
+    assert torch.equal(again.detach(), student)
+    assert again.requires_grad
+
+
+def test_teacher_inside_a_training_step_leaves_gradients_alone():
+    factory, batch_fn = MODELS["wan"]
+    batch = batch_fn()
+    model = factory().eval()
+    handle = attach(model, ff=0.04, ffid=3)
+    _train_steps(handle, model, batch, steps=2)
+
+    def grads(with_teacher: bool) -> dict[str, torch.Tensor]:
+        loss = loss_of(model, batch)
+        if with_teacher:
+            with handle.teacher() as teacher:
+                _outputs(teacher, batch)
+        loss.backward()
+        out = {n: p.grad.clone() for n, p in handle.proxies()}
+        for p in handle.parameters():
+            p.grad = None
+        return out
+
+    plain, mixed = grads(False), grads(True)
+    assert plain.keys() == mixed.keys()
+    for n in plain:
+        assert torch.equal(plain[n], mixed[n]), n
+
+
+def test_teacher_nests_and_refuses_after_merge_or_detach():
+    factory, _ = MODELS["mlp"]
+    model = factory().eval()
+    handle = attach(model, ff=0.04, ffid=3)
+    with handle.teacher(), handle.teacher():
+        assert handle.in_teacher
+    assert not handle.in_teacher
+    handle.merge()
+    with pytest.raises(TrainingError, match=r"after handle\.merge"), handle.teacher():
+        pass
+    handle.detach()
+    with pytest.raises(TrainingError, match="detached"), handle.teacher():
+        pass
