@@ -182,10 +182,12 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
         "samples/character1.png",
         "samples/character2_plain.png",
         "samples/character2_rehearsed.png",
+        "samples/character2_preserved.png",
         "samples/merged.png",
         "character1/character1.safetensors",
         "character2-plain/character2-plain.safetensors",
         "character2-rehearsed/character2-rehearsed.safetensors",
+        "character2-preserved/character2-preserved.safetensors",
         "merged/demo-merged.safetensors",
     ):
         assert (out / rel).is_file(), rel
@@ -199,30 +201,38 @@ def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
         "character1",
         "character2_plain",
         "character2_rehearsed",
+        "character2_preserved",
         "merged",
     ]
     for value in summary.values():
         assert value is True or 0.0 <= value <= 1.0
-    # Both character2 variants ran from the same state into the same slice; only their data
-    # differs, so they select the same weights but learn different values.
+    # The character2 variants ran from the same state into the same slice; only their data or
+    # loss differs, so they select the same weights but learn different values.
     chars = report["characters"]
-    assert chars["character2_plain"]["fingerprint"] == chars["character2_rehearsed"]["fingerprint"]
-    assert chars["character2_plain"]["rehearsed"] == []
+    fingerprints = {chars[f"character2_{v}"]["fingerprint"] for v in ("plain", "rehearsed", "preserved")}
+    assert len(fingerprints) == 1
+    assert chars["character2_plain"]["rehearsed"] == chars["character2_preserved"]["rehearsed"] == []
     assert chars["character2_rehearsed"]["rehearsed"] == ["character1"]
-    assert report["character2_merged"] == "rehearsed"
-    assert chars["character2"] == chars["character2_rehearsed"]
-    assert report["files"]["delta2"] == report["files"]["delta2_rehearsed"] != report["files"]["delta2_plain"]
-    assert summary["character1_after_3b"] == summary["character1_after_3b_rehearsed"]
-    assert summary["character2_after_3b"] == summary["character2_after_3b_rehearsed"]
-    assert report["stages"]["merged"] == report["stages"]["character2_rehearsed"]
+    assert [chars[f"character2_{v}"]["preserved"] for v in ("plain", "rehearsed", "preserved")] == [
+        False,
+        False,
+        True,
+    ]
+    assert report["character2_merged"] == "preserved"
+    assert chars["character2"] == chars["character2_preserved"]
+    assert report["files"]["delta2"] == report["files"]["delta2_preserved"] != report["files"]["delta2_plain"]
+    assert summary["character1_after_3b"] == summary["character1_after_3b_preserved"]
+    assert summary["character2_after_3b"] == summary["character2_after_3b_preserved"]
+    assert report["stages"]["merged"] == report["stages"]["character2_preserved"]
     from safetensors.torch import load_file
 
-    plain, rehearsed = (load_file(report["files"][f"delta2_{v}"]) for v in ("plain", "rehearsed"))
-    assert plain.keys() == rehearsed.keys()
-    assert any(not torch.equal(plain[k], rehearsed[k]) for k in plain)
+    deltas = [load_file(report["files"][f"delta2_{v}"]) for v in ("plain", "rehearsed", "preserved")]
+    assert deltas[0].keys() == deltas[1].keys() == deltas[2].keys()
+    for other in deltas[1:]:
+        assert any(not torch.equal(deltas[0][k], other[k]) for k in deltas[0])
     assert report["characters"]["character1"]["trainable"] == round(0.01 * report["model_params"])
     md = (out / "report.md").read_text()
-    assert "character1 accuracy after 3a" in md and "| 3b plain | 3b rehearsed |" in md
+    assert "character1 accuracy after 3a" in md and "| 3b plain | 3b rehearsed | 3b preserved |" in md
     assert report["files"]["base_cached"] is False
     assert runs[1].report["files"]["base_cached"] is True
     assert _numbers(report) == _numbers(json.loads((runs[1].output_dir / "report.json").read_text()))
@@ -272,11 +282,14 @@ def test_single_character2_mode_trains_and_merges_that_variant(tmp_path: Path) -
 
 def test_default_config_is_the_documented_story() -> None:
     cfg = DemoConfig().validate()
-    assert cfg.character2_mode == "both" and cfg.character2_variants == ["plain", "rehearsed"]
+    assert cfg.character2_mode == "all"
+    assert cfg.character2_variants == ["plain", "rehearsed", "preserved"]
     assert (cfg.ff, cfg.ffid1, cfg.ffid2, cfg.selector) == (0.01, 1, 2, "spread")
     assert cfg.output_dir == "ffid-demo"
     assert cfg.held_out == (7, 4)
-    with pytest.raises(ConfigError, match="character2_mode 'mixed' is not one of both, plain, rehearsed"):
+    with pytest.raises(
+        ConfigError, match="character2_mode 'mixed' is not one of all, plain, rehearsed, preserved"
+    ):
         DemoConfig(character2_mode="mixed").validate()
 
 

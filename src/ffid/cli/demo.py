@@ -16,7 +16,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Pretrain a small Wan-architecture DiT (diffusers WanTransformer3DModel) on scikit-learn's "
             "handwritten digits, teach 'character1' and then 'character2' (two held-out digits; character2 "
-            "both plain and with character1 rehearsed, from the same state) with "
+            "three ways from the same state: plain, with character1 rehearsed, and preserved without "
+            "character1's data) with "
             "--ff into two disjoint ids through the ffid trainer, merge both deltas into a full "
             "checkpoint, sample every prompt at every stage and judge the samples with a classifier "
             "trained on the real digits. CPU only, no network. " + DEFAULTS_NOTE
@@ -64,11 +65,21 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--character2_mode",
-        choices=("both", "plain", "rehearsed"),
+        choices=("all", "plain", "rehearsed", "preserved"),
         default=None,
         help="how character2 is taught on top of character1: plain (its own data only), rehearsed "
-        "(character1's scans mixed into its data; keeps character1, recommended) or both from the "
-        "same state, side by side (default both; the merged checkpoint takes the rehearsed one)",
+        "(character1's scans mixed into its data), preserved (no character1 data; a preservation "
+        "loss keeps base + character1's predictions; recommended) or all three from the same state, "
+        "side by side (default all; the merged checkpoint takes the preserved one)",
+    )
+    p.add_argument(
+        "--preserve_weight", type=float, default=None, help="weight of the preservation loss (default 1.0)"
+    )
+    p.add_argument(
+        "--preserve_items",
+        type=int,
+        default=None,
+        help="protected pure-noise inputs per step in the preserved run (default 8)",
     )
     p.add_argument("--pretrain_steps", type=int, default=None, help="steps of base pretraining")
     p.add_argument("--pretrain_lr", type=float, default=None, help="learning rate of base pretraining")
@@ -99,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "batch_size",
         "prior_per_class",
         "character2_mode",
+        "preserve_weight",
+        "preserve_items",
         "pretrain_steps",
         "pretrain_lr",
         "character1",

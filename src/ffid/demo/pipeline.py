@@ -6,10 +6,13 @@ Stages (everything under ``output_dir``):
 1. ``base/``: the pretrained base (cached; reused while its recipe is unchanged, ``fresh`` redoes it).
 2. ``character1/``: ``--ffid 1`` trained through :func:`ffid.train.train` on the held-out digit
    ``character1``; its delta file.
-3. ``character2-plain/`` and ``character2-rehearsed/``: ``--ffid 2`` trained the same way on top of
-   base + character1, twice from the same state: alone (plain) and with character1's scans
-   rehearsed in its data (what we recommend); ``character2_mode`` can keep one of them only.
-4. ``merged/``: character1's delta and the recommended character2 delta (rehearsed when it was
+3. ``character2-plain/``, ``character2-rehearsed/`` and ``character2-preserved/``: ``--ffid 2``
+   trained the same way on top of base + character1, three times from the same state: alone
+   (plain), with character1's scans rehearsed in its data, and with preservation (no character1
+   image: a second loss keeps the model's predictions for character1's recorded prompt, the
+   empty prompt and the base prompts close to base + character1; the default and what we
+   recommend); ``character2_mode`` can keep one of them only.
+4. ``merged/``: character1's delta and the recommended character2 delta (preserved when it was
    trained) baked into a full checkpoint with :func:`ffid.checkpoint.merge_checkpoint`.
 5. ``samples/*.png`` grids, ``report.md`` / ``report.json``, loss curves, TensorBoard ``logs/``.
 """
@@ -34,9 +37,9 @@ from .model import ModelSpec, build_model, sample
 from .task import DemoTask, base_concepts, load_model, save_model
 
 DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key cannot see
-# character2's two recipes; the last is the recommended one, merged into the full checkpoint
-VARIANTS = ("plain", "rehearsed")
-CHARACTER2_MODES = ("both", *VARIANTS)
+# character2's recipes; the last is the recommended one, merged into the full checkpoint
+VARIANTS = ("plain", "rehearsed", "preserved")
+CHARACTER2_MODES = ("all", *VARIANTS)
 
 
 @dataclass
@@ -66,8 +69,12 @@ class DemoConfig:
     batch_size: int = 32
     prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
     # how character2 is taught on top of character1: "plain" (its own data only), "rehearsed"
-    # (character1's scans mixed in), or "both" from the same state, side by side
-    character2_mode: str = "both"
+    # (character1's scans mixed in), "preserved" (no character1 data; preservation loss), or "all"
+    # three from the same state, side by side
+    character2_mode: str = "all"
+    # preservation (the preserved variant): ffid train's preserve_* keys
+    preserve_weight: float = 1.0
+    preserve_items: int = 8
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
     sample_steps: int = 20
@@ -106,6 +113,10 @@ class DemoConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be at least 1")
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
+            raise ConfigError(f"--preserve_weight {self.preserve_weight} must be a positive number")
+        if self.preserve_items < 1:
+            raise ConfigError(f"--preserve_items {self.preserve_items} must be at least 1")
         for name in ("pretrain_lr", "learning_rate"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -115,7 +126,7 @@ class DemoConfig:
     @property
     def character2_variants(self) -> list[str]:
         """The character2 runs this config trains, the merged (recommended) one last."""
-        return list(VARIANTS) if self.character2_mode == "both" else [self.character2_mode]
+        return list(VARIANTS) if self.character2_mode == "all" else [self.character2_mode]
 
     @property
     def held_out(self) -> tuple[int, int]:
@@ -365,6 +376,7 @@ def train_character(
     data: tuple[torch.Tensor, torch.Tensor],
     extra_prior: list[Concept] | None = None,
     run_name: str | None = None,
+    preserve: bool = False,
 ) -> tuple[Path, list[float], dict[str, Any]]:
     """Teach ``a digit <name>`` (real scans of ``digit``) into slice ``ffid`` through the trainer.
 
@@ -405,6 +417,10 @@ def train_character(
             "output_name": run_name,
             "logging_dir": str(Path(cfg.output_dir) / "logs"),
             "base_deltas": [str(p) for p in base_deltas],
+            # on for the preserved variant only, so plain and rehearsed show what happens without it
+            "preserve": "on" if preserve else "off",
+            "preserve_weight": cfg.preserve_weight,
+            "preserve_items": cfg.preserve_items,
             "task_args": {
                 "concepts": {name: digit},
                 "caption_dropout": 0.0,
@@ -422,6 +438,7 @@ def train_character(
     info = {
         "run": run_name,
         "rehearsed": [c.name for c in extra_prior or []],
+        "preserved": preserve,
         "ffid": ffid,
         "digit": digit,
         "delta": str(result.final),
@@ -522,10 +539,14 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     for variant in cfg.character2_variants:
         t0 = time.perf_counter()
         rehearsed = variant == "rehearsed"
+        how = {
+            "plain": ", its own data only",
+            "rehearsed": ", with character1's scans rehearsed",
+            "preserved": ", its own data only, preserving base + character1 (no character1 scans)",
+        }[variant]
         log(
             f"[bold]3b {variant}[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} "
-            "on top of character1"
-            + (", with character1's scans rehearsed" if rehearsed else ", its own data only")
+            "on top of character1" + how
         )
         deltas2[variant], losses2[variant], infos2[variant] = train_character(
             cfg,
@@ -537,6 +558,7 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
             data,
             [Concept("character1", cfg.character1)] if rehearsed else None,
             run_name=f"character2-{variant}",
+            preserve=variant == "preserved",
         )
         timings[f"character2_{variant}"] = time.perf_counter() - t0
         models2[variant] = model_with_deltas(base_path, [delta1, deltas2[variant]])
@@ -666,6 +688,7 @@ STAGE_TITLES = {
     "character1": "3a +char1",
     "character2_plain": "3b plain",
     "character2_rehearsed": "3b rehearsed",
+    "character2_preserved": "3b preserved",
     "merged": "merged",
 }
 
@@ -724,7 +747,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     stages = list(report["stages"])
     how = {
         "plain": "character2's data is its own scans and the base classes only (the seed's recipe)",
-        "rehearsed": "character1's real scans are also mixed into character2's data (rehearsal, recommended)",
+        "rehearsed": "character1's real scans are also mixed into character2's data (rehearsal)",
+        "preserved": "no character1 scans; a preservation loss (weight "
+        f"{cfg.get('preserve_weight', 1.0)}, {cfg.get('preserve_items', 8)} pure-noise inputs per step) "
+        "keeps the predictions for character1's recorded prompt, the empty prompt and the base "
+        "prompts close to base + character1 (recommended)",
     }
     names = list(report["stages"][stages[0]])
     lines = [

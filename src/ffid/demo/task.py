@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
 from .data import DIGIT_WORDS, Concept, encode_prompt, load_digit_images
-from .model import ModelSpec, build_model, flow_matching_loss
+from .model import ModelSpec, build_model, flow_matching_loss, predict
 
 if TYPE_CHECKING:
     from torch import nn
@@ -224,6 +224,33 @@ class DemoTask:
         text = batch["text"].float().clone()
         text[drop.to(text.device)] = 0.0
         return flow_matching_loss(model, x0, text, noise.to(x0.device), t.to(x0.device))
+
+    # -- what the trainer records and preserves (see ffid.train.preserve) ---------------------
+    def trained_prompts(self, dataset: Any) -> list[str]:
+        """The prompts this task teaches (recorded in the delta for later runs to protect)."""
+        return [c.prompt for c in self.concepts or []]
+
+    def regularisation_prompts(self, dataset: Any) -> list[str]:
+        """The prior concepts' prompts (the base classes this run must not redraw)."""
+        return [c.prompt for c in self.prior or []] if self.prior_per_class else []
+
+    def preservation_batch(self, prompts: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Pure-noise latents at random times, one per prompt, with the prompt's embedding."""
+        s = self.spec
+        n = len(prompts)
+        return {
+            "x": torch.randn((n, s.channels, 1, s.image_size, s.image_size), generator=generator),
+            "t": torch.rand(n, generator=generator),
+            "text": torch.stack([encode_prompt(p) for p in prompts]),
+        }
+
+    def preservation_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return predict(model, batch["x"], batch["t"], batch["text"])
+
+    def preservation_distance(
+        self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return (student.float() - teacher.float()).pow(2).flatten(1).mean(1)
 
     def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
         if self.sampler is not None:

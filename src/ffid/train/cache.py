@@ -238,6 +238,30 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         return {"latents": latents, "text_embeds": text, "name": it.latent_file.name}
 
 
+def text_encodings(folder: str | Path) -> dict[str, tuple[Path, str]]:
+    """Caption -> (file, tensor key) of every text encoding in a cache folder, read from headers.
+
+    Reads musubi-tuner's ``*_wan_te.safetensors`` (``varlen_t5_*``, caption in ``caption1``) and
+    ffid's own items (``text_embeds``, caption in ``caption``); latents are not needed, so a
+    folder of text-encoder caches alone will do. The first file of a caption wins (name order).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"cache folder {str(folder)!r} does not exist or is not a folder")
+    found: dict[str, tuple[Path, str]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        shapes, meta = _header(path)
+        if path.name.endswith("_wan_te.safetensors"):
+            keys = [k for k in shapes if k.startswith("varlen_t5_")]
+            caption = meta.get("caption1")
+        else:
+            keys = ["text_embeds"] if "text_embeds" in shapes else []
+            caption = meta.get("caption")
+        if len(keys) == 1 and caption is not None:
+            found.setdefault(caption, (path, keys[0]))
+    return found
+
+
 def collate_latents(items: list[dict[str, Any]], text_len: int = 0) -> dict[str, torch.Tensor]:
     """Stack latents (equal shapes required) and zero-pad text embeddings to ``text_len`` tokens
     (Wan pads every prompt to 512), or to the longest in the batch when ``text_len`` is 0."""
@@ -297,6 +321,7 @@ __all__ = [
     "LatentCacheDataset",
     "collate_latents",
     "load_tensor_file",
+    "text_encodings",
     "write_cache",
     "write_item",
 ]

@@ -33,6 +33,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 SAVE_PRECISION = ("fp32", "fp16", "bf16")
 TIMESTEP_SAMPLING = ("shift", "uniform", "sigmoid")
+PRESERVE = ("auto", "on", "off")
 
 
 def _key(
@@ -97,6 +98,46 @@ class TrainConfig:
     )
     base_deltas: list[str] = _key(
         "delta files applied to the base before training (train on top of them)",
+        factory=list,
+        trajectory=True,
+    )
+    trigger_words: list[str] = _key(
+        "trigger words of this run, recorded in its delta (with the trained captions) so that later "
+        "runs on top of it protect them",
+        factory=list,
+    )
+    # -- preservation (training on top of base_deltas) -----------------------------------------
+    preserve: str = _key(
+        "keep what base_deltas taught while training on top of them, without their data: a second "
+        "loss pulls the model towards base + base_deltas on protected prompts (auto: on when "
+        "base_deltas are given)",
+        "auto",
+        choices=PRESERVE,
+        trajectory=True,
+    )
+    preserve_weight: float = _key("weight of the preservation loss", 1.0, trajectory=True)
+    preserve_items: int = _key(
+        "protected inputs per preservation step (0: a quarter of batch_size, at least 1)", 0, trajectory=True
+    )
+    preserve_every: int = _key("preserve on every N-th optimizer step", 1, trajectory=True)
+    preserve_prompts: list[str] = _key(
+        "more prompts to protect, besides those the base_deltas recorded (needed for deltas that "
+        "recorded none)",
+        factory=list,
+        trajectory=True,
+    )
+    preserve_empty: bool = _key(
+        "also protect the empty prompt, which classifier-free guidance uses at every sampling step",
+        True,
+        trajectory=True,
+    )
+    preserve_regularisation: bool = _key(
+        "also protect this run's regularisation (prior) prompts, where the task has them",
+        True,
+        trajectory=True,
+    )
+    preserve_cache: list[str] = _key(
+        "wan: more cache folders holding text encodings of protected prompts (matched by caption)",
         factory=list,
         trajectory=True,
     )
@@ -169,6 +210,15 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be 0 or more")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate = {self.learning_rate} must be a positive number such as 1e-4")
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
+            raise ConfigError(
+                f"preserve_weight = {self.preserve_weight} must be a positive number such as 1.0; "
+                "turn preservation off with preserve = 'off'"
+            )
+        if self.preserve_items < 0:
+            raise ConfigError(f"preserve_items = {self.preserve_items} must be 0 (auto) or more")
+        if self.preserve_every < 1:
+            raise ConfigError(f"preserve_every = {self.preserve_every} must be at least 1")
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm = {self.max_grad_norm} must be 0 (off) or positive")
         if self.discrete_flow_shift <= 0:
@@ -200,7 +250,7 @@ class TrainConfig:
         for name in ("model_path", "dataset"):
             if out[name]:
                 out[name] = Path(out[name]).name
-        for name in ("base_deltas", "rehearsal_datasets"):
+        for name in ("base_deltas", "rehearsal_datasets", "preserve_cache"):
             out[name] = [Path(p).name for p in out[name]]
         return json.loads(json.dumps(out, default=str))
 
@@ -265,10 +315,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise TypeError
             return float(value)
         if origin is str:
+            choices = FIELDS[name].metadata["choices"]
+            if isinstance(value, bool) and choices and {"on", "off"} <= set(choices):
+                value = "on" if value else "off"  # `preserve = true` in TOML
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             value = str(value)
-            choices = FIELDS[name].metadata["choices"]
             if choices and value not in choices:
                 near = difflib.get_close_matches(value, choices, n=1)
                 hint = f"did you mean {near[0]!r}? " if near else ""

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ class TrainMonitor:
         progress: bool,
     ):
         self.losses = list(losses)
+        self.preserve: list[tuple[int, float]] = []  # (step, preservation distance) of this session
         self.enabled = enabled
         self.window: deque[float] = deque(self.losses[-AVERAGE_WINDOW:], maxlen=AVERAGE_WINDOW)
         self.bar = None
@@ -83,16 +85,26 @@ class TrainMonitor:
     def average(self) -> float:
         return sum(self.window) / max(1, len(self.window))
 
-    def step(self, step: int, loss: float, lr: float) -> None:
+    def step(self, step: int, loss: float, lr: float, extra: Mapping[str, float] | None = None) -> None:
+        """Record one optimizer step; ``extra`` scalars (e.g. ``preserve/<prompt>``) go to
+        TensorBoard, and ``preserve/distance`` to the progress bar as ``keep``."""
         self.losses.append(loss)
         self.window.append(loss)
+        extra = dict(extra or {})
+        if "preserve/distance" in extra:
+            self.preserve.append((step, extra["preserve/distance"]))
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(avr_loss=f"{self.average:.4g}", lr=f"{lr:.3g}", refresh=False)
+            post = {"avr_loss": f"{self.average:.4g}", "lr": f"{lr:.3g}"}
+            if "preserve/distance" in extra:
+                post["keep"] = f"{extra['preserve/distance']:.3g}"
+            self.bar.set_postfix(post, refresh=False)
         if self.writer is not None:
             self.writer.add_scalar("loss/current", loss, step)
             self.writer.add_scalar("loss/average", self.average, step)
             self.writer.add_scalar("lr", lr, step)
+            for key, value in extra.items():
+                self.writer.add_scalar(key, value, step)
 
     def note(self, text: str) -> None:
         if not self.enabled:

@@ -27,6 +27,7 @@ from .config import TrainConfig
 from .data import BatchOrder, move_to
 from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
+from .preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .state import (
     Position,
     RunIdentity,
@@ -135,9 +136,13 @@ def _total_steps(cfg: TrainConfig, order: BatchOrder) -> int:
     return cfg.max_train_steps or DEFAULT_MAX_STEPS
 
 
-def _metadata(cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: int) -> dict[str, str]:
-    """kohya ``ss_*`` training keys; the checkpoint writer adds the selection and model-spec keys."""
+def _metadata(
+    cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: int, prompts: list[str]
+) -> dict[str, str]:
+    """kohya ``ss_*`` training keys and the prompts this run trained (for later runs to protect);
+    the checkpoint writer adds the selection and model-spec keys."""
     return {
+        **prompt_metadata(prompts, cfg.trigger_words),
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_optimizer": cfg.optimizer_type
         + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
@@ -168,6 +173,46 @@ def _buckets(parts: list[Any]) -> tuple[int, ...] | None:
         return None
     ids = {k: i for i, k in enumerate(distinct)}
     return tuple(ids[k] for k in keys)
+
+
+def _trained_prompts(task: Task, dataset: Any) -> list[str]:
+    """The prompts/captions of this run's own data (not rehearsal), as the task reports them."""
+    fn = getattr(task, "trained_prompts", None)
+    return [p for p in fn(dataset) if p] if callable(fn) else []
+
+
+def _preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple[Preserver | None, str]:
+    """The run's :class:`Preserver` (or None) and a line for the start-up summary.
+
+    ``preserve = auto`` turns it on for runs on top of ``base_deltas``; every bad setting is
+    refused here, before anything is written.
+    """
+    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
+        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
+        return None, f"  preservation: off ({why})"
+    if not isinstance(task, Preservable):
+        if cfg.preserve == "on":
+            raise ConfigError(
+                f"preserve = on, but task {task.name!r} does not support preservation (it lacks "
+                "preservation_batch/preservation_outputs/preservation_distance); set preserve = 'off'"
+            )
+        return None, f"  preservation: off (task {task.name!r} does not support it)"
+    regularisation: list[str] = []
+    if cfg.preserve_regularisation and callable(getattr(task, "regularisation_prompts", None)):
+        regularisation = list(task.regularisation_prompts(dataset))  # type: ignore[attr-defined]
+    protected = protected_prompts(
+        cfg.base_deltas, empty=cfg.preserve_empty, regularisation=regularisation, extra=cfg.preserve_prompts
+    )
+    notes: list[str] = []
+    prepare = getattr(task, "prepare_preservation", None)
+    if callable(prepare):
+        # e.g. the wan task finds each prompt's text encoding in the caches (or refuses)
+        protected, notes = prepare(protected, cfg)
+    items = cfg.preserve_items or max(1, cfg.batch_size // 4)
+    preserver = Preserver(
+        handle, task, protected, PreserveSettings(cfg.preserve_weight, items, cfg.preserve_every)
+    )
+    return preserver, "\n".join([preserver.describe(), *(f"  preservation: {n}" for n in notes)])
 
 
 def _summary(
@@ -276,6 +321,8 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if not params:
         raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
     optimizer = handle.guard(build_optimizer(cfg, params))
+    preserver, preserve_line = _preserver(cfg, task, handle, parts[0])
+    prompts = _trained_prompts(task, parts[0])
 
     groups = _buckets(parts) if cfg.batch_size > 1 else None
     order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world, groups)
@@ -329,6 +376,8 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
             len(swapper.blocks) if swapper else 0,
             n_rehearsal,
         )
+        + "\n"
+        + preserve_line
     )
 
     saved: list[Path] = []
@@ -340,7 +389,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
         accelerator.wait_for_everyone()
         if main:
             path = out / f"{stem}.safetensors"
-            handle.save_delta(path, metadata=_metadata(cfg, task, sel, step, cur_epoch))
+            handle.save_delta(path, metadata=_metadata(cfg, task, sel, step, cur_epoch, prompts))
             saved.append(path)
         if with_state:
             folder = out / f"{cfg.output_name}-step{step:08d}-state"
@@ -390,6 +439,16 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
                     (epoch, index + 1) if index + 1 < order.batches_per_epoch else (epoch + 1, 0)
                 )
                 epoch_done = epoch_done or cur_index == 0
+            kept = None
+            if preserver is not None:
+                kept = preserver.step(model, step, generator, device=device, autocast=accelerator.autocast)
+            if kept is not None:
+                if not math.isfinite(kept.distance):
+                    raise TrainingError(
+                        f"preservation distance is {kept.distance} at step {step + 1}; training stopped; "
+                        "lower learning_rate or preserve_weight"
+                    )
+                accelerator.backward(kept.loss)
             if swapper is not None:
                 swapper.settle()
             if world > 1:
@@ -405,7 +464,11 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            monitor.step(step, step_loss, scheduler.get_last_lr()[0])
+            extra = None
+            if kept is not None:
+                extra = {"preserve/distance": kept.distance}
+                extra.update({f"preserve/{k}": v for k, v in kept.per_prompt.items()})
+            monitor.step(step, step_loss, scheduler.get_last_lr()[0], extra)
 
             if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
                 save(step, f"{cfg.output_name}-step{step:08d}", cfg.save_state)
@@ -437,7 +500,9 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if cfg.save_full and main:
         full = out / f"{cfg.output_name}-full.safetensors"
         handle.save_full(
-            full, dtype=_dtype(cfg.save_precision), metadata=_metadata(cfg, task, sel, step, cur_epoch)
+            full,
+            dtype=_dtype(cfg.save_precision),
+            metadata=_metadata(cfg, task, sel, step, cur_epoch, prompts),
         )
     if cfg.sample_every_n_steps and main and hasattr(task, "sample") and step % cfg.sample_every_n_steps:
         _sample(task, model, step, sample_dir)

@@ -10,6 +10,7 @@ Wan is a rectified-flow model: ``x_t = (1 - t) x0 + t noise``, the DiT predicts 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
-from .cache import LatentCacheDataset, collate_latents
+from .cache import LatentCacheDataset, collate_latents, text_encodings
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .config import TrainConfig
+    from .preserve import Protected
 
 
 WAN_TEXT_LEN = 512  # tokens every Wan 2.x prompt is padded to
@@ -212,6 +214,80 @@ class WanTask:
         # train with what inference will feed.
         text_len = int((self.cfg.task_args if self.cfg else {}).get("text_len", WAN_TEXT_LEN))
         return collate_latents(items, text_len)
+
+    # -- what the trainer records and preserves (see ffid.train.preserve) ---------------------
+    def trained_prompts(self, dataset: Any) -> list[str]:
+        """The captions of this run's items (recorded in the delta for later runs to protect)."""
+        return list(getattr(dataset, "captions", []))
+
+    def prepare_preservation(
+        self, protected: list[Protected], cfg: TrainConfig
+    ) -> tuple[list[Protected], list[str]]:
+        """Find every protected prompt's text encoding in the caches (the dataset, the rehearsal
+        datasets and ``preserve_cache``), by caption; refuse a prompt that has none, except the
+        empty prompt, which is then left out with a note. Noise takes the dataset's smallest
+        latent shape, so a preservation item costs at most one training item."""
+        folders = [f for f in (cfg.dataset, *cfg.rehearsal_datasets, *cfg.preserve_cache) if f]
+        index: dict[str, tuple[Path, str]] = {}
+        for folder in folders:
+            for caption, where in text_encodings(folder).items():
+                index.setdefault(caption, where)
+        kept, notes = [], []
+        for p in protected:
+            if p.prompt in index:
+                kept.append(p)
+            elif p.source == "empty":
+                notes.append(
+                    "the empty prompt has no text encoding in the caches, so it is not protected; cache "
+                    "an item with an empty caption into a folder and add it to preserve_cache"
+                )
+            else:
+                raise ConfigError(
+                    f"protected prompt {p.label!r} (from {p.source}) has no text encoding in "
+                    f"{', '.join(map(repr, folders))}; cache it (musubi-tuner's "
+                    "wan_cache_text_encoder_outputs.py or `ffid cache`) into a folder and add that "
+                    "folder to preserve_cache, or set preserve = 'off'"
+                )
+        self.cfg = cfg
+        self._encodings = {p.prompt: index[p.prompt] for p in kept}
+        shapes = [it.shape for it in LatentCacheDataset(cfg.dataset).items]
+        self._noise_shape = min(shapes, key=lambda s: math.prod(s))
+        return kept, notes
+
+    def preservation_batch(self, prompts: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Pure-noise latents of the dataset's smallest shape at times drawn like training's."""
+        from safetensors import safe_open
+
+        from .config import TrainConfig
+
+        items = []
+        for p in prompts:
+            path, key = self._encodings[p]
+            with safe_open(str(path), framework="pt") as f:
+                # only the text is batched here; the latents are fresh noise below
+                items.append({"latents": torch.zeros(1), "text_embeds": f.get_tensor(key)})
+        text_len = int((self.cfg.task_args if self.cfg else {}).get("text_len", WAN_TEXT_LEN))
+        text = collate_latents(items, text_len)["text_embeds"]
+        n = len(prompts)
+        return {
+            "noise": torch.randn((n, *self._noise_shape), generator=generator),
+            "t": sample_times(n, self.cfg or TrainConfig(), generator),
+            "text": text,
+        }
+
+    def preservation_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        return model(
+            hidden_states=batch["noise"].to(dtype),
+            timestep=batch["t"] * 1000,
+            encoder_hidden_states=batch["text"].to(dtype),
+            return_dict=False,
+        )[0]
+
+    def preservation_distance(
+        self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return (student.float() - teacher.float()).pow(2).flatten(1).mean(1)
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator

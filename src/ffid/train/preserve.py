@@ -1,0 +1,300 @@
+"""Preservation: keep what earlier ids taught while a new id trains, without their data.
+
+Disjoint ids share no weight, but they share the function: training id 2 moves activations
+that id 1's prompts flow through, so a plain run on top of id 1 can wash id 1 out. Preservation
+adds, every ``every`` steps, a second term to the loss,
+
+    weight * mean_i distance(student(x_i), teacher(x_i)),
+
+over *protected inputs* ``x_i``: the prompts earlier runs trained (recorded in their delta
+files), the empty prompt (which classifier-free guidance leans on at every sampling step) and
+optionally this run's regularisation prompts and the user's own, each at fresh pure-noise
+latents and random times for diffusion models, or on the text itself for causal LMs (KL).
+
+The teacher is :meth:`ffid.engine.FfidHandle.teacher`: the same model with this run's slice
+at its starting values, which is exactly base + earlier deltas since ids are disjoint. No copy
+of the model is made; the price is one extra no-grad forward of the protected items.
+
+All randomness comes from the trainer's generator and the items of a step are a function of
+the step number, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+PROMPTS_KEY = "ffid.prompts"  # delta metadata: JSON list of the prompts/captions a run trained
+TRIGGER_KEY = "ffid.trigger_words"  # delta metadata: JSON list of the run's trigger words
+MAX_RECORDED = 1000  # prompts recorded per delta (a caption per image can be many)
+EMPTY_LABEL = "<empty>"
+
+
+@dataclass(frozen=True)
+class Protected:
+    """One protected prompt and where it came from (a delta file, ``empty``, ``regularisation``, ``user``)."""
+
+    prompt: str
+    source: str
+
+    @property
+    def label(self) -> str:
+        """A short name for logs: the prompt, cut to 40 characters, or ``<empty>``."""
+        if not self.prompt:
+            return EMPTY_LABEL
+        return self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
+
+
+@dataclass(frozen=True)
+class PreserveSettings:
+    """How strongly and how often preservation pulls towards the teacher."""
+
+    weight: float = 1.0  # multiplier of the distance term
+    items: int = 8  # protected inputs per preservation step
+    every: int = 1  # preserve on every k-th optimizer step
+
+    def validate(self) -> PreserveSettings:
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(
+                f"preserve_weight = {self.weight} must be a positive number such as 1.0 "
+                "(turn preservation off with preserve = 'off')"
+            )
+        if self.items < 1:
+            raise ConfigError(f"preserve_items = {self.items} must be at least 1")
+        if self.every < 1:
+            raise ConfigError(f"preserve_every = {self.every} must be at least 1")
+        return self
+
+
+@runtime_checkable
+class Preservable(Protocol):
+    """What a task provides so that its runs can be preserved (see :class:`Preserver`)."""
+
+    def preservation_batch(self, prompts: Sequence[str], generator: torch.Generator) -> dict[str, Any]:
+        """One protected input per prompt: for diffusion, pure noise at a random time with that
+        prompt's conditioning; randomness from ``generator`` only."""
+        ...
+
+    def preservation_outputs(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's outputs for the batch, one row per item (``[n, ...]``)."""
+        ...
+
+    def preservation_distance(
+        self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor:
+        """Per-item distance ``[n]`` between student and teacher outputs (MSE, or KL for LMs)."""
+        ...
+
+
+def _string_list(raw: str | None, key: str, path: Path) -> list[str]:
+    if not raw:
+        return []
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{path}: metadata {key!r} is not a JSON list of strings; re-save the delta or give the "
+            "prompts with preserve_prompts"
+        )
+    return value
+
+
+def recorded_prompts(delta: str | Path) -> list[str] | None:
+    """The prompts and trigger words a delta's run recorded, or ``None`` when it recorded none
+    (a delta from ``ffid extract``, an older ffid, or another tool). Reads the header only."""
+    from ..checkpoint.delta import DeltaFile
+
+    path = Path(delta)
+    meta = DeltaFile(path).metadata
+    if PROMPTS_KEY not in meta and TRIGGER_KEY not in meta:
+        return None
+    return _string_list(meta.get(PROMPTS_KEY), PROMPTS_KEY, path) + _string_list(
+        meta.get(TRIGGER_KEY), TRIGGER_KEY, path
+    )
+
+
+def prompt_metadata(prompts: Iterable[str], trigger_words: Iterable[str] = ()) -> dict[str, str]:
+    """Delta metadata recording what a run trained, for later runs to protect."""
+    unique = list(dict.fromkeys(p for p in prompts if isinstance(p, str)))[:MAX_RECORDED]
+    meta = {PROMPTS_KEY: json.dumps(unique, ensure_ascii=False)}
+    words = list(dict.fromkeys(trigger_words))
+    if words:
+        meta[TRIGGER_KEY] = json.dumps(words, ensure_ascii=False)
+    return meta
+
+
+def protected_prompts(
+    base_deltas: Sequence[str | Path],
+    *,
+    empty: bool = True,
+    regularisation: Sequence[str] = (),
+    extra: Sequence[str] = (),
+) -> list[Protected]:
+    """The protected prompts of a run on top of ``base_deltas``, deduplicated, in a fixed order:
+    each delta's recorded prompts, the user's ``extra``, the regularisation prompts, the empty one.
+
+    A delta that recorded nothing is an error unless the user gives ``extra`` prompts: without
+    them that delta's character would silently go unprotected.
+    """
+    out: dict[str, Protected] = {}
+    silent = []
+    for delta in base_deltas:
+        got = recorded_prompts(delta)
+        if got is None:
+            silent.append(Path(delta).name)
+            continue
+        for p in got:
+            out.setdefault(p, Protected(p, Path(delta).name))
+    if silent and not extra:
+        raise ConfigError(
+            f"base delta {silent[0]!r} records no prompts (it was made by `ffid extract`, another tool or "
+            "an older ffid), so preservation cannot know what it taught; give its trigger prompt(s) "
+            "with preserve_prompts = ['...'], or set preserve = 'off'"
+        )
+    for p in extra:
+        out.setdefault(p, Protected(p, "user"))
+    for p in regularisation:
+        out.setdefault(p, Protected(p, "regularisation"))
+    if empty:
+        out.setdefault("", Protected("", "empty"))
+    return list(out.values())
+
+
+@dataclass
+class PreserveStep:
+    """One preservation step's result: the weighted loss (with gradient) and per-prompt distances."""
+
+    loss: torch.Tensor
+    distance: float  # unweighted mean distance over the items
+    per_prompt: dict[str, float]
+
+
+class Preserver:
+    """Computes the preservation term of a step; usable from any training loop.
+
+    ``handle`` is the attached :class:`~ffid.engine.FfidHandle` (its :meth:`teacher` gives the
+    targets), ``task`` a :class:`Preservable`, ``protected`` the prompts (at least one).
+    In a custom loop::
+
+        preserver = Preserver(handle, task, protected_prompts([delta1]), PreserveSettings())
+        for step in range(steps):
+            loss = task_loss(...)
+            kept = preserver.step(model, step, generator)
+            if kept is not None:
+                loss = loss + kept.loss
+            loss.backward(); optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        task: Preservable,
+        protected: Sequence[Protected],
+        settings: PreserveSettings | None = None,
+    ):
+        if not protected:
+            raise ConfigError(
+                "preservation is on but there is no protected prompt: train on top of base_deltas that "
+                "record prompts, or give preserve_prompts = ['...'], or set preserve = 'off'"
+            )
+        if not isinstance(task, Preservable):
+            raise ConfigError(
+                f"task {getattr(task, 'name', type(task).__name__)!r} does not support preservation (it "
+                "lacks preservation_batch/preservation_outputs/preservation_distance); set preserve = 'off'"
+            )
+        self.handle = handle
+        self.task = task
+        self.protected = list(protected)
+        self.settings = (settings or PreserveSettings()).validate()
+
+    def due(self, step: int) -> bool:
+        """Whether the optimizer step ``step`` (0-based: the step being computed) preserves."""
+        return step % self.settings.every == 0
+
+    def chosen(self, step: int) -> list[Protected]:
+        """The protected prompts of step ``step``: the next ``items`` of the list, round robin, so
+        every prompt gets its turn and a resumed run picks the same ones."""
+        n = len(self.protected)
+        start = (step // self.settings.every) * self.settings.items
+        return [self.protected[(start + i) % n] for i in range(self.settings.items)]
+
+    def step(
+        self,
+        model: nn.Module,
+        step: int,
+        generator: torch.Generator,
+        *,
+        device: torch.device | str | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> PreserveStep | None:
+        """The preservation term of optimizer step ``step`` (``None`` when not :meth:`due`).
+
+        Draws the inputs from ``generator``, runs the teacher (no grad) and the student on them
+        and returns ``weight * mean distance`` with its gradient w.r.t. this run's slice.
+        """
+        if not self.due(step):
+            return None
+        chosen = self.chosen(step)
+        batch = self.task.preservation_batch([p.prompt for p in chosen], generator)
+        if device is not None:
+            from .data import move_to
+
+            batch = move_to(batch, torch.device(device))
+        with autocast():
+            with self.handle.teacher():
+                target = self.task.preservation_outputs(model, batch).detach()
+            student = self.task.preservation_outputs(model, batch)
+            per_item = self.task.preservation_distance(student, target, batch)
+        if per_item.dim() != 1 or per_item.shape[0] != len(chosen):
+            raise ConfigError(
+                f"task {getattr(self.task, 'name', '?')!r}: preservation_distance returned shape "
+                f"{tuple(per_item.shape)}, expected ({len(chosen)},)"
+            )
+        distance = per_item.mean()
+        values = per_item.detach().float().cpu().tolist()
+        per_prompt: dict[str, list[float]] = {}
+        for p, v in zip(chosen, values, strict=True):
+            per_prompt.setdefault(p.label, []).append(v)
+        return PreserveStep(
+            loss=distance * self.settings.weight,
+            distance=float(distance.detach()),
+            per_prompt={k: sum(v) / len(v) for k, v in per_prompt.items()},
+        )
+
+    def describe(self) -> str:
+        """One summary line: weight, items, cadence and the prompts protected (with sources)."""
+        s = self.settings
+        shown = ", ".join(f"{p.label!r} ({p.source})" for p in self.protected[:6])
+        more = f" and {len(self.protected) - 6} more" if len(self.protected) > 6 else ""
+        return (
+            f"  preservation: weight {s.weight}, {s.items} protected inputs every {s.every} step(s), "
+            f"teacher = base + earlier deltas; protecting {len(self.protected)} prompt(s): {shown}{more}"
+        )
+
+
+__all__ = [
+    "PROMPTS_KEY",
+    "TRIGGER_KEY",
+    "Preservable",
+    "PreserveSettings",
+    "PreserveStep",
+    "Preserver",
+    "Protected",
+    "prompt_metadata",
+    "protected_prompts",
+    "recorded_prompts",
+]
