@@ -242,3 +242,71 @@ def test_two_process_trainer_keeps_ranks_identical(tmp_path):
     for name, values in r0["trained"].items():
         assert torch.equal(values, r1["trained"][name]), name
     assert any(not torch.equal(r0["trained"][n], r0["base"][n]) for n in r0["trained"])
+
+
+def _char_tokenizer():
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", *string.ascii_letters, *string.digits, *" .,;:!?'\"-()\n"]
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(chars[:97])}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>", pad_token="<eos>"
+    )
+
+
+def test_preservation_through_the_trainer_keeps_protected_texts(tmp_path):
+    from ffid.checkpoint import apply_delta
+    from ffid.preserve import TextPreservation
+
+    first = _trainer(tmp_path / "one", max_steps=2, save_steps=2)
+    attach_to_trainer(first, ff=0.05, ffid=1)
+    first.train()
+    delta1 = tmp_path / "one" / "checkpoint-2" / DELTA_NAME
+    tok = _char_tokenizer()
+    protected = ["The cat sat on the mat.", "Hello there"]
+
+    def second(name, preserve):
+        model = tiny_gpt2()
+        apply_delta(model, delta1)
+        trainer = transformers.Trainer(
+            model=model, args=_args(tmp_path / name, max_steps=6, save_steps=6), train_dataset=TinyLM(),
+            processing_class=tok,
+        )
+        handle = attach_to_trainer(trainer, ff=0.05, ffid=2, preserve=preserve)
+        trainer.train()
+        texts = TextPreservation(tok)
+        batch = texts.preservation_batch(protected, torch.Generator())
+        model.eval()  # no dropout: measure the weights' drift, not dropout noise
+        with torch.no_grad():
+            student = texts.preservation_outputs(model, batch)
+            with handle.teacher() as teacher:
+                target = texts.preservation_outputs(teacher, batch)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return float(texts.preservation_distance(student, target, batch).mean()), history
+
+    plain, _ = second("plain", None)
+    kept, history = second(
+        "kept", {"base_deltas": [str(delta1)], "prompts": protected, "weight": 100.0, "items": 3}
+    )
+    assert kept < 0.5 * plain, (kept, plain)
+    assert all("preserve_distance" in h and "preserve/Hello there" in h for h in history)
+
+
+def test_preservation_refusals_leave_the_model_alone(tmp_path):
+    model = tiny_gpt2()
+    before = {n: p for n, p in model.named_parameters()}
+    trainer = _trainer(tmp_path, model)  # no tokenizer
+    with pytest.raises(ConfigError, match="preserve needs the Trainer's tokenizer"):
+        attach_to_trainer(trainer, ff=0.05, ffid=2, preserve={"prompts": ["x"]})
+    with pytest.raises(ConfigError, match="preserve key 'wieght' is unknown; did you mean 'weight'"):
+        attach_to_trainer(trainer, ff=0.05, ffid=2, preserve={"wieght": 2})
+    with pytest.raises(ConfigError, match=r"preserve_weight = -1\.0"):
+        attach_to_trainer(trainer, ff=0.05, ffid=2, preserve={"prompts": ["x"], "weight": -1})
+    assert all(p.requires_grad for p in model.parameters())
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert getattr(trainer, "ffid_handle", None) is None
+    attach_to_trainer(trainer, ff=0.05, ffid=2)  # the model is free to attach again

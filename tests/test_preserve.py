@@ -14,8 +14,7 @@ from ffid.demo.data import encode_prompt
 from ffid.demo.model import ModelSpec, build_model, predict
 from ffid.demo.task import DemoTask, load_model, save_model
 from ffid.errors import ConfigError
-from ffid.train import config_from_mapping, train
-from ffid.train.preserve import (
+from ffid.preserve import (
     PROMPTS_KEY,
     Preserver,
     PreserveSettings,
@@ -23,6 +22,7 @@ from ffid.train.preserve import (
     protected_prompts,
     recorded_prompts,
 )
+from ffid.train import config_from_mapping, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
+from ..preserve import mse_per_item
 from .data import DIGIT_WORDS, Concept, encode_prompt, load_digit_images
 from .model import ModelSpec, build_model, flow_matching_loss, predict
 
@@ -225,7 +226,7 @@ class DemoTask:
         text[drop.to(text.device)] = 0.0
         return flow_matching_loss(model, x0, text, noise.to(x0.device), t.to(x0.device))
 
-    # -- what the trainer records and preserves (see ffid.train.preserve) ---------------------
+    # -- what the trainer records and preserves (see ffid.preserve) ---------------------------
     def trained_prompts(self, dataset: Any) -> list[str]:
         """The prompts this task teaches (recorded in the delta for later runs to protect)."""
         return [c.prompt for c in self.concepts or []]
@@ -250,7 +251,7 @@ class DemoTask:
     def preservation_distance(
         self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        return (student.float() - teacher.float()).pow(2).flatten(1).mean(1)
+        return mse_per_item(student, teacher)
 
     def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
         if self.sampler is not None:

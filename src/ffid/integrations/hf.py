@@ -21,6 +21,11 @@ What changes in the Trainer (and only in that instance):
   of the whole model, plus the usual optimizer / scheduler / RNG / trainer state; resuming
   (``train(resume_from_checkpoint=...)``) loads the delta back into the proxies.
 
+Preservation (keep what earlier ids taught, without their data) for a Trainer trained on top of
+earlier deltas: ``attach_to_trainer(trainer, ff=0.01, ffid=2, preserve={"base_deltas": [d1],
+"prompts": ["..."]})``; each training step then adds ``weight * KL(teacher || student)`` on the
+protected texts (see :mod:`ffid.preserve`), and the logs get ``preserve_distance``.
+
 Get the finished model with ``ffid merge BASE checkpoint-N/ffid_delta.safetensors -o OUT`` or
 ``handle.merge()`` / ``handle.save_full(path)`` in Python.
 """
@@ -88,6 +93,40 @@ class FfidTrainerMixin:
             self.optimizer = cls(groups, **kwargs)  # type: ignore[attr-defined]
         _hook_optimizer(self.ffid_handle, self.optimizer)  # type: ignore[attr-defined]
         return self.optimizer  # type: ignore[attr-defined,no-any-return]
+
+    def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The Trainer's loss plus, in training with preservation on, the preservation term.
+
+        Its inputs are drawn from a generator seeded by (seed, global step), so a resumed run
+        draws what the uninterrupted one did."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)  # type: ignore[misc]
+        preserver = getattr(self, "ffid_preserver", None)
+        if preserver is None or not model.training:
+            return out
+        step = self.state.global_step  # type: ignore[attr-defined]
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)  # type: ignore[attr-defined]
+        target = self.ffid_handle.model
+        kept = preserver.step(target, step, generator, device=next(target.parameters()).device)
+        if kept is None:
+            return out
+        self._ffid_kept.append(kept)
+        if return_outputs:
+            loss, outputs = out
+            return loss + kept.loss, outputs
+        return out + kept.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds ``preserve_distance`` and ``preserve/<text>`` (means since the last log) to training logs."""
+        kept = getattr(self, "_ffid_kept", None)
+        if kept and "loss" in logs:
+            logs["preserve_distance"] = sum(k.distance for k in kept) / len(kept)
+            per: dict[str, list[float]] = {}
+            for k in kept:
+                for label, value in k.per_prompt.items():
+                    per.setdefault(label, []).append(value)
+            logs.update({f"preserve/{label}": sum(v) / len(v) for label, v in per.items()})
+            kept.clear()
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         return self.accelerator.clip_grad_norm_(  # type: ignore[attr-defined]
@@ -176,6 +215,7 @@ def attach_to_trainer(
     selector: str = "spread",
     *,
     selection: Any = None,
+    preserve: dict[str, Any] | None = None,
     **plan_kwargs: Any,
 ) -> Any:
     """Attach ffid so that ``trainer.train()`` trains only the selected elements; returns the handle.
@@ -184,6 +224,11 @@ def attach_to_trainer(
     or a bare model (then this is :func:`ffid.attach`). ``plan_kwargs`` go to the planner
     (``include=``, ``exclude=``, ``slots=``, ...). The Trainer's class is swapped for a subclass
     with the overrides listed in the module docstring; nothing else about it changes.
+
+    ``preserve`` turns preservation on for a Trainer whose model already holds earlier deltas:
+    ``{"base_deltas": [paths whose recorded prompts to protect], "prompts": [more texts],
+    "weight": 1.0, "items": 4, "every": 1, "empty": True}`` (every key optional, at least one
+    text must result). It needs the Trainer's tokenizer (``processing_class``).
     """
     from ..engine import attach
 
@@ -202,8 +247,18 @@ def attach_to_trainer(
     if getattr(trainer, "ffid_handle", None) is not None:
         raise ConfigError("this Trainer already has ffid attached; call attach_to_trainer once per Trainer")
     _check_args(trainer.args)
+    preserve_settings = _preserve_settings(preserve) if preserve is not None else None
     handle = _attach(trainer.model)
+    preserver = None
+    if preserve_settings is not None:
+        try:
+            preserver = _preserver(trainer, handle, *preserve_settings)
+        except Exception:
+            handle.detach()  # refused: leave the model and the Trainer as they were
+            raise
     trainer.ffid_handle = handle
+    trainer.ffid_preserver = preserver
+    trainer._ffid_kept = []
     cls = type(trainer)
     if not issubclass(cls, FfidTrainerMixin):
         trainer.__class__ = type(f"Ffid{cls.__name__}", (FfidTrainerMixin, cls), {})
@@ -211,6 +266,49 @@ def attach_to_trainer(
         _hook_optimizer(handle, trainer.optimizer)
     _skip_ddp_for(trainer, handle.model)
     return handle
+
+
+PRESERVE_KEYS = ("base_deltas", "prompts", "weight", "items", "every", "empty")
+
+
+def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
+    """(protected texts, PreserveSettings) from ``attach_to_trainer``'s ``preserve`` dict."""
+    import difflib
+
+    from ..preserve import PreserveSettings, protected_prompts
+
+    if not isinstance(options, dict):
+        raise ConfigError(
+            f"preserve must be a dict such as {{'base_deltas': [...]}}, not {type(options).__name__}"
+        )
+    unknown = [k for k in options if k not in PRESERVE_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], PRESERVE_KEYS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(
+            f"preserve key {unknown[0]!r} is unknown; {hint}valid keys: {', '.join(PRESERVE_KEYS)}"
+        )
+    protected = protected_prompts(
+        list(options.get("base_deltas", [])),
+        empty=bool(options.get("empty", True)),
+        extra=list(options.get("prompts", [])),
+    )
+    settings = PreserveSettings(
+        float(options.get("weight", 1.0)), int(options.get("items", 4)), int(options.get("every", 1))
+    ).validate()
+    return protected, settings
+
+
+def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
+    from ..preserve import Preserver, TextPreservation
+
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError(
+            "preserve needs the Trainer's tokenizer to encode the protected texts; build the Trainer "
+            "with processing_class=tokenizer"
+        )
+    return Preserver(handle, TextPreservation(tokenizer), protected, settings)
 
 
 def _skip_ddp_for(trainer: Any, model: nn.Module) -> None:
@@ -237,8 +335,9 @@ def _trainer_class() -> type:
     class FfidTrainer(FfidTrainerMixin, Trainer):  # type: ignore[misc]
         """A ``transformers.Trainer`` that trains an ffid selection of its model.
 
-        Takes the Trainer's arguments plus ``ff``, ``ffid``, ``selector`` (or ``selection``) and
-        ``ffid_options`` (a dict for the planner: ``include``, ``exclude``, ``slots``, ...).
+        Takes the Trainer's arguments plus ``ff``, ``ffid``, ``selector`` (or ``selection``),
+        ``ffid_options`` (a dict for the planner: ``include``, ``exclude``, ``slots``, ...) and
+        ``preserve`` (see :func:`attach_to_trainer`).
         """
 
         def __init__(
@@ -249,11 +348,14 @@ def _trainer_class() -> type:
             selector: str = "spread",
             selection: Any = None,
             ffid_options: dict[str, Any] | None = None,
+            preserve: dict[str, Any] | None = None,
             **kwargs: Any,
         ):
             super().__init__(*args, **kwargs)
             self.ffid_handle = None
-            attach_to_trainer(self, ff, ffid, selector, selection=selection, **(ffid_options or {}))
+            attach_to_trainer(
+                self, ff, ffid, selector, selection=selection, preserve=preserve, **(ffid_options or {})
+            )
 
     return FfidTrainer
 

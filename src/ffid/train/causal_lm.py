@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
+from ..preserve import TextPreservation
 
 if TYPE_CHECKING:
     from torch import nn
@@ -132,48 +133,24 @@ class CausalLMTask:
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"input_ids": torch.stack([it["input_ids"] for it in items])}
 
-    # -- what the trainer records and preserves (see ffid.train.preserve) ---------------------
+    # -- what the trainer records and preserves (see ffid.preserve) ---------------------------
     def trained_prompts(self, dataset: Any) -> list[str]:
         """Nothing by default: the training text itself is not copied into the delta; give the
         texts to protect with ``preserve_prompts`` (and ``trigger_words`` are recorded)."""
         return []
 
     def preservation_batch(self, prompts: list[str], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The protected texts, tokenized with BOS first and right-padded; the empty text is BOS
-        alone (the model's unconditional next-token distribution). No randomness is needed."""
         if self.tokenizer is None:
             raise ConfigError("causal-lm preservation needs the tokenizer; call dataset() first")
-        tok = self.tokenizer
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        rows = [[start] if start is not None else [] for _ in prompts]
-        for row, text in zip(rows, prompts, strict=True):
-            row.extend(tok(text, add_special_tokens=False)["input_ids"][: self.seq_len - len(row)])
-            if not row:
-                raise ConfigError(
-                    "causal-lm preservation: the tokenizer has neither a BOS nor an EOS token, so the empty "
-                    "text cannot be protected; set preserve_empty = false"
-                )
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return TextPreservation(self.tokenizer, self.seq_len).preservation_batch(prompts, generator)
 
     def preservation_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return out.logits
+        return TextPreservation.preservation_outputs(model, batch)
 
     def preservation_distance(
         self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """KL(teacher || student) of the next-token distributions, averaged over each text's tokens."""
-        t = torch.log_softmax(teacher.float(), -1)
-        s = torch.log_softmax(student.float(), -1)
-        kl = (t.exp() * (t - s)).sum(-1)  # [n, L]
-        mask = batch["attention_mask"].to(kl.dtype)
-        return (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return TextPreservation.preservation_distance(student, teacher, batch)
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
+from ..preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .config import TrainConfig
 from .data import BatchOrder, move_to
 from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
-from .preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .state import (
     Position,
     RunIdentity,

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
+from ..preserve import mse_per_item
 from .cache import LatentCacheDataset, collate_latents, text_encodings
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..preserve import Protected
     from .config import TrainConfig
-    from .preserve import Protected
 
 
 WAN_TEXT_LEN = 512  # tokens every Wan 2.x prompt is padded to
@@ -215,7 +216,7 @@ class WanTask:
         text_len = int((self.cfg.task_args if self.cfg else {}).get("text_len", WAN_TEXT_LEN))
         return collate_latents(items, text_len)
 
-    # -- what the trainer records and preserves (see ffid.train.preserve) ---------------------
+    # -- what the trainer records and preserves (see ffid.preserve) ---------------------------
     def trained_prompts(self, dataset: Any) -> list[str]:
         """The captions of this run's items (recorded in the delta for later runs to protect)."""
         return list(getattr(dataset, "captions", []))
@@ -287,7 +288,7 @@ class WanTask:
     def preservation_distance(
         self, student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        return (student.float() - teacher.float()).pow(2).flatten(1).mean(1)
+        return mse_per_item(student, teacher)
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,7 +116,7 @@ def _string_list(raw: str | None, key: str, path: Path) -> list[str]:
 def recorded_prompts(delta: str | Path) -> list[str] | None:
     """The prompts and trigger words a delta's run recorded, or ``None`` when it recorded none
     (a delta from ``ffid extract``, an older ffid, or another tool). Reads the header only."""
-    from ..checkpoint.delta import DeltaFile
+    from .checkpoint.delta import DeltaFile
 
     path = Path(delta)
     meta = DeltaFile(path).metadata
@@ -172,6 +172,60 @@ def protected_prompts(
     if empty:
         out.setdefault("", Protected("", "empty"))
     return list(out.values())
+
+
+def mse_per_item(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per item (row) in fp32: the distance for diffusion predictions."""
+    return (student.float() - teacher.float()).pow(2).flatten(1).mean(1)
+
+
+class TextPreservation:
+    """:class:`Preservable` for causal LMs: protected texts, KL(teacher || student) per text.
+
+    Texts are tokenized with BOS first (EOS when there is no BOS) and right-padded; the empty
+    text is BOS alone, the model's unconditional next-token distribution. No randomness.
+    """
+
+    def __init__(self, tokenizer: Any, max_len: int = 512):
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+
+    def preservation_batch(self, prompts: Sequence[str], generator: torch.Generator) -> dict[str, Any]:
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        rows: list[list[int]] = []
+        for text in prompts:
+            row = [start] if start is not None else []
+            row.extend(tok(text, add_special_tokens=False)["input_ids"][: self.max_len - len(row)])
+            if not row:
+                raise ConfigError(
+                    "the tokenizer has neither a BOS nor an EOS token, so the empty text cannot be "
+                    "protected; set preserve_empty = false"
+                )
+            rows.append(row)
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    @staticmethod
+    def preservation_outputs(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits  # type: ignore[no-any-return]
+
+    @staticmethod
+    def preservation_distance(
+        student: torch.Tensor, teacher: torch.Tensor, batch: dict[str, Any]
+    ) -> torch.Tensor:
+        """KL(teacher || student) of the next-token distributions, averaged over each text's tokens."""
+        t = torch.log_softmax(teacher.float(), -1)
+        s = torch.log_softmax(student.float(), -1)
+        kl = (t.exp() * (t - s)).sum(-1)  # [n, L]
+        mask = batch["attention_mask"].to(kl.device, kl.dtype)
+        return (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 @dataclass
@@ -243,22 +297,28 @@ class Preserver:
     ) -> PreserveStep | None:
         """The preservation term of optimizer step ``step`` (``None`` when not :meth:`due`).
 
-        Draws the inputs from ``generator``, runs the teacher (no grad) and the student on them
-        and returns ``weight * mean distance`` with its gradient w.r.t. this run's slice.
+        Draws the inputs from ``generator``, runs the teacher (no grad) and the student on them,
+        both in eval mode (no dropout), and returns ``weight * mean distance`` with its gradient
+        w.r.t. this run's slice.
         """
         if not self.due(step):
             return None
         chosen = self.chosen(step)
         batch = self.task.preservation_batch([p.prompt for p in chosen], generator)
         if device is not None:
-            from .data import move_to
-
-            batch = move_to(batch, torch.device(device))
-        with autocast():
-            with self.handle.teacher():
-                target = self.task.preservation_outputs(model, batch).detach()
-            student = self.task.preservation_outputs(model, batch)
-            per_item = self.task.preservation_distance(student, target, batch)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # Both forwards in eval mode: with dropout on, teacher and student would differ by
+        # their dropout masks alone, a noise floor that drowns the drift being measured.
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast():
+                with self.handle.teacher():
+                    target = self.task.preservation_outputs(model, batch).detach()
+                student = self.task.preservation_outputs(model, batch)
+                per_item = self.task.preservation_distance(student, target, batch)
+        finally:
+            model.train(was_training)
         if per_item.dim() != 1 or per_item.shape[0] != len(chosen):
             raise ConfigError(
                 f"task {getattr(self.task, 'name', '?')!r}: preservation_distance returned shape "
@@ -294,6 +354,8 @@ __all__ = [
     "PreserveStep",
     "Preserver",
     "Protected",
+    "TextPreservation",
+    "mse_per_item",
     "prompt_metadata",
     "protected_prompts",
     "recorded_prompts",
