@@ -377,6 +377,20 @@ def test_fp8_e4m3fn(work, files):
         assert torch.equal(w.view(torch.uint8), want.view(torch.uint8)), k
     assert exact > 0
     _assert_same(_weights(base), before, "fp8 after unpatch")
+    # lowvram: the weight is cast for compute first and patched there, with no fp8 rounding after:
+    # the trained positions hold the merged file's values, the others the fp8 base (upcast).
+    patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+    try:
+        key = "blocks.1.ffn.2.weight"
+        mod = patched.model.diffusion_model.blocks[1].ffn[2]
+        w, _ = comfy.ops.cast_bias_weight(mod, dtype=torch.float32, device=torch.device("cpu"))
+        want = before[key].to(torch.float32).reshape(-1).clone()
+        idx = PICKED["char1.safetensors"][key]
+        want[idx] = merged_sd[key].reshape(-1)[idx].to(torch.float32)
+        assert torch.equal(w.reshape(-1), want)
+    finally:
+        patched.unpatch_model(torch.device("cpu"))
+    _assert_same(_weights(base), before, "fp8 after lowvram unpatch")
 
 
 def _scaled_fp8_file(work: Path, base_file: Path) -> Path:
@@ -452,25 +466,28 @@ def test_info_node_shows_trigger_words(files):
     assert "not recorded" in text2
 
 
-def test_node_package_loads_in_comfyui_custom_node_loader(tmp_path):
-    """ComfyUI's own custom-node loader (``nodes.load_custom_node``) imports the package from a
-    ``custom_nodes`` folder and reads its ``pyproject.toml`` ``[tool.comfy]`` section."""
+def test_node_package_loads_at_comfyui_startup(tmp_path):
+    """The package loads the way ComfyUI's startup loads custom nodes: ``main.py`` calls
+    ``nodes.init_external_custom_nodes()``, which imports every folder of ``custom_nodes`` with
+    ``load_custom_node`` and reads its ``pyproject.toml`` (``[tool.comfy]``). (The pinned snapshot
+    has no ``main.py``/``server.py``, so ``main.py --quick-test-for-ci`` itself cannot run here.)"""
     import asyncio
     import shutil
 
     import nodes
     from comfy_config import config_parser
 
-    target = tmp_path / "custom_nodes" / "comfyui_ffid"
+    custom = tmp_path / "custom_nodes"
+    target = custom / "comfyui_ffid"
     shutil.copytree(REPO / "comfyui_ffid", target, ignore=shutil.ignore_patterns("__pycache__"))
-    assert asyncio.run(nodes.load_custom_node(str(target)))
-    assert nodes.NODE_CLASS_MAPPINGS["FfidLoadDeltaModelOnly"].__name__ == "FfidLoadDeltaModelOnly"
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+    asyncio.run(nodes.init_external_custom_nodes())
+    cls = nodes.NODE_CLASS_MAPPINGS.get("FfidLoadDeltaModelOnly")
+    assert cls is not None, "ComfyUI could not import the custom node package (see the log above)"
+    assert cls.RELATIVE_PYTHON_MODULE == "custom_nodes.comfyui_ffid"
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["FfidLoadDeltaModelOnly"] == "Load ffid delta (model only)"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["FfidDeltaInfo"] == "ffid delta info"
     cfg = config_parser.extract_node_configuration(str(target))
-    assert (
-        cfg is not None
-        and cfg.project.name == "comfyui-ffid"
-        and cfg.tool_comfy.display_name == "ffid deltas"
-    )
-    types = nodes.NODE_CLASS_MAPPINGS["FfidLoadDeltaModelOnly"].INPUT_TYPES()
-    assert "char1.safetensors" in types["required"]["delta_name"][0]
+    assert cfg is not None and cfg.project.name == "comfyui-ffid"
+    assert cfg.tool_comfy.display_name == "ffid deltas"
+    assert "char1.safetensors" in cls.INPUT_TYPES()["required"]["delta_name"][0]
