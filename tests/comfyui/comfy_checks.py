@@ -491,3 +491,32 @@ def test_node_package_loads_at_comfyui_startup(tmp_path):
     assert cfg is not None and cfg.project.name == "comfyui-ffid"
     assert cfg.tool_comfy.display_name == "ffid deltas"
     assert "char1.safetensors" in cls.INPUT_TYPES()["required"]["delta_name"][0]
+
+
+def test_example_workflow_matches_the_nodes():
+    """The documented workflow (API format) uses the nodes' real input names and choices. Nodes
+    from ComfyUI's comfy_extras (not in the pinned snapshot) are only checked by name."""
+    import json
+
+    import nodes
+
+    extras = {"ModelSamplingSD3", "EmptyHunyuanLatentVideo", "SaveAnimatedWEBP"}
+    ours = _nodes().NODE_CLASS_MAPPINGS
+    wf = json.loads((REPO / "comfyui_ffid" / "workflows" / "wan_t2v_two_characters_api.json").read_text())
+    file_inputs = {"unet_name", "clip_name", "vae_name", "delta_name"}
+    seen = set()
+    for node_id, node in wf.items():
+        cls_name = node["class_type"]
+        if cls_name in extras:
+            continue
+        cls = ours.get(cls_name) or nodes.NODE_CLASS_MAPPINGS[cls_name]
+        seen.add(cls_name)
+        spec = cls.INPUT_TYPES()
+        allowed = {**spec["required"], **spec.get("optional", {})}
+        assert set(spec["required"]) <= set(node["inputs"]), (node_id, cls_name)
+        for name, value in node["inputs"].items():
+            assert name in allowed, (node_id, name)
+            kind = allowed[name][0]
+            if isinstance(kind, list) and name not in file_inputs and not isinstance(value, list):
+                assert value in kind, (node_id, name, value)
+    assert {"FfidLoadDeltaModelOnly", "FfidDeltaInfo", "UNETLoader", "KSampler"} <= seen
