@@ -466,20 +466,20 @@ def test_info_node_shows_trigger_words(files):
     assert "not recorded" in text2
 
 
-def test_node_package_loads_at_comfyui_startup(tmp_path):
+def test_node_package_loads_at_comfyui_startup(tmp_path, files):
     """The package loads the way ComfyUI's startup loads custom nodes: ``main.py`` calls
     ``nodes.init_external_custom_nodes()``, which imports every folder of ``custom_nodes`` with
     ``load_custom_node`` and reads its ``pyproject.toml`` (``[tool.comfy]``). (The pinned snapshot
     has no ``main.py``/``server.py``, so ``main.py --quick-test-for-ci`` itself cannot run here.)"""
     import asyncio
-    import shutil
 
     import nodes
     from comfy_config import config_parser
 
     custom = tmp_path / "custom_nodes"
+    custom.mkdir()
     target = custom / "comfyui_ffid"
-    shutil.copytree(REPO / "comfyui_ffid", target, ignore=shutil.ignore_patterns("__pycache__"))
+    target.symlink_to(REPO / "comfyui_ffid", target_is_directory=True)  # the documented install
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
     asyncio.run(nodes.init_external_custom_nodes())
     cls = nodes.NODE_CLASS_MAPPINGS.get("FfidLoadDeltaModelOnly")
