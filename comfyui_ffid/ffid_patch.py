@@ -322,9 +322,11 @@ def overlap_count(patcher, loaded: LoadedDelta) -> int:
             if p.indices is None or other.indices is None:
                 n += p.values.numel() if other.indices is None else other.indices.numel()
                 continue
+            # both sorted: one binary search per position (much cheaper than a set intersection)
             a = p.indices.to(torch.int64)
             b = other.indices.to(torch.int64)
-            n += int(torch.isin(a, b).sum())
+            pos = torch.searchsorted(b, a).clamp_(max=b.numel() - 1)
+            n += int((b[pos] == a).sum())
     return n
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 
 import folder_paths
 
@@ -52,9 +53,8 @@ class FfidLoadDeltaModelOnly:
     FUNCTION = "load_delta"
 
     def __init__(self):
-        self._cache: tuple[tuple, LoadedDelta] | None = (
-            None  # the last delta read, as LoraLoader keeps its last LoRA
-        )
+        # the last delta read (as LoraLoader keeps its last LoRA): file key, model it was read for, patches
+        self._cache: tuple[tuple, weakref.ref, LoadedDelta] | None = None
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -102,16 +102,18 @@ class FfidLoadDeltaModelOnly:
             return (model,)
         path = _delta_path(delta_name)
         fdt = infer_file_dtype(model) if file_dtype == "auto" else FILE_DTYPES[file_dtype]
-        key = (_file_key(path), id(model.model), str(fdt), verify)
-        if self._cache is not None and self._cache[0] == key:
-            loaded = self._cache[1]
+        key = (_file_key(path), str(fdt), verify)
+        cached = self._cache
+        # The patches were checked against (and keyed for) one model object: reuse them only for it.
+        if cached is not None and cached[0] == key and cached[1]() is model.model:
+            loaded = cached[2]
         else:
             self._cache = None
             try:
                 loaded = read_delta(path, model, fdt, verify == "on")
             except DeltaMismatch as exc:
                 raise ValueError(str(exc)) from None
-            self._cache = (key, loaded)
+            self._cache = (key, weakref.ref(model.model), loaded)
         overlap = overlap_count(model, loaded)
         if overlap:
             log.warning(

@@ -523,3 +523,27 @@ def test_example_workflow_matches_the_nodes():
             if isinstance(kind, list) and name not in file_inputs and not isinstance(value, list):
                 assert value in kind, (node_id, name, value)
     assert {"FfidLoadDeltaModelOnly", "FfidDeltaInfo", "UNETLoader", "KSampler"} <= seen
+
+
+def test_cache_is_per_model_and_overlaps_are_counted(files, caplog):
+    """One node instance reuses the delta it read only for the same model object (another model is
+    checked again), and a delta chained onto itself is reported as overlapping everywhere."""
+    from comfyui_ffid.ffid_patch import overlap_count
+
+    node = _nodes().FfidLoadDeltaModelOnly()
+    base = _load(files["bases"]["bf16"])
+    once = node.load_delta(base, "char1.safetensors", 1.0)[0]
+    loaded = node._cache[2]
+    node.load_delta(base, "char1.safetensors", 0.5)
+    assert node._cache[2] is loaded  # same file, same model: not read again
+    with pytest.raises(ValueError, match="was not trained from this model"):
+        node.load_delta(_load(files["other"]), "char1.safetensors", 1.0)
+    total = sum(len(v) for v in PICKED["char1.safetensors"].values())
+    assert overlap_count(once, loaded) == total
+    from comfyui_ffid.ffid_patch import read_delta
+
+    d2 = read_delta(files["d2"], base, torch.bfloat16, verify=True)
+    assert overlap_count(once, d2) == 0
+    with caplog.at_level("WARNING", logger="ffid.comfyui"):
+        node.load_delta(once, "char1.safetensors", 1.0)
+    assert f"shares {total} positions" in caplog.text
