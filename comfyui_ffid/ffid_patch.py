@@ -90,8 +90,9 @@ class FfidDeltaPatch(WeightAdapterBase):
     ):
         if offset is not None or tuple(weight.shape) != self.shape:
             log.warning(
-                "ffid: %s: weight %s has shape %s, the delta %s expects %s; left unchanged",
-                self.source, key, tuple(weight.shape), self.source, self.shape,
+                "ffid: %s: cannot patch %s (%s of shape %s, the delta's tensor is %s); left unchanged",
+                self.source, key, "a slice" if offset is not None else "a weight",
+                tuple(weight.shape), self.shape,
             )  # fmt: skip
             return None
         if strength == 0.0:
