@@ -1,0 +1,344 @@
+"""ffid deltas as ComfyUI weight patches.
+
+An ffid delta holds, per touched tensor, the trained values at explicit flat positions. Here each
+tensor becomes one :class:`FfidDeltaPatch` (a ``comfy.weight_adapter.WeightAdapterBase``) that
+holds only those indices and values. ComfyUI's own patching code calls it whenever it builds a
+patched weight: on a full load (an fp32 copy of the weight, then cast back and the original kept
+as a backup), and in lowvram mode every time a layer's weight is cast for compute. Unpatching
+is ComfyUI's: it puts the backup back.
+
+Semantics are those of ``ffid merge --multiplier S``: at every stored position
+``out = base + S * (trained - base)`` in fp32 (exactly ``trained`` when ``S == 1``), rounded to the
+dtype of the model *file* (see :func:`infer_file_dtype`) and then to the dtype ComfyUI holds the
+weight in, so the result equals the merged file as ComfyUI would load it.
+
+Two places where ComfyUI's loader needs help:
+
+- ``ModelPatcher._load_list`` skips parameters owned by a module that also has children with
+  parameters. Wan's ``blocks.N.modulation`` and ``head.modulation`` are such parameters: ComfyUI
+  never patches them (LoRA ``diff`` patches on them are silently lost too). An ``on_load``
+  callback patches those keys with ComfyUI's own ``patch_weight_to_device``, which backs them up
+  in the same backup dict, so unpatching restores them like every other weight.
+- fp8 weights are rounded stochastically by ComfyUI after patching (``comfy.float``), seeded by
+  the key: exact equality with a merged file is impossible there, and the base fingerprint
+  (computed on the bf16/fp32 base) cannot be checked against fp8 values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import comfy.model_patcher
+import torch
+from comfy.patcher_extension import CallbacksMP
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ffid.checkpoint import DeltaFile
+from ffid.checkpoint.delta import sample_positions, values_hash
+from ffid.checkpoint.namemap import NameResolver
+
+log = logging.getLogger("ffid.comfyui")
+
+MODEL_PREFIX = "diffusion_model."
+CALLBACK_KEY = "ffid_delta"
+FP8_DTYPES = tuple(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
+FILE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SAMPLE = 4096  # elements per tensor looked at to tell which dtype the model file held
+
+
+class FfidDeltaPatch(WeightAdapterBase):
+    """One tensor of an ffid delta: flat indices (None for a whole tensor) and trained values."""
+
+    name = "ffid_delta"
+
+    def __init__(
+        self,
+        indices: torch.Tensor | None,
+        values: torch.Tensor,
+        shape: tuple[int, ...],
+        file_dtype: torch.dtype,
+        source: str,
+    ):
+        self.indices = indices  # narrowest signed int that holds the positions, or None (whole tensor)
+        self.values = values  # flat, in the delta's stored dtype
+        self.shape = tuple(shape)
+        self.file_dtype = file_dtype
+        self.source = source
+        self.loaded_keys: set[str] = set()
+        self.weights = [t for t in (indices, values) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights)
+
+    def calculate_weight(
+        self,
+        weight,
+        key,
+        strength,
+        strength_model,
+        offset,
+        function,
+        intermediate_dtype=torch.float32,
+        original_weight=None,
+    ):
+        if offset is not None or tuple(weight.shape) != self.shape:
+            log.warning(
+                "ffid: %s: cannot patch %s (%s of shape %s, the delta's tensor is %s); left unchanged",
+                self.source, key, "a slice" if offset is not None else "a weight",
+                tuple(weight.shape), self.shape,
+            )  # fmt: skip
+            return None
+        if strength == 0.0:
+            return weight
+        work = weight if weight.is_contiguous() else weight.contiguous()
+        flat = work.view(-1)
+        dev = weight.device
+        vals = self.values.to(dev, torch.float32)
+        idx = slice(None) if self.indices is None else self.indices.to(dev, torch.int64)
+        if strength == 1.0:
+            new = vals
+        else:  # ffid.checkpoint.delta.blend, term for term: the same fp32 operations as `ffid merge`
+            base = flat[idx].to(torch.float32)
+            new = base + strength * (vals - base)
+        if self.file_dtype != torch.float32:
+            new = new.to(self.file_dtype)  # what the merged file would hold
+        flat[idx] = new.to(weight.dtype)
+        if work is not weight:
+            weight.copy_(work)
+        return weight
+
+
+@dataclass
+class LoadedDelta:
+    """A delta file read into per-tensor patches (ComfyUI keys), plus what the user should know."""
+
+    path: str
+    patches: dict[str, FfidDeltaPatch]
+    metadata: dict[str, str]
+    file_bytes: int
+    renamed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.patches.values())
+
+
+class DeltaMismatch(RuntimeError):
+    """The delta does not belong to this model (names, shapes or base values differ)."""
+
+
+def _narrow_index(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    if numel <= 2**7:
+        return idx.to(torch.int8)
+    if numel <= 2**15:
+        return idx.to(torch.int16)
+    if numel <= 2**31:
+        return idx.to(torch.int32)
+    return idx
+
+
+def original_weight(patcher, key: str) -> torch.Tensor:
+    """The unpatched weight of ``key`` as ComfyUI holds it (the backup while another clone is loaded),
+    dequantized (scaled fp8) when the layer converts its weight."""
+    bk = patcher.backup.get(key)
+    weight, _set_func, convert_func = comfy.model_patcher.get_key_weight(patcher.model, key)
+    if bk is not None:
+        weight = bk.weight
+    if convert_func is not None:
+        weight = convert_func(weight.to(torch.float32, copy=True), inplace=True)
+    return weight
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLE)
+    return flat[::step][:_SAMPLE]
+
+
+def infer_file_dtype(patcher) -> torch.dtype:
+    """The dtype the model file most likely held: bf16, fp16 or fp32.
+
+    ComfyUI may hold a bf16 file's weights in fp32 (on CPU by default, and Wan's
+    ``patch_embedding`` always), so the held dtype does not say what a merged file would hold. A
+    bf16 or fp16 file leaves every value exactly representable in that dtype; a trained fp32 file
+    does not. fp8 weights (and their scales) are not looked at. Ties go to bf16.
+    """
+    fits = {torch.bfloat16: True, torch.float16: True}
+    seen = False
+    for key, t in patcher.model.state_dict().items():
+        if (
+            not key.startswith(MODEL_PREFIX)  # not the sampler's sigmas and the like
+            or not t.is_floating_point()
+            or t.dtype in FP8_DTYPES
+            or key.endswith(("scale_weight", "scale_input"))
+        ):
+            continue
+        bk = patcher.backup.get(key)
+        s = _sample(bk.weight if bk is not None else t)
+        if s.numel() == 0:
+            continue
+        seen = True
+        s32 = s.to(torch.float32)
+        for dt in fits:
+            if fits[dt] and not bool((s32.to(dt).to(torch.float32) == s32).all()):
+                fits[dt] = False
+        if not any(fits.values()):
+            return torch.float32
+    if not seen:
+        return torch.float32
+    return torch.bfloat16 if fits[torch.bfloat16] else torch.float16
+
+
+def model_keys(patcher) -> dict[str, str]:
+    """Canonical tensor name (as in a delta) -> ComfyUI key, for the diffusion model's weights."""
+    out = {}
+    for key in patcher.model.state_dict():
+        if key.startswith(MODEL_PREFIX):
+            out[key[len(MODEL_PREFIX) :]] = key
+    return out
+
+
+def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, verify: bool) -> LoadedDelta:
+    """Read ``path`` into patches for ``patcher``'s model, checking names, shapes and base values.
+
+    Raises :class:`DeltaMismatch` with one plain sentence when the delta is for another model. With
+    fp8 (or scaled fp8) weights the base values cannot be compared exactly; a mismatch there only
+    adds a note.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    keys = model_keys(patcher)
+    sd = patcher.model.state_dict()
+    patches: dict[str, FfidDeltaPatch] = {}
+    notes: list[str] = []
+    renamed = 0
+    fp8_unverified: list[str] = []
+    with DeltaFile(path) as df:
+        metadata = dict(df.metadata)
+        resolver = NameResolver(keys, df.info.naming)
+        for tname in df.names:
+            target = resolver.resolve(tname)
+            if target is None:
+                raise DeltaMismatch(
+                    f"ffid delta {name} does not fit this model: it changes {tname!r}, which the model does "
+                    "not have; it was made for another model"
+                )
+            renamed += target != tname
+            key = keys[target]
+            held = sd[key]
+            shape = df.shape(tname)
+            if tuple(held.shape) != tuple(shape):
+                raise DeltaMismatch(
+                    f"ffid delta {name} does not fit this model: {target!r} is {list(held.shape)} here but "
+                    f"{list(shape)} in the delta; it was made for another model size"
+                )
+            if not held.is_floating_point():
+                raise DeltaMismatch(f"ffid delta {name} changes {target!r}, which is not a float tensor here")
+            idx = df.read_indices(tname)
+            if verify:
+                w = original_weight(patcher, key)
+                got = values_hash(w.reshape(-1)[idx[sample_positions(idx.numel())].to(w.device)])
+                if got != df.info.base_fingerprint[tname].hash:
+                    if held.dtype in FP8_DTYPES:
+                        fp8_unverified.append(target)
+                    else:
+                        raise DeltaMismatch(
+                            f"ffid delta {name} was not trained from this model: {target!r} holds other base "
+                            "values at the trained positions (first mismatching tensor); load the base model "
+                            "it was trained on, or set verify to 'off' if you are sure"
+                        )
+            numel = held.numel()
+            whole = idx.numel() == numel  # sorted, unique, in range: every position, in order
+            patches[key] = FfidDeltaPatch(
+                None if whole else _narrow_index(idx, numel),
+                df.read_values(tname).reshape(-1).clone(),
+                tuple(shape),
+                file_dtype,
+                name,
+            )
+            del idx
+    if fp8_unverified:
+        notes.append(
+            f"base fingerprint not checked exactly for {len(fp8_unverified)} fp8 tensor(s) (first "
+            f"{fp8_unverified[0]!r}): the fingerprint hashes the bf16/fp32 base values, which fp8 storage "
+            "rounds away; names and shapes match"
+        )
+    return LoadedDelta(path, patches, metadata, os.path.getsize(path), renamed, notes)
+
+
+def skipped_keys(patcher) -> set[str]:
+    """Keys with patches that ComfyUI's ``_load_list`` never visits (Wan's ``modulation`` tensors)."""
+    covered = set()
+    for _size, n, _m, params in patcher._load_list():
+        covered.update(f"{n}.{p}" for p in params)
+    return {k for k in patcher.patches if k not in covered}
+
+
+def _is_ffid(patch_list) -> bool:
+    return any(isinstance(p[1], FfidDeltaPatch) for p in patch_list)
+
+
+def patch_skipped_on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """``on_load`` callback: patch the keys ``_load_list`` skips, through ComfyUI's backed-up path.
+
+    A key already in the backup is patched already (a partial reload of the same patches): it is
+    left alone, so nothing is applied twice. Unpatching restores these keys from the backup like
+    every other weight.
+    """
+    for key in sorted(skipped_keys(patcher)):
+        if key in patcher.backup or not _is_ffid(patcher.patches[key]):
+            continue
+        patcher.patch_weight_to_device(key, device_to=None)
+
+
+def add_delta(patcher, loaded: LoadedDelta, strength: float):
+    """A clone of ``patcher`` with ``loaded`` added at ``strength`` (``ffid merge --multiplier``)."""
+    clone = patcher.clone()
+    added = clone.add_patches(dict(loaded.patches), strength)
+    if len(added) != len(loaded.patches):  # pragma: no cover - names were resolved against this model
+        missing = sorted(set(loaded.patches) - set(added))
+        raise DeltaMismatch(f"ffid: ComfyUI refused patches for {missing[:3]}")
+    if not clone.get_callbacks(CallbacksMP.ON_LOAD, CALLBACK_KEY):
+        clone.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, patch_skipped_on_load)
+    return clone
+
+
+def overlap_count(patcher, loaded: LoadedDelta) -> int:
+    """Positions that ``loaded`` shares with ffid deltas already on ``patcher`` (where the order of
+    application matters, unlike ``ffid merge --allow-overlap``, which adds differences)."""
+    n = 0
+    for key, p in loaded.patches.items():
+        for entry in patcher.patches.get(key, []):
+            other = entry[1]
+            if not isinstance(other, FfidDeltaPatch):
+                continue
+            if p.indices is None or other.indices is None:
+                n += p.values.numel() if other.indices is None else other.indices.numel()
+                continue
+            # both sorted: one binary search per position (much cheaper than a set intersection)
+            a = p.indices.to(torch.int64)
+            b = other.indices.to(torch.int64)
+            pos = torch.searchsorted(b, a).clamp_(max=b.numel() - 1)
+            n += int((b[pos] == a).sum())
+    return n
+
+
+__all__ = [
+    "DeltaMismatch",
+    "FfidDeltaPatch",
+    "LoadedDelta",
+    "add_delta",
+    "infer_file_dtype",
+    "overlap_count",
+    "patch_skipped_on_load",
+    "read_delta",
+    "skipped_keys",
+]
