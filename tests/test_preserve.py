@@ -91,7 +91,7 @@ def drift(base: Path, deltas: list[Path], reference: list[Path], prompt: str) ->
     return float((a - b).pow(2).mean())
 
 
-def test_a_run_records_its_prompts_and_trigger_words(delta1: Path) -> None:
+def test_a_run_records_its_prompts_and_trigger_words(delta1: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with safe_open(str(delta1), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta[PROMPTS_KEY]) == ["a digit character1"]
@@ -104,6 +104,9 @@ def test_a_run_records_its_prompts_and_trigger_words(delta1: Path) -> None:
         ("a digit zero", "regularisation"),
         ("", "empty"),
     ]
+    assert main(["inspect", str(delta1)]) == 0
+    out = capsys.readouterr().out
+    assert "trigger words 'character1'" in out and "prompts trained 'a digit character1'" in out
 
 
 def test_preserved_run_trains_only_its_slice_and_keeps_character1(

@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from .checkpoint.delta import KEY_PROMPTS, KEY_TRIGGER_WORDS
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from torch import nn
 
-PROMPTS_KEY = "ffid.prompts"  # delta metadata: JSON list of the prompts/captions a run trained
-TRIGGER_KEY = "ffid.trigger_words"  # delta metadata: JSON list of the run's trigger words
+PROMPTS_KEY = KEY_PROMPTS  # delta metadata: JSON list of the prompts/captions a run trained
+TRIGGER_KEY = KEY_TRIGGER_WORDS  # delta metadata: JSON list of the run's trigger words
 MAX_RECORDED = 1000  # prompts recorded per delta (a caption per image can be many)
 EMPTY_LABEL = "<empty>"
 

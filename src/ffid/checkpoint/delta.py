@@ -66,6 +66,9 @@ KEY_VALUE_DTYPE = "ffid.value_dtype"
 KEY_SELECTED = "ffid.selected"
 KEY_TOTAL = "ffid.total_params"
 KEY_SOURCE = "ffid.source"
+# Optional, written by training: what the run taught, so later runs can protect it (ffid.preserve).
+KEY_PROMPTS = "ffid.prompts"  # JSON list of the prompts/captions trained
+KEY_TRIGGER_WORDS = "ffid.trigger_words"  # JSON list of the run's trigger words
 
 
 # -- base fingerprint -------------------------------------------------------------------------------

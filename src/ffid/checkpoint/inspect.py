@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..names import BlockFinder
-from .delta import FORMAT_NAME, KEY_FORMAT, DeltaFile
+from .delta import FORMAT_NAME, KEY_FORMAT, KEY_PROMPTS, KEY_TRIGGER_WORDS, DeltaFile
 from .files import Checkpoint
 from .namemap import detect_naming
 from .stio import SafetensorsFile, is_float_code
 
 TRAINING_PREFIXES = ("ss_", "modelspec.")
 
+
+
+def _json_list(raw: str | None) -> list[str] | None:
+    """A metadata value holding a JSON list of strings, or None when absent or not such a list."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 def _block_label(finder: BlockFinder, name: str, groups: set[str]) -> str:
     key = finder(name)
@@ -63,6 +75,8 @@ def inspect_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "selected": sum(counts.values()),
             "total_params": info.total_params,
             "per_block": _blocks(df.names, counts),
+            "prompts": _json_list(df.metadata.get(KEY_PROMPTS)),
+            "trigger_words": _json_list(df.metadata.get(KEY_TRIGGER_WORDS)),
             "training_metadata": {
                 k: v for k, v in sorted(df.metadata.items()) if k.startswith(TRAINING_PREFIXES)
             },
@@ -138,6 +152,12 @@ def format_inspect(report: dict[str, Any]) -> str:
             f"  base fingerprint      {report['base_fingerprint']} (manifest "
             f"{report['base_manifest_fingerprint']})",
         ]
+        for key, label in (("trigger_words", "trigger words"), ("prompts", "prompts trained")):
+            values = report.get(key)
+            if values:
+                shown = ", ".join(repr(v) for v in values[:5])
+                more = f" and {len(values) - 5} more" if len(values) > 5 else ""
+                lines.append(f"  {label} {shown}{more}")
         meta = report["training_metadata"]
     else:
         lines += [
