@@ -91,7 +91,9 @@ def drift(base: Path, deltas: list[Path], reference: list[Path], prompt: str) ->
     return float((a - b).pow(2).mean())
 
 
-def test_a_run_records_its_prompts_and_trigger_words(delta1: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_records_its_prompts_and_trigger_words(
+    delta1: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with safe_open(str(delta1), framework="pt") as f:
         meta = f.metadata()
     assert json.loads(meta[PROMPTS_KEY]) == ["a digit character1"]
