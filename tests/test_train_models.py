@@ -379,3 +379,38 @@ def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> N
     assert one.keys() == two.keys()
     for name, values in one.items():
         torch.testing.assert_close(two[name], values, rtol=1e-5, atol=1e-6)
+
+
+def test_wan_preservation_finds_encodings_in_caches(
+    tmp_path: Path, wan_setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """character1 on ffid's cache records its captions; character2 on a musubi cache, on top of
+    it, protects them by finding their encodings in character1's cache; a prompt with no
+    encoding anywhere is refused in one line before anything is written."""
+    from ffid.preserve import recorded_prompts
+
+    dit, cache1 = wan_setup
+    one = tmp_path / "one"
+    one.mkdir()
+    assert main(["train", "--config", str(wan_toml(one, dit, cache1, max_train_steps=2))]) == 0
+    delta1 = one / "out" / "run.safetensors"
+    assert recorded_prompts(delta1) == [f"caption {i}" for i in range(4)]
+
+    cache2 = tmp_path / "musubi"
+    write_musubi_cache(cache2)
+    two = tmp_path / "two"
+    two.mkdir()
+    common = {"ffid": 2, "max_train_steps": 2, "base_deltas": [str(delta1)], "preserve_items": 2}
+    # character1's captions are nowhere but in its own cache: refused, naming the prompt
+    assert main(["train", "--config", str(wan_toml(two, dit, cache2, **common))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "protected prompt 'caption 0' (from run.safetensors)" in err[0]
+    assert "preserve_cache" in err[0]
+    assert not (two / "out").exists()
+    # given as preserve_cache, they are found; the empty prompt has no encoding: left out, noted
+    toml = wan_toml(two, dit, cache2, preserve_cache=[str(cache1)], **common)
+    assert main(["train", "--config", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "protecting 4 prompt(s): 'caption 0' (run.safetensors)" in out
+    assert "the empty prompt has no text encoding in the caches" in out
+    assert recorded_prompts(two / "out" / "run.safetensors") == ["a cat", "a walk"]
