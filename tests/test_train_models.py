@@ -414,3 +414,42 @@ def test_wan_preservation_finds_encodings_in_caches(
     assert "protecting 4 prompt(s): 'caption 0' (run.safetensors)" in out
     assert "the empty prompt has no text encoding in the caches" in out
     assert recorded_prompts(two / "out" / "run.safetensors") == ["a cat", "a walk"]
+
+
+def test_wan_preservation_with_checkpointing_swap_accumulation_and_bf16(
+    tmp_path: Path, wan_setup: tuple[Path, Path]
+) -> None:
+    """Preservation keeps working with gradient checkpointing, simulated block swap, gradient
+    accumulation and bf16 autocast: the same trained values as the plain configuration."""
+    from safetensors.torch import load_file
+
+    dit, cache = wan_setup
+    one = tmp_path / "one"
+    one.mkdir()
+    assert main(["train", "--config", str(wan_toml(one, dit, cache, max_train_steps=2))]) == 0
+    common = {
+        "ffid": 2,
+        "max_train_steps": 3,
+        "base_deltas": [str(one / "out" / "run.safetensors")],
+        "preserve_items": 2,
+        "preserve_empty": False,
+        "gradient_accumulation_steps": 2,
+        "batch_size": 1,
+    }
+
+    def run(name: str, **extra: object) -> dict[str, torch.Tensor]:
+        folder = tmp_path / name
+        folder.mkdir()
+        assert main(["train", "--config", str(wan_toml(folder, dit, cache, **common, **extra))]) == 0
+        return load_file(str(folder / "out" / "run.safetensors"))
+
+    plain = run("plain")
+    heavy = run("heavy", gradient_checkpointing=True, blocks_to_swap=1)
+    assert plain.keys() == heavy.keys()
+    for k in plain:
+        torch.testing.assert_close(heavy[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+    bf16 = run("bf16", mixed_precision="bf16")
+    moved = [k for k in plain if k.endswith(".ffid_value") and not torch.equal(bf16[k], plain[k])]
+    assert moved  # it trained, in bf16 (values differ by rounding)
+    for k in plain:
+        assert torch.isfinite(bf16[k].float()).all(), k
