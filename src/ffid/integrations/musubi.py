@@ -23,7 +23,7 @@ original checkpoint for ComfyUI or musubi inference.
 ``exclude``         regexes separated by ``;``: matching tensors are never trained
 ``block_pattern``   regex with one group finding the block number (default finds ``blocks.N.``)
 ``save_dtype``      value precision of saved deltas: ``fp32`` (default), ``bf16``, ``fp16`` or
-                    ``auto`` (musubi's save dtype, bf16 for Wan)
+                    ``auto`` (musubi's ``--save_precision``, fp32 by default)
 ==================  ================================================================================
 """
 
@@ -573,8 +573,10 @@ def create_arch_network_from_weights(
 ) -> NetworkAndWeights:
     """A network for the exact positions stored in ``weights_sd`` (a delta file's tensors).
 
-    Used by ``--base_weights`` (``.merge_to`` bakes the delta into the DiT with ``multiplier``) and
-    ``--dim_from_weights`` (train those same positions again). Returns ``(network, weights_sd)``.
+    Used by ``--base_weights`` (``.merge_to`` bakes the delta into the DiT with ``multiplier``).
+    ``--dim_from_weights`` would use it to train those same positions again, but in musubi 0.3.4
+    that flag is a store_true whose ``True`` is then passed to ``load_file`` (broken for every
+    network). Returns ``(network, weights_sd)``.
     """
     network = FfidNetwork(None, None, multiplier)
     network._pending_weights = dict(weights_sd)
