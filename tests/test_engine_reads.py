@@ -47,7 +47,9 @@ class Block(nn.Module):
         self.norm = nn.LayerNorm(DIM)
         self.snorm = ScaleNorm(DIM)
         self.q = nn.Linear(DIM, DIM)
-        self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM))
+        self.ffn = nn.Sequential(
+            nn.Linear(DIM, 2 * DIM), nn.GELU(approximate="tanh"), nn.Linear(2 * DIM, DIM)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 2, DIM) / DIM**0.5)
         self.checkpointing = False
         self.reentrant = False
