@@ -249,3 +249,31 @@ def test_swap_through_attribute_data_keeps_gradients(mode):
     loss_of(model, 0).backward()
     for n, p in handle.proxies():
         assert torch.equal(p.grad, plain[0][n]), n
+
+
+def test_reads_inside_a_compiled_region():
+    """A compiled helper reading a raw parameter, a norm and a Linear's weight directly sees the
+    trained values with gradients (``aot_eager``: dynamo tracing, no C++ compiler needed)."""
+
+    def run(compiled: bool):
+        model = net()
+        handle = attach(model, ff=0.05, ffid=1)
+        with torch.no_grad():
+            for _, p in handle.proxies():
+                p.add_(0.01)
+        blk = model.blocks[0]
+
+        def helper(x: torch.Tensor) -> torch.Tensor:
+            e = blk.modulation
+            return F.linear(blk.norm(x) * (1 + e[:, 0]) + e[:, 1], blk.q.weight, blk.q.bias)
+
+        fn = torch.compile(helper, backend="aot_eager") if compiled else helper
+        x = torch.randn(3, 5, DIM, generator=torch.Generator().manual_seed(0))
+        loss = fn(x).pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in handle.proxies() if p.grad is not None}
+
+    (loss_a, a), (loss_b, b) = run(False), run(True)
+    assert torch.equal(loss_a, loss_b)
+    assert a.keys() == b.keys() and len(a) == 5  # modulation, norm weight/bias, q weight/bias
+    assert all(torch.equal(a[n], b[n]) for n in a)
