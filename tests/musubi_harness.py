@@ -1,4 +1,8 @@
-"""A stand-in for musubi-tuner's ``wan_train_network.py`` (musubi-tuner is not installable here).
+"""A fast stand-in for musubi-tuner's ``wan_train_network.py``.
+
+The reference is the real trainer (``tests/test_musubi_real.py`` runs musubi-tuner v0.3.4's own
+``wan_train_network`` in a separate environment); this stand-in stays because it runs in seconds,
+in the test environment itself, and reaches what the real run cannot on CPU (CUDA block swap).
 
 Two parts:
 

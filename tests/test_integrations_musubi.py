@@ -214,8 +214,8 @@ def test_full_bf16_network_to_keeps_fp32(caplog):
 
 def test_fp8_base_trains():
     res = run_training(_args(fp8_base=True, mixed_precision="bf16", max_train_steps=3))
-    w = res.transformer.blocks[0].self_attn.q.weight
-    assert w.dtype == torch.float8_e4m3fn
+    q = res.transformer.blocks[0].self_attn.q
+    assert q.weight.data.dtype == q._parameters["weight"].dtype == torch.float8_e4m3fn  # stored in fp8
     assert all(torch.isfinite(torch.tensor(res.losses)))
     trained, base = res.unwrapped.handle.trained_values(), res.unwrapped.handle.base_values()
     assert any(not torch.equal(trained[n], base[n]) for n in trained)
@@ -440,8 +440,19 @@ def test_two_expert_training_is_refused():
     net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
     with pytest.raises(ConfigError, match="each expert in its own run"):
         net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
-    with pytest.raises(ConfigError, match="fp8_scaled"):
+    with pytest.raises(ConfigError, match="drop --fp8_scaled") as err:
         net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))
+    assert "--exclude" not in str(err.value)  # not a musubi flag
+
+
+def test_prepare_network_is_found_on_the_module():
+    """musubi 0.3.4 calls network.prepare_network(args) only if hasattr(network_module, "prepare_network")."""
+    import argparse
+
+    assert callable(getattr(musubi, "prepare_network", None))
+    net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
+    with pytest.raises(ConfigError, match="each expert"):
+        musubi.prepare_network(net, argparse.Namespace(dit_high_noise="/models/high.safetensors"))
 
 
 @pytest.mark.gpu

@@ -7,22 +7,26 @@ What attaching does to the model (and ``detach()`` undoes):
    matmul path swaps the selected entries in for one matmul and writes the base values back).
 2. One fp32 ``nn.Parameter`` (a *proxy*) per touched tensor holds the selected values; the proxies
    are the only parameters of the handle, so ``handle.parameters()`` is what the optimizer gets.
-3. The forward of the modules that own touched tensors uses ``base with the selected positions
-   replaced by the proxy values``, at every call, in one of two ways (see docs/engine.md):
+3. *Every read* of a touched tensor through its module attribute (``module.weight``,
+   ``block.modulation``, ...), from any code path (the module's own forward, a checkpointed inner
+   function, a helper calling ``F.linear(x, self.q.weight)``, a compiled region), returns the
+   effective tensor ``base.index_put(idx, proxy)``, differentiable w.r.t. the proxy. It is done
+   the way ``torch.nn.utils.parametrize`` does it: the module's class is swapped for a subclass
+   of the same name that has a property per touched attribute (one subclass per original class,
+   shared by every instance of that class in the model, so ``a.__class__ == b.__class__`` checks
+   of block-swap code still hold). ``module._parameters[attr]`` stays the untouched base
+   Parameter, so ``state_dict``, ``named_parameters``, ``.to()`` and block swap keep working; the
+   returned tensor is an :class:`EffectiveTensor` whose ``.data`` reads and writes the *base*
+   Parameter's data (musubi's swap does ``module.weight.data = ...``).
+4. On top of that, the ``forward`` of ``nn.Linear``, transformers ``Conv1D`` and convs whose
+   stride equals their kernel (Wan's patch embedding) with a touched weight is replaced by an
+   instance attribute calling :class:`~ffid.engine.kernels.SelectedMatmul` (the *matmul path*),
+   which never saves the effective weight and computes only the selected entries of the weight
+   gradient. Other reads of those weights still get the effective tensor (step 3).
 
-   - *matmul path* (``nn.Linear``, transformers ``Conv1D``, convs whose stride equals their
-     kernel such as Wan's patch embedding): the module's ``forward`` is replaced by an instance
-     attribute calling :class:`~ffid.engine.kernels.SelectedMatmul`, which never saves the
-     effective weight and computes only the selected entries of the weight gradient;
-   - *generic path* (norms, biases of other modules, raw parameters such as ``scale_shift_table``
-     / ``modulation``, embeddings, other convs): the module's ``forward`` is wrapped (instance
-     attribute) so that, for the duration of the call, the effective tensor
-     ``base.index_put(idx, proxy)`` sits in the module's instance ``__dict__``, shadowing the
-     Parameter.
-
-Both paths read ``module.weight`` at call time, so block swap / offload that swaps ``.data``
-under the same Parameter objects keeps working; index tensors are cached per compute device
-(int32, 4 B per selected element; none kept on the host).
+Both read the base Parameter at call time, so block swap / offload that swaps ``.data`` under
+the same Parameter objects keeps working; index tensors are cached per compute device (int32,
+4 B per selected element; none kept on the host).
 """
 
 from __future__ import annotations
@@ -66,6 +70,87 @@ def _scatter_(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> No
         flat[idx] = values
 
 
+# -- attribute reads -----------------------------------------------------------------------------
+# Instance __dict__ key of a module with touched tensors: {attr: (handle, slot)}.
+READS_KEY = "_ffid_reads"
+# Original class -> its read class (same name, one property per touched attribute).
+_READ_CLASSES: dict[type, type] = {}
+
+
+class EffectiveTensor(torch.Tensor):
+    """What reading a touched tensor through its module attribute returns while attached.
+
+    A plain tensor for every operation (results are ordinary tensors; gradients flow to the
+    proxy), except ``.data``: reading it gives the *base* Parameter's data and assigning it
+    replaces the base Parameter's data. Block-swap code (``module.weight.data = moved``) and
+    offloaders therefore keep moving the stored weight, never a computed copy. In-place writes
+    through the attribute itself (``module.weight.copy_(...)``) change only this copy: write to
+    ``module.weight.data`` or ``module._parameters[name]`` instead.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+    _ffid_base: torch.Tensor
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return self._ffid_base.data
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._ffid_base.data = value
+
+
+def _read_property(attr: str) -> property:
+    """The class-level property that serves ``module.<attr>``: the effective tensor for an instance
+    that has a read registered for ``attr``, otherwise exactly what ``nn.Module`` would return."""
+
+    def get(module: nn.Module) -> Any:
+        d = module.__dict__
+        params = d["_parameters"]
+        if attr in params:
+            base = params[attr]
+            reads = d.get(READS_KEY)
+            entry = reads.get(attr) if reads else None
+            if entry is None or base is None:
+                return base
+            return entry[0]._read(entry[1], base)
+        if attr in d:  # a plain attribute stored after the Parameter was removed
+            return d[attr]
+        return nn.Module.__getattr__(module, attr)
+
+    def set_(module: nn.Module, value: Any) -> None:  # reached only when attr is not a Parameter
+        module.__dict__[attr] = value
+
+    def delete(module: nn.Module) -> None:
+        if module.__dict__.pop(attr, None) is None:
+            raise AttributeError(attr)
+
+    return property(get, set_, delete, doc=f"ffid: effective {attr!r} while attached")
+
+
+def _read_class(cls: type, attrs: set[str]) -> type:
+    """The read class of ``cls`` (created once, same name/module), with properties for ``attrs``."""
+    if cls.__dict__.get("_ffid_read_class"):
+        sub = cls
+    else:
+        sub = _READ_CLASSES.get(cls)
+        if sub is None:
+            sub = type(
+                cls.__name__,
+                (cls,),
+                {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_ffid_read_class": True},
+            )
+            _READ_CLASSES[cls] = sub
+    for attr in attrs:
+        if not isinstance(sub.__dict__.get(attr), property):
+            setattr(sub, attr, _read_property(attr))
+    return sub
+
+
+def _original_class(cls: type) -> type:
+    return cls.__mro__[1] if cls.__dict__.get("_ffid_read_class") else cls
+
+
 @dataclass
 class _Owner:
     module: nn.Module
@@ -102,7 +187,7 @@ def _matmul_route(module: nn.Module, attr: str) -> str:
         return "generic"  # someone else already patched this forward: respect it via the generic path
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2:
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module._parameters[attr].dim() == 2:
         return "conv1d"  # transformers' GPT-2 style layer: y = x @ W + b with W [in, out]
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward in (
         nn.Conv1d.forward,
@@ -157,11 +242,14 @@ class FfidHandle(nn.Module):
         self._patched_forwards: list[
             tuple[nn.Module, Any]
         ] = []  # (module, previous instance forward or None)
+        self._read_modules: list[nn.Module] = []  # modules whose class was given read properties
+        # When True, every read and every matmul-path forward uses the base tensors (proxies
+        # ignored): the one switch a "teacher" (base model) forward needs.
+        self._base_reads = False
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_snapshot: dict[str, torch.Tensor] | None = None
         self._attached = False
         self._sr_hooks: list[Any] = []
-        self._teacher_depth = 0  # > 0 inside teacher(): forwards use the base weights only
 
         slots = self._resolve(model, selection)  # validates everything before touching the model
         fp = bytes.fromhex(selection.fingerprint)
@@ -244,7 +332,8 @@ class FfidHandle(nn.Module):
                     if hasattr(module, "scale_weight"):
                         raise AttachError(
                             f"{path}.{attr} is a scaled fp8 weight (scale_weight); ffid cannot train it yet: "
-                            "load the model in bf16 or exclude it with --exclude"
+                            "load the model in bf16, or exclude the tensor from the selection "
+                            "(ffid CLI: --exclude REGEX; musubi: --network_args exclude=REGEX)"
                         )
                     slot.owners.append(_Owner(module, attr, f"{path}.{attr}" if path else attr))
         for s in slots:
@@ -267,17 +356,12 @@ class FfidHandle(nn.Module):
                 if route != "generic":
                     o.route = route
                     patched[id(o.module)] = (o.module, route, slot)
-        generic: dict[int, tuple[nn.Module, list[tuple[str, _Slot]]]] = {}
         bias_of: dict[int, _Slot] = {}
         for slot in self._slots.values():
             for o in slot.owners:
-                if o.route != "generic":
-                    continue
-                if id(o.module) in patched and o.attr == "bias":
+                if o.route == "generic" and id(o.module) in patched and o.attr == "bias":
                     o.route = "in-forward"
                     bias_of[id(o.module)] = slot
-                    continue
-                generic.setdefault(id(o.module), (o.module, []))[1].append((o.attr, slot))
 
         for mid, (module, route, slot) in patched.items():
             previous = module.__dict__.get("forward")
@@ -288,13 +372,31 @@ class FfidHandle(nn.Module):
                 "patch-conv": self._patch_forward,
             }[route]
             module.forward = partial(fwd, module, slot, bias_of.get(mid))
-            _ATTACHED[module] = self
-        for module, attrs in generic.values():
-            previous = module.__dict__.get("forward")
-            self._patched_forwards.append((module, previous))
-            module.forward = partial(self._shadowed_forward, module, module.forward, attrs)
-            _ATTACHED[module] = self
+        self._install_reads(model)
         self._attached = True
+
+    def _install_reads(self, model: nn.Module) -> None:
+        """Make every attribute read of a touched tensor return the effective tensor (all routes).
+
+        Each owner module gets ``{attr: (handle, slot)}`` in its ``__dict__`` and its class swapped
+        for the read class of its original class; every other instance of those classes in the
+        model gets the same read class (its properties then return the plain Parameter), so that
+        code comparing classes of blocks (musubi's block swap asserts it) sees one class.
+        """
+        attrs_of: dict[type, set[str]] = {}
+        for slot in self._slots.values():
+            for o in slot.owners:
+                reads = o.module.__dict__.setdefault(READS_KEY, {})
+                reads[o.attr] = (self, slot)
+                attrs_of.setdefault(_original_class(type(o.module)), set()).add(o.attr)
+                _ATTACHED[o.module] = self
+        for module in model.modules():
+            cls = _original_class(type(module))
+            if cls in attrs_of:
+                sub = _read_class(type(module), attrs_of[cls])
+                if type(module) is not sub:
+                    module.__class__ = sub
+                self._read_modules.append(module)
 
     # -- forward paths -----------------------------------------------------------------------
     def _proxy(self, slot: _Slot) -> torch.Tensor:
@@ -310,9 +412,18 @@ class FfidHandle(nn.Module):
         values = proxy.to(device=base.device, dtype=dtype)
         return flat.index_put((slot.idx_on(base.device),), values).view(base.shape)
 
+    def _read(self, slot: _Slot, base: torch.Tensor) -> torch.Tensor:
+        """What ``module.<attr>`` returns for a touched tensor: the effective tensor (or the base
+        while ``_base_reads`` is set)."""
+        if self._base_reads:
+            return base
+        eff = self._effective(slot, base).as_subclass(EffectiveTensor)
+        eff._ffid_base = base
+        return eff
+
     def _bias(self, module: nn.Module, bias_slot: _Slot | None) -> torch.Tensor | None:
         b = module._parameters.get("bias")
-        if b is None or bias_slot is None:
+        if b is None or bias_slot is None or self._base_reads:
             return b
         return self._effective(bias_slot, b)
 
@@ -326,10 +437,10 @@ class FfidHandle(nn.Module):
     def _matmul_forward(
         self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor, *, transposed: bool
     ) -> torch.Tensor:
-        if self._teacher_depth:
-            return type(module).forward(module, x)
+        if self._base_reads:  # the class forward reads module.weight, which is then the base
+            return type(module).forward(module, x)  # type: ignore[no-any-return]
         # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
-        rows, cols = module.weight.shape
+        rows, cols = module._parameters["weight"].shape  # the base: module.weight is the effective copy
         in_f, out_f = (rows, cols) if transposed else (cols, rows)
         lead = x.shape[:-1]
         y = SelectedMatmul.apply(
@@ -346,8 +457,8 @@ class FfidHandle(nn.Module):
     def _patch_forward(
         self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
     ) -> torch.Tensor:
-        if self._teacher_depth:
-            return type(module).forward(module, x)
+        if self._base_reads:
+            return type(module).forward(module, x)  # type: ignore[no-any-return]
         # stride == kernel, no padding: the conv is a Linear over non-overlapping patches.
         k = tuple(module.kernel_size)
         nd = len(k)
@@ -362,7 +473,7 @@ class FfidHandle(nn.Module):
             split += [o, kk]
         perm = [0, *(2 + 2 * i for i in range(nd)), 1, *(3 + 2 * i for i in range(nd))]
         patches = x.reshape(split).permute(perm).reshape(b * math.prod(outs), c * math.prod(k))
-        out_c = module.weight.shape[0]
+        out_c = module._parameters["weight"].shape[0]
         pattern = self._pattern(slot, out_c, c * math.prod(k))
         y = SelectedMatmul.apply(
             patches,
@@ -375,22 +486,6 @@ class FfidHandle(nn.Module):
         )
         y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
         return y.squeeze(0) if unbatched else y
-
-    def _shadowed_forward(
-        self, module: nn.Module, inner: Any, attrs: list[tuple[str, _Slot]], *args: Any, **kwargs: Any
-    ) -> Any:
-        # Substituted inside forward (after every pre-hook, e.g. an offloader that swaps .data in):
-        # an instance attribute wins over nn.Module.__getattr__'s lookup in _parameters, so the
-        # module's own forward reads the effective tensor while the Parameter stays untouched.
-        if self._teacher_depth:
-            return inner(*args, **kwargs)
-        try:
-            for attr, slot in attrs:
-                module.__dict__[attr] = self._effective(slot, module._parameters[attr])  # type: ignore[arg-type]
-            return inner(*args, **kwargs)
-        finally:
-            for attr, _ in attrs:
-                module.__dict__.pop(attr, None)
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[nn.Module]:
@@ -413,17 +508,18 @@ class FfidHandle(nn.Module):
                 "handle.teacher() after handle.merge(): the base weights now hold the trained values, "
                 "so the model as it was before this run is gone; use the teacher before merging"
             )
-        self._teacher_depth += 1
+        before = self._base_reads
+        self._base_reads = True  # every read of a touched tensor, and every forward, sees the base
         try:
             with torch.no_grad():
                 yield self.model
         finally:
-            self._teacher_depth -= 1
+            self._base_reads = before
 
     @property
     def in_teacher(self) -> bool:
         """True inside :meth:`teacher`."""
-        return self._teacher_depth > 0
+        return self._base_reads
 
     # -- the contract --------------------------------------------------------------------------
     @property
@@ -535,10 +631,18 @@ class FfidHandle(nn.Module):
         self._patched_forwards.clear()
         for slot in self._slots.values():
             for o in slot.owners:
-                o.module.__dict__.pop(o.attr, None)
+                reads = o.module.__dict__.get(READS_KEY)
+                if reads is not None and reads.get(o.attr, (None,))[0] is self:
+                    del reads[o.attr]
                 if _ATTACHED.get(o.module) is self:
                     del _ATTACHED[o.module]
             slot.pattern.drop_cache()
+        for module in self._read_modules:
+            if module.__dict__.get(READS_KEY):
+                continue  # another live handle still reads through this module
+            module.__dict__.pop(READS_KEY, None)
+            module.__class__ = _original_class(type(module))
+        self._read_modules.clear()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
         self._requires_grad.clear()
@@ -704,7 +808,9 @@ class FfidHandle(nn.Module):
             "(handle.merge() writes the trained values)",
             f"    - forward replaced (sparse-gradient matmul path) on {r.get('linear', 0)} Linear, "
             f"{r.get('conv1d', 0)} Conv1D and {r.get('patch-conv', 0)} patch-conv modules",
-            f"    - forward wrapped (effective tensor substituted, generic path) for {len(generic)} tensors"
+            f"    - every read of a touched tensor (module.<name>, from any code path) returns the effective "
+            f"tensor: {len(self._read_modules)} modules get a same-named subclass with read properties; "
+            f"{len(generic)} tensors are used only through such reads (generic path)"
             + (f": {', '.join(generic[:4])}{' ...' if len(generic) > 4 else ''}" if generic else ""),
         ]
         return "\n".join(lines)
@@ -747,8 +853,10 @@ def attach(
     - ``requires_grad=False`` on every parameter (``freeze=False`` leaves the flags alone);
     - the ``forward`` of each ``nn.Linear`` / ``Conv1D`` / patch conv with a touched weight is
       replaced by an instance attribute (sparse-gradient path);
-    - the ``forward`` of modules owning other touched tensors (norms, biases, raw Parameters,
-      embeddings) is wrapped to substitute the effective tensor during the call.
+    - every module owning a touched tensor (and every other instance of its class in the model)
+      gets a same-named subclass whose properties make ``module.<name>`` return the effective
+      tensor (base with the selected positions = proxies, differentiable) from any code path;
+      ``module._parameters`` keeps the base Parameters.
 
     Base weights are never left modified during training. The returned :class:`FfidHandle` holds one
     proxy per touched tensor (``proxy_dtype``, fp32 by default, on ``device`` or the weight's

@@ -23,7 +23,7 @@ original checkpoint for ComfyUI or musubi inference.
 ``exclude``         regexes separated by ``;``: matching tensors are never trained
 ``block_pattern``   regex with one group finding the block number (default finds ``blocks.N.``)
 ``save_dtype``      value precision of saved deltas: ``fp32`` (default), ``bf16``, ``fp16`` or
-                    ``auto`` (musubi's save dtype, bf16 for Wan)
+                    ``auto`` (musubi's ``--save_precision``, fp32 by default)
 ==================  ================================================================================
 """
 
@@ -216,14 +216,16 @@ class FfidNetwork(nn.Module):
             raise ConfigError(
                 "--dit_high_noise trains one network on both Wan 2.2 experts, but ffid's trained values are "
                 "absolute weights and would overwrite both experts' different weights with the same numbers; "
-                "train each expert in its own run (--dit EXPERT with --min_timestep/--max_timestep "
-                "for its range)"
+                "train each expert in its own run: --dit EXPERT without --dit_high_noise, with "
+                "--min_timestep/--max_timestep set to that expert's range (high noise: "
+                "--min_timestep 875 --max_timestep 1000, low noise: 0 and 875, for t2v-A14B; i2v-A14B's "
+                "boundary is 900)"
             )
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
-                "--fp8_scaled stores weights with per-tensor scales that ffid cannot train yet; "
-                "use --fp8_base "
-                "without --fp8_scaled, or a bf16 DiT"
+                "--fp8_scaled stores the DiT's Linear weights with per-tensor scales that ffid cannot train "
+                "yet; drop --fp8_scaled (keep --fp8_base for plain fp8 weights, or train a bf16 DiT with "
+                "--blocks_to_swap to fit)"
             )
 
     def apply_to(
@@ -551,6 +553,17 @@ def create_arch_network(
 create_network = create_arch_network  # the name LyCORIS-style loaders try
 
 
+def prepare_network(network: FfidNetwork, args: Any) -> None:
+    """Run ``network.prepare_network(args)`` (the refusals of FSDP/DeepSpeed, ``--dit_high_noise``
+    and ``--fp8_scaled``).
+
+    musubi-tuner 0.3.4 calls ``network.prepare_network(args)`` only when the *module* has an
+    attribute of that name (``hasattr(network_module, "prepare_network")``): this function is that
+    attribute. Without it the method on the network is never called.
+    """
+    network.prepare_network(args)
+
+
 def create_arch_network_from_weights(
     multiplier: float,
     weights_sd: Mapping[str, torch.Tensor],
@@ -560,8 +573,10 @@ def create_arch_network_from_weights(
 ) -> NetworkAndWeights:
     """A network for the exact positions stored in ``weights_sd`` (a delta file's tensors).
 
-    Used by ``--base_weights`` (``.merge_to`` bakes the delta into the DiT with ``multiplier``) and
-    ``--dim_from_weights`` (train those same positions again). Returns ``(network, weights_sd)``.
+    Used by ``--base_weights`` (``.merge_to`` bakes the delta into the DiT with ``multiplier``).
+    ``--dim_from_weights`` would use it to train those same positions again, but in musubi 0.3.4
+    that flag is a store_true whose ``True`` is then passed to ``load_file`` (broken for every
+    network). Returns ``(network, weights_sd)``.
     """
     network = FfidNetwork(None, None, multiplier)
     network._pending_weights = dict(weights_sd)
