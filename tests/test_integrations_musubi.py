@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import ffid
 from ffid.errors import ConfigError, FfidError, MismatchError
 from ffid.integrations import musubi
 from musubi_harness import (
@@ -478,3 +479,93 @@ def test_gpu_block_swap_with_adamw8bit():
     a, b = plain.unwrapped.handle.trained_values(), swapped.unwrapped.handle.trained_values()
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
+
+
+# -- preservation through the network module -----------------------------------------------------
+def _te_cache(folder, captions, dim=16):
+    """musubi-style text-encoder cache files (``*_wan_te.safetensors``) for ``captions``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    for i, caption in enumerate(captions):
+        text = torch.randn(5, dim, generator=g).to(torch.bfloat16)
+        path = folder / f"item{i}_wan_te.safetensors"
+        save_file({"varlen_t5_bf16": text}, str(path), {"caption1": caption})
+    return folder
+
+
+def test_preservation_keeps_protected_prompts_through_the_dit_output(tmp_path):
+    """character2 (ffid 2) on top of character1: the preservation term musubi never sees is
+    injected through the DiT's output, and keeps the protected prompt's predictions closer to
+    base + character1 than a plain run does; only ffid 2's values train."""
+    from safetensors import safe_open
+
+    first = run_training(_args(max_train_steps=4))
+    base1 = first.unwrapped.handle
+    base1.merge()
+    merged = {k: v.clone() for k, v in first.transformer.state_dict().items()}
+    base1.detach()
+    cache = _te_cache(tmp_path / "char1_cache", ["a photo of character1", ""])
+    with safe_open(str(cache / "item0_wan_te.safetensors"), framework="pt") as f:
+        context = f.get_tensor("varlen_t5_bf16").float()[None]
+
+    def on_top(*preserve_args):
+        model = tiny_wan_original()
+        model.load_state_dict(merged)
+        res = run_training(
+            _args(network_args=["ff=0.05", "ffid=2", *preserve_args], max_train_steps=6, learning_rate=3e-2),
+            transformer=model,
+        )
+        g = torch.Generator().manual_seed(3)
+        x, t = torch.randn(8, 4, 1, 4, 4, generator=g), torch.rand(8, generator=g) * 1000
+        handle = res.unwrapped.handle
+        with torch.no_grad():
+            student = model(x, t, context.expand(8, -1, -1))
+            with handle.teacher() as teacher:
+                target = teacher(x, t, context.expand(8, -1, -1))
+        return res, float((student - target).pow(2).mean())
+
+    plain, plain_drift = on_top()
+    kept, kept_drift = on_top(f"preserve_cache={cache}", "preserve_weight=50", "preserve_items=2")
+    assert kept_drift < 0.5 * plain_drift, (kept_drift, plain_drift)
+    pres = kept.unwrapped.preservation
+    assert pres.calls == 6 and set(pres.last) == {"distance", "a photo of character1", "<empty>"}
+    assert plain.unwrapped.preservation is None
+    sel1, sel2 = base1.selection, kept.unwrapped.handle.selection
+    assert ffid.overlap(sel1, sel2) == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["preserve_weight=2"], "preserve_weight= needs preserve_cache=FOLDER"),
+        (["preserve_cache=NOWHERE"], "does not exist"),
+        (["preserve_cache=EMPTY"], "holds no text encodings"),
+        (["preserve_cache=CACHE", "preserve_weight=-1"], "preserve_weight = -1.0 must be a positive"),
+        (["preserve_cache=CACHE", "preserve_prompts=unknown"], "'unknown' has no text encoding"),
+        (["preserve_cache=CACHE", "preserve_wieght=1"], "did you mean 'preserve_weight'"),
+    ],
+)
+def test_preservation_refusals(tmp_path, extra, message):
+    cache = _te_cache(tmp_path / "cache", ["a photo of character1"])
+    (tmp_path / "empty").mkdir()
+    subs = {"NOWHERE": str(tmp_path / "nowhere"), "EMPTY": str(tmp_path / "empty"), "CACHE": str(cache)}
+    for k, v in subs.items():
+        extra = [e.replace(k, v) for e in extra]
+    model = tiny_wan_original()
+    before = _state(model)
+    with pytest.raises(FfidError, match=message):  # ConfigError, MissingFileError for a missing folder
+        run_training(_args(network_args=["ff=0.05", "ffid=2", *extra], max_train_steps=1), transformer=model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model).__name__ == "TinyWanModel" and not any(
+        type(m).__name__.startswith("Ffid") for m in model.modules()
+    )
+
+
+def test_preservation_refuses_block_swap(tmp_path):
+    cache = _te_cache(tmp_path / "cache", ["a photo of character1"])
+    with pytest.raises(ConfigError, match="drop --blocks_to_swap or the preserve_"):
+        run_training(
+            _args(network_args=["ff=0.05", "ffid=2", f"preserve_cache={cache}"], blocks_to_swap=1)
+        )

@@ -243,6 +243,8 @@ class Preserver:
 
     ``handle`` is the attached :class:`~ffid.engine.FfidHandle` (its :meth:`teacher` gives the
     targets), ``task`` a :class:`Preservable`, ``protected`` the prompts (at least one).
+    ``eval_mode`` runs both forwards in eval mode (no dropout); turn it off for a model without
+    dropout whose gradient checkpointing is tied to training mode.
     In a custom loop::
 
         preserver = Preserver(handle, task, protected_prompts([delta1]), PreserveSettings())
@@ -260,6 +262,8 @@ class Preserver:
         task: Preservable,
         protected: Sequence[Protected],
         settings: PreserveSettings | None = None,
+        *,
+        eval_mode: bool = True,
     ):
         if not protected:
             raise ConfigError(
@@ -275,6 +279,7 @@ class Preserver:
         self.task = task
         self.protected = list(protected)
         self.settings = (settings or PreserveSettings()).validate()
+        self.eval_mode = eval_mode
 
     def due(self, step: int) -> bool:
         """Whether the optimizer step ``step`` (0-based: the step being computed) preserves."""
@@ -311,7 +316,8 @@ class Preserver:
         # Both forwards in eval mode: with dropout on, teacher and student would differ by
         # their dropout masks alone, a noise floor that drowns the drift being measured.
         was_training = model.training
-        model.eval()
+        if self.eval_mode:
+            model.eval()
         try:
             with autocast():
                 with self.handle.teacher():

@@ -24,6 +24,10 @@ original checkpoint for ComfyUI or musubi inference.
 ``block_pattern``   regex with one group finding the block number (default finds ``blocks.N.``)
 ``save_dtype``      value precision of saved deltas: ``fp32`` (default), ``bf16``, ``fp16`` or
                     ``auto`` (musubi's ``--save_precision``, fp32 by default)
+``preserve_cache``  preservation (see :mod:`ffid.preserve`): musubi text-encoder cache folders of
+                    the earlier characters, ``;``-separated; their captions are the protected prompts
+``preserve_*``      ``preserve_prompts`` (captions to take, default all), ``preserve_weight`` (1.0),
+                    ``preserve_items`` (1 per training forward), ``preserve_every`` (1)
 ==================  ================================================================================
 """
 
@@ -55,6 +59,11 @@ NETWORK_ARGS = {
     "exclude": "regexes separated by ';'",
     "block_pattern": "regex with one group for the block number",
     "save_dtype": "fp32, bf16, fp16 or auto",
+    "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';'",
+    "preserve_prompts": "captions to protect from those caches, separated by ';' (default: all)",
+    "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=1.0",
+    "preserve_items": "protected inputs per step, e.g. preserve_items=1",
+    "preserve_every": "preserve on every N-th training forward",
 }
 PATTERN_SEPARATOR = ";"
 _SAVE_DTYPES = {
@@ -80,6 +89,12 @@ class MusubiConfig:
     block_pattern: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # selector options (slots, seed)
     save_dtype: torch.dtype | None = torch.float32  # None: musubi's dtype
+    # preservation (on when preserve_cache is given): see ffid.integrations.musubi_preserve
+    preserve_cache: list[str] = field(default_factory=list)
+    preserve_prompts: list[str] = field(default_factory=list)
+    preserve_weight: float = 1.0
+    preserve_items: int = 1
+    preserve_every: int = 1
 
     def plan_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(self.options)
@@ -139,7 +154,9 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
     save_text = str(args.get("save_dtype", "fp32")).strip().lower()
     if save_text not in _SAVE_DTYPES:
         raise ConfigError(f"network_args save_dtype={save_text!r} is unknown; use fp32, bf16, fp16 or auto")
+    preserve = _preserve_args(args)
     return MusubiConfig(
+        **preserve,
         ff=check_ff(str(args["ff"]).strip()),
         ffid=check_ffid(str(args["ffid"]).strip()),
         selector=selector,
@@ -149,6 +166,39 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
         options=options,
         save_dtype=_SAVE_DTYPES[save_text],
     )
+
+
+def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The preserve_* network_args, checked; they need preserve_cache to mean anything."""
+    from ..preserve import PreserveSettings
+
+    keys = [k for k in args if k.startswith("preserve_")]
+    if not keys:
+        return {}
+    if "preserve_cache" not in args:
+        raise ConfigError(
+            f"network_args {keys[0]}= needs preserve_cache=FOLDER (the earlier character's musubi "
+            "cache_directory, whose text encodings are the prompts to protect)"
+        )
+    try:
+        weight = float(str(args.get("preserve_weight", "1.0")).strip())
+    except ValueError:
+        raise ConfigError(
+            f"network_args preserve_weight={args['preserve_weight']!r} is not a number; write e.g. "
+            '"preserve_weight=1.0"'
+        ) from None
+    settings = PreserveSettings(
+        weight,
+        _int_arg("preserve_items", args.get("preserve_items", "1")),
+        _int_arg("preserve_every", args.get("preserve_every", "1")),
+    ).validate()
+    return {
+        "preserve_cache": _patterns(str(args["preserve_cache"])),
+        "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
+        "preserve_weight": settings.weight,
+        "preserve_items": settings.items,
+        "preserve_every": settings.every,
+    }
 
 
 def _architecture_suffixed(arch: str) -> str:
@@ -181,6 +231,7 @@ class FfidNetwork(nn.Module):
         self._base_on_device: dict[str, torch.Tensor] | None = None
         self._pending_weights: dict[str, torch.Tensor] | None = None  # create_arch_network_from_weights
         self.args_seen: dict[str, Any] = {}
+        self.preservation: Any = None  # MusubiPreservation when preserve_cache is given
         if selection is None and unet is not None and config is not None:
             self.selection = self._plan(unet)
 
@@ -221,6 +272,16 @@ class FfidNetwork(nn.Module):
                 "--min_timestep 875 --max_timestep 1000, low noise: 0 and 875, for t2v-A14B; i2v-A14B's "
                 "boundary is 900)"
             )
+        if self.config is not None and self.config.preserve_cache:
+            if getattr(args, "blocks_to_swap", 0):
+                raise ConfigError(
+                    "ffid preservation runs extra DiT forwards inside each training step, which musubi's "
+                    "block swap does not schedule; drop --blocks_to_swap or the preserve_* network_args"
+                )
+            self._preserve_seed = int(getattr(args, "seed", None) or 0)
+            # musubi's accelerator divides the loss by the accumulation steps; the term tied to
+            # the output gets the same scale
+            self._preserve_scale = 1.0 / max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
                 "--fp8_scaled stores the DiT's Linear weights with per-tensor scales that ffid cannot train "
@@ -250,6 +311,39 @@ class FfidNetwork(nn.Module):
                 self.selection = self._plan(unet)
         self.handle = attach(unet, self.selection)
         logger.info("%s", self.handle.describe())
+        if self.config is not None and self.config.preserve_cache:
+            self._install_preservation(unet)
+
+    def _install_preservation(self, unet: nn.Module) -> None:
+        from ..preserve import PreserveSettings
+        from .musubi_preserve import MusubiPreservation, read_encodings
+
+        c = self.config
+        assert c is not None
+        try:
+            encodings = read_encodings(c.preserve_cache, c.preserve_prompts or None)
+            self.preservation = MusubiPreservation(
+                self.handle,
+                encodings,
+                PreserveSettings(c.preserve_weight, c.preserve_items, c.preserve_every),
+                seed=getattr(self, "_preserve_seed", 0),
+                grad_scale=getattr(self, "_preserve_scale", 1.0),
+            )
+        except Exception:
+            self.handle.detach()  # refused: the DiT is left as it was
+            self.handle = None
+            raise
+        self.preservation.install(unet)
+        shown = ", ".join(repr(p) for p in list(encodings)[:4]) + (" ..." if len(encodings) > 4 else "")
+        logger.info(
+            "ffid preservation: weight %s, %d protected input(s) every %d forward(s), teacher = the DiT as "
+            "loaded (base + --base_weights); protecting %d prompt(s): %s",
+            c.preserve_weight,
+            c.preserve_items,
+            c.preserve_every,
+            len(encodings),
+            shown,
+        )
 
     def _require_handle(self, what: str) -> Any:
         if self.handle is None:
