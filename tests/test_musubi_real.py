@@ -118,6 +118,13 @@ def scenarios(root: Path) -> list[Scenario]:
             [*FP32_ADAMW, "--base_weights", str(plain / "plain.safetensors")],
             network_args=["ffid=2"],
         ),
+        # the same, with preservation of the captions in the cache (musubi merges --base_weights
+        # without metadata, so the protected prompts come from a text-encoder cache folder)
+        Scenario(
+            "preserve",
+            [*FP32_ADAMW, "--base_weights", str(plain / "plain.safetensors")],
+            network_args=["ffid=2", f"preserve_cache={root / 'cache'}", "preserve_weight=10"],
+        ),
         # runs that ffid must refuse, through musubi's own calls
         Scenario(
             "refusals",
@@ -288,6 +295,21 @@ def test_second_id_on_top_merged_and_loaded_by_musubi(runs, tmp_path):
     for d in (first, second):
         for n, v in d.values().items():
             assert torch.equal(merged_sd[n].reshape(-1)[d.tensors[n].indices], v), n  # fp32 base: exact
+
+
+def test_preservation_runs_inside_musubi(runs):
+    """Preservation reaches the proxies through musubi's own backward: same data, seed and id as
+    ``on_top``, different trained values; still disjoint from character 1."""
+    run, on_top = runs["preserve"], runs["on_top"]
+    run.check()
+    assert "ffid preservation: weight 10.0" in run.log and "'a photo of alice'" in run.log
+    assert re.search(r"ffid preservation: distance [0-9.e+-]+ \(a photo of", run.log), run.log[-3000:]
+    d = run.delta()
+    assert d.info.selection_fingerprint == on_top.delta().info.selection_fingerprint
+    assert _equal(d, on_top.delta())  # the preservation gradient changed what was trained
+    first = runs["plain"].delta()
+    for n in set(first.tensors) & set(d.tensors):
+        assert not set(first.tensors[n].indices.tolist()) & set(d.tensors[n].indices.tolist()), n
 
 
 def test_refusals_fire_through_musubi(runs):
