@@ -47,6 +47,7 @@ if str(HERE) not in sys.path:
 from compare import ADAPTER_TARGETS, md_table, quiet  # noqa: E402
 
 RESULT_TAG = "@@interference-result "
+PARTS = ("base", "spread", "compat-v2", "lora", "full")  # independent pieces of one seed
 METHODS = ("ffid plain", "ffid rehearsed", "ffid preserved", "ffid preserved compat-v2", "lora", "full")
 TITLES = {
     "ffid plain": "ffid plain",
@@ -319,85 +320,118 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
         log(f"  seed {seed}: {key} {timings[key]:.0f} s")
         return out
 
-    before = timed("score base", lambda: score(model_with_deltas(base_path, [])))
     lrs = {"lora": args.lora_lr, "full": args.full_lr}
-    stages: dict[str, dict[str, Any]] = {}  # method -> {"3a": scores, "3b": scores}
-    delta1: dict[str, Path] = {}
 
-    # ffid spread: one character1, three character2 variants from the same state
-    delta1["spread"], _, _ = timed(
-        "ffid 3a", lambda: train_character(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data)
-    )
-    after_3a = timed("score ffid 3a", lambda: score(model_with_deltas(base_path, [delta1["spread"]])))
-    for variant in ("plain", "rehearsed", "preserved"):
+    def part_base() -> dict[str, Any]:
+        return {"before": timed("score base", lambda: score(model_with_deltas(base_path, [])))}
+
+    def part_spread() -> dict[str, Any]:
+        # ffid spread: one character1, three character2 variants from the same state
+        d1, _, _ = timed(
+            "ffid 3a",
+            lambda: train_character(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data),
+        )
+        after_3a = timed("score ffid 3a", lambda: score(model_with_deltas(base_path, [d1])))
+        stages = {}
+        for variant in ("plain", "rehearsed", "preserved"):
+            d2, _, _ = timed(
+                f"ffid 3b {variant}",
+                lambda variant=variant: train_character(
+                    cfg,
+                    "character2",
+                    cfg.character2,
+                    cfg.ffid2,
+                    base_path,
+                    [d1],
+                    data,
+                    [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
+                    run_name=f"character2-{variant}",
+                    preserve=variant == "preserved",
+                ),
+            )
+            stages[f"ffid {variant}"] = {
+                "3a": after_3a,
+                "3b": timed(
+                    f"score ffid {variant}", lambda d2=d2: score(model_with_deltas(base_path, [d1, d2]))
+                ),
+            }
+        return {"stages": stages, "deltas1": {"spread": str(d1)}}
+
+    def part_compat() -> dict[str, Any]:
+        # ffid compat-v2: its own character1 (other selector), then character2 preserved
+        ccfg = replace(cfg, selector="compat-v2", output_dir=str(work / "compat-v2"))
+        d1, _, _ = timed(
+            "compat-v2 3a",
+            lambda: train_character(ccfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data),
+        )
+        c3a = timed("score compat-v2 3a", lambda: score(model_with_deltas(base_path, [d1])))
         d2, _, _ = timed(
-            f"ffid 3b {variant}",
-            lambda variant=variant: train_character(
-                cfg,
+            "compat-v2 3b preserved",
+            lambda: train_character(
+                ccfg,
                 "character2",
                 cfg.character2,
                 cfg.ffid2,
                 base_path,
-                [delta1["spread"]],
+                [d1],
                 data,
-                [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
-                run_name=f"character2-{variant}",
-                preserve=variant == "preserved",
+                run_name="character2-preserved",
+                preserve=True,
             ),
         )
-        stages[f"ffid {variant}"] = {
-            "3a": after_3a,
-            "3b": timed(
-                f"score ffid {variant}",
-                lambda d2=d2: score(model_with_deltas(base_path, [delta1["spread"], d2])),
-            ),
+        c3b = timed("score compat-v2 3b", lambda: score(model_with_deltas(base_path, [d1, d2])))
+        return {
+            "stages": {"ffid preserved compat-v2": {"3a": c3a, "3b": c3b}},
+            "deltas1": {"compat-v2": str(d1)},
         }
 
-    # ffid compat-v2: its own character1 (other selector), then character2 preserved
-    ccfg = replace(cfg, selector="compat-v2", output_dir=str(work / "compat-v2"))
-    delta1["compat-v2"], _, _ = timed(
-        "compat-v2 3a",
-        lambda: train_character(ccfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data),
-    )
-    c3a = timed("score compat-v2 3a", lambda: score(model_with_deltas(base_path, [delta1["compat-v2"]])))
-    d2c, _, _ = timed(
-        "compat-v2 3b preserved",
-        lambda: train_character(
-            ccfg,
-            "character2",
-            cfg.character2,
-            cfg.ffid2,
-            base_path,
-            [delta1["compat-v2"]],
-            data,
-            run_name="character2-preserved",
-            preserve=True,
-        ),
-    )
-    stages["ffid preserved compat-v2"] = {
-        "3a": c3a,
-        "3b": timed(
-            "score compat-v2 3b", lambda: score(model_with_deltas(base_path, [delta1["compat-v2"], d2c]))
-        ),
-    }
-
-    # LoRA and full FT, sequential: train character1, merge, train character2 on top, merge
-    for method in ("lora", "full"):
+    def part_dense(method: str) -> dict[str, Any]:
+        # LoRA / full FT, sequential: train character1, merge, train character2 on top, merge
         model, _ = load_model(base_path)
         model, _ = timed(
             f"{method} 3a",
-            lambda model=model, method=method: train_dense(
+            lambda: train_dense(
                 method, cfg, model, "character1", cfg.character1, cfg.ffid1, data, lrs[method]
             ),
         )
-        s3a = timed(f"score {method} 3a", lambda model=model: score(model))
+        s3a = timed(f"score {method} 3a", lambda: score(model))
         model, _ = timed(
             f"{method} 3b",
-            lambda model=model, method=method: train_dense(
+            lambda: train_dense(
                 method, cfg, model, "character2", cfg.character2, cfg.ffid2, data, lrs[method]
             ),
         )
-        stages[method] = {"3a": s3a, "3b": timed(f"score {method} 3b", lambda model=model: score(model))}
+        return {"stages": {method: {"3a": s3a, "3b": timed(f"score {method} 3b", lambda: score(model))}}}
+
+    runners = {
+        "base": part_base,
+        "spread": part_spread,
+        "compat-v2": part_compat,
+        "lora": lambda: part_dense("lora"),
+        "full": lambda: part_dense("full"),
+    }
+    # Each part is saved as it finishes; a part already saved in --work is reused, so parts can
+    # run in parallel processes (--part) and a final run without --part assembles them.
+    before: dict[str, Any] = {}
+    stages: dict[str, dict[str, Any]] = {}  # method -> {"3a": scores, "3b": scores}
+    delta1: dict[str, Path] = {}
+    for name in [args.part] if args.part else PARTS:
+        saved = work / f"part-{name}.json"
+        if saved.is_file():
+            got = json.loads(saved.read_text())
+            log(f"  seed {seed}: part {name} from {saved}")
+        else:
+            t = time.perf_counter()
+            got = runners[name]()
+            got["seconds"] = round(time.perf_counter() - t, 1)
+            work.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(got, indent=1) + "\n")
+        timings[f"part {name}"] = got["seconds"]
+        before.update(got.get("before", {}))
+        stages.update(got.get("stages", {}))
+        delta1.update({k: Path(v) for k, v in got.get("deltas1", {}).items()})
+    if args.part:
+        return {}
 
     # step time, interleaved in this process on the same batch
     steppers = {m: make_stepper(m, cfg, base_path, delta1, data, lrs) for m in METHODS}
@@ -529,12 +563,18 @@ def pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
-def seed_table(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> str:
-    plain_mem = memory["ffid plain"]
+def seed_table(r: dict[str, Any], memory: dict[str, dict[str, Any]] | None) -> str:
     rows = []
     for m in METHODS:
         x = r["methods"][m]
-        mem = memory[m]
+        mem_cells = ["-", "-", "-"]
+        if memory is not None:
+            mem, plain = memory[m], memory["ffid plain"]["peak_above_base"]
+            mem_cells = [
+                f"{mem['peak_mem'] / 2**20:.1f} MiB",
+                f"{mem['peak_above_base'] / 2**20:.1f} MiB",
+                f"{mem['peak_above_base'] / plain:.2f}x",
+            ]
         rows.append(
             [
                 TITLES[m],
@@ -546,9 +586,7 @@ def seed_table(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> str:
                 f"{(x['base_after_3b'] - x['base_after_3a']) * 100:+.1f}",
                 f"{x['step_s'] * 1000:.1f}",
                 f"{x['step_ratio']:.2f}x",
-                f"{mem['peak_mem'] / 2**20:.1f} MiB",
-                f"{mem['peak_above_base'] / 2**20:.1f} MiB",
-                f"{mem['peak_above_base'] / plain_mem['peak_above_base']:.2f}x",
+                *mem_cells,
             ]
         )
     header = [
@@ -568,15 +606,14 @@ def seed_table(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> str:
     return md_table(header, rows)
 
 
-def checks(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def checks(r: dict[str, Any], memory: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """PASS/MISS of the issue's targets for the preserved methods (memory only when measured)."""
     out = []
-    plain_mem = memory["ffid plain"]["peak_above_base"]
     for m in TARGETED:
         x = r["methods"][m]
         ret = x["retention"]
         base_drop = x["base_after_3a"] - x["base_after_3b"]
-        mem_ratio = memory[m]["peak_above_base"] / plain_mem
-        for name, ok, detail in (
+        targets = [
             (
                 f"character1 keeps >= {KEEP:.0%} of its gain",
                 ret is not None and ret >= KEEP,
@@ -598,13 +635,19 @@ def checks(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> list[dict[st
                 x["step_ratio"] <= TIME_LIMIT,
                 f"{x['step_ratio']:.2f}x",
             ),
-            (
-                f"peak memory <= ffid plain + {MEM_SLACK:.0%}",
-                mem_ratio <= 1 + MEM_SLACK,
-                f"{mem_ratio:.2f}x of plain's peak above the loaded libraries "
-                f"({memory[m]['peak_above_base'] / 2**20:.1f} vs {plain_mem / 2**20:.1f} MiB)",
-            ),
-        ):
+        ]
+        if memory is not None:
+            plain_mem = memory["ffid plain"]["peak_above_base"]
+            mem_ratio = memory[m]["peak_above_base"] / plain_mem
+            targets.append(
+                (
+                    f"peak memory <= ffid plain + {MEM_SLACK:.0%}",
+                    mem_ratio <= 1 + MEM_SLACK,
+                    f"{mem_ratio:.2f}x of plain's peak above the loaded libraries "
+                    f"({memory[m]['peak_above_base'] / 2**20:.1f} vs {plain_mem / 2**20:.1f} MiB)",
+                )
+            )
+        for name, ok, detail in targets:
             out.append({"method": m, "target": name, "ok": bool(ok), "detail": detail})
     return out
 
@@ -612,7 +655,7 @@ def checks(r: dict[str, Any], memory: dict[str, dict[str, Any]]) -> list[dict[st
 def render(
     args: argparse.Namespace,
     results: list[dict[str, Any]],
-    memory: dict[str, dict[str, Any]],
+    memory: dict[str, dict[str, Any]] | None,
     command: str,
     elapsed: float,
 ) -> str:
@@ -710,15 +753,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="folder for the .md/.json (default bench/results)")
     ap.add_argument("--work", default=None, help="folder for deltas (default: a temporary folder)")
     ap.add_argument("--cache", default=None, help="pretrained bases (default ~/.cache/ffid/interference)")
+    ap.add_argument(
+        "--part",
+        choices=PARTS,
+        default=None,
+        help="run one independent part of each seed and save it in --work (for parallel processes); "
+        "a later run with the same --work and no --part reuses the saved parts",
+    )
     ap.add_argument("--stem", default=None, help="file name of the results (default from the seeds)")
+    ap.add_argument(
+        "--skip-memory", action="store_true", help="no memory probes (--combine takes another run's)"
+    )
+    ap.add_argument(
+        "--memory-from", default=None, help="reuse the peak-memory probes of an earlier run's .json"
+    )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        help="no training: merge the .json of runs of single seeds into one report (--stem, default "
+        "interference-cpu)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for k, quick, full in (("warmup", 1, 3), ("time_steps", 2, 15), ("mem_steps", 2, 3)):
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
+    if args.part and not args.work:
+        ap.error("--part needs --work (the folder the parts are saved in and read back from)")
     if args.quick and not args.fresh_process:
         args.in_process = True  # a fresh process per method costs more than the whole smoke run
     return args
+
+
+def combine(args: argparse.Namespace) -> int:
+    """One report from runs of different seeds (run in parallel as separate processes)."""
+    runs = [json.loads(Path(p).read_text()) for p in args.combine]
+    results = sorted((r for run in runs for r in run["seeds"]), key=lambda r: r["seed"])
+    first = argparse.Namespace(**runs[0]["args"])
+    memory = next((run["memory"] for run in runs if run["memory"]), None)
+    for r in results:
+        r["checks"] = checks(r, memory)
+    command = " ; ".join(run["command"] for run in runs)
+    elapsed = max(r["seconds"] for r in results)
+    text = render(first, results, memory, command, elapsed)
+    text += (
+        "\nCombined from "
+        + ", ".join(f"`{Path(p).name}`" for p in args.combine)
+        + " (seeds run in parallel).\n"
+    )
+    out = Path(args.out or HERE / "results")
+    stem = args.stem or "interference-cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    payload = {"command": command, "args": runs[0]["args"], "memory": memory, "seeds": results}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(text)
+    print(f"wrote {out / stem}.md/.json")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -727,6 +819,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         print(RESULT_TAG + json.dumps(memory_probe(json.loads(args.worker))), flush=True)
         return 0
+    if args.combine:
+        return combine(args)
     start = time.perf_counter()
     command = (
         "python bench/interference.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
@@ -745,11 +839,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     memory: dict[str, dict[str, Any]] | None = None
+    if args.memory_from:
+        memory = json.loads(Path(args.memory_from).read_text())["memory"]
+        log(f"peak memory: taken from {args.memory_from} (the same shapes for every seed)")
     try:
         for seed in args.seeds:
             log(f"seed {seed}: training every method")
             r = run_seed(args, seed, log)
-            if memory is None:
+            if args.part:
+                log(f"seed {seed}: part {args.part} saved in {Path(args.work) / f'seed{seed}'}")
+                continue
+            if memory is None and not args.skip_memory:
                 log("peak memory, a fresh process per method" + (" (in process)" if args.in_process else ""))
                 memory = measure_memory(args, r)
             r["checks"] = checks(r, memory)
@@ -769,8 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print()
-    print(text)
+    if results:
+        print()
+        print(text)
     return 0
 
 
