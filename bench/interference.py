@@ -47,7 +47,16 @@ if str(HERE) not in sys.path:
 from compare import ADAPTER_TARGETS, md_table, quiet  # noqa: E402
 
 RESULT_TAG = "@@interference-result "
-PARTS = ("base", "spread", "compat-v2", "lora", "full")  # independent pieces of one seed
+PARTS = (
+    "base",
+    "spread-3a",
+    "plain",
+    "rehearsed",
+    "preserved",
+    "compat-v2",
+    "lora",
+    "full",
+)  # independent pieces of one seed
 METHODS = ("ffid plain", "ffid rehearsed", "ffid preserved", "ffid preserved compat-v2", "lora", "full")
 TITLES = {
     "ffid plain": "ffid plain",
@@ -325,37 +334,42 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
     def part_base() -> dict[str, Any]:
         return {"before": timed("score base", lambda: score(model_with_deltas(base_path, [])))}
 
-    def part_spread() -> dict[str, Any]:
-        # ffid spread: one character1, three character2 variants from the same state
-        d1, _, _ = timed(
-            "ffid 3a",
-            lambda: train_character(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data),
-        )
-        after_3a = timed("score ffid 3a", lambda: score(model_with_deltas(base_path, [d1])))
-        stages = {}
-        for variant in ("plain", "rehearsed", "preserved"):
-            d2, _, _ = timed(
-                f"ffid 3b {variant}",
-                lambda variant=variant: train_character(
-                    cfg,
-                    "character2",
-                    cfg.character2,
-                    cfg.ffid2,
-                    base_path,
-                    [d1],
-                    data,
-                    [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
-                    run_name=f"character2-{variant}",
-                    preserve=variant == "preserved",
-                ),
+    spread_delta1 = work / "character1" / "character1.safetensors"  # where train_character writes it
+
+    def part_spread_3a() -> dict[str, Any]:
+        # ffid spread: one character1 for the three variants (a delta1 already in --work is reused:
+        # the same config and seed train the same delta)
+        if not spread_delta1.is_file():
+            timed(
+                "ffid 3a",
+                lambda: train_character(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data),
             )
-            stages[f"ffid {variant}"] = {
-                "3a": after_3a,
-                "3b": timed(
-                    f"score ffid {variant}", lambda d2=d2: score(model_with_deltas(base_path, [d1, d2]))
-                ),
-            }
-        return {"stages": stages, "deltas1": {"spread": str(d1)}}
+        after_3a = timed("score ffid 3a", lambda: score(model_with_deltas(base_path, [spread_delta1])))
+        return {"spread_3a": after_3a, "deltas1": {"spread": str(spread_delta1)}}
+
+    def part_variant(variant: str) -> dict[str, Any]:
+        # character2 on top of the spread delta1, from the same state for every variant
+        if not spread_delta1.is_file():
+            raise SystemExit(f"part {variant} needs {spread_delta1}: run part spread-3a first")
+        d2, _, _ = timed(
+            f"ffid 3b {variant}",
+            lambda: train_character(
+                cfg,
+                "character2",
+                cfg.character2,
+                cfg.ffid2,
+                base_path,
+                [spread_delta1],
+                data,
+                [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
+                run_name=f"character2-{variant}",
+                preserve=variant == "preserved",
+            ),
+        )
+        after = timed(
+            f"score ffid {variant}", lambda: score(model_with_deltas(base_path, [spread_delta1, d2]))
+        )
+        return {"spread_3b": {f"ffid {variant}": after}, "deltas1": {"spread": str(spread_delta1)}}
 
     def part_compat() -> dict[str, Any]:
         # ffid compat-v2: its own character1 (other selector), then character2 preserved
@@ -405,7 +419,10 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
 
     runners = {
         "base": part_base,
-        "spread": part_spread,
+        "spread-3a": part_spread_3a,
+        "plain": lambda: part_variant("plain"),
+        "rehearsed": lambda: part_variant("rehearsed"),
+        "preserved": lambda: part_variant("preserved"),
         "compat-v2": part_compat,
         "lora": lambda: part_dense("lora"),
         "full": lambda: part_dense("full"),
@@ -415,6 +432,7 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
     before: dict[str, Any] = {}
     stages: dict[str, dict[str, Any]] = {}  # method -> {"3a": scores, "3b": scores}
     delta1: dict[str, Path] = {}
+    spread_3a: dict[str, Any] = {}
     for name in [args.part] if args.part else PARTS:
         saved = work / f"part-{name}.json"
         if saved.is_file():
@@ -430,8 +448,12 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
         before.update(got.get("before", {}))
         stages.update(got.get("stages", {}))
         delta1.update({k: Path(v) for k, v in got.get("deltas1", {}).items()})
+        spread_3a.update(got.get("spread_3a", {}))
+        stages.update({m: {"3b": v} for m, v in got.get("spread_3b", {}).items()})
     if args.part:
         return {}
+    for m in ("ffid plain", "ffid rehearsed", "ffid preserved"):
+        stages[m]["3a"] = spread_3a  # one shared character1
 
     # step time, interleaved in this process on the same batch
     steppers = {m: make_stepper(m, cfg, base_path, delta1, data, lrs) for m in METHODS}
