@@ -787,6 +787,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--skip-memory", action="store_true", help="no memory probes (--combine takes another run's)"
     )
     ap.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the memory probes, on the character1 deltas in --work (for --memory-from)",
+    )
+    ap.add_argument(
         "--memory-from", default=None, help="reuse the peak-memory probes of an earlier run's .json"
     )
     ap.add_argument(
@@ -801,11 +806,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for k, quick, full in (("warmup", 1, 3), ("time_steps", 2, 15), ("mem_steps", 2, 3)):
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
+    args.cache = args.cache or os.path.join(os.path.expanduser("~"), ".cache", "ffid", "interference")
     if args.part and not args.work:
         ap.error("--part needs --work (the folder the parts are saved in and read back from)")
     if args.quick and not args.fresh_process:
         args.in_process = True  # a fresh process per method costs more than the whole smoke run
     return args
+
+
+def memory_only(args: argparse.Namespace) -> int:
+    """Only the memory probes of the first seed, on the character1 deltas already in ``--work``
+    (run next to the training parts; the final run takes them with ``--memory-from``)."""
+    from ffid.demo.data import load_digit_images
+    from ffid.demo.pipeline import load_or_pretrain
+
+    seed = args.seeds[0]
+    work = Path(args.work) / f"seed{seed}"
+    cfg = demo_config(seed, args.quick, work, Path(args.cache), args.threads)
+    base_path, _, _ = load_or_pretrain(cfg, load_digit_images(cfg.spec.image_size), print)
+    deltas1 = {
+        "spread": work / "character1" / "character1.safetensors",
+        "compat-v2": work / "compat-v2" / "character1" / "character1.safetensors",
+    }
+    missing = [str(p) for p in deltas1.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--memory-only needs the character1 deltas in --work; missing {missing}")
+    fake = {
+        "seed": seed,
+        "config": {"threads": cfg.threads},
+        "base": str(base_path),
+        "deltas1": {k: str(v) for k, v in deltas1.items()},
+    }
+    memory = measure_memory(args, fake)
+    out = Path(args.out or HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.stem or f'interference-memory-seed{seed}'}.json"
+    path.write_text(json.dumps({"memory": memory, "probe": fake}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
 
 
 def combine(args: argparse.Namespace) -> int:
@@ -843,11 +881,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.combine:
         return combine(args)
+    if args.memory_only:
+        return memory_only(args)
     start = time.perf_counter()
     command = (
         "python bench/interference.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     )
-    args.cache = args.cache or os.path.join(os.path.expanduser("~"), ".cache", "ffid", "interference")
     out = Path(args.out or HERE / "results")
     seeds = "-".join(str(s) for s in args.seeds)
     stem = args.stem or ("interference-quick" if args.quick else f"interference-cpu-seed{seeds}")
