@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
 from .config import TrainConfig
 from .data import BatchOrder, move_to
 from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
@@ -290,10 +290,19 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if resume_dir is not None and resume_meta is not None:
         check_identity(resume_dir, resume_meta, identity)
         st = load_state(resume_dir, rank)
-        handle.load_state_dict(st["proxies"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"], generator)
+        try:
+            handle.load_state_dict(st["proxies"])
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"], generator)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, FfidError):
+                raise
+            why = " ".join(str(exc).split())[:160]
+            raise ModelFileError(
+                f"resume state {str(resume_dir)!r} does not fit this run ({why}); "
+                "it is damaged or was edited: resume from another state or start a new run"
+            ) from None
         pos = Position(resume_meta["step"], resume_meta["epoch"], resume_meta["index"])
         losses = list(resume_meta["losses"])[: pos.step]
 
