@@ -7,9 +7,18 @@ import pickle
 from pathlib import Path
 
 import pytest
-from tests.test_train import TinyTask, cfg_for
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tests.test_checkpoint import StandInHandle, save_state
+from tests.test_train import TinyNet, TinyTask, cfg_for
+from tests.tiny_models import tiny_wan
 
-from ffid.errors import ModelFileError
+import ffid
+from ffid.checkpoint import apply_delta, extract_delta, save_delta
+from ffid.checkpoint.delta import VALUE_SUFFIX
+from ffid.cli import main
+from ffid.errors import ConfigError, ModelFileError
 from ffid.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,3 +82,136 @@ def test_no_unsafe_loader_in_the_sources() -> None:
         text = path.read_text(encoding="utf-8")
         for bad in ("weights_only=False", "pickle.load", "pickle.loads"):
             assert bad not in text, f"{path}: {bad}"
+
+
+# shared helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """A tiny Wan base (fp32 and bf16), one delta for it."""
+    tmp = tmp_path_factory.mktemp("wan")
+    model = tiny_wan()
+    save_state(model, tmp / "base.safetensors")
+    save_state(model, tmp / "base16.safetensors", torch.float16)
+    save_delta(StandInHandle(model, ffid.plan(model, 0.05, 1)), tmp / "d.safetensors")
+    return tmp
+
+
+def rewrite(src: Path, dst: Path, change) -> Path:
+    """Copy a safetensors file with ``change(tensors, metadata)`` applied (in place on the dicts)."""
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        meta = f.metadata()
+    change(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def first_value_key(tensors: dict) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(VALUE_SUFFIX) and tensors[k].numel() > 4)
+
+
+def poison(value: float):
+    def change(tensors, meta):
+        key = first_value_key(tensors)
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[3] = value
+
+    return change
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run the CLI; return (exit code, stderr), asserting stderr is one line when it fails."""
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    if rc:
+        assert len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+    return rc, err
+
+
+def nothing_written(folder: Path, before: set[str]) -> bool:
+    return {p.name for p in folder.iterdir()} == before
+
+
+# 2. No NaN/inf in outputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_merge_refuses_a_delta_holding_nonfinite_values(wan, tmp_path, capsys, value):
+    bad = rewrite(wan / "d.safetensors", tmp_path / "bad.safetensors", poison(value))
+    before = {p.name for p in tmp_path.iterdir()}
+    rc, err = run_cli(
+        capsys, "merge", str(wan / "base.safetensors"), str(bad), "-o", str(tmp_path / "m.safetensors"), "-q"
+    )
+    assert rc == 2 and "NaN/inf" in err and VALUE_SUFFIX not in err.split("tensor")[0]
+    assert nothing_written(tmp_path, before)
+    # the library refuses it too, naming the tensor
+    with pytest.raises(ModelFileError, match=r"tensor '.*' holds 1 NaN/inf value"):
+        apply_delta(tiny_wan(), bad)
+
+
+@pytest.mark.parametrize("mult", ["nan", "inf", "-inf", "1e39"])
+def test_merge_refuses_a_nonfinite_multiplier(wan, tmp_path, capsys, mult):
+    before = {p.name for p in tmp_path.iterdir()}
+    rc, err = run_cli(
+        capsys, "merge", str(wan / "base.safetensors"), str(wan / "d.safetensors"),
+        "-o", str(tmp_path / "m.safetensors"), f"--multiplier={mult}", "-q",
+    )  # fmt: skip
+    assert rc == 2 and "finite" in err
+    assert nothing_written(tmp_path, before)
+    with pytest.raises(ConfigError, match="finite"):
+        apply_delta(tiny_wan(), wan / "d.safetensors", float(mult))
+
+
+@pytest.mark.parametrize(
+    "base,extra", [("base.safetensors", ["--dtype", "fp16"]), ("base16.safetensors", [])]
+)
+def test_merge_refuses_a_multiplier_that_overflows_the_output_dtype(wan, tmp_path, capsys, base, extra):
+    before = {p.name for p in tmp_path.iterdir()}
+    rc, err = run_cli(
+        capsys, "merge", str(wan / base), str(wan / "d.safetensors"), "--no-verify",
+        "-o", str(tmp_path / "m.safetensors"), "--multiplier", "1e30", *extra, "-q",
+    )  # fmt: skip
+    assert rc == 2 and "overflow" in err
+    assert nothing_written(tmp_path, before)
+
+
+def test_merge_cast_refuses_values_beyond_the_output_range(tmp_path, capsys):
+    model = torch.nn.Linear(64, 4, bias=False)
+    weight = model.weight.detach().clone()
+    save_file({"weight": weight, "big": torch.tensor([1.0, 1e6])}, str(tmp_path / "b.safetensors"))
+    d = tmp_path / "d.safetensors"
+    save_delta(StandInHandle(model, ffid.plan(model, 0.05, 1)), d)
+    out = tmp_path / "m.safetensors"
+    rc, err = run_cli(
+        capsys, "merge", str(tmp_path / "b.safetensors"), str(d), "-o", str(out), "--dtype", "fp16", "-q"
+    )
+    assert rc == 2 and "'big'" in err and "inf" in err
+    assert not out.exists()
+
+
+def test_extract_refuses_a_tuned_file_holding_nan(wan, tmp_path, capsys):
+    tuned = rewrite(
+        wan / "base.safetensors",
+        tmp_path / "t.safetensors",
+        lambda t, m: t.__setitem__(
+            "blocks.0.attn1.to_q.weight", torch.full_like(t["blocks.0.attn1.to_q.weight"], float("nan"))
+        ),
+    )
+    out = tmp_path / "x.safetensors"
+    rc, err = run_cli(capsys, "extract", str(wan / "base.safetensors"), str(tuned), "-o", str(out), "-q")
+    assert rc == 2 and "blocks.0.attn1.to_q.weight" in err and "NaN/inf" in err
+    assert not out.exists()
+    with pytest.raises(ModelFileError, match="NaN/inf"):
+        extract_delta(wan / "base.safetensors", tuned, out)
+
+
+def test_train_with_a_nan_base_delta_names_the_delta_not_the_learning_rate(tmp_path):
+    net = TinyNet()
+    d = tmp_path / "prev.safetensors"
+    save_delta(StandInHandle(net, ffid.plan(net, 0.05, 2)), d)
+    bad = rewrite(d, tmp_path / "bad.safetensors", poison(float("nan")))
+    with pytest.raises(ModelFileError, match=r"bad.safetensors tensor .* NaN/inf"):
+        train(cfg_for(tmp_path, base_deltas=[str(bad)], max_train_steps=2), task=TinyTask())

@@ -36,6 +36,8 @@ from .stio import (
     index_code,
     is_float_code,
     np_storage,
+    require_finite,
+    require_finite_scalar,
     to_f32,
     write_safetensors_stream,
 )
@@ -306,13 +308,24 @@ class DeltaFile:
         return idx
 
     def read_values(self, name: str) -> torch.Tensor:
-        """The stored values of ``name``, flat, in their stored dtype."""
-        return self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+        """The stored values of ``name``, flat, in their stored dtype (refused unless all finite)."""
+        values = self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+        self._check_finite(name, values)
+        return values
 
     def read_values_f32(self, name: str) -> np.ndarray:
         """The stored values of ``name`` as flat numpy fp32 (F32/F16/BF16 values; no torch needed)."""
         entry = self.file.entries[name + VALUE_SUFFIX]
-        return to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
+        values = to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
+        self._check_finite(name, values)
+        return values
+
+    def _check_finite(self, name: str, values: Any) -> None:
+        require_finite(
+            values,
+            f"delta {self.path} tensor {name!r}",
+            "the delta is corrupt or its training diverged: re-train or re-extract it",
+        )
 
     def read(self, name: str) -> DeltaTensor:
         return DeltaTensor(name, self.shape(name), self.read_indices(name), self.read_values(name))
@@ -438,6 +451,13 @@ def write_delta(
             continue
         if t.values.numel() != t.count:
             raise ConfigError(f"{t.name!r}: {t.values.numel()} values for {t.count} indices")
+        require_finite(
+            t.values,
+            f"tensor {t.name!r} to be saved in delta {path.name}",
+            "a delta must hold finite values: fix the source (training diverged or the tuned file is "
+            "corrupt)",
+            ConfigError,
+        )
         selected += t.count
         if t.whole:
             entries.append((t.name + VALUE_SUFFIX, value_code, t.shape))
@@ -586,6 +606,7 @@ def apply_delta(
     """
     import torch
 
+    multiplier = require_finite_scalar(multiplier, "multiplier")
     if not isinstance(delta, Delta):
         delta = load_delta(delta)
     targets = _module_tensors(model)
@@ -633,6 +654,13 @@ def apply_delta(
                 )
             idx = dt.indices.to(t.device)
             new = blend(flat[idx], dt.values.to(t.device), multiplier)
-            flat[idx] = new.to(t.dtype)
+            new = new.to(t.dtype)
+            require_finite(
+                new,
+                f"tensor {dt.name!r} with multiplier {multiplier!r} applied",
+                "the result overflows the model's dtype: use a smaller multiplier",
+                ConfigError,
+            )
+            flat[idx] = new
             elements += dt.count
     return ApplyResult(len(plan), elements, renamed)

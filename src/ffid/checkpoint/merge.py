@@ -40,9 +40,12 @@ from .stio import (
     dtype_code,
     from_f32,
     is_float_code,
+    nonfinite,
     np_storage,
     one_thread,
     parse_dtype,
+    require_finite,
+    require_finite_scalar,
     tensor_bytes,
     to_f32,
     write_all,
@@ -170,7 +173,9 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
     if len(reads) == 1:
         idx, vals, m = reads[0]
         # With multiplier 1 the base values are not needed: no gather (no read faults on a mapping).
-        out[idx] = (vals if m == 1.0 else blend(t[idx], vals, m)).to(out_dtype)
+        new = (vals if m == 1.0 else blend(t[idx], vals, m)).to(out_dtype)
+        _require_finite_result(new, plist[0].name, str(out_dtype).replace("torch.", ""))
+        out[idx] = new
         return out, idx.numel()
     # Several deltas: where they overlap, their differences add up; elsewhere each writes its own.
     cat = torch.cat([r[0] for r in reads])
@@ -190,8 +195,20 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
         solo = counts[inv] == 1
         # A lone position with multiplier 1 takes the trained value itself, bit for bit.
         result[inv[solo]] = blend(base_u[inv[solo]], vals[solo], m)
-    out[uniq] = result.to(out_dtype)
+    result = result.to(out_dtype)
+    _require_finite_result(result, plist[0].name, str(out_dtype).replace("torch.", ""))
+    out[uniq] = result
     return out, uniq.numel()
+
+
+def _require_finite_result(values: object, name: str, code: str) -> None:
+    require_finite(
+        values,
+        f"merged tensor {name!r} ({code})",
+        "the multiplier makes values overflow the output dtype: use a smaller --multiplier or "
+        "--dtype fp32",
+        ConfigError,
+    )
 
 
 def _numpy_ok(code: str, plist: list[_Patch], overlap_free: bool) -> bool:
@@ -214,10 +231,13 @@ def _patch_np(arr: np.ndarray, code: str, plist: list[_Patch]) -> int:
         idx = p.delta.read_indices_np(p.name)
         vals = p.delta.read_values_f32(p.name)
         if p.multiplier == 1.0:
-            arr[idx] = from_f32(vals, code)
+            new = from_f32(vals, code)
         else:
             base = to_f32(arr[idx], code)
-            arr[idx] = from_f32(base + np.float32(p.multiplier) * (vals - base), code)
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = from_f32(base + np.float32(p.multiplier) * (vals - base), code)
+        _require_finite_result(to_f32(new, code), p.name, code)
+        arr[idx] = new
         n += idx.size
     return n
 
@@ -363,7 +383,13 @@ def _write_shard(
                 tensors += 1
                 elements += n
             else:
+                src_bad = nonfinite(t)
                 t = t.to(want_dtype)
+                if nonfinite(t) > src_bad:
+                    raise ConfigError(
+                        f"base tensor {e.key!r} has values beyond the range of {codes[e.key]}; casting would "
+                        "write inf: keep the base dtype (no --dtype) or use --dtype bf16/fp32"
+                    )
             write_all(f, tensor_bytes(t))
             if progress is not None:
                 progress(e.nbytes)
@@ -396,6 +422,7 @@ def merge_checkpoint(
         if isinstance(multipliers, (int, float))
         else [float(m) for m in multipliers]
     )
+    mults = [require_finite_scalar(m, "--multiplier") for m in mults]
     if len(mults) == 1 and len(deltas) > 1:
         mults = mults * len(deltas)
     if len(mults) != len(deltas):
