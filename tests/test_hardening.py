@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,85 @@ def test_train_with_a_nan_base_delta_names_the_delta_not_the_learning_rate(tmp_p
     bad = rewrite(d, tmp_path / "bad.safetensors", poison(float("nan")))
     with pytest.raises(ModelFileError, match=r"bad.safetensors tensor .* NaN/inf"):
         train(cfg_for(tmp_path, base_deltas=[str(bad)], max_train_steps=2), task=TinyTask())
+
+
+# 3. No path escape through a sharded index ---------------------------------------------------
+
+
+def _index_with(folder: Path, shard: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"w": shard}}))
+    return index
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", ".."])
+@pytest.mark.parametrize("command", ["plan", "estimate", "inspect", "overlap"])
+def test_index_shards_outside_the_index_folder_are_refused(tmp_path, capsys, shard, command):
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "outside.safetensors"))
+    index = _index_with(tmp_path / "model", shard)
+    argv = {
+        "plan": ["plan", str(index), "--ff", "0.1", "--ffid", "1"],
+        "estimate": ["estimate", str(index), "--ff", "0.1"],
+        "inspect": ["inspect", str(index)],
+        "overlap": ["overlap", str(index), "--ff", "0.1", "--ffids", "1,2"],
+    }[command]
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 2 and "outside its folder" in err, err
+
+
+@pytest.mark.parametrize("weight_map", [[], "x", {"w": 3}, {"w": None}, {}])
+def test_index_with_a_malformed_weight_map_is_one_line(tmp_path, capsys, weight_map):
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for argv in (["plan", str(tmp_path / "m.safetensors.index.json"), "--ff", "0.1", "--ffid", "1"],
+                 ["inspect", str(tmp_path / "m.safetensors.index.json")]):  # fmt: skip
+        rc, err = run_cli(capsys, *argv)
+        assert rc == 2, err
+
+
+# 7./8. Malformed safetensors headers: one line, never a traceback, never accepted --------------
+
+
+def _raw_file(path: Path, header: str | bytes, data: bytes = b"\0" * 64) -> Path:
+    raw = header.encode() if isinstance(header, str) else header
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+BAD_HEADERS = {
+    "deep": "[" * 100_000 + "]" * 100_000,
+    "duplicate": '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+    '"a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}',
+    "overlap": '{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
+    '"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}',
+    "float-shape": '{"a":{"dtype":"F32","shape":[4.5,4],"data_offsets":[0,16]}}',
+    "string-shape": '{"a":{"dtype":"F32","shape":"44","data_offsets":[0,16]}}',
+    "bool-shape": '{"a":{"dtype":"F32","shape":[true,4],"data_offsets":[0,16]}}',
+    "negative": '{"a":{"dtype":"F32","shape":[-4],"data_offsets":[16,0]}}',
+    "surrogate": '{"a\\ud800":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+    "meta-int": '{"__metadata__":{"k":3},"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+    "meta-list": '{"__metadata__":[1],"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}',
+    "entry-list": '{"a":[1,2,3]}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_HEADERS))
+@pytest.mark.parametrize("command", ["plan", "inspect", "merge"])
+def test_malformed_headers_are_refused_in_one_line(wan, tmp_path, capsys, kind, command):
+    bad = _raw_file(tmp_path / "bad.safetensors", BAD_HEADERS[kind])
+    out = tmp_path / "out.safetensors"
+    argv = {
+        "plan": ["plan", str(bad), "--ff", "0.1", "--ffid", "1"],
+        "inspect": ["inspect", str(bad)],
+        "merge": ["merge", str(bad), str(wan / "d.safetensors"), "-o", str(out), "-q"],
+    }[command]
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 2, err
+    assert not out.exists()
+
+
+def test_a_device_or_fifo_is_not_read_as_a_model(tmp_path, capsys):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    rc, err = run_cli(capsys, "inspect", str(fifo))  # would block forever if opened
+    assert rc == 2 and "regular file" in err

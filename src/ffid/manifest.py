@@ -12,6 +12,7 @@ what a report shows) needs only a :class:`Manifest`. One can be made from
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -169,19 +170,72 @@ def manifest_from_module(module: torch.nn.Module, block_pattern: str | None = No
 
 
 # -- from safetensors headers --------------------------------------------------------------------
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
+        return False
+    return True
+
+
+def parse_json_strict(raw: bytes | str, lead: str, fix: str) -> Any:
+    """JSON as ffid reads it from files: no duplicate keys, no runaway nesting, valid UTF-8 only.
+
+    Anything else is a :class:`ModelFileError` saying ``{lead} ({why}); {fix}``.
+    """
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        why = f"key {str(exc)!r} appears twice"
+    except RecursionError:
+        why = "nested too deeply"
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = " ".join(str(exc).split())[:120]
+    raise ModelFileError(f"{lead} ({why}); {fix}")
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _open_regular(path: Path) -> int:
+    """The size of ``path``, refusing anything that is not a regular file (devices, FIFOs, folders)."""
+    import stat
+
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file; check the path")
+    st = path.stat()
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFileError(f"{path} is a folder, expected a .safetensors file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(f"{path} is not a regular file (a device or pipe); name a .safetensors file")
+    return st.st_size
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
     """Read and validate a safetensors header without touching the tensor data.
 
     Returns ``(entries, metadata, data_start)`` where ``entries`` maps each stored key to
     ``{"dtype", "shape", "data_offsets"}`` and ``data_start`` is the byte offset of the data.
-    Raises :class:`ModelFileError` for anything that is not a complete safetensors file.
+    Raises :class:`ModelFileError` for anything that is not a complete, well-formed safetensors
+    file: duplicate keys, names or metadata that are not valid UTF-8 strings, shapes that are not
+    lists of non-negative integers, data ranges that do not match the shape or overlap.
     """
     path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, expected a .safetensors file")
-    size = path.stat().st_size
+    size = _open_regular(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -196,42 +250,106 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
                 f"{size} bytes); re-download or re-save it"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(
-            f"{path} has a corrupt safetensors header ({exc});"
-            " re-download or re-save it"
-        ) from None
+    header = parse_json_strict(raw, f"{path} has a corrupt safetensors header", "re-download or re-save it")
     if not isinstance(header, dict):
         raise ModelFileError(
             f"{path} has a corrupt safetensors header (not a JSON object);"
             " re-download or re-save it"
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in metadata.items()
+    ):
+        raise ModelFileError(
+            f"{path} has corrupt safetensors metadata (it must map strings to strings); re-save the file"
+        )
     data_len = size - 8 - n
     end_max = 0
+    ranges = []
     for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == numel * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            ok = False
+        ok = _utf8(key) and isinstance(entry, dict)
+        if ok:
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            ok = (
+                isinstance(dtype, str)
+                and dtype in DTYPE_BYTES
+                and isinstance(shape, list)
+                and all(_is_count(d) for d in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(_is_count(o) for o in offsets)
+            )
+        if ok:
+            start, end = offsets
+            ok = start <= end and end - start == math.prod(shape) * DTYPE_BYTES[dtype]
         if not ok:
             raise ModelFileError(
-                f"{path}: header entry {key!r} is malformed;"
-                " the file is corrupt, re-save it"
+                f"{path}: header entry {key!r} is malformed (dtype, shape of non-negative integers and "
+                "matching data_offsets required); the file is corrupt, re-save it"
             )
+        if end > start:
+            ranges.append((start, end, key))
         end_max = max(end_max, end)
+    ranges.sort()
+    for (_, prev_end, prev_key), (start, _, key) in itertools.pairwise(ranges):
+        if start < prev_end:
+            raise ModelFileError(
+                f"{path}: the data of {prev_key!r} and {key!r} overlap; the file is corrupt or crafted, "
+                "re-save it"
+            )
     if end_max > data_len:
         raise ModelFileError(
             f"{path} is truncated: its header describes {end_max} bytes of data but only {data_len} are "
             "present; re-download or re-save it"
         )
-    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+    return header, dict(metadata), 8 + n
+
+
+def _flat_name(name: Any) -> bool:
+    """A shard name that stays in the index's folder: a plain file name, no separators or '..'."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and _utf8(name)
+        and Path(name).name == name
+    )
+
+
+def read_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Read a ``*.safetensors.index.json``: the index itself and tensor key -> shard path.
+
+    The one reader of indexes (plan, overlap, estimate, inspect, merge, extract). One rule for
+    shards: they live in the index's folder, so a shard name with a separator, ``..`` or an
+    absolute path is refused; a ``weight_map`` that is not an object of strings is refused.
+    """
+    path = Path(path)
+    _open_regular(path)
+    if path.stat().st_size > _MAX_HEADER:
+        raise ModelFileError(f"{path} is too large to be a safetensors index; name the right file")
+    fix = "re-download or re-save the checkpoint"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc.strerror}); check its permissions") from None
+    index = parse_json_strict(raw, f"{path} is not a valid safetensors index", fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFileError(f"{path} is not a valid safetensors index (no 'weight_map' object); {fix}")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not _utf8(key):
+            raise ModelFileError(f"{path}: weight_map entry {key!r} is not a shard file name; {fix}")
+        if not _flat_name(shard):
+            raise ModelFileError(
+                f"{path} names shard {shard!r} outside its folder; shards must be plain file names next "
+                "to the index, ffid never reads elsewhere"
+            )
+    meta = index.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: 'metadata' is not a JSON object; {fix}")
+    return index, {key: path.parent / shard for key, shard in weight_map.items()}
 
 
 def _tensors_from_header(entries: dict[str, Any], file: str | None) -> list[TensorInfo]:
@@ -254,21 +372,11 @@ def manifest_from_safetensors(path: str | os.PathLike[str], block_pattern: str |
 
 def manifest_from_index(path: str | os.PathLike[str], block_pattern: str | None = None) -> Manifest:
     """Manifest of a sharded checkpoint from its ``*.safetensors.index.json`` and shard headers."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file; check the path")
-    try:
-        index = json.loads(path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelFileError(
-            f"{path} is not a valid safetensors index ({exc});"
-            " re-save the checkpoint"
-        ) from None
+    index, shard_paths = read_index(path)
     tensors: list[TensorInfo] = []
-    for shard in sorted(set(weight_map.values())):
-        entries, _, _ = read_safetensors_header(path.parent / shard)
-        tensors += _tensors_from_header(entries, shard)
+    for shard in sorted(set(shard_paths.values())):
+        entries, _, _ = read_safetensors_header(shard)
+        tensors += _tensors_from_header(entries, shard.name)
     if not tensors:
         raise ModelFileError(f"{path} lists no floating-point tensors; nothing to train in it")
     metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
