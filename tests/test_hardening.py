@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,8 @@ from tests.test_train import TinyNet, TinyTask, cfg_for
 from tests.tiny_models import tiny_wan
 
 import ffid
-from ffid.checkpoint import apply_delta, extract_delta, save_delta
+from ffid.checkpoint import apply_delta, extract_delta, merge_checkpoint, save_delta
+from ffid.checkpoint.atomic import TEMP_SUFFIX
 from ffid.checkpoint.delta import VALUE_SUFFIX
 from ffid.cli import main
 from ffid.errors import ConfigError, ModelFileError
@@ -299,3 +303,105 @@ def test_a_device_or_fifo_is_not_read_as_a_model(tmp_path, capsys):
     os.mkfifo(fifo)
     rc, err = run_cli(capsys, "inspect", str(fifo))  # would block forever if opened
     assert rc == 2 and "regular file" in err
+
+
+# 5. Temp files: unpredictable, exclusive, mode-keeping, regular targets only, stale ones cleaned --
+
+
+def test_a_planted_symlink_at_the_old_temp_name_is_not_followed(tmp_path, wan):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "m.safetensors"
+    for pid_guess in range(
+        os.getpid() - 5, os.getpid() + 50
+    ):  # the old name was .m.safetensors.{pid}.ffid-tmp
+        (tmp_path / f".{out.name}.{pid_guess}{TEMP_SUFFIX}").symlink_to(victim)
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], out)
+    assert victim.read_text() == "precious"
+    assert out.is_file() and not out.is_symlink()
+
+
+def test_replacing_an_output_keeps_its_mode(tmp_path, wan):
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    new = tmp_path / "n.safetensors"
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], new)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_non_regular_output_is_refused(tmp_path, wan, capsys):
+    fifo = tmp_path / "out.safetensors"
+    os.mkfifo(fifo)
+    for target in (str(fifo), "/dev/null"):
+        rc, err = run_cli(
+            capsys, "merge", str(wan / "base.safetensors"), str(wan / "d.safetensors"), "-o", target, "-q"
+        )
+        assert rc == 2 and "not a regular file" in err
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, wan, capsys, monkeypatch):
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # root ignores chmod, so deny the create itself
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    out = tmp_path / "m.safetensors"
+    rc, err = run_cli(
+        capsys, "merge", str(wan / "base.safetensors"), str(wan / "d.safetensors"), "-o", str(out), "-q"
+    )
+    assert rc == 2 and "not writable" in err
+    rc, err = run_cli(
+        capsys, "extract", str(wan / "base.safetensors"), str(wan / "base.safetensors"), "-o", str(out), "-q"
+    )
+    assert rc == 2 and "not writable" in err
+    rc, err = run_cli(
+        capsys, "plan", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1", "--plot", str(tmp_path / "p.png")
+    )
+    assert rc == 2 and "not writable" in err
+    with pytest.raises(ConfigError, match="not writable"):
+        train(cfg_for(tmp_path, save_state=True, max_train_steps=1), task=TinyTask())
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError, match="existing file"):
+        train(cfg_for(tmp_path, max_train_steps=1), task=TinyTask())
+
+
+def test_a_killed_trainers_temp_state_folders_are_cleaned(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    stale = out / f".run-step00000002-state.{pid}.abc123.tmp"
+    stale.mkdir()
+    (stale / "proxies.safetensors").write_bytes(b"half")
+    train(cfg_for(tmp_path, save_state=True, max_train_steps=2), task=TinyTask())
+    assert not stale.exists()
+    assert (out / "run-step00000002-state" / "state.json").is_file()
+
+
+def test_free_space_margin_scales_with_the_file(tmp_path, wan, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from ffid.checkpoint.atomic import DiskSpaceError
+
+    usage = namedtuple("usage", "total used free")
+    size = (wan / "base.safetensors").stat().st_size
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 5 * 2**20))
+    assert size < 3 * 2**20
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], tmp_path / "m.safetensors")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, size // 2))
+    with pytest.raises(DiskSpaceError, match=r"free but the file needs .*KiB \(\+1\.\d\d MiB margin\)"):
+        merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], tmp_path / "n.safetensors")

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
 from .config import TrainConfig
 from .data import BatchOrder, move_to
+from .io import make_output_dir
 from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
 from .state import (
@@ -313,7 +314,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
         None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(out / "logs"))
     )
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         write_json(out / f"{cfg.output_name}-config.json", cfg.to_dict())
     monitor = TrainMonitor(
         total,
