@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ DTYPE_BYTES: dict[str, int] = {
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
+# Shard file names as transformers / diffusers write them: name-00001-of-00003.safetensors.
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 # A safetensors header larger than this is not a real header (the format caps it at 100 MB).
 _MAX_HEADER = 100_000_000
 
@@ -395,6 +398,11 @@ def find_checkpoint(folder: Path) -> Path:
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
         return files[0]
+    if not indexes and len(files) > 1 and all(_SHARD_NAME.search(f.name) for f in files):
+        raise ModelFileError(
+            f"{folder} holds shards ({files[0].name}, ...) but no *.safetensors.index.json: the set is "
+            "incomplete (a merge killed while switching it?); write it again"
+        )
     if not indexes and not files:
         raise ModelFileError(
             f"{folder} holds no .safetensors file or index; point ffid at the checkpoint file itself "

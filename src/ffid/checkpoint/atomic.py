@@ -187,12 +187,15 @@ def check_target(target: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike[str], size: int | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    target: str | os.PathLike[str], size: int | None = None, *, pending: FileSet | None = None
+) -> Iterator[BinaryIO]:
     """Open a temp file for writing ``target``; on success it is fsynced and renamed over ``target``.
 
     ``size`` (when known) is checked against the free space first. On any exception the temp
     file is removed and ``target`` is untouched. A disk that fills up anyway gives a
-    :class:`DiskSpaceError`.
+    :class:`DiskSpaceError`. With ``pending`` the finished temp is not renamed but handed to
+    that :class:`FileSet`, which switches all its files at once.
     """
     target = Path(target)
     folder = target.parent
@@ -219,8 +222,11 @@ def atomic_write(target: str | os.PathLike[str], size: int | None = None) -> Ite
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.replace(tmp, target)
-        _fsync_dir(folder)
+        if pending is not None:
+            pending.add(tmp, target)
+        else:
+            os.replace(tmp, target)
+            _fsync_dir(folder)
     except BaseException as exc:
         f.close()
         with contextlib.suppress(FileNotFoundError):
@@ -240,3 +246,43 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> int:
         while view:
             view = view[f.write(view) :]
     return len(data)
+
+
+class FileSet:
+    """Several files that make one output (shards plus their index), switched as a set.
+
+    Each file is written completely to its own temp (``atomic_write(..., pending=set)``); nothing
+    is renamed until :meth:`commit`, which first removes the old index (the file that makes
+    the set readable), then renames every finished temp over its target, then writes the new
+    index. A writer killed before the commit leaves the old set untouched (plus temps that the
+    next write removes); killed during it, the set has no index and is refused as incomplete;
+    after it, the new set is complete. Never a new shard beside an old one under an index.
+    Use as a context manager: leaving it without :meth:`commit` removes the temps.
+    """
+
+    def __init__(self, index: Path):
+        self.index = Path(index)
+        self.files: list[tuple[Path, Path]] = []
+
+    def add(self, tmp: Path, target: Path) -> None:
+        self.files.append((tmp, target))
+
+    def commit(self, index_data: bytes) -> int:
+        """Switch to the new set; returns the bytes of the index written."""
+        with contextlib.suppress(FileNotFoundError):
+            self.index.unlink()
+        _fsync_dir(self.index.parent)
+        for tmp, target in self.files:
+            os.replace(tmp, target)
+        self.files = []
+        _fsync_dir(self.index.parent)
+        return write_bytes_atomic(self.index, index_data)
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tmp, _ in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self.files = []

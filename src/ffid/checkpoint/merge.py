@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, MismatchError
 from ..manifest import DTYPE_BYTES
-from .atomic import atomic_write, check_free_space, refuse_overwrite, write_bytes_atomic
+from .atomic import FileSet, atomic_write, check_free_space, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
@@ -205,8 +205,7 @@ def _require_finite_result(values: object, name: str, code: str) -> None:
     require_finite(
         values,
         f"merged tensor {name!r} ({code})",
-        "the multiplier makes values overflow the output dtype: use a smaller --multiplier or "
-        "--dtype fp32",
+        "the multiplier makes values overflow the output dtype: use a smaller --multiplier or --dtype fp32",
         ConfigError,
     )
 
@@ -249,6 +248,7 @@ def _copy_and_patch(
     canon: dict[str, str],
     progress: Callable[[int], None] | None,
     overlap_free: bool,
+    pending: FileSet | None = None,
 ) -> tuple[int, int, int]:
     """Same-dtype merge: copy the whole base in the kernel, then patch touched tensors in place.
 
@@ -261,7 +261,7 @@ def _copy_and_patch(
     """
     size = src.data_start + max((e.end for e in src.order), default=0)
     tensors = elements = 0
-    with atomic_write(target, size=size) as f:
+    with atomic_write(target, size=size, pending=pending) as f:
         state = {"copied": 0, "stop": False}
         errors: list[BaseException] = []
         cond = threading.Condition()
@@ -342,10 +342,11 @@ def _write_shard(
     out_dtype: torch.dtype | None,
     progress: Callable[[int], None] | None,
     overlap_free: bool,
+    pending: FileSet | None = None,
 ) -> tuple[int, int, int]:
     """Write one output shard; returns (bytes written, tensors patched, positions written)."""
     if out_dtype is None:
-        return _copy_and_patch(src, target, patches, canon, progress, overlap_free)
+        return _copy_and_patch(src, target, patches, canon, progress, overlap_free, pending)
     # Casting: every float tensor is decoded, converted and re-encoded (new header, new offsets).
     want = dtype_code(out_dtype)
     specs = [(e.key, want if is_float_code(e.dtype) else e.dtype, e.shape) for e in src.order]
@@ -354,7 +355,7 @@ def _write_shard(
     codes = {e.key: e.dtype for e in laid}
     size = len(head) + sum(e.numel * DTYPE_BYTES[codes[e.key]] for e in layout)
     tensors = elements = 0
-    with one_thread(), atomic_write(target, size=size) as f:
+    with one_thread(), atomic_write(target, size=size, pending=pending) as f:
         write_all(f, head)
         run: list[int] = []  # [start, end) of a run of untouched tensors, copied in one go
 
@@ -454,31 +455,41 @@ def merge_checkpoint(
                 index_out.parent.mkdir(exist_ok=True)
             written = tensors = elements = 0
             outputs: list[Path] = []
-            for sf in ck.shards:
-                canon = {e.key: n for n, e in sf.by_canonical.items()}
-                size, nt, ne = _write_shard(
-                    sf, shard_out[sf.path.name], patches, canon, out_dtype, progress, overlap == 0
-                )
-                written += size
-                tensors += nt
-                elements += ne
-                outputs.append(shard_out[sf.path.name])
-            if index_out is not None:
-                assert ck.index is not None
-                index = json.loads(json.dumps(ck.index))
-                if out_dtype is not None:
-                    index.setdefault("metadata", {})["total_size"] = sum(
-                        e.numel
-                        * (
-                            DTYPE_BYTES[dtype_code(out_dtype)]
-                            if is_float_code(e.dtype)
-                            else DTYPE_BYTES[e.dtype]
-                        )
-                        for loc in ck.tensors.values()
-                        for e in [loc.entry]
+            # A sharded output is switched as a set (see FileSet): shards are finished as temps first.
+            with contextlib.ExitStack() as stack:
+                pending = stack.enter_context(FileSet(index_out)) if index_out is not None else None
+                for sf in ck.shards:
+                    canon = {e.key: n for n, e in sf.by_canonical.items()}
+                    size, nt, ne = _write_shard(
+                        sf,
+                        shard_out[sf.path.name],
+                        patches,
+                        canon,
+                        out_dtype,
+                        progress,
+                        overlap == 0,
+                        pending,
                     )
-                written += write_bytes_atomic(index_out, (json.dumps(index, indent=2) + "\n").encode())
-                outputs.insert(0, index_out)
+                    written += size
+                    tensors += nt
+                    elements += ne
+                    outputs.append(shard_out[sf.path.name])
+                if index_out is not None and pending is not None:
+                    assert ck.index is not None
+                    index = json.loads(json.dumps(ck.index))
+                    if out_dtype is not None:
+                        index.setdefault("metadata", {})["total_size"] = sum(
+                            e.numel
+                            * (
+                                DTYPE_BYTES[dtype_code(out_dtype)]
+                                if is_float_code(e.dtype)
+                                else DTYPE_BYTES[e.dtype]
+                            )
+                            for loc in ck.tensors.values()
+                            for e in [loc.entry]
+                        )
+                    written += pending.commit((json.dumps(index, indent=2) + "\n").encode())
+                    outputs.insert(0, index_out)
         finally:
             for d in dfs:
                 d.close()
