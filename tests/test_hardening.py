@@ -405,3 +405,58 @@ def test_free_space_margin_scales_with_the_file(tmp_path, wan, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, size // 2))
     with pytest.raises(DiskSpaceError, match=r"free but the file needs .*KiB \(\+1\.\d\d MiB margin\)"):
         merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], tmp_path / "n.safetensors")
+
+
+# 7. Zero-size tensors and broken pipes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["plan", "overlap", "estimate"])
+def test_a_zero_size_tensor_is_not_a_division_by_zero(tmp_path, capsys, command):
+    f = tmp_path / "z.safetensors"
+    save_file({"blocks.0.w": torch.zeros(0, 64), "blocks.0.v": torch.ones(64, 64)}, str(f))
+    empty = tmp_path / "z0.safetensors"
+    save_file({"blocks.0.w": torch.zeros(0, 64)}, str(empty))
+    argv = {"plan": ["--ffid", "1"], "overlap": [], "estimate": []}[command]
+    rc, err = run_cli(capsys, command, str(f), "--ff", "0.01", *argv)
+    assert rc == 0, err
+    rc, err = run_cli(capsys, command, str(empty), "--ff", "0.01", *argv)
+    assert rc == 2 and "no floating-point tensors with elements" in err
+
+
+def test_attach_skips_zero_size_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(0, 4), torch.nn.Linear(4, 64))
+    handle = ffid.attach(model, ff=0.05, ffid=1)
+    assert handle.selection.selected > 0
+    handle.detach()
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    import ffid.cli.inspect as inspect_cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(inspect_cli, "run", broken)
+    assert main(["inspect", "x.safetensors"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+# 9. Usage errors are one line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["plan", "wan2.1-t2v-1.3b", "--ff", "-inf", "--ffid", "1"], "out of range"),
+        (["plan", "wan2.1-t2v-1.3b", "--ff", "-1e-3", "--ffid", "1"], "out of range"),
+        (["merge", "a", "b", "-o", "c", "--multiplier", "abc"], "invalid float value: 'abc'"),
+        (["extract", "a", "b", "-o", "c", "--threshold", "abc"], "invalid float value: 'abc'"),
+        (["train", "--learning_rat", "1"], "did you mean --learning_rate?"),
+        (["plan", "wan2.1-t2v-1.3b", "--fff", "0.1"], "did you mean --ff?"),
+        (["plan"], "required"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, expect):
+    rc, err = run_cli(capsys, *argv)
+    assert rc == 2 and expect in err and "usage:" not in err

@@ -161,7 +161,7 @@ def manifest_from_module(module: torch.nn.Module, block_pattern: str | None = No
     tensors = []
     for name, p in module.named_parameters(remove_duplicate=True):
         code = torch_dtype_code(p.dtype)
-        if code not in FLOAT_DTYPES:
+        if code not in FLOAT_DTYPES or p.numel() == 0:  # an empty tensor has nothing to train
             continue
         tensors.append(TensorInfo(canonical_name(name), tuple(p.shape), code, name))
     if not tensors:
@@ -359,7 +359,7 @@ def _tensors_from_header(entries: dict[str, Any], file: str | None) -> list[Tens
     return [
         TensorInfo(canonical_name(k), tuple(int(d) for d in e["shape"]), e["dtype"], k, file)
         for k, e in entries.items()
-        if e["dtype"] in FLOAT_DTYPES
+        if e["dtype"] in FLOAT_DTYPES and math.prod(e["shape"]) > 0  # an empty tensor has nothing to train
     ]
 
 
@@ -369,7 +369,7 @@ def manifest_from_safetensors(path: str | os.PathLike[str], block_pattern: str |
     entries, meta, _ = read_safetensors_header(path)
     tensors = _tensors_from_header(entries, path.name)
     if not tensors:
-        raise ModelFileError(f"{path} holds no floating-point tensors; nothing to train in it")
+        raise ModelFileError(f"{path} holds no floating-point tensors with elements; nothing to train in it")
     return Manifest(tensors, str(path), block_pattern, meta)
 
 
@@ -381,7 +381,7 @@ def manifest_from_index(path: str | os.PathLike[str], block_pattern: str | None 
         entries, _, _ = read_safetensors_header(shard)
         tensors += _tensors_from_header(entries, shard.name)
     if not tensors:
-        raise ModelFileError(f"{path} lists no floating-point tensors; nothing to train in it")
+        raise ModelFileError(f"{path} lists no floating-point tensors with elements; nothing to train in it")
     metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
     return Manifest(tensors, str(path), block_pattern, metadata)
 
