@@ -22,7 +22,7 @@ from tests.tiny_models import tiny_wan
 import ffid
 from ffid.checkpoint import apply_delta, extract_delta, merge_checkpoint, save_delta
 from ffid.checkpoint.atomic import TEMP_SUFFIX
-from ffid.checkpoint.delta import VALUE_SUFFIX
+from ffid.checkpoint.delta import INDEX_SUFFIX, VALUE_SUFFIX
 from ffid.cli import main
 from ffid.errors import ConfigError, ModelFileError
 from ffid.train import train
@@ -460,3 +460,81 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
 def test_usage_errors_are_one_line(capsys, argv, expect):
     rc, err = run_cli(capsys, *argv)
     assert rc == 2 and expect in err and "usage:" not in err
+
+
+# 8. Accepted when it should be refused -------------------------------------------------------------
+
+
+def _index_key(tensors: dict) -> str:
+    return next(k for k in sorted(tensors) if k.endswith(INDEX_SUFFIX) and tensors[k].numel() > 40)
+
+
+def _indices(change):
+    def apply(tensors, meta):
+        key = _index_key(tensors)
+        idx = tensors[key].to(torch.int64)
+        tensors[key] = change(idx, tensors, key)
+
+    return apply
+
+
+def _short_values(idx, tensors, key):
+    vkey = key[: -len(INDEX_SUFFIX)] + VALUE_SUFFIX
+    tensors[vkey] = tensors[vkey][:-1].clone()
+    return idx
+
+
+DELTA_DAMAGE = {
+    "unsorted": _indices(lambda i, t, k: i[torch.cat([i.new_tensor([1, 0]), torch.arange(2, i.numel())])]),
+    "duplicate": _indices(lambda i, t, k: torch.cat([i[:1], i[:-1]])),
+    "negative": _indices(lambda i, t, k: torch.cat([i.new_tensor([-5]), i[1:]])),
+    "out-of-range": _indices(lambda i, t, k: torch.cat([i[:-1], i.new_tensor([10**9])])),
+    "short-values": _indices(_short_values),
+    "2-d-index": _indices(lambda i, t, k: i[: i.numel() // 2 * 2].reshape(2, -1)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(DELTA_DAMAGE))
+def test_a_damaged_delta_is_reported_as_damaged_not_as_another_base(wan, tmp_path, capsys, kind):
+    bad = rewrite(wan / "d.safetensors", tmp_path / "bad.safetensors", DELTA_DAMAGE[kind])
+    out = tmp_path / "m.safetensors"
+    rc, err = run_cli(capsys, "merge", str(wan / "base.safetensors"), str(bad), "-o", str(out), "-q")
+    assert rc == 2 and "another base" not in err and "not made from" not in err, err
+    assert not out.exists()
+    with pytest.raises(ModelFileError):
+        apply_delta(tiny_wan(), bad)
+
+
+def test_values_stored_in_another_dtype_than_the_metadata_says_are_refused(wan, tmp_path, capsys):
+    def to_bf16(tensors, meta):
+        key = first_value_key(tensors)
+        tensors[key] = tensors[key].to(torch.bfloat16)
+
+    bad = rewrite(wan / "d.safetensors", tmp_path / "bad.safetensors", to_bf16)
+    rc, err = run_cli(capsys, "inspect", str(bad))
+    assert rc == 2 and "metadata says F32" in err
+
+
+def test_extract_refuses_fp8_values(wan, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    tuned = tmp_path / "t.safetensors"
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], tuned)
+    rc, err = run_cli(capsys, "extract", str(wan / "base.safetensors"), str(tuned), "-o", str(out),
+                      "--save_precision", "fp8", "-q")  # fmt: skip
+    assert rc == 2 and "float8" in err and not out.exists()
+
+
+def test_overlap_of_selections_on_different_models_is_refused():
+    from ffid.errors import MismatchError
+
+    a = ffid.plan(tiny_wan(), 0.05, 1)
+    b = ffid.plan(TinyNet(), 0.05, 1)
+    with pytest.raises(MismatchError, match="different models"):
+        ffid.overlap(a, b)
+    assert ffid.overlap(a, ffid.plan(tiny_wan(), 0.05, 2)) == 0
+
+
+def test_a_block_pattern_that_finds_no_block_number_is_refused(capsys):
+    rc, err = run_cli(capsys, "plan", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1",
+                      "--block-pattern", r"blocks\.(\w+)\.attn")  # fmt: skip
+    assert rc == 2 and "finds no block number" in err

@@ -31,8 +31,21 @@ if TYPE_CHECKING:
 
 # safetensors dtype codes and their sizes in bytes.
 DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -47,9 +60,16 @@ def torch_dtype_code(dtype: torch.dtype) -> str:
     import torch
 
     table = {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-        torch.uint8: "U8", torch.bool: "BOOL",
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
     }
     for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         if hasattr(torch, name):
@@ -58,8 +78,7 @@ def torch_dtype_code(dtype: torch.dtype) -> str:
         return table[dtype]
     except KeyError:
         raise ConfigError(
-            f"tensor dtype {dtype} is not supported by ffid;"
-            " cast the model to bf16/fp16/fp32"
+            f"tensor dtype {dtype} is not supported by ffid; cast the model to bf16/fp16/fp32"
         ) from None
 
 
@@ -106,6 +125,17 @@ class Manifest:
                 "wrapped and unwrapped names: re-save it with one naming"
             )
         self._finder = BlockFinder(self.block_pattern)
+        if (
+            self.block_pattern is not None
+            and self.tensors
+            and not any(self._finder(t.name) for t in self.tensors)
+        ):
+            example = self.tensors[len(self.tensors) // 2].name
+            raise ConfigError(
+                f"block pattern '{self.block_pattern}' finds no block number in any tensor name of "
+                f"{self.source} (e.g. {example!r}); its first group must capture the digits, e.g. "
+                "'blocks\\.(\\d+)\\.'"
+            )
 
     # -- lookups -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -243,8 +273,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
         head = f.read(8)
         if len(head) < 8:
             raise ModelFileError(
-                f"{path} is too short to be a safetensors file ({size} bytes);"
-                " re-download or re-save it"
+                f"{path} is too short to be a safetensors file ({size} bytes); re-download or re-save it"
             )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or n + 8 > size:
@@ -256,8 +285,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     header = parse_json_strict(raw, f"{path} has a corrupt safetensors header", "re-download or re-save it")
     if not isinstance(header, dict):
         raise ModelFileError(
-            f"{path} has a corrupt safetensors header (not a JSON object);"
-            " re-download or re-save it"
+            f"{path} has a corrupt safetensors header (not a JSON object); re-download or re-save it"
         )
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(

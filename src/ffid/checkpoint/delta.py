@@ -242,6 +242,29 @@ class DeltaFile:
             raise ModelFileError(
                 f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it"
             )
+        for name in self.names:
+            self._check_layout(name)
+
+    def _check_layout(self, name: str) -> None:
+        """Index and value tensors shaped and typed as the format says (docs/delta-format.md)."""
+        ventry = self.file.entries[name + VALUE_SUFFIX]
+        ientry = self.file.entries.get(name + INDEX_SUFFIX)
+        shape = self.info.base_fingerprint[name].shape
+        if self.info.value_dtype and ventry.dtype != self.info.value_dtype:
+            why = f"values are {ventry.dtype} but the metadata says {self.info.value_dtype}"
+        elif ientry is not None and len(ientry.shape) != 1:
+            why = f"its index tensor has shape {list(ientry.shape)}, it must be 1-D"
+        elif ientry is not None and len(ventry.shape) != 1:
+            why = f"its value tensor has shape {list(ventry.shape)}, it must be 1-D like the index"
+        elif ientry is not None and ientry.numel != ventry.numel:
+            why = f"it has {ientry.numel} indices but {ventry.numel} values"
+        elif ientry is None and ventry.shape != shape:
+            why = f"its whole-tensor values have shape {list(ventry.shape)}, the base tensor {list(shape)}"
+        else:
+            return
+        raise ModelFileError(
+            f"{self.path}: tensor {name!r} is malformed ({why}); the delta is corrupt, re-save it"
+        )
 
     def close(self) -> None:
         self.file.close()
@@ -441,8 +464,12 @@ def write_delta(
     path = Path(path)
     save_dtype = parse_dtype(save_dtype) or torch.float32
     value_code = dtype_code(save_dtype)
-    if not is_float_code(value_code):
-        raise ConfigError(f"--save_precision {save_dtype} is not a float dtype; use fp32, bf16 or fp16")
+    if value_code not in ("F32", "F16", "BF16", "F64"):
+        # fp8 cannot hold trained values faithfully and most readers cannot decode it
+        raise ConfigError(
+            f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
+            "use fp32, bf16 or fp16"
+        )
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     data: dict[str, Any] = {}
     selected = 0

@@ -131,8 +131,10 @@ def _check_delta_against_base(
         ):
             loc = base.tensors[target]
             for p in patches[target]:
-                # Only the sampled indices are read here; the whole index is read (and checked) when patching.
-                pos = p.delta.read_index_elements(p.name, sample_positions_np(p.delta.count(p.name)))
+                # The whole index is read and checked first, so a corrupt delta is reported as such
+                # and not as one "made from another base".
+                idx = p.delta.read_indices_np(p.name)
+                pos = idx[sample_positions_np(idx.size)]
                 if loc.entry.dtype in NUMPY_FAST:
                     got = values_hash(loc.file.read_elements_f32(loc.entry, pos))
                 else:
