@@ -538,3 +538,35 @@ def test_a_block_pattern_that_finds_no_block_number_is_refused(capsys):
     rc, err = run_cli(capsys, "plan", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1",
                       "--block-pattern", r"blocks\.(\w+)\.attn")  # fmt: skip
     assert rc == 2 and "finds no block number" in err
+
+
+# 6. Terminal injection ------------------------------------------------------------------------------
+
+EVIL = "\x1b[2J\x1b[31mfake\nffid: all good\r\x9b31m\u202e"
+
+
+def test_metadata_is_escaped_when_printed(tmp_path, capsys):
+    f = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(f), metadata={"ss_note" + EVIL: "value" + EVIL})
+    for argv in (["inspect", str(f)], ["inspect", str(f), "--json"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert not any(c in out for c in "\x1b\r\x9b\u202e")
+        assert all(not line.startswith("ffid: all good") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("name", ["blocks.0.w\x1b[31m", "blocks.0.w\nfake line", "w\u202e"])
+def test_tensor_names_with_control_characters_are_refused(tmp_path, capsys, name):
+    f = tmp_path / "m.safetensors"
+    save_file({name: torch.ones(4, 4), "blocks.1.v": torch.ones(4, 4)}, str(f))
+    for argv in (["inspect", str(f)], ["plan", str(f), "--ff", "0.1", "--ffid", "1", "--list", "--plain"]):
+        rc, err = run_cli(capsys, *argv)
+        assert rc == 2 and "control characters" in err
+        assert "\x1b" not in err and "\u202e" not in err
+
+
+def test_printable_escapes_what_moves_the_cursor():
+    from ffid.names import printable
+
+    assert printable("blocks.0.q.weight") == "blocks.0.q.weight"
+    assert printable("a\x1b[2Jb\nc\u202e") == "a\\x1b[2Jb\\nc\\u202e"

@@ -298,6 +298,11 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
     end_max = 0
     ranges = []
     for key, entry in header.items():
+        if not key.isprintable():
+            raise ModelFileError(
+                f"{path}: tensor name {key!r} holds control characters (escape sequences, line breaks); "
+                "the file is crafted or corrupt, ffid does not read it"
+            )
         ok = _utf8(key) and isinstance(entry, dict)
         if ok:
             dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -345,6 +350,7 @@ def _flat_name(name: Any) -> bool:
         and "\\" not in name
         and "\0" not in name
         and _utf8(name)
+        and name.isprintable()
         and Path(name).name == name
     )
 
@@ -370,7 +376,7 @@ def read_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, 
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFileError(f"{path} is not a valid safetensors index (no 'weight_map' object); {fix}")
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not _utf8(key):
+        if not isinstance(shard, str) or not _utf8(key) or not key.isprintable():
             raise ModelFileError(f"{path}: weight_map entry {key!r} is not a shard file name; {fix}")
         if not _flat_name(shard):
             raise ModelFileError(
