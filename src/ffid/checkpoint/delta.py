@@ -109,7 +109,11 @@ class TensorFingerprint:
     @staticmethod
     def from_json(obj: Any) -> TensorFingerprint:
         shape, digest = obj
-        return TensorFingerprint(tuple(int(d) for d in shape), str(digest))
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"fingerprint shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(digest, str):
+            raise ValueError(f"fingerprint hash {digest!r} is not a string")
+        return TensorFingerprint(tuple(shape), digest)
 
 
 def base_fingerprint_digest(fps: Mapping[str, TensorFingerprint]) -> str:
@@ -182,15 +186,17 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
         )
     try:
         params = json.loads(meta.get(KEY_PARAMS) or "{}")
-        base_fp = {
-            n: TensorFingerprint.from_json(v) for n, v in json.loads(meta.get(KEY_BASE_FP) or "{}").items()
-        }
+        fp_json = json.loads(meta.get(KEY_BASE_FP) or "{}")
+        if not isinstance(params, dict) or not isinstance(fp_json, dict):
+            raise TypeError(f"{KEY_PARAMS} and {KEY_BASE_FP} must be JSON objects")
+        base_fp = {n: TensorFingerprint.from_json(v) for n, v in fp_json.items()}
         ff = float(meta[KEY_FF]) if meta.get(KEY_FF) else None
         ffid = int(meta[KEY_FFID]) if meta.get(KEY_FFID) else None
         total = int(meta[KEY_TOTAL]) if meta.get(KEY_TOTAL) else None
         selected = int(meta.get(KEY_SELECTED) or 0)
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path} has corrupt ffid metadata ({exc}); re-save the delta") from None
+    except (ValueError, TypeError, RecursionError, json.JSONDecodeError) as exc:
+        why = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ModelFileError(f"{path} has corrupt ffid metadata ({why}); re-save the delta") from None
     return DeltaInfo(
         format_version=version,
         ffid_version=meta.get(KEY_VERSION, ""),
