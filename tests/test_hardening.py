@@ -570,3 +570,17 @@ def test_printable_escapes_what_moves_the_cursor():
 
     assert printable("blocks.0.q.weight") == "blocks.0.q.weight"
     assert printable("a\x1b[2Jb\nc\u202e") == "a\\x1b[2Jb\\nc\\u202e"
+
+
+def test_unknown_task_args_keys_are_refused_with_the_nearest_one(tmp_path):
+    from ffid.train.causal_lm import CausalLMTask
+    from ffid.train.task import check_task_args
+
+    class Declared(TinyTask):
+        task_args_keys = frozenset({"noise"})
+
+    with pytest.raises(ConfigError, match=r"task_args\.nois is not a key .* did you mean 'noise'\?"):
+        train(cfg_for(tmp_path, task_args={"nois": 1}), task=Declared())
+    with pytest.raises(ConfigError, match="reads no task_args"):
+        check_task_args(CausalLMTask(), {"foo": 1})
+    check_task_args(TinyTask(), {"anything": 1})  # a task that declares nothing accepts anything

@@ -40,7 +40,7 @@ from .state import (
     set_rng_state,
 )
 from .swap import attach_block_swap
-from .task import Task, get_task
+from .task import Task, check_task_args, get_task
 
 if TYPE_CHECKING:
     from ..selection import Selection
@@ -225,6 +225,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     check_ff(cfg.ff)
     check_ffid(cfg.ffid)
     task = task if task is not None else get_task(cfg.model_type)
+    check_task_args(task, cfg.task_args)
 
     dataset = task.dataset(cfg)
     if len(dataset) == 0:  # type: ignore[arg-type]
