@@ -27,6 +27,10 @@ from ffid.checkpoint.atomic import TEMP_SUFFIX
 from ffid.checkpoint.files import Checkpoint
 from ffid.errors import ModelFileError
 
+pytestmark = pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="kill tests fork the writer"
+)
+
 MAX_TRIALS = 40  # per merge kind; the sharded merge has fewer events than this
 _FORK = multiprocessing.get_context("fork")
 
