@@ -584,3 +584,16 @@ def test_unknown_task_args_keys_are_refused_with_the_nearest_one(tmp_path):
     with pytest.raises(ConfigError, match="reads no task_args"):
         check_task_args(CausalLMTask(), {"foo": 1})
     check_task_args(TinyTask(), {"anything": 1})  # a task that declares nothing accepts anything
+
+
+def test_a_sharded_merge_into_a_folder_whose_index_is_a_fifo_writes_nothing(tmp_path):
+    model = tiny_wan()
+    model.save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    save_delta(StandInHandle(model, ffid.plan(model, 0.05, 1)), tmp_path / "d.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    index = next((tmp_path / "base").glob("*.index.json")).name
+    os.mkfifo(out / index)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        merge_checkpoint(tmp_path / "base", [tmp_path / "d.safetensors"], out)
+    assert sorted(p.name for p in out.iterdir()) == [index]

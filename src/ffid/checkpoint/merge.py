@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, MismatchError
 from ..manifest import DTYPE_BYTES
-from .atomic import FileSet, atomic_write, check_free_space, refuse_overwrite
+from .atomic import FileSet, atomic_write, check_free_space, check_target, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
@@ -442,6 +442,7 @@ def merge_checkpoint(
             inputs = ck.files + [d.path for d in dfs]
             for target in [*shard_out.values(), *([index_out] if index_out else [])]:
                 refuse_overwrite(target, inputs)
+                check_target(target)  # a FIFO/device index would only be found after the shards
             patches, renamed = _check_delta_against_base(ck, dfs, mults, verify)
             overlap, first = _count_overlap(ck, patches)
             if overlap and not allow_overlap:
