@@ -195,7 +195,7 @@ def make_stepper(
     from ffid.checkpoint import apply_delta
     from ffid.demo.data import Concept
     from ffid.demo.task import load_model
-    from ffid.train.preserve import Preserver, PreserveSettings, protected_prompts
+    from ffid.preserve import Preserver, PreserveSettings, protected_prompts
 
     model, _ = load_model(base_path)
     seed = cfg.seed + cfg.ffid2

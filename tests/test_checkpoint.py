@@ -34,7 +34,7 @@ from ffid.checkpoint import (
     save_full,
     write_safetensors_stream,
 )
-from ffid.checkpoint.atomic import TEMP_SUFFIX, atomic_write, temp_path_for
+from ffid.checkpoint.atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from ffid.checkpoint.delta import INDEX_SUFFIX, VALUE_SUFFIX
 from ffid.checkpoint.namemap import DIFFUSERS, WAN, detect_naming, map_name
 from ffid.checkpoint.stio import index_code
@@ -651,9 +651,12 @@ def test_sigkill_mid_write_leaves_old_file_and_next_run_cleans_up(tmp_path):
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
-        temp = temp_path_for(target, proc.pid)
         deadline = time.time() + 10
-        while not (temp.exists() and temp.stat().st_size > 0) and time.time() < deadline:
+        while time.time() < deadline:
+            temps = list(tmp_path.glob(temp_prefix(target, proc.pid) + "*" + TEMP_SUFFIX))
+            temp = temps[0] if temps else tmp_path / "none"
+            if temp.exists() and temp.stat().st_size > 0:
+                break
             time.sleep(0.05)
         assert temp.exists() and temp.stat().st_size > 0  # killed really mid-way
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.atomic import write_bytes_atomic
+from .errors import ConfigError
 
 
 def pyplot() -> Any:
@@ -26,7 +27,12 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str | os.PathLike[str], *, fmt: str = "png", dpi: int | None = None) -> Path:
     """Render ``fig`` to ``path`` atomically (temp file, fsync, rename), creating its folder, and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the folder of {path} ({exc.strerror or exc}); choose another path"
+        ) from None
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt, dpi=dpi)
     pyplot().close(fig)

@@ -12,9 +12,11 @@ what a report shows) needs only a :class:`Manifest`. One can be made from
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,11 +31,26 @@ if TYPE_CHECKING:
 
 # safetensors dtype codes and their sizes in bytes.
 DTYPE_BYTES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
+# Shard file names as transformers / diffusers write them: name-00001-of-00003.safetensors.
+_SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 # A safetensors header larger than this is not a real header (the format caps it at 100 MB).
 _MAX_HEADER = 100_000_000
 
@@ -43,9 +60,16 @@ def torch_dtype_code(dtype: torch.dtype) -> str:
     import torch
 
     table = {
-        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-        torch.uint8: "U8", torch.bool: "BOOL",
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
     }
     for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         if hasattr(torch, name):
@@ -54,8 +78,7 @@ def torch_dtype_code(dtype: torch.dtype) -> str:
         return table[dtype]
     except KeyError:
         raise ConfigError(
-            f"tensor dtype {dtype} is not supported by ffid;"
-            " cast the model to bf16/fp16/fp32"
+            f"tensor dtype {dtype} is not supported by ffid; cast the model to bf16/fp16/fp32"
         ) from None
 
 
@@ -102,6 +125,17 @@ class Manifest:
                 "wrapped and unwrapped names: re-save it with one naming"
             )
         self._finder = BlockFinder(self.block_pattern)
+        if (
+            self.block_pattern is not None
+            and self.tensors
+            and not any(self._finder(t.name) for t in self.tensors)
+        ):
+            example = self.tensors[len(self.tensors) // 2].name
+            raise ConfigError(
+                f"block pattern '{self.block_pattern}' finds no block number in any tensor name of "
+                f"{self.source} (e.g. {example!r}); its first group must capture the digits, e.g. "
+                "'blocks\\.(\\d+)\\.'"
+            )
 
     # -- lookups -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,7 +191,7 @@ def manifest_from_module(module: torch.nn.Module, block_pattern: str | None = No
     tensors = []
     for name, p in module.named_parameters(remove_duplicate=True):
         code = torch_dtype_code(p.dtype)
-        if code not in FLOAT_DTYPES:
+        if code not in FLOAT_DTYPES or p.numel() == 0:  # an empty tensor has nothing to train
             continue
         tensors.append(TensorInfo(canonical_name(name), tuple(p.shape), code, name))
     if not tensors:
@@ -169,25 +203,77 @@ def manifest_from_module(module: torch.nn.Module, block_pattern: str | None = No
 
 
 # -- from safetensors headers --------------------------------------------------------------------
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes
+        return False
+    return True
+
+
+def parse_json_strict(raw: bytes | str, lead: str, fix: str) -> Any:
+    """JSON as ffid reads it from files: no duplicate keys, no runaway nesting, valid UTF-8 only.
+
+    Anything else is a :class:`ModelFileError` saying ``{lead} ({why}); {fix}``.
+    """
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        why = f"key {str(exc)!r} appears twice"
+    except RecursionError:
+        why = "nested too deeply"
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = " ".join(str(exc).split())[:120]
+    raise ModelFileError(f"{lead} ({why}); {fix}")
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _open_regular(path: Path) -> int:
+    """The size of ``path``, refusing anything that is not a regular file (devices, FIFOs, folders)."""
+    import stat
+
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file; check the path")
+    st = path.stat()
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFileError(f"{path} is a folder, expected a .safetensors file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(f"{path} is not a regular file (a device or pipe); name a .safetensors file")
+    return st.st_size
+
+
 def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str], int]:
     """Read and validate a safetensors header without touching the tensor data.
 
     Returns ``(entries, metadata, data_start)`` where ``entries`` maps each stored key to
     ``{"dtype", "shape", "data_offsets"}`` and ``data_start`` is the byte offset of the data.
-    Raises :class:`ModelFileError` for anything that is not a complete safetensors file.
+    Raises :class:`ModelFileError` for anything that is not a complete, well-formed safetensors
+    file: duplicate keys, names or metadata that are not valid UTF-8 strings, shapes that are not
+    lists of non-negative integers, data ranges that do not match the shape or overlap.
     """
     path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file; check the path")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a folder, expected a .safetensors file")
-    size = path.stat().st_size
+    size = _open_regular(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise ModelFileError(
-                f"{path} is too short to be a safetensors file ({size} bytes);"
-                " re-download or re-save it"
+                f"{path} is too short to be a safetensors file ({size} bytes); re-download or re-save it"
             )
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or n + 8 > size:
@@ -196,49 +282,118 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any
                 f"{size} bytes); re-download or re-save it"
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(
-            f"{path} has a corrupt safetensors header ({exc});"
-            " re-download or re-save it"
-        ) from None
+    header = parse_json_strict(raw, f"{path} has a corrupt safetensors header", "re-download or re-save it")
     if not isinstance(header, dict):
         raise ModelFileError(
-            f"{path} has a corrupt safetensors header (not a JSON object);"
-            " re-download or re-save it"
+            f"{path} has a corrupt safetensors header (not a JSON object); re-download or re-save it"
         )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _utf8(k) and _utf8(v) for k, v in metadata.items()
+    ):
+        raise ModelFileError(
+            f"{path} has corrupt safetensors metadata (it must map strings to strings); re-save the file"
+        )
     data_len = size - 8 - n
     end_max = 0
+    ranges = []
     for key, entry in header.items():
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            ok = dtype in DTYPE_BYTES and 0 <= start <= end and end - start == numel * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            ok = False
+        if not key.isprintable():
+            raise ModelFileError(
+                f"{path}: tensor name {key!r} holds control characters (escape sequences, line breaks); "
+                "the file is crafted or corrupt, ffid does not read it"
+            )
+        ok = _utf8(key) and isinstance(entry, dict)
+        if ok:
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            ok = (
+                isinstance(dtype, str)
+                and dtype in DTYPE_BYTES
+                and isinstance(shape, list)
+                and all(_is_count(d) for d in shape)
+                and isinstance(offsets, list)
+                and len(offsets) == 2
+                and all(_is_count(o) for o in offsets)
+            )
+        if ok:
+            start, end = offsets
+            ok = start <= end and end - start == math.prod(shape) * DTYPE_BYTES[dtype]
         if not ok:
             raise ModelFileError(
-                f"{path}: header entry {key!r} is malformed;"
-                " the file is corrupt, re-save it"
+                f"{path}: header entry {key!r} is malformed (dtype, shape of non-negative integers and "
+                "matching data_offsets required); the file is corrupt, re-save it"
             )
+        if end > start:
+            ranges.append((start, end, key))
         end_max = max(end_max, end)
+    ranges.sort()
+    for (_, prev_end, prev_key), (start, _, key) in itertools.pairwise(ranges):
+        if start < prev_end:
+            raise ModelFileError(
+                f"{path}: the data of {prev_key!r} and {key!r} overlap; the file is corrupt or crafted, "
+                "re-save it"
+            )
     if end_max > data_len:
         raise ModelFileError(
             f"{path} is truncated: its header describes {end_max} bytes of data but only {data_len} are "
             "present; re-download or re-save it"
         )
-    return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+    return header, dict(metadata), 8 + n
+
+
+def _flat_name(name: Any) -> bool:
+    """A shard name that stays in the index's folder: a plain file name, no separators or '..'."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and _utf8(name)
+        and name.isprintable()
+        and Path(name).name == name
+    )
+
+
+def read_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Read a ``*.safetensors.index.json``: the index itself and tensor key -> shard path.
+
+    The one reader of indexes (plan, overlap, estimate, inspect, merge, extract). One rule for
+    shards: they live in the index's folder, so a shard name with a separator, ``..`` or an
+    absolute path is refused; a ``weight_map`` that is not an object of strings is refused.
+    """
+    path = Path(path)
+    _open_regular(path)
+    if path.stat().st_size > _MAX_HEADER:
+        raise ModelFileError(f"{path} is too large to be a safetensors index; name the right file")
+    fix = "re-download or re-save the checkpoint"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc.strerror}); check its permissions") from None
+    index = parse_json_strict(raw, f"{path} is not a valid safetensors index", fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelFileError(f"{path} is not a valid safetensors index (no 'weight_map' object); {fix}")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not _utf8(key) or not key.isprintable():
+            raise ModelFileError(f"{path}: weight_map entry {key!r} is not a shard file name; {fix}")
+        if not _flat_name(shard):
+            raise ModelFileError(
+                f"{path} names shard {shard!r} outside its folder; shards must be plain file names next "
+                "to the index, ffid never reads elsewhere"
+            )
+    meta = index.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: 'metadata' is not a JSON object; {fix}")
+    return index, {key: path.parent / shard for key, shard in weight_map.items()}
 
 
 def _tensors_from_header(entries: dict[str, Any], file: str | None) -> list[TensorInfo]:
     return [
         TensorInfo(canonical_name(k), tuple(int(d) for d in e["shape"]), e["dtype"], k, file)
         for k, e in entries.items()
-        if e["dtype"] in FLOAT_DTYPES
+        if e["dtype"] in FLOAT_DTYPES and math.prod(e["shape"]) > 0  # an empty tensor has nothing to train
     ]
 
 
@@ -248,29 +403,19 @@ def manifest_from_safetensors(path: str | os.PathLike[str], block_pattern: str |
     entries, meta, _ = read_safetensors_header(path)
     tensors = _tensors_from_header(entries, path.name)
     if not tensors:
-        raise ModelFileError(f"{path} holds no floating-point tensors; nothing to train in it")
+        raise ModelFileError(f"{path} holds no floating-point tensors with elements; nothing to train in it")
     return Manifest(tensors, str(path), block_pattern, meta)
 
 
 def manifest_from_index(path: str | os.PathLike[str], block_pattern: str | None = None) -> Manifest:
     """Manifest of a sharded checkpoint from its ``*.safetensors.index.json`` and shard headers."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file; check the path")
-    try:
-        index = json.loads(path.read_text())
-        weight_map: dict[str, str] = index["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ModelFileError(
-            f"{path} is not a valid safetensors index ({exc});"
-            " re-save the checkpoint"
-        ) from None
+    index, shard_paths = read_index(path)
     tensors: list[TensorInfo] = []
-    for shard in sorted(set(weight_map.values())):
-        entries, _, _ = read_safetensors_header(path.parent / shard)
-        tensors += _tensors_from_header(entries, shard)
+    for shard in sorted(set(shard_paths.values())):
+        entries, _, _ = read_safetensors_header(shard)
+        tensors += _tensors_from_header(entries, shard.name)
     if not tensors:
-        raise ModelFileError(f"{path} lists no floating-point tensors; nothing to train in it")
+        raise ModelFileError(f"{path} lists no floating-point tensors with elements; nothing to train in it")
     metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
     return Manifest(tensors, str(path), block_pattern, metadata)
 
@@ -287,6 +432,11 @@ def find_checkpoint(folder: Path) -> Path:
     files = sorted(folder.glob("*.safetensors"))
     if len(files) == 1:
         return files[0]
+    if not indexes and len(files) > 1 and all(_SHARD_NAME.search(f.name) for f in files):
+        raise ModelFileError(
+            f"{folder} holds shards ({files[0].name}, ...) but no *.safetensors.index.json: the set is "
+            "incomplete (a merge killed while switching it?); write it again"
+        )
     if not indexes and not files:
         raise ModelFileError(
             f"{folder} holds no .safetensors file or index; point ffid at the checkpoint file itself "

@@ -287,7 +287,7 @@ def render_rich(sel: Selection, console: Any = None, tolerance: float = FLAG_TOL
     style = {"LOW": "yellow", "HIGH": "red"}
     for r in block_rows(sel, tolerance):
         table.add_row(
-            r.label,
+            escape(r.label),
             f"{r.rate * 100:.4f}%",
             f"{r.selected:,}",
             f"{r.total:,}",

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import MismatchError
 from .manifest import Manifest
 
 if TYPE_CHECKING:
@@ -189,5 +190,15 @@ def overlap_count(a: TensorPick, b: TensorPick) -> int:
 
 
 def overlap(a: Selection, b: Selection) -> int:
-    """Elements selected by both ``a`` and ``b`` (tensors matched by canonical name)."""
+    """Elements selected by both ``a`` and ``b`` (tensors matched by canonical name).
+
+    Both must be planned on the same model (same manifest fingerprint): positions of two
+    different models cannot overlap or be disjoint, so that is a :class:`MismatchError`.
+    """
+    if a.manifest.fingerprint != b.manifest.fingerprint:
+        raise MismatchError(
+            f"the selections were planned on different models ({a.manifest.source} and "
+            f"{b.manifest.source}; manifest {a.manifest.fingerprint} != {b.manifest.fingerprint}); "
+            "plan both on the same model to compare them"
+        )
     return sum(overlap_count(a[n], b[n]) for n in a if n in b)

@@ -3,7 +3,9 @@
 Every file ffid writes goes to a temporary file in the target folder (same filesystem, so the
 final ``os.replace`` is atomic), is flushed and fsynced, then renamed over the target and the
 folder entry fsynced. A writer killed with SIGKILL cannot clean up after itself, so temp names
-carry the writer's pid and the next write to the same target removes temps of dead writers.
+carry the writer's pid (plus a random part; created with ``O_EXCL``, so never a planted file or
+symlink) and the next write to the same target removes this user's temps of dead writers. A
+replaced file keeps its mode; non-regular targets (devices, FIFOs) are refused.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,9 +31,13 @@ class DiskSpaceError(ModelFileError):
     """The target folder has not enough free space for the file about to be written."""
 
 
-def temp_path_for(target: Path, pid: int | None = None) -> Path:
-    """The temp file used while writing ``target`` (hidden, in the same folder, tagged with the pid)."""
-    return target.parent / f".{target.name}.{pid or os.getpid()}{TEMP_SUFFIX}"
+def temp_prefix(target: Path, pid: int | None = None) -> str:
+    """Start of the names of the temp files used while writing ``target`` (hidden, tagged with a pid).
+
+    The rest of the name is random and the file is created with ``O_EXCL`` (``tempfile.mkstemp``),
+    so a file or symlink planted under a guessed name is never opened, let alone followed.
+    """
+    return f".{target.name}.{pid or os.getpid()}."
 
 
 def _pid_alive(pid: int) -> bool:
@@ -39,41 +47,77 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
+    except (OverflowError, ValueError):
+        return False
     return True
 
 
-def stale_temps(target: Path) -> list[Path]:
-    """Temp files left next to ``target`` by writers that no longer run (killed mid-write)."""
+def _dead_writer_pid(name: str, prefix: str, suffix: str) -> int | None:
+    """The pid in a temp name ``{prefix}{pid}.{random}{suffix}`` when that writer no longer runs."""
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    pid_text = name[len(prefix) : -len(suffix)].split(".", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+        return None
+    return int(pid_text)
+
+
+def stale_temps(target: Path, suffix: str = TEMP_SUFFIX) -> list[Path]:
+    """Temps this user left next to ``target`` from writers that no longer run (killed mid-write).
+
+    Only entries owned by the current user and not symlinks are listed: ffid cleans its own
+    leftovers, never another user's files or what a link points to.
+    """
     prefix = f".{target.name}."
-    found = []
+    found: list[Path] = []
     if not target.parent.is_dir():
         return found
+    uid = os.getuid() if hasattr(os, "getuid") else None
     for p in target.parent.iterdir():
-        name = p.name
-        if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+        if _dead_writer_pid(p.name, prefix, suffix) is None:
             continue
-        pid_text = name[len(prefix) : -len(TEMP_SUFFIX)]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
-            found.append(p)
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode) or (uid is not None and st.st_uid != uid):
+            continue
+        found.append(p)
     return found
 
 
-def cleanup_stale_temps(target: Path) -> list[Path]:
-    """Remove temp files of dead writers of ``target``; returns what was removed."""
+def cleanup_stale_temps(target: Path, suffix: str = TEMP_SUFFIX) -> list[Path]:
+    """Remove temps (files or folders) of dead writers of ``target``; returns what was removed."""
     removed = []
-    for p in stale_temps(target):
+    for p in stale_temps(target, suffix):
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
             removed.append(p)
     return removed
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def space_margin(size: int) -> int:
+    """Headroom kept free beyond a file of ``size`` bytes: 1/8 of it plus 1 MiB, at most 64 MiB."""
+    return min(_SPACE_MARGIN, size // 8 + 2**20)
 
 
 def check_free_space(folder: Path, size: int) -> None:
     """Raise :class:`DiskSpaceError` when ``folder`` cannot hold ``size`` more bytes (plus a margin)."""
     free = shutil.disk_usage(folder).free
-    if size + _SPACE_MARGIN > free:
+    margin = space_margin(size)
+    if size + margin > free:
         raise DiskSpaceError(
-            f"{folder} has {free / 2**30:.2f} GiB free but the file needs {size / 2**30:.2f} GiB (+64 MiB "
+            f"{folder} has {_human(free)} free but the file needs {_human(size)} (+{_human(margin)} "
             "margin); free some space or write to another folder with -o"
         )
 
@@ -110,35 +154,79 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def check_target(target: Path) -> int | None:
+    """Refuse an output path ffid must not replace; returns the mode of an existing file (else None).
+
+    Folders and non-regular files (``/dev/full``, a FIFO, a socket) are refused: replacing them by
+    a regular file is never what the user meant.
+    """
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(
+            f"output {target} cannot be checked ({exc.strerror}); choose another -o path"
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(
+            f"output {target} is a folder; give a file name such as {target / 'model.safetensors'}"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(
+            f"output {target} is not a regular file (a device, pipe or socket); ffid only replaces regular "
+            "files: choose a file path with -o"
+        )
+    return stat.S_IMODE(st.st_mode)
+
+
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike[str], size: int | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    target: str | os.PathLike[str], size: int | None = None, *, pending: FileSet | None = None
+) -> Iterator[BinaryIO]:
     """Open a temp file for writing ``target``; on success it is fsynced and renamed over ``target``.
 
     ``size`` (when known) is checked against the free space first. On any exception the temp
     file is removed and ``target`` is untouched. A disk that fills up anyway gives a
-    :class:`DiskSpaceError`.
+    :class:`DiskSpaceError`. With ``pending`` the finished temp is not renamed but handed to
+    that :class:`FileSet`, which switches all its files at once.
     """
     target = Path(target)
     folder = target.parent
     if not folder.is_dir():
         raise ConfigError(f"output folder {folder} does not exist; create it first or choose another -o path")
-    if target.is_dir():
-        raise ConfigError(
-            f"output {target} is a folder; give a file name such as {target / 'model.safetensors'}"
-        )
+    mode = check_target(target)
     cleanup_stale_temps(target)
     if size is not None:
         check_free_space(folder, size)
-    tmp = temp_path_for(target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=folder)
+    except PermissionError:
+        raise ConfigError(
+            f"output folder {folder} is not writable; choose another -o path or fix its permissions"
+        ) from None
+    tmp = Path(name)
+    # The new file keeps the mode of the one it replaces (a 0600 output stays 0600); a new file
+    # gets the usual mode for this umask instead of mkstemp's 0600.
+    os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
     # Unbuffered (kernel-side copies and our writes share one file offset) and readable (for mmap).
-    f = open(tmp, "w+b", buffering=0)  # noqa: SIM115 - closed in every branch below
+    f = open(fd, "w+b", buffering=0)  # noqa: SIM115 - closed in every branch below
     try:
         yield f
         f.flush()
         os.fsync(f.fileno())
         f.close()
-        os.replace(tmp, target)
-        _fsync_dir(folder)
+        if pending is not None:
+            pending.add(tmp, target)
+        else:
+            os.replace(tmp, target)
+            _fsync_dir(folder)
     except BaseException as exc:
         f.close()
         with contextlib.suppress(FileNotFoundError):
@@ -158,3 +246,43 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> int:
         while view:
             view = view[f.write(view) :]
     return len(data)
+
+
+class FileSet:
+    """Several files that make one output (shards plus their index), switched as a set.
+
+    Each file is written completely to its own temp (``atomic_write(..., pending=set)``); nothing
+    is renamed until :meth:`commit`, which first removes the old index (the file that makes
+    the set readable), then renames every finished temp over its target, then writes the new
+    index. A writer killed before the commit leaves the old set untouched (plus temps that the
+    next write removes); killed during it, the set has no index and is refused as incomplete;
+    after it, the new set is complete. Never a new shard beside an old one under an index.
+    Use as a context manager: leaving it without :meth:`commit` removes the temps.
+    """
+
+    def __init__(self, index: Path):
+        self.index = Path(index)
+        self.files: list[tuple[Path, Path]] = []
+
+    def add(self, tmp: Path, target: Path) -> None:
+        self.files.append((tmp, target))
+
+    def commit(self, index_data: bytes) -> int:
+        """Switch to the new set; returns the bytes of the index written."""
+        with contextlib.suppress(FileNotFoundError):
+            self.index.unlink()
+        _fsync_dir(self.index.parent)
+        for tmp, target in self.files:
+            os.replace(tmp, target)
+        self.files = []
+        _fsync_dir(self.index.parent)
+        return write_bytes_atomic(self.index, index_data)
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for tmp, _ in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        self.files = []

@@ -36,6 +36,8 @@ from .stio import (
     index_code,
     is_float_code,
     np_storage,
+    require_finite,
+    require_finite_scalar,
     to_f32,
     write_safetensors_stream,
 )
@@ -110,7 +112,11 @@ class TensorFingerprint:
     @staticmethod
     def from_json(obj: Any) -> TensorFingerprint:
         shape, digest = obj
-        return TensorFingerprint(tuple(int(d) for d in shape), str(digest))
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"fingerprint shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(digest, str):
+            raise ValueError(f"fingerprint hash {digest!r} is not a string")
+        return TensorFingerprint(tuple(shape), digest)
 
 
 def base_fingerprint_digest(fps: Mapping[str, TensorFingerprint]) -> str:
@@ -183,15 +189,17 @@ def _parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
         )
     try:
         params = json.loads(meta.get(KEY_PARAMS) or "{}")
-        base_fp = {
-            n: TensorFingerprint.from_json(v) for n, v in json.loads(meta.get(KEY_BASE_FP) or "{}").items()
-        }
+        fp_json = json.loads(meta.get(KEY_BASE_FP) or "{}")
+        if not isinstance(params, dict) or not isinstance(fp_json, dict):
+            raise TypeError(f"{KEY_PARAMS} and {KEY_BASE_FP} must be JSON objects")
+        base_fp = {n: TensorFingerprint.from_json(v) for n, v in fp_json.items()}
         ff = float(meta[KEY_FF]) if meta.get(KEY_FF) else None
         ffid = int(meta[KEY_FFID]) if meta.get(KEY_FFID) else None
         total = int(meta[KEY_TOTAL]) if meta.get(KEY_TOTAL) else None
         selected = int(meta.get(KEY_SELECTED) or 0)
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path} has corrupt ffid metadata ({exc}); re-save the delta") from None
+    except (ValueError, TypeError, RecursionError, json.JSONDecodeError) as exc:
+        why = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise ModelFileError(f"{path} has corrupt ffid metadata ({why}); re-save the delta") from None
     return DeltaInfo(
         format_version=version,
         ffid_version=meta.get(KEY_VERSION, ""),
@@ -243,6 +251,29 @@ class DeltaFile:
             raise ModelFileError(
                 f"{self.path}: tensor {missing[0]!r} has no base fingerprint entry; re-save it"
             )
+        for name in self.names:
+            self._check_layout(name)
+
+    def _check_layout(self, name: str) -> None:
+        """Index and value tensors shaped and typed as the format says (docs/delta-format.md)."""
+        ventry = self.file.entries[name + VALUE_SUFFIX]
+        ientry = self.file.entries.get(name + INDEX_SUFFIX)
+        shape = self.info.base_fingerprint[name].shape
+        if self.info.value_dtype and ventry.dtype != self.info.value_dtype:
+            why = f"values are {ventry.dtype} but the metadata says {self.info.value_dtype}"
+        elif ientry is not None and len(ientry.shape) != 1:
+            why = f"its index tensor has shape {list(ientry.shape)}, it must be 1-D"
+        elif ientry is not None and len(ventry.shape) != 1:
+            why = f"its value tensor has shape {list(ventry.shape)}, it must be 1-D like the index"
+        elif ientry is not None and ientry.numel != ventry.numel:
+            why = f"it has {ientry.numel} indices but {ventry.numel} values"
+        elif ientry is None and ventry.shape != shape:
+            why = f"its whole-tensor values have shape {list(ventry.shape)}, the base tensor {list(shape)}"
+        else:
+            return
+        raise ModelFileError(
+            f"{self.path}: tensor {name!r} is malformed ({why}); the delta is corrupt, re-save it"
+        )
 
     def close(self) -> None:
         self.file.close()
@@ -309,13 +340,24 @@ class DeltaFile:
         return idx
 
     def read_values(self, name: str) -> torch.Tensor:
-        """The stored values of ``name``, flat, in their stored dtype."""
-        return self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+        """The stored values of ``name``, flat, in their stored dtype (refused unless all finite)."""
+        values = self.file.read_tensor(self.file.entries[name + VALUE_SUFFIX]).reshape(-1)
+        self._check_finite(name, values)
+        return values
 
     def read_values_f32(self, name: str) -> np.ndarray:
         """The stored values of ``name`` as flat numpy fp32 (F32/F16/BF16 values; no torch needed)."""
         entry = self.file.entries[name + VALUE_SUFFIX]
-        return to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
+        values = to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
+        self._check_finite(name, values)
+        return values
+
+    def _check_finite(self, name: str, values: Any) -> None:
+        require_finite(
+            values,
+            f"delta {self.path} tensor {name!r}",
+            "the delta is corrupt or its training diverged: re-train or re-extract it",
+        )
 
     def read(self, name: str) -> DeltaTensor:
         return DeltaTensor(name, self.shape(name), self.read_indices(name), self.read_values(name))
@@ -431,8 +473,12 @@ def write_delta(
     path = Path(path)
     save_dtype = parse_dtype(save_dtype) or torch.float32
     value_code = dtype_code(save_dtype)
-    if not is_float_code(value_code):
-        raise ConfigError(f"--save_precision {save_dtype} is not a float dtype; use fp32, bf16 or fp16")
+    if value_code not in ("F32", "F16", "BF16", "F64"):
+        # fp8 cannot hold trained values faithfully and most readers cannot decode it
+        raise ConfigError(
+            f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
+            "use fp32, bf16 or fp16"
+        )
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     data: dict[str, Any] = {}
     selected = 0
@@ -441,6 +487,13 @@ def write_delta(
             continue
         if t.values.numel() != t.count:
             raise ConfigError(f"{t.name!r}: {t.values.numel()} values for {t.count} indices")
+        require_finite(
+            t.values,
+            f"tensor {t.name!r} to be saved in delta {path.name}",
+            "a delta must hold finite values: fix the source (training diverged or the tuned file is "
+            "corrupt)",
+            ConfigError,
+        )
         selected += t.count
         if t.whole:
             entries.append((t.name + VALUE_SUFFIX, value_code, t.shape))
@@ -589,6 +642,7 @@ def apply_delta(
     """
     import torch
 
+    multiplier = require_finite_scalar(multiplier, "multiplier")
     if not isinstance(delta, Delta):
         delta = load_delta(delta)
     targets = _module_tensors(model)
@@ -636,6 +690,13 @@ def apply_delta(
                 )
             idx = dt.indices.to(t.device)
             new = blend(flat[idx], dt.values.to(t.device), multiplier)
-            flat[idx] = new.to(t.dtype)
+            new = new.to(t.dtype)
+            require_finite(
+                new,
+                f"tensor {dt.name!r} with multiplier {multiplier!r} applied",
+                "the result overflows the model's dtype: use a smaller multiplier",
+                ConfigError,
+            )
+            flat[idx] = new
             elements += dt.count
     return ApplyResult(len(plan), elements, renamed)

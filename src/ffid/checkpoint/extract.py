@@ -25,7 +25,7 @@ from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
 from .namemap import NameResolver, detect_naming
-from .stio import bit_view, is_float_code, one_thread, parse_dtype
+from .stio import bit_view, is_float_code, one_thread, parse_dtype, require_finite
 
 OUTSIDE_CHOICES = ("error", "warn")
 
@@ -147,7 +147,13 @@ def extract_delta(
                 progress(loc.entry.nbytes + tloc.entry.nbytes)
             if idx.numel() == 0:
                 continue
-            tensors.append(DeltaTensor(name, loc.entry.shape, idx, t[idx].to(torch.float32)))
+            values = t[idx].to(torch.float32)
+            require_finite(
+                values,
+                f"tuned {tloc.file.path} tensor {tloc.entry.key!r}",
+                "a delta must hold finite values: extract from a checkpoint saved before training diverged",
+            )
+            tensors.append(DeltaTensor(name, loc.entry.shape, idx, values))
             fps[name] = TensorFingerprint(loc.entry.shape, values_hash(b[idx[sample_positions(idx.numel())]]))
             del b, t, mask
         warnings = []

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MissingFileError, ModelFileError
-from ..manifest import find_checkpoint
+from ..manifest import find_checkpoint, read_index
 from .stio import Entry, SafetensorsFile
 
 
@@ -39,32 +38,15 @@ class Checkpoint:
         self.index: dict[str, Any] | None = None
         self.shards: list[SafetensorsFile] = []
         if p.name.endswith(".index.json"):
-            try:
-                self.index = json.loads(p.read_text())
-                weight_map: dict[str, str] = self.index["weight_map"]
-                shard_names = sorted(set(weight_map.values()))
-            except (
-                OSError,
-                UnicodeDecodeError,
-                json.JSONDecodeError,
-                KeyError,
-                TypeError,
-                AttributeError,
-            ) as exc:
-                raise ModelFileError(
-                    f"{p} is not a valid safetensors index ({exc}); re-save the checkpoint"
-                ) from None
-            for name in shard_names:
-                if Path(name).name != name:
+            self.index, shard_paths = read_index(p)
+            opened: dict[str, SafetensorsFile] = {}
+            for shard in sorted(set(shard_paths.values())):
+                opened[shard.name] = SafetensorsFile(shard)
+            self.shards.extend(opened.values())
+            for key, shard in shard_paths.items():
+                if key not in opened[shard.name].entries:
                     raise ModelFileError(
-                        f"{p} names shard {name!r} outside its folder; ffid only reads flat shard sets"
-                    )
-                self.shards.append(SafetensorsFile(p.parent / name))
-            for key, shard in weight_map.items():
-                sf = next(s for s in self.shards if s.path.name == shard)
-                if key not in sf.entries:
-                    raise ModelFileError(
-                        f"{p} maps {key!r} to {shard}, which does not hold it; re-save the checkpoint"
+                        f"{p} maps {key!r} to {shard.name}, which does not hold it; re-save the checkpoint"
                     )
         else:
             self.shards.append(SafetensorsFile(p))

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..names import BlockFinder
+from ..names import BlockFinder, printable
 from .delta import FORMAT_NAME, KEY_FORMAT, KEY_PROMPTS, KEY_TRIGGER_WORDS, DeltaFile
 from .files import Checkpoint
 from .namemap import detect_naming
@@ -132,8 +132,19 @@ def _fmt_count(n: int | None) -> str:
     return "?" if n is None else f"{n:,}"
 
 
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
+
+
 def format_inspect(report: dict[str, Any]) -> str:
-    """Human-readable text for :func:`inspect_file`'s result."""
+    """Human-readable text for :func:`inspect_file`'s result (strings from the file escaped)."""
+    report = _printable(report)
     lines = []
     if report["kind"] == "delta":
         frac = ""
@@ -184,6 +195,6 @@ def format_inspect(report: dict[str, Any]) -> str:
     if meta:
         lines.append("  metadata:")
         for k, v in meta.items():
-            text = v if len(v) <= 100 else v[:97] + "..."
+            text = v if len(v) <= 100 else v[:97] + "..."  # already escaped: no line breaks
             lines.append(f"    {k} = {text}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, MismatchError
 from ..manifest import DTYPE_BYTES
-from .atomic import atomic_write, check_free_space, refuse_overwrite, write_bytes_atomic
+from .atomic import FileSet, atomic_write, check_free_space, check_target, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
@@ -40,9 +40,12 @@ from .stio import (
     dtype_code,
     from_f32,
     is_float_code,
+    nonfinite,
     np_storage,
     one_thread,
     parse_dtype,
+    require_finite,
+    require_finite_scalar,
     tensor_bytes,
     to_f32,
     write_all,
@@ -128,8 +131,10 @@ def _check_delta_against_base(
         ):
             loc = base.tensors[target]
             for p in patches[target]:
-                # Only the sampled indices are read here; the whole index is read (and checked) when patching.
-                pos = p.delta.read_index_elements(p.name, sample_positions_np(p.delta.count(p.name)))
+                # The whole index is read and checked first, so a corrupt delta is reported as such
+                # and not as one "made from another base".
+                idx = p.delta.read_indices_np(p.name)
+                pos = idx[sample_positions_np(idx.size)]
                 if loc.entry.dtype in NUMPY_FAST:
                     got = values_hash(loc.file.read_elements_f32(loc.entry, pos))
                 else:
@@ -170,7 +175,9 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
     if len(reads) == 1:
         idx, vals, m = reads[0]
         # With multiplier 1 the base values are not needed: no gather (no read faults on a mapping).
-        out[idx] = (vals if m == 1.0 else blend(t[idx], vals, m)).to(out_dtype)
+        new = (vals if m == 1.0 else blend(t[idx], vals, m)).to(out_dtype)
+        _require_finite_result(new, plist[0].name, str(out_dtype).replace("torch.", ""))
+        out[idx] = new
         return out, idx.numel()
     # Several deltas: where they overlap, their differences add up; elsewhere each writes its own.
     cat = torch.cat([r[0] for r in reads])
@@ -190,8 +197,19 @@ def _patched(t: torch.Tensor, plist: list[_Patch], out_dtype: torch.dtype) -> tu
         solo = counts[inv] == 1
         # A lone position with multiplier 1 takes the trained value itself, bit for bit.
         result[inv[solo]] = blend(base_u[inv[solo]], vals[solo], m)
-    out[uniq] = result.to(out_dtype)
+    result = result.to(out_dtype)
+    _require_finite_result(result, plist[0].name, str(out_dtype).replace("torch.", ""))
+    out[uniq] = result
     return out, uniq.numel()
+
+
+def _require_finite_result(values: object, name: str, code: str) -> None:
+    require_finite(
+        values,
+        f"merged tensor {name!r} ({code})",
+        "the multiplier makes values overflow the output dtype: use a smaller --multiplier or --dtype fp32",
+        ConfigError,
+    )
 
 
 def _numpy_ok(code: str, plist: list[_Patch], overlap_free: bool) -> bool:
@@ -214,10 +232,13 @@ def _patch_np(arr: np.ndarray, code: str, plist: list[_Patch]) -> int:
         idx = p.delta.read_indices_np(p.name)
         vals = p.delta.read_values_f32(p.name)
         if p.multiplier == 1.0:
-            arr[idx] = from_f32(vals, code)
+            new = from_f32(vals, code)
         else:
             base = to_f32(arr[idx], code)
-            arr[idx] = from_f32(base + np.float32(p.multiplier) * (vals - base), code)
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = from_f32(base + np.float32(p.multiplier) * (vals - base), code)
+        _require_finite_result(to_f32(new, code), p.name, code)
+        arr[idx] = new
         n += idx.size
     return n
 
@@ -229,6 +250,7 @@ def _copy_and_patch(
     canon: dict[str, str],
     progress: Callable[[int], None] | None,
     overlap_free: bool,
+    pending: FileSet | None = None,
 ) -> tuple[int, int, int]:
     """Same-dtype merge: copy the whole base in the kernel, then patch touched tensors in place.
 
@@ -241,7 +263,7 @@ def _copy_and_patch(
     """
     size = src.data_start + max((e.end for e in src.order), default=0)
     tensors = elements = 0
-    with atomic_write(target, size=size) as f:
+    with atomic_write(target, size=size, pending=pending) as f:
         state = {"copied": 0, "stop": False}
         errors: list[BaseException] = []
         cond = threading.Condition()
@@ -322,10 +344,11 @@ def _write_shard(
     out_dtype: torch.dtype | None,
     progress: Callable[[int], None] | None,
     overlap_free: bool,
+    pending: FileSet | None = None,
 ) -> tuple[int, int, int]:
     """Write one output shard; returns (bytes written, tensors patched, positions written)."""
     if out_dtype is None:
-        return _copy_and_patch(src, target, patches, canon, progress, overlap_free)
+        return _copy_and_patch(src, target, patches, canon, progress, overlap_free, pending)
     # Casting: every float tensor is decoded, converted and re-encoded (new header, new offsets).
     want = dtype_code(out_dtype)
     specs = [(e.key, want if is_float_code(e.dtype) else e.dtype, e.shape) for e in src.order]
@@ -334,7 +357,7 @@ def _write_shard(
     codes = {e.key: e.dtype for e in laid}
     size = len(head) + sum(e.numel * DTYPE_BYTES[codes[e.key]] for e in layout)
     tensors = elements = 0
-    with one_thread(), atomic_write(target, size=size) as f:
+    with one_thread(), atomic_write(target, size=size, pending=pending) as f:
         write_all(f, head)
         run: list[int] = []  # [start, end) of a run of untouched tensors, copied in one go
 
@@ -363,7 +386,13 @@ def _write_shard(
                 tensors += 1
                 elements += n
             else:
+                src_bad = nonfinite(t)
                 t = t.to(want_dtype)
+                if nonfinite(t) > src_bad:
+                    raise ConfigError(
+                        f"base tensor {e.key!r} has values beyond the range of {codes[e.key]}; casting would "
+                        "write inf: keep the base dtype (no --dtype) or use --dtype bf16/fp32"
+                    )
             write_all(f, tensor_bytes(t))
             if progress is not None:
                 progress(e.nbytes)
@@ -396,6 +425,7 @@ def merge_checkpoint(
         if isinstance(multipliers, (int, float))
         else [float(m) for m in multipliers]
     )
+    mults = [require_finite_scalar(m, "--multiplier") for m in mults]
     if len(mults) == 1 and len(deltas) > 1:
         mults = mults * len(deltas)
     if len(mults) != len(deltas):
@@ -412,6 +442,7 @@ def merge_checkpoint(
             inputs = ck.files + [d.path for d in dfs]
             for target in [*shard_out.values(), *([index_out] if index_out else [])]:
                 refuse_overwrite(target, inputs)
+                check_target(target)  # a FIFO/device index would only be found after the shards
             patches, renamed = _check_delta_against_base(ck, dfs, mults, verify)
             overlap, first = _count_overlap(ck, patches)
             if overlap and not allow_overlap:
@@ -427,31 +458,41 @@ def merge_checkpoint(
                 index_out.parent.mkdir(exist_ok=True)
             written = tensors = elements = 0
             outputs: list[Path] = []
-            for sf in ck.shards:
-                canon = {e.key: n for n, e in sf.by_canonical.items()}
-                size, nt, ne = _write_shard(
-                    sf, shard_out[sf.path.name], patches, canon, out_dtype, progress, overlap == 0
-                )
-                written += size
-                tensors += nt
-                elements += ne
-                outputs.append(shard_out[sf.path.name])
-            if index_out is not None:
-                assert ck.index is not None
-                index = json.loads(json.dumps(ck.index))
-                if out_dtype is not None:
-                    index.setdefault("metadata", {})["total_size"] = sum(
-                        e.numel
-                        * (
-                            DTYPE_BYTES[dtype_code(out_dtype)]
-                            if is_float_code(e.dtype)
-                            else DTYPE_BYTES[e.dtype]
-                        )
-                        for loc in ck.tensors.values()
-                        for e in [loc.entry]
+            # A sharded output is switched as a set (see FileSet): shards are finished as temps first.
+            with contextlib.ExitStack() as stack:
+                pending = stack.enter_context(FileSet(index_out)) if index_out is not None else None
+                for sf in ck.shards:
+                    canon = {e.key: n for n, e in sf.by_canonical.items()}
+                    size, nt, ne = _write_shard(
+                        sf,
+                        shard_out[sf.path.name],
+                        patches,
+                        canon,
+                        out_dtype,
+                        progress,
+                        overlap == 0,
+                        pending,
                     )
-                written += write_bytes_atomic(index_out, (json.dumps(index, indent=2) + "\n").encode())
-                outputs.insert(0, index_out)
+                    written += size
+                    tensors += nt
+                    elements += ne
+                    outputs.append(shard_out[sf.path.name])
+                if index_out is not None and pending is not None:
+                    assert ck.index is not None
+                    index = json.loads(json.dumps(ck.index))
+                    if out_dtype is not None:
+                        index.setdefault("metadata", {})["total_size"] = sum(
+                            e.numel
+                            * (
+                                DTYPE_BYTES[dtype_code(out_dtype)]
+                                if is_float_code(e.dtype)
+                                else DTYPE_BYTES[e.dtype]
+                            )
+                            for loc in ck.tensors.values()
+                            for e in [loc.entry]
+                        )
+                    written += pending.commit((json.dumps(index, indent=2) + "\n").encode())
+                    outputs.insert(0, index_out)
         finally:
             for d in dfs:
                 d.close()

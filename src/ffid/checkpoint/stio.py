@@ -295,6 +295,45 @@ class SafetensorsFile:
         return to_f32(np.frombuffer(b"".join(chunks), dtype=np_storage(entry.dtype)), entry.dtype)
 
 
+def nonfinite(values: Any) -> int:
+    """How many NaN/inf values ``values`` (a torch tensor or numpy array, any dtype) holds."""
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind != "f":
+            return 0
+        return int(values.size - np.count_nonzero(np.isfinite(values)))
+    if not values.is_floating_point():
+        return 0
+    import torch
+
+    return int(values.numel() - torch.isfinite(values).sum())
+
+
+def require_finite(values: Any, what: str, fix: str, error: type[Exception] = ModelFileError) -> None:
+    """Raise ``error`` (one line: ``what`` holds N NaN/inf values; ``fix``) unless every value is finite.
+
+    The one finite-check of ffid: delta values are checked where they are read and where they are
+    written, and every position a merge or ``apply_delta`` computes before it is stored.
+    """
+    bad = nonfinite(values)
+    if bad:
+        raise error(f"{what} holds {bad:,} NaN/inf value{'s' if bad > 1 else ''}; {fix}")
+
+
+def require_finite_scalar(value: float, what: str) -> float:
+    """A user-given factor (``--multiplier``) as a float that fits fp32, else :class:`ConfigError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{what} {value!r} is not a number; give a finite number such as 1 or 0.5"
+        ) from None
+    if not math.isfinite(v) or abs(v) > float(np.finfo(np.float32).max):
+        raise ConfigError(
+            f"{what} {value!r} is not a finite fp32 number; give a finite number such as 1 or 0.5"
+        )
+    return v
+
+
 def buffer_tensor(
     buf: bytearray | memoryview | np.ndarray, code: str, shape: tuple[int, ...]
 ) -> torch.Tensor:

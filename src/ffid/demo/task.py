@@ -155,6 +155,7 @@ class DemoTask:
     """Flow matching on real digit scans for the demo's tiny Wan (see module docstring)."""
 
     name = "demo"
+    task_args_keys = frozenset({"concepts", "caption_dropout", "prior", "prior_per_class"})
 
     def __init__(
         self,

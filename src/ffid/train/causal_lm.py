@@ -83,6 +83,7 @@ class CausalLMTask:
     """Next-token cross entropy for any ``AutoModelForCausalLM`` folder."""
 
     name = "causal-lm"
+    task_args_keys: frozenset[str] = frozenset()  # reads no task_args; any key is a mistake
 
     def __init__(self) -> None:
         self.tokenizer: Any = None

@@ -55,7 +55,15 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        # Plain values and a tensor only, so the state loads with ``torch.load(weights_only=True)``.
+        state["numpy"] = (
+            str(kind),
+            torch.from_numpy(keys.astype("int64")),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        )
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -70,7 +78,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state(
+            (kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached)
+        )
 
 
 def save_state(
@@ -189,12 +200,45 @@ def load_state(folder: Path, rank: int, device: torch.device | str = "cpu") -> d
     rng_path = folder / f"rng-{rank}.pt"
     if not rng_path.is_file():
         raise ModelFileError(f"state {str(folder)!r} lacks {rng_path.name}; it is incomplete")
+    try:
+        proxies = load_file(str(folder / "proxies.safetensors"), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ModelFileError(
+            f"state file {str(folder / 'proxies.safetensors')!r} is corrupt or truncated "
+            f"({_one_line(exc)}); resume from another state"
+        ) from None
     return {
-        "proxies": load_file(str(folder / "proxies.safetensors"), device=str(device)),
-        "optimizer": torch.load(folder / "optimizer.pt", map_location=device, weights_only=False),
-        "scheduler": torch.load(folder / "scheduler.pt", weights_only=False),
-        "rng": torch.load(rng_path, weights_only=False),
+        "proxies": proxies,
+        "optimizer": _load_tensors_only(folder / "optimizer.pt", device),
+        "scheduler": _load_tensors_only(folder / "scheduler.pt", "cpu"),
+        "rng": _load_tensors_only(rng_path, "cpu"),
     }
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
+
+
+def _load_tensors_only(path: Path, device: torch.device | str) -> Any:
+    """``torch.load`` that can only build tensors and plain containers: a crafted file runs no code.
+
+    ``weights_only=True`` makes torch's unpickler refuse every global outside its allow-list of
+    tensor types, so a state from a stranger cannot import or call anything; such a file and a
+    truncated one are refused with one line.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it reads anyway
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError, EOFError, RuntimeError (zip), ...
+        raise ModelFileError(
+            f"state file {str(path)!r} is corrupt, truncated or holds objects other than tensors and "
+            f"plain values ({_one_line(exc)}); ffid never runs code from a file: resume from a state "
+            "written by ffid"
+        ) from None
 
 
 def latest_state(output_dir: Path, output_name: str) -> Path | None:

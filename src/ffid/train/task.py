@@ -105,6 +105,28 @@ def _instantiate(obj: Any, where: str) -> Task:
     return task
 
 
+def check_task_args(task: object, task_args: dict[str, Any]) -> None:
+    """Refuse ``task_args`` keys the task does not read, when it says which it reads.
+
+    A task lists its keys in an optional ``task_args_keys`` attribute (tasks without it accept
+    anything); a misspelt key then fails with the nearest known one instead of being ignored.
+    """
+    known = getattr(task, "task_args_keys", None)
+    if known is None:
+        return
+    unknown = sorted(k for k in task_args if k not in known)
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = (
+            f"did you mean {near[0]!r}?"
+            if near
+            else (f"it reads {', '.join(sorted(known))}" if known else "it reads no task_args")
+        )
+        raise ConfigError(
+            f"task_args.{unknown[0]} is not a key of model_type {getattr(task, 'name', '?')!r}; {hint}"
+        )
+
+
 def get_task(model_type: str) -> Task:
     """The task for ``model_type``: a built-in name or ``"package.module:attribute"``."""
     if model_type in TASKS:
@@ -128,4 +150,4 @@ def get_task(model_type: str) -> Task:
     )
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = ["TASKS", "Task", "check_task_args", "get_task"]

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
 from ..preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .config import TrainConfig
 from .data import BatchOrder, move_to
+from .io import make_output_dir
 from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
 from .state import (
@@ -40,7 +41,7 @@ from .state import (
     set_rng_state,
 )
 from .swap import attach_block_swap
-from .task import Task, get_task
+from .task import Task, check_task_args, get_task
 
 if TYPE_CHECKING:
     from ..selection import Selection
@@ -269,6 +270,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     check_ff(cfg.ff)
     check_ffid(cfg.ffid)
     task = task if task is not None else get_task(cfg.model_type)
+    check_task_args(task, cfg.task_args)
 
     dataset = task.dataset(cfg)
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -337,10 +339,19 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if resume_dir is not None and resume_meta is not None:
         check_identity(resume_dir, resume_meta, identity)
         st = load_state(resume_dir, rank)
-        handle.load_state_dict(st["proxies"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"], generator)
+        try:
+            handle.load_state_dict(st["proxies"])
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"], generator)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, FfidError):
+                raise
+            why = " ".join(str(exc).split())[:160]
+            raise ModelFileError(
+                f"resume state {str(resume_dir)!r} does not fit this run ({why}); "
+                "it is damaged or was edited: resume from another state or start a new run"
+            ) from None
         pos = Position(resume_meta["step"], resume_meta["epoch"], resume_meta["index"])
         losses = list(resume_meta["losses"])[: pos.step]
 
@@ -351,7 +362,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
         None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(out / "logs"))
     )
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         write_json(out / f"{cfg.output_name}-config.json", cfg.to_dict())
     monitor = TrainMonitor(
         total,

@@ -168,6 +168,11 @@ class WanTask:
     """Flow matching on cached latents for a diffusers Wan 2.x DiT (see module docstring)."""
 
     name = "wan"
+    # The task_args this task reads; any other key is refused (a typo would be silently ignored).
+    task_args_keys = frozenset(
+        {"config", "num_attention_heads", "attention_head_dim", "rope_max_seq_len", "pos_embed_seq_len",
+         "eps", "text_len"}
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.cfg: TrainConfig | None = None
