@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
         "side by side (default all; the merged checkpoint takes the preserved one)",
     )
     p.add_argument(
-        "--preserve_weight", type=float, default=None, help="weight of the preservation loss (default 1.0)"
+        "--preserve_weight", type=float, default=None, help="weight of the preservation loss (default 16)"
     )
     p.add_argument(
         "--preserve_items",

@@ -73,7 +73,7 @@ class DemoConfig:
     # three from the same state, side by side
     character2_mode: str = "all"
     # preservation (the preserved variant): ffid train's preserve_* keys
-    preserve_weight: float = 1.0
+    preserve_weight: float = 16.0
     preserve_items: int = 8
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
@@ -749,7 +749,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "plain": "character2's data is its own scans and the base classes only (the seed's recipe)",
         "rehearsed": "character1's real scans are also mixed into character2's data (rehearsal)",
         "preserved": "no character1 scans; a preservation loss (weight "
-        f"{cfg.get('preserve_weight', 1.0)}, {cfg.get('preserve_items', 8)} pure-noise inputs per step) "
+        f"{cfg.get('preserve_weight', 16.0)}, {cfg.get('preserve_items', 8)} pure-noise inputs per step) "
         "keeps the predictions for character1's recorded prompt, the empty prompt and the base "
         "prompts close to base + character1 (recommended)",
     }

@@ -227,7 +227,7 @@ def attach_to_trainer(
 
     ``preserve`` turns preservation on for a Trainer whose model already holds earlier deltas:
     ``{"base_deltas": [paths whose recorded prompts to protect], "prompts": [more texts],
-    "weight": 1.0, "items": 4, "every": 1, "empty": True}`` (every key optional, at least one
+    "weight": 16.0, "items": 4, "every": 1, "empty": True}`` (every key optional, at least one
     text must result). It needs the Trainer's tokenizer (``processing_class``).
     """
     from ..engine import attach
@@ -294,7 +294,7 @@ def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
         extra=list(options.get("prompts", [])),
     )
     settings = PreserveSettings(
-        float(options.get("weight", 1.0)), int(options.get("items", 4)), int(options.get("every", 1))
+        float(options.get("weight", 16.0)), int(options.get("items", 4)), int(options.get("every", 1))
     ).validate()
     return protected, settings
 

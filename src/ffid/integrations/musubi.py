@@ -26,7 +26,7 @@ original checkpoint for ComfyUI or musubi inference.
                     ``auto`` (musubi's ``--save_precision``, fp32 by default)
 ``preserve_cache``  preservation (see :mod:`ffid.preserve`): musubi text-encoder cache folders of
                     the earlier characters, ``;``-separated; their captions are the protected prompts
-``preserve_*``      ``preserve_prompts`` (captions to take, default all), ``preserve_weight`` (1.0),
+``preserve_*``      ``preserve_prompts`` (captions to take, default all), ``preserve_weight`` (16),
                     ``preserve_items`` (1 per training forward), ``preserve_every`` (1)
 ==================  ================================================================================
 """
@@ -61,7 +61,7 @@ NETWORK_ARGS = {
     "save_dtype": "fp32, bf16, fp16 or auto",
     "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';'",
     "preserve_prompts": "captions to protect from those caches, separated by ';' (default: all)",
-    "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=1.0",
+    "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=16",
     "preserve_items": "protected inputs per step, e.g. preserve_items=1",
     "preserve_every": "preserve on every N-th training forward",
 }
@@ -92,7 +92,7 @@ class MusubiConfig:
     # preservation (on when preserve_cache is given): see ffid.integrations.musubi_preserve
     preserve_cache: list[str] = field(default_factory=list)
     preserve_prompts: list[str] = field(default_factory=list)
-    preserve_weight: float = 1.0
+    preserve_weight: float = 16.0
     preserve_items: int = 1
     preserve_every: int = 1
 
@@ -181,11 +181,11 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
             "cache_directory, whose text encodings are the prompts to protect)"
         )
     try:
-        weight = float(str(args.get("preserve_weight", "1.0")).strip())
+        weight = float(str(args.get("preserve_weight", "16")).strip())
     except ValueError:
         raise ConfigError(
             f"network_args preserve_weight={args['preserve_weight']!r} is not a number; write e.g. "
-            '"preserve_weight=1.0"'
+            '"preserve_weight=16"'
         ) from None
     settings = PreserveSettings(
         weight,

@@ -115,7 +115,7 @@ class TrainConfig:
         choices=PRESERVE,
         trajectory=True,
     )
-    preserve_weight: float = _key("weight of the preservation loss", 1.0, trajectory=True)
+    preserve_weight: float = _key("weight of the preservation loss", 16.0, trajectory=True)
     preserve_items: int = _key(
         "protected inputs per preservation step (0: a quarter of batch_size, at least 1)", 0, trajectory=True
     )
@@ -212,7 +212,7 @@ class TrainConfig:
             raise ConfigError(f"learning_rate = {self.learning_rate} must be a positive number such as 1e-4")
         if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
             raise ConfigError(
-                f"preserve_weight = {self.preserve_weight} must be a positive number such as 1.0; "
+                f"preserve_weight = {self.preserve_weight} must be a positive number such as 16; "
                 "turn preservation off with preserve = 'off'"
             )
         if self.preserve_items < 0:
