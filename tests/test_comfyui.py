@@ -39,16 +39,24 @@ def _comfy_python() -> Path:
     return REPO / ".venv-comfy" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
 
 
+def _skip(reason: str) -> None:
+    # .ci/run builds the environment and sets FFID_REQUIRE_COMFYUI=1: there a skip would hide a
+    # broken setup, so it fails instead
+    if os.environ.get("FFID_REQUIRE_COMFYUI") == "1":
+        pytest.fail(f"FFID_REQUIRE_COMFYUI=1 but {reason}")
+    pytest.skip(reason)
+
+
 def test_comfyui_node_on_comfyui_patching_code():
     comfy = _comfy_dir()
     if comfy is None:
-        pytest.skip(
+        _skip(
             "ComfyUI core not found (shared/third_party/comfyui beside the checkout, or $FFID_COMFYUI_DIR): "
             "the ComfyUI node tests need it"
         )
     python = _comfy_python()
     if not python.is_file():
-        pytest.skip(f"no ComfyUI environment at {python}: create it as .ci/run does ({VENV_HINT})")
+        _skip(f"no ComfyUI environment at {python}: create it as .ci/run does ({VENV_HINT})")
     env = dict(os.environ, FFID_COMFYUI_DIR=str(comfy), PYTHONPATH=str(REPO / "src"))
     cmd = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
