@@ -323,7 +323,11 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     if not params:
         raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
     optimizer = handle.guard(build_optimizer(cfg, params))
-    preserver, preserve_line = _preserver(cfg, task, handle, parts[0])
+    try:
+        preserver, preserve_line = _preserver(cfg, task, handle, parts[0])
+    except Exception:
+        handle.detach()  # refused: a model the caller passed in is not left attached
+        raise
     prompts = _trained_prompts(task, parts[0])
 
     groups = _buckets(parts) if cfg.batch_size > 1 else None
