@@ -209,3 +209,22 @@ def test_transient_bounds(path: str) -> None:
         assert got == rows * cols * 4
     else:
         assert got <= max(paths.DENSE_BLOCK_BYTES, paths.SAMPLED_CHUNK_BYTES["default"])
+
+
+def test_the_estimate_mirrors_the_paths() -> None:
+    from ffid.estimate import ENGINE, estimate
+
+    assert ENGINE.dense_grad_max_bytes == paths.DENSE_MAX_BYTES
+    assert ENGINE.dense_block_bytes == paths.DENSE_BLOCK_BYTES
+    assert ENGINE.sampled_chunk_bytes == paths.SAMPLED_CHUNK_BYTES["default"]
+    for path in paths.PATHS:
+        for n, rows, cols in ((32760, 5120, 5120), (32760, 13824, 5120), (100, 64, 64)):
+            got = ENGINE.grad_transient(path, rows, cols, n)
+            assert got == paths.transient_bytes(path, n, rows, cols, 1), (path, rows, cols)
+    kw = {"video_size": [480, 832], "frames": 81}
+    by_path = {
+        p: estimate("wan2.1-t2v-14b", 0.01, grad_path=p, **kw)[0].gpu["grad_path"] for p in paths.CHOICES
+    }
+    assert by_path["dense"] == 6 * 5120 * 5120 * 4  # time_projection's product, the largest weight
+    assert by_path["chunked"] <= paths.DENSE_BLOCK_BYTES
+    assert by_path["auto"] == max(by_path["sampled"], 5120 * 5120 * 4)  # larger ones run chunked

@@ -54,10 +54,10 @@ CHOICES = ("auto", *PATHS)
 ENV_PATH = "FFID_GRAD_PATH"
 ENV_CACHE = "FFID_RATES_CACHE"
 
-# Transient bounds, kept in one place with the estimate (ffid.estimate.ENGINE mirrors them).
+# Transient bounds; ffid.estimate.ENGINE mirrors them (tested), without importing torch.
 DENSE_MAX_BYTES = 256 * 2**20  # auto: a dense product above this runs chunked
 DENSE_BLOCK_BYTES = 64 * 2**20  # chunked: one block of output rows at most this
-SAMPLED_CHUNK_BYTES = {"cpu": 4 * 2**20, "default": 256 * 2**20}  # sampled: converted operands per chunk
+SAMPLED_CHUNK_BYTES = {"cpu": 4 * 2**20, "default": 64 * 2**20}  # sampled: converted operands per chunk
 
 
 def check_path(path: str | None) -> str | None:
@@ -326,6 +326,9 @@ def selected_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str)
     """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order."""
     if pattern.whole:
         return dense(pattern, a, b)
+    # The CSR row pointers (rows + 1 ints) are built whatever the path, so that what the engine
+    # holds does not depend on the choice (the estimate counts them; chunked uses them too).
+    pattern.crow(a.device)
     return RUN[path](pattern, a, b)
 
 
