@@ -177,7 +177,7 @@ def set_rates(device: torch.device | str, dtype: torch.dtype, value: Rates) -> N
     _RATES[_key(device, dtype)] = value
 
 
-def _timed(fn, device: torch.device, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
+def _timed(fn, device: torch.device, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
     """Best of ``repeat`` runs: wall time on an accelerator, process CPU time on the CPU (on a
     shared machine wall time measures the neighbours; CPU time the work)."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
