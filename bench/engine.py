@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="tokens/width x fp32/bf16 x checkpointing (see top)")
     p.add_argument("--ratios", type=int, nargs="+", default=[1, 4, 8, 16], help="tokens / width for --sweep")
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"], help="--sweep")
+    p.add_argument("--ckpts", nargs="+", choices=("off", "on"), default=["off", "on"], help="--sweep")
     p.add_argument("--quick", action="store_true", help="a small --sweep for a smoke run (a minute or two)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -327,7 +328,8 @@ def sweep(args: argparse.Namespace) -> int:
         ratios, dtypes, ckpts = [1, 8], [True], [False, True]
         ffs = args.ff or [0.01]
     else:
-        ratios, dtypes, ckpts = args.ratios, [d == "bf16" for d in args.dtypes], [False, True]
+        ratios, dtypes = args.ratios, [d == "bf16" for d in args.dtypes]
+        ckpts = [c == "on" for c in args.ckpts]
         ffs = args.ff or [0.001, 0.01, 0.05]
     variants = ["floor", "full", "lora@0.01", *(f"spread@{ff}" for ff in ffs), "compat-v2@0.01"]
     if args.only:
