@@ -228,3 +228,30 @@ def test_the_estimate_mirrors_the_paths() -> None:
     assert by_path["dense"] == 6 * 5120 * 5120 * 4  # time_projection's product, the largest weight
     assert by_path["chunked"] <= paths.DENSE_BLOCK_BYTES
     assert by_path["auto"] == max(by_path["sampled"], 5120 * 5120 * 4)  # larger ones run chunked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["auto", *paths.PATHS])
+def test_every_path_on_cuda_bf16(path: str) -> None:
+    """On CUDA under bf16 autocast (tensor-core dense product with fp32 output, SDDMM chunks of
+    64 MiB): every path matches full finetuning's gradient; the rates probe runs on the card."""
+    torch.manual_seed(0)
+    model = _Net(torch.nn.Linear(512, 384)).cuda()
+    x = torch.randn(4096, 512, device="cuda")
+    sel = plan(model, 0.01, 1, "spread")
+
+    def run(m: torch.nn.Module) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+
+    ref = copy.deepcopy(model)
+    run(ref)
+    want = ref.layer.weight.grad.reshape(-1)[sel.indices("layer.weight").cuda()].float()
+    m = copy.deepcopy(model)
+    handle = attach(m, sel, grad_path=path)
+    run(m)
+    got = dict(handle.proxies())["layer.weight"].grad
+    assert handle.grad_paths()["layer.weight"] in paths.PATHS
+    torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=0)
