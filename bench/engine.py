@@ -348,7 +348,7 @@ def sweep(args: argparse.Namespace) -> int:
                 args.bf16, args.checkpointing = bf16, ckpt
                 n = args.frames * (args.side // 2) ** 2
                 print(
-                    f"\n== tokens/width {n / args.dim:g} ({n} tokens, dim {args.dim}, {args.layers} blocks), "
+                    f"\n== tokens/width {n / args.dim:.3g} ({n} tokens, dim {args.dim}, {args.layers} blocks), "
                     f"{'bf16 autocast' if bf16 else 'fp32'}, checkpointing {'on' if ckpt else 'off'}",
                     flush=True,
                 )
@@ -369,7 +369,7 @@ def sweep(args: argparse.Namespace) -> int:
             f"r={r['rank']}" if r["rank"] else ""
         )
         print(
-            f"| {ratio:g} | {dt} | {'on' if ckpt else 'off'} | {v} | {r['selected']:,} "
+            f"| {ratio:.3g} | {dt} | {'on' if ckpt else 'off'} | {v} | {r['selected']:,} "
             f"| {r['peak'] / 2**20:.1f} | "
             f"{r['peak'] / fl['peak']:.2f} | {r['step']:.3f} | {r['step'] / fl['step']:.2f} | {paths} |"
         )
