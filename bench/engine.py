@@ -348,7 +348,8 @@ def sweep(args: argparse.Namespace) -> int:
                 args.bf16, args.checkpointing = bf16, ckpt
                 n = args.frames * (args.side // 2) ** 2
                 print(
-                    f"\n== tokens/width {n / args.dim:.3g} ({n} tokens, dim {args.dim}, {args.layers} blocks), "
+                    f"\n== tokens/width {n / args.dim:.3g} ({n} tokens, dim {args.dim}, "
+                    f"{args.layers} blocks), "
                     f"{'bf16 autocast' if bf16 else 'fp32'}, checkpointing {'on' if ckpt else 'off'}",
                     flush=True,
                 )
