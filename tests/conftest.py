@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,3 +17,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The engine's gradient-path cost model caches its measured rates in ~/.cache/ffid by default;
+# tests keep them in the process (each test process probes once, ~0.3 s).
+os.environ.setdefault("FFID_RATES_CACHE", "off")

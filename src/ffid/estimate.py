@@ -20,6 +20,10 @@ Parts and where they live::
                           dtype is not the compute dtype, a whole tensor's dense gradient, a
                           proxy gradient) plus the effective copies of hook-path tensors kept
                           for backward
+          grad_path       the proxy-gradient path's own transient, an upper bound (the dense
+                          product of a weight, a block of it, or a token chunk of converted
+                          operands; --grad_path, default auto: the largest the engine may pick;
+                          the chunk is exact when --video_size/--frames give the tokens)
           activations     only when given or estimated
     host  swapped_blocks  weights of the swapped blocks, parked in pinned RAM
           load_peak       the whole state dict while loading (what musubi-tuner does)
@@ -63,6 +67,28 @@ class EngineLayout:
     grad_bytes: int = 4
     device_index_bytes: int = 4  # per selected element; doubled from 2**31 elements on
     crow_index_bytes: int = 4  # per CSR row pointer; doubled from 2**31 elements on
+    # Proxy-gradient paths (ffid.engine.paths, same constants): the dense product of a weight is
+    # one fp32 [R, C] transient, run per block of rows (at most dense_block_bytes) when larger
+    # than dense_grad_max_bytes; the sampled path converts tokens in chunks of at most
+    # sampled_chunk_bytes (on a GPU).
+    dense_grad_max_bytes: int = 256 * 2**20
+    dense_block_bytes: int = 64 * 2**20
+    sampled_chunk_bytes: int = 64 * 2**20
+
+    def grad_transient(self, path: str, rows: int, cols: int, tokens: int | None) -> int:
+        """Bytes the proxy gradient of one ``[rows, cols]`` matmul weight allocates at once on
+        ``path`` (``auto``: the largest the engine may choose); ``tokens`` per call if known."""
+        dense = rows * cols * 4
+        block = min(rows, max(1, self.dense_block_bytes // (4 * cols))) * cols * 4
+        step = max(64, self.sampled_chunk_bytes // (4 * (rows + cols)))
+        sampled = (step if tokens is None else min(tokens, step)) * (rows + cols) * 4
+        if path == "sampled":
+            return sampled
+        if path == "dense":
+            return dense
+        if path == "chunked":
+            return block
+        return max(sampled, dense if dense <= self.dense_grad_max_bytes else block)
 
 
 ENGINE_NOTE = "indices and workspace follow ffid.engine: int32 indices, in-place swap (estimate_check)"
@@ -424,6 +450,25 @@ def wan_activation_bytes(
     return kept + one_block
 
 
+GRAD_PATHS = ("auto", "sampled", "dense", "chunked")
+
+
+def _tokens_per_call(
+    manifest: Manifest, video_size: Sequence[int] | None, frames: int | None, batch_size: int
+) -> int | None:
+    """Tokens per matmul call of a Wan estimate (``--video_size`` + ``--frames``), else None."""
+    if video_size is None or frames is None or len(video_size) != 2:
+        return None
+    try:
+        shape = wan_shape(manifest)
+        if shape is None:
+            return None
+        tokens = wan_tokens(shape, int(video_size[0]), int(video_size[1]), int(frames))
+        return tokens * max(1, int(batch_size))
+    except (ConfigError, ValueError, TypeError):
+        return None
+
+
 # -- the estimate ---------------------------------------------------------------------------------
 def estimate_selection(
     selection: Selection,
@@ -436,8 +481,15 @@ def estimate_selection(
     frames: int | None = None,
     batch_size: int = 1,
     engine: EngineLayout = ENGINE,
+    grad_path: str = "auto",
 ) -> Estimate:
-    """Memory needs of training ``selection`` (see the module docstring for the parts)."""
+    """Memory needs of training ``selection`` (see the module docstring for the parts).
+
+    ``grad_path`` is the engine's proxy-gradient path (``auto``, ``sampled``, ``dense``,
+    ``chunked``; see ``ffid.engine.paths``): its transient counts in the workspace.
+    """
+    if grad_path not in GRAD_PATHS:
+        raise ConfigError(f"--grad_path {grad_path!r} is not one of {', '.join(GRAD_PATHS)}")
     opt = check_optimizer(optimizer)
     base_dtype = check_base_dtype(base_dtype)
     manifest = selection.manifest
@@ -473,6 +525,8 @@ def estimate_selection(
     device_indices = 0
     largest_temp = 0
     kept_copies = 0
+    tokens = _tokens_per_call(manifest, video_size, frames, batch_size)
+    path_temp = 0  # the proxy-gradient path's own transient (an upper bound; see grad_transient)
     for name, pick in selection.items():
         info = manifest[name]
         matmul, hook = engine_routes(manifest, info)
@@ -487,6 +541,8 @@ def estimate_selection(
             else:
                 upcast = stored_dtype(info, base_dtype) != compute
                 temp = max(info.numel * cbytes if upcast else 0, pick.count * 4)
+                rows = info.shape[0]
+                path_temp = max(path_temp, engine.grad_transient(grad_path, rows, info.numel // rows, tokens))
             largest_temp = max(largest_temp, temp)
         if hook:
             hb = (
@@ -512,6 +568,7 @@ def estimate_selection(
         "gradients": k * engine.grad_bytes,
         "optimizer": opt.state_bytes(counts),
         "workspace": workspace,
+        "grad_path": path_temp,
     }
     not_included: list[str] = []
     notes: list[str] = []
@@ -650,6 +707,7 @@ def estimate(
     video_size: Sequence[int] | None = None,
     frames: int | None = None,
     batch_size: int = 1,
+    grad_path: str = "auto",
 ) -> list[Estimate]:
     """Estimate memory for each ``ff`` of ``ffs`` on ``model`` (module, path, preset or manifest).
 
@@ -680,6 +738,7 @@ def estimate(
             video_size=video_size,
             frames=frames,
             batch_size=batch_size,
+            grad_path=grad_path,
         )
         est.notes[:0] = notes
         out.append(est)
@@ -727,6 +786,7 @@ GPU_LABELS = {
     "gradients": "grads",
     "optimizer": "optimizer",
     "workspace": "workspace",
+    "grad_path": "grad path",
     "activations": "activations",
 }
 HOST_LABELS = {"swapped_blocks": "swapped blocks", "load_peak": "load peak"}

@@ -99,6 +99,15 @@ def register(subparsers: Any) -> None:
         default="1",
         help="videos per step for the Wan activation estimate (default 1)",
     )
+    p.add_argument(
+        "--grad_path",
+        "--grad-path",
+        dest="grad_path",
+        choices=("auto", "sampled", "dense", "chunked"),
+        default="auto",
+        help="the engine's proxy-gradient path whose transient counts in the workspace (default auto: "
+        "the largest it may choose; see docs/engine.md)",
+    )
     p.add_argument("--json", action="store_true", help="print everything as JSON (sizes in bytes)")
     p.set_defaults(func=run)
 
@@ -126,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         video_size=video_size,  # type: ignore[arg-type]
         frames=int_option(args.frames, "--frames", 1),
         batch_size=int_option(args.batch_size, "--batch_size", 1) or 1,
+        grad_path=args.grad_path,
     )
     if args.json:
         print_json({"model": str(args.model), "estimates": [e.to_dict() for e in estimates]})

@@ -46,6 +46,7 @@ from torch import nn
 from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
 from ..selection import Selection
+from . import paths
 from .kernels import FP8_DTYPES, Pattern, SelectedMatmul, activation_sources
 
 # Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
@@ -224,8 +225,10 @@ class FfidHandle(nn.Module):
         proxy_dtype: torch.dtype = torch.float32,
         on_nonfinite: str = "raise",
         freeze: bool = True,
+        grad_path: str | None = None,
     ):
         super().__init__()
+        self.grad_path = paths.check_path(grad_path)
         if on_nonfinite not in ON_NONFINITE:
             raise ConfigError(f"on_nonfinite={on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
         if proxy_dtype not in (torch.float32, torch.bfloat16):
@@ -314,6 +317,7 @@ class FfidHandle(nn.Module):
                 raise MismatchError(f"selection indices of {name!r} do not fit its {p.numel()} elements")
             del flat
             pattern = Pattern(pick.indices, pick.count, p.numel(), pick.whole)
+            pattern.grad_path = self.grad_path
             slots.append(_Slot(name, escape(name), p, pattern))
 
         # Owners: every (module, attr) holding a touched Parameter; tied weights have several.
@@ -788,6 +792,11 @@ class FfidHandle(nn.Module):
                 counts[o.route] = counts.get(o.route, 0) + 1
         return counts
 
+    def grad_paths(self) -> dict[str, str]:
+        """Canonical name -> the gradient path (``sampled``/``dense``/``chunked``, see
+        :mod:`ffid.engine.paths`) the last backward used for each matmul-path weight."""
+        return {n: s.pattern.last_path for n, s in self._slots.items() if s.pattern.last_path is not None}
+
     def describe(self) -> str:
         """A plain summary of what training and attaching change."""
         sel = self.selection
@@ -842,6 +851,7 @@ def attach(
     proxy_dtype: torch.dtype = torch.float32,
     on_nonfinite: str = "raise",
     freeze: bool = True,
+    grad_path: str | None = None,
     **plan_kwargs: Any,
 ) -> FfidHandle:
     """Attach ffid to ``model``: train exactly the elements of ``selection``.
@@ -863,6 +873,10 @@ def attach(
     device); give ``handle.parameters()`` to the optimizer, ideally through ``handle.guard(opt)``
     which checks it and handles NaN/inf gradients per ``on_nonfinite`` (``raise``/``skip``/``warn``).
 
+    ``grad_path`` forces how the selected weight gradients are computed (``"sampled"``,
+    ``"dense"``, ``"chunked"``; default: ``FFID_GRAD_PATH`` or ``"auto"``, the cheaper per call by
+    a cost model measured once per device; see :mod:`ffid.engine.paths`).
+
     Raises :class:`~ffid.errors.AttachError` when the model is already attached and
     :class:`~ffid.errors.MismatchError` when the selection was planned for another model; the
     model is untouched in both cases.
@@ -880,5 +894,11 @@ def attach(
     elif ff is not None or ffid is not None or plan_kwargs:
         raise ConfigError("give attach() either a selection or ff=/ffid=/selector options, not both")
     return FfidHandle(
-        model, selection, device=device, proxy_dtype=proxy_dtype, on_nonfinite=on_nonfinite, freeze=freeze
+        model,
+        selection,
+        device=device,
+        proxy_dtype=proxy_dtype,
+        on_nonfinite=on_nonfinite,
+        freeze=freeze,
+        grad_path=grad_path,
     )

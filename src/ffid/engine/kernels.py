@@ -12,9 +12,10 @@ positions replaced by the proxy values:
   otherwise (fp8/bf16 upcast, autocast, offloaded weight) the conversion copy takes the proxies;
 - backward: ``W_eff`` is formed again from ``module.weight`` *as it is at that moment* (block swap
   may have moved ``.data``), ``grad_x = gy @ W_eff`` densely, and the proxy gradient is only the
-  selected entries of ``gy^T x``, computed by ``torch.sparse.sampled_addmm`` (SDDMM): no
-  ``[R, C]`` gradient is ever allocated. Whole-tensor picks (compat-v2) use a dense matmul, since
-  their gradient is the size of the proxy anyway.
+  selected entries of ``gy^T x``, by one of the exact paths of :mod:`ffid.engine.paths` chosen
+  per call (SDDMM over token chunks; a dense product in the compute dtype, gathered and freed at
+  once; the same per block of rows): no ``[R, C]`` gradient is ever stored. Whole-tensor picks
+  (compat-v2) use a dense matmul, since their gradient is the size of the proxy anyway.
 
 A dense matmul plus a sparse correction (``x @ W^T + x @ D^T`` with ``D`` the CSR delta) was
 measured too (CPU, one thread, 512 tokens, 512x2048 and 2048x512 weights, ff 0.01): 20-40%
@@ -22,17 +23,19 @@ slower than one dense matmul, against 1-3% for forming ``W_eff``, and not bit-eq
 
 Measured on CPU (one thread, process CPU time, 1024 tokens, a 1024x4096 weight, ff 0.01): SDDMM
 12 ms with ``gy^T`` made contiguous first (19 ms without), a chunked gather-dot over the
-(row, col) pairs 272 ms, the dense ``gy^T x`` it replaces 91 ms. So SDDMM is the path; the
-gather-dot remains as a fallback for devices where SDDMM is not implemented.
+(row, col) pairs 272 ms, the dense ``gy^T x`` it replaces 91 ms. At many tokens per width
+or on tensor cores the dense product can win instead: :mod:`ffid.engine.paths` chooses per
+call. The gather-dot remains as a fallback for devices where SDDMM is not implemented.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
+
+from . import paths
 
 # The fp8 formats cannot be used in matmuls directly: they are upcast to the compute dtype, as
 # musubi-tuner does for its fp8 base weights.
@@ -79,6 +82,9 @@ class Pattern:
         self.itype = index_dtype(numel)
         self._flat: dict[torch.device, torch.Tensor] = {}
         self._crow: dict[torch.device, torch.Tensor] = {}
+        self._blocks: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
+        self.grad_path: str | None = None  # forced gradient path (attach option), None = auto/env
+        self.last_path: str | None = None  # the path the last backward used
 
     def matrix(self, rows: int, cols: int) -> Pattern:
         """View the tensor as ``[rows, cols]`` (for the matmul path); returns ``self``."""
@@ -87,6 +93,7 @@ class Pattern:
         if (rows, cols) != (self.rows, self.cols):
             self.rows, self.cols = rows, cols
             self._crow.clear()
+            self._blocks = {}
         return self
 
     def host(self) -> torch.Tensor:
@@ -126,44 +133,34 @@ class Pattern:
     def drop_cache(self) -> None:
         self._flat.clear()
         self._crow.clear()
+        self._blocks = {}
 
-    def sampled_grad(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def row_blocks(self, block_rows: int, device: torch.device) -> list[tuple[int, int, int, int]]:
+        """``(r0, r1, start, end)`` per block of ``block_rows`` rows of the ``[rows, cols]`` view:
+        the selection-order slice ``[start, end)`` holds that block's entries (host ints, cached)."""
+        key = (block_rows, self.rows, self.cols)
+        found = self._blocks.get(key)
+        if found is None:
+            crow = self.crow(device).tolist()
+            found = [
+                (r0, min(self.rows, r0 + block_rows), crow[r0], crow[min(self.rows, r0 + block_rows)])
+                for r0 in range(0, self.rows, block_rows)
+            ]
+            self._blocks = {key: found}
+        return found
+
+    def sampled_grad(self, a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order.
 
-        ``a`` is ``[N, rows]`` and ``b`` is ``[N, cols]``. Accumulation is fp32, as a matmul
-        under autocast would do.
+        ``a`` is ``[N, rows]`` and ``b`` is ``[N, cols]``, in the compute dtype. Accumulation is
+        fp32, as a matmul under autocast would do. ``path`` (see :mod:`ffid.engine.paths`) is
+        chosen per call when not given (:attr:`grad_path` forces one); the one used is kept in
+        :attr:`last_path` for reports.
         """
-        a = a.float()
-        b = b.float()
-        if self.whole:
-            return (a.t() @ b).reshape(-1)
-        flat = self.flat(a.device)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-                pattern = torch.sparse_csr_tensor(
-                    self.crow(a.device),
-                    flat % self.cols,
-                    torch.zeros(self.count, dtype=torch.float32, device=a.device),
-                    (self.rows, self.cols),
-                    check_invariants=False,
-                )
-                # a.t() made contiguous: the kernel walks rows of mat1, 1.6x faster than strided.
-                return torch.sparse.sampled_addmm(pattern, a.t().contiguous(), b, beta=0.0).values()
-        except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
-            return self._gather_dot(a, b, flat)
-
-    def _gather_dot(
-        self, a: torch.Tensor, b: torch.Tensor, flat: torch.Tensor, chunk: int = 8192
-    ) -> torch.Tensor:
-        at, bt = a.t().contiguous(), b.t().contiguous()
-        rows = flat.long() // self.cols
-        cols = flat.long() % self.cols
-        out = torch.empty(self.count, dtype=torch.float32, device=a.device)
-        for s in range(0, self.count, chunk):
-            e = min(self.count, s + chunk)
-            out[s:e] = (at.index_select(0, rows[s:e]) * bt.index_select(0, cols[s:e])).sum(1)
-        return out
+        if path is None:
+            path = paths.choose(self, a.shape[0], a.dtype, a.device, self.grad_path)
+        self.last_path = path
+        return paths.selected_grad(self, a, b, path)
 
 
 def effective_matrix(

@@ -1,0 +1,347 @@
+"""Exact gradient paths for the selected entries of a matmul weight, and the per-call choice.
+
+The proxy gradient of a matmul-path weight ``W`` (``[R, C]`` as stored) is the selected entries
+of ``a^T @ b`` with ``a`` ``[N, R]`` and ``b`` ``[N, C]`` (``gy`` and ``x`` for a Linear, the
+other way round for Conv1D), both already in the compute dtype. Three exact ways to get them:
+
+- ``sampled``: ``torch.sparse.sampled_addmm`` (SDDMM) over the CSR pattern of the selection,
+  ``N x k`` multiply-adds. The CPU kernel wants fp32 operands with ``a^T`` contiguous, so the
+  tokens are walked in chunks of at most :data:`SAMPLED_CHUNK_BYTES` (per device type): each
+  chunk is converted/transposed, accumulated into the ``k`` values, and dropped. No full fp32 or
+  transposed copy of an activation is ever made.
+- ``dense``: ``a^T @ b`` in the compute dtype (fp32 accumulation; fp32 output where the device
+  offers it, e.g. CUDA ``out_dtype``), the ``k`` entries gathered, the product freed at once: one
+  weight-sized transient, never stored, never a ``.grad``. ``N x R x C`` multiply-adds, but on
+  tensor cores / a BLAS at full speed.
+- ``chunked``: the dense product one block of output rows at a time (at most
+  :data:`DENSE_BLOCK_BYTES` each), gathering each block's entries: the transient is bounded
+  whatever the weight's size, for the same arithmetic.
+
+All three give the same values to float tolerance (the dense paths round the product to the
+compute dtype where the device has no fp32-output matmul, exactly as full finetuning's weight
+gradient under autocast does). Whole-tensor picks use one dense fp32 product (their gradient
+is the proxy's size anyway).
+
+The choice (``auto``) is per call, from a cost model whose three rates (seconds per dense
+multiply-add, per sampled multiply-add, per converted element) are measured once per device,
+dtype and thread count by a ~0.1 s probe (:func:`rates`), cached in the process and in
+``~/.cache/ffid/grad_rates.json`` (``FFID_RATES_CACHE=<file>`` or ``off``), so a machine keeps
+making the same choice run after run. ``dense`` is replaced by ``chunked`` when the product
+would exceed :data:`DENSE_MAX_BYTES`. A path can always be forced: ``attach(...,
+grad_path="dense")`` or the environment variable ``FFID_GRAD_PATH`` (the attach option wins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .kernels import Pattern
+
+PATHS = ("sampled", "dense", "chunked")
+CHOICES = ("auto", *PATHS)
+ENV_PATH = "FFID_GRAD_PATH"
+ENV_CACHE = "FFID_RATES_CACHE"
+
+# Transient bounds; ffid.estimate.ENGINE mirrors them (tested), without importing torch.
+DENSE_MAX_BYTES = 256 * 2**20  # auto: a dense product above this runs chunked
+DENSE_BLOCK_BYTES = 64 * 2**20  # chunked: one block of output rows at most this
+SAMPLED_CHUNK_BYTES = {"cpu": 4 * 2**20, "default": 64 * 2**20}  # sampled: converted operands per chunk
+
+
+def check_path(path: str | None) -> str | None:
+    """``path`` if it is one of :data:`CHOICES` (or None), else a :class:`ConfigError`."""
+    if path is not None and path not in CHOICES:
+        raise ConfigError(f"grad_path={path!r} is not one of {', '.join(CHOICES)}")
+    return path
+
+
+def requested(forced: str | None) -> str:
+    """The path asked for: the attach option, else ``FFID_GRAD_PATH``, else ``auto``."""
+    if forced is not None:
+        return forced
+    env = os.environ.get(ENV_PATH, "").strip().lower()
+    if not env:
+        return "auto"
+    if env not in CHOICES:
+        raise ConfigError(f"{ENV_PATH}={env!r} is not one of {', '.join(CHOICES)}")
+    return env
+
+
+# -- the cost model -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per unit of work on one device and compute dtype (see :func:`rates`)."""
+
+    dense: float  # per multiply-add of an [N, R]^T @ [N, C] product in the compute dtype
+    sampled: float  # per multiply-add of the SDDMM (selected element x token)
+    convert: float  # per element converted to fp32 and transposed for the SDDMM
+
+    def dense_cost(self, n: int, rows: int, cols: int) -> float:
+        return n * rows * cols * self.dense
+
+    def sampled_cost(self, n: int, rows: int, cols: int, count: int, dtype: torch.dtype) -> float:
+        # a^T is always copied (contiguous), b only when it is not fp32 already
+        copied = n * rows + (0 if dtype == torch.float32 else n * cols)
+        return n * count * self.sampled + copied * self.convert
+
+
+_RATES: dict[str, Rates] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}:{platform.machine()}:{platform.processor() or '-'}:{os.cpu_count()}"
+
+
+def _key(device: torch.device, dtype: torch.dtype) -> str:
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return f"torch {torch.__version__}|{_device_name(device)}|{dtype}|threads {threads}"
+
+
+def _cache_file() -> Path | None:
+    env = os.environ.get(ENV_CACHE, "")
+    if env.lower() == "off":
+        return None
+    if env:
+        return Path(env)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "ffid" / "grad_rates.json"
+
+
+def _read_cache(path: Path | None) -> dict[str, dict]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def rates(device: torch.device | str, dtype: torch.dtype, *, measure: bool = False) -> Rates:
+    """The cost model's rates for ``device`` and ``dtype``: cached, else probed once.
+
+    ``measure=True`` probes again (and replaces the cached entry).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = _key(device, dtype)
+    if not measure:
+        found = _RATES.get(key)
+        if found is not None:
+            return found
+        stored = _read_cache(_cache_file()).get(key)
+        if stored is not None:
+            try:
+                found = Rates(**stored)
+            except TypeError:
+                found = None
+            if found is not None:
+                _RATES[key] = found
+                return found
+    found = _probe(device, dtype)
+    _RATES[key] = found
+    path = _cache_file()
+    if path is not None:
+        try:
+            data = _read_cache(path)
+            data[key] = asdict(found)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # read-only home: the in-process cache still holds
+    return found
+
+
+def set_rates(device: torch.device | str, dtype: torch.dtype, value: Rates) -> None:
+    """Use ``value`` for ``device``/``dtype`` in this process (tests, or rates measured elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _RATES[_key(device, dtype)] = value
+
+
+def _timed(fn, device: torch.device, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """Best of ``repeat`` runs: wall time on an accelerator, process CPU time on the CPU (on a
+    shared machine wall time measures the neighbours; CPU time the work)."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    fn()  # warm-up (allocations, kernel selection)
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = clock()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, clock() - t0)
+    return max(best, 1e-9)
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> Rates:
+    """Time the three kinds of work at a mid-size shape (about 0.1 s on a CPU core)."""
+    from .kernels import Pattern
+
+    big = device.type != "cpu"
+    n, r, c = (4096, 1024, 1024) if big else (1024, 256, 512)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, r, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
+    count = r * c // 50  # 2 %
+    flat = torch.randperm(r * c, generator=g)[:count].sort().values
+    pattern = Pattern(lambda: flat, count, r * c, False).matrix(r, c)
+    pattern.crow(device)
+    t_dense = _timed(lambda: _mm(a.t(), b), device)
+    at = a.t().float().contiguous()
+    bf = b.float()
+    col = pattern.flat(device) % c
+    t_sampled = _timed(lambda: _sddmm(pattern, col, at, bf, None), device)
+    t_convert = _timed(lambda: a.float().t().contiguous(), device)
+    return Rates(dense=t_dense / (n * r * c), sampled=t_sampled / (n * count), convert=t_convert / (n * r))
+
+
+def choose(pattern: Pattern, n: int, dtype: torch.dtype, device: torch.device, forced: str | None) -> str:
+    """The path for one call: forced (attach option / env), else the cheaper by :func:`rates`."""
+    path = requested(forced)
+    if pattern.whole:
+        return "dense"
+    if path != "auto":
+        return path
+    r = rates(device, dtype)
+    rows, cols = pattern.rows, pattern.cols
+    dense = r.dense_cost(n, rows, cols)
+    sampled = r.sampled_cost(n, rows, cols, pattern.count, dtype)
+    if dense >= sampled:
+        return "sampled"
+    return "dense" if rows * cols * 4 <= DENSE_MAX_BYTES else "chunked"
+
+
+# -- the paths ----------------------------------------------------------------------------------
+def _mm(at: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``at @ b`` with fp32 accumulation; fp32 output where the device has it for 16-bit inputs."""
+    if at.dtype in (torch.bfloat16, torch.float16) and at.device.type == "cuda":
+        try:
+            return torch.mm(at, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return at @ b
+
+
+def _sddmm(
+    pattern: Pattern, col: torch.Tensor, at: torch.Tensor, b: torch.Tensor, values: torch.Tensor | None
+) -> torch.Tensor:
+    """``values + (at @ b)[selected]`` by SDDMM; ``at`` [R, n] contiguous fp32, ``b`` [n, C] fp32,
+    ``col`` the CSR column indices (``flat % cols``)."""
+    device = at.device
+    if values is None:
+        values = torch.zeros(pattern.count, dtype=torch.float32, device=device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        csr = torch.sparse_csr_tensor(
+            pattern.crow(device),
+            col,
+            values,
+            (pattern.rows, pattern.cols),
+            check_invariants=False,
+        )
+        return torch.sparse.sampled_addmm(csr, at, b).values()
+
+
+def sampled(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The ``sampled`` path, tokens in chunks (bounded fp32/transposed copies)."""
+    n = a.shape[0]
+    budget = SAMPLED_CHUNK_BYTES.get(a.device.type, SAMPLED_CHUNK_BYTES["default"])
+    step = max(64, budget // (4 * (pattern.rows + pattern.cols)))
+    values = None
+    col = pattern.flat(a.device) % pattern.cols  # transient, as the CSR pattern's column indices
+    try:
+        for s in range(0, n, step):
+            at = a[s : s + step].t().float().contiguous()  # the kernel walks rows of mat1: 1.6x faster
+            bc = b[s : s + step].float()
+            values = _sddmm(pattern, col, at, bc, values)
+            del at, bc
+    except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
+        return _gather_dot(pattern, a, b)
+    if values is None:
+        return torch.zeros(pattern.count, dtype=torch.float32, device=a.device)
+    return values
+
+
+def _gather_dot(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    flat = pattern.flat(a.device).long()
+    rows, cols = flat // pattern.cols, flat % pattern.cols
+    out = torch.empty(pattern.count, dtype=torch.float32, device=a.device)
+    at, bt = a.t(), b.t()
+    for s in range(0, pattern.count, chunk):
+        e = min(pattern.count, s + chunk)
+        prod = at.index_select(0, rows[s:e]).float() * bt.index_select(0, cols[s:e]).float()
+        out[s:e] = prod.sum(1)
+    return out
+
+
+def dense(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The ``dense`` path: one product in the compute dtype, the selected entries gathered."""
+    if pattern.whole:  # the gradient is the proxy's size: one fp32 product
+        return (a.t().float() @ b.float()).reshape(-1)
+    prod = _mm(a.t(), b)
+    out = prod.view(-1).index_select(0, pattern.flat(a.device)).float()
+    del prod
+    return out
+
+
+def chunked(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The ``chunked`` path: the dense product per block of output rows (bounded transient)."""
+    out = torch.empty(pattern.count, dtype=torch.float32, device=a.device)
+    flat = pattern.flat(a.device)
+    for r0, r1, s, e in pattern.row_blocks(max(1, DENSE_BLOCK_BYTES // (4 * pattern.cols)), a.device):
+        if s == e:
+            continue
+        prod = _mm(a[:, r0:r1].t(), b)
+        local = flat[s:e] - r0 * pattern.cols
+        out[s:e] = prod.view(-1).index_select(0, local).float()
+        del prod
+    return out
+
+
+RUN = {"sampled": sampled, "dense": dense, "chunked": chunked}
+
+
+def selected_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str) -> torch.Tensor:
+    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order."""
+    if pattern.whole:
+        return dense(pattern, a, b)
+    # The CSR row pointers (rows + 1 ints) are built whatever the path, so that what the engine
+    # holds does not depend on the choice (the estimate counts them; chunked uses them too).
+    pattern.crow(a.device)
+    return RUN[path](pattern, a, b)
+
+
+def transient_bytes(
+    path: str, n: int, rows: int, cols: int, count: int, device_type: str = "cuda", whole: bool = False
+) -> int:
+    """Bytes the path allocates at once beyond its inputs and the ``count`` fp32 result."""
+    if whole:
+        return n * (rows + cols) * 4 + rows * cols * 4
+    if path == "dense":
+        return rows * cols * 4
+    if path == "chunked":
+        return min(rows, max(1, DENSE_BLOCK_BYTES // (4 * cols))) * cols * 4
+    budget = SAMPLED_CHUNK_BYTES.get(device_type, SAMPLED_CHUNK_BYTES["default"])
+    step = max(64, budget // (4 * (rows + cols)))
+    return min(n, step) * (rows + cols) * 4

@@ -1,0 +1,257 @@
+"""The exact gradient paths (ffid.engine.paths): every path gives the selected entries of the dense
+weight gradient on every matmul route, fp32 and bf16 autocast; forcing and the per-call choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ffid import attach, plan
+from ffid.engine import paths
+from ffid.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENS = 300
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _linear():
+    torch.manual_seed(0)
+    return _Net(torch.nn.Linear(48, 40)), torch.randn(3, TOKENS // 3, 48)
+
+
+def _conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(40, 48)  # weight [48, 40]: y = x @ W + b
+    torch.nn.init.normal_(layer.weight, std=0.2)
+    torch.nn.init.normal_(layer.bias, std=0.2)
+    return _Net(layer), torch.randn(2, TOKENS // 2, 48)
+
+
+def _patch_conv():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))  # Wan's patch embedding
+    return _Net(layer), torch.randn(1, 4, 3, 20, 20)  # 3 x 10 x 10 = 300 patches
+
+
+ROUTES = {"linear": _linear, "conv1d": _conv1d, "patch-conv": _patch_conv}
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(out.shape, generator=g)
+    return (out.float() * w).sum()
+
+
+def _run(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    _loss(out).backward()
+
+
+def _reference(model: torch.nn.Module, x: torch.Tensor, sel, bf16: bool) -> dict[str, torch.Tensor]:
+    """Full finetuning's gradient at the selected positions (what every path must reproduce)."""
+    ref = copy.deepcopy(model)
+    _run(ref, x, bf16)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    return {n: grads[n].reshape(-1)[sel.indices(n)].float() for n in sel}
+
+
+def _ffid(model, x, sel, bf16, path):  # type: ignore[no-untyped-def]
+    m = copy.deepcopy(model)
+    handle = attach(m, sel, grad_path=path)
+    _run(m, x, bf16)
+    return handle, {n: p.grad.clone() for n, p in handle.proxies()}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("path", paths.PATHS)
+def test_every_path_matches_the_dense_gradient(path: str, route: str, bf16: bool, monkeypatch) -> None:
+    # Small bounds so that the sampled path walks several token chunks and the chunked path
+    # several row blocks at these sizes.
+    monkeypatch.setattr(paths, "SAMPLED_CHUNK_BYTES", {"cpu": 64 * 4 * 100, "default": 64 * 4 * 100})
+    monkeypatch.setattr(paths, "DENSE_BLOCK_BYTES", 7 * 4 * 48)
+    model, x = ROUTES[route]()
+    sel = plan(model, 0.05, 1, "spread")
+    ref = _reference(model, x, sel, bf16)
+    handle, got = _ffid(model, x, sel, bf16, path)
+    assert handle.routes().get(route, 0) == 1
+    weight = next(n for n in sel if n.endswith("weight"))
+    assert handle.grad_paths()[weight] == path
+    for n, g in got.items():
+        scale = ref[n].abs().max().item()
+        # bf16: full finetuning's gradient is itself rounded to bf16 (autocast's matmul output)
+        tol = 1e-2 * scale if bf16 else 1e-5 * max(scale, 1.0)
+        torch.testing.assert_close(g, ref[n], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_paths_agree_with_each_other(route: str) -> None:
+    model, x = ROUTES[route]()
+    sel = plan(model, 0.05, 1, "spread")
+    got = {p: _ffid(model, x, sel, False, p)[1] for p in paths.PATHS}
+    for p in ("dense", "chunked"):
+        for n in got["sampled"]:
+            torch.testing.assert_close(got[p][n], got["sampled"][n], atol=1e-5, rtol=1e-5)
+
+
+def test_compat_whole_tensor_picks_ignore_the_path() -> None:
+    model, x = _linear()
+    sel = plan(model, 0.5, 1, "compat-v2")
+    assert any(p.whole for p in sel.values())
+    ref = _reference(model, x, sel, False)
+    for p in paths.PATHS:
+        _, got = _ffid(model, x, sel, False, p)
+        for n in got:
+            torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-5)
+
+
+class _Spy(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[tuple[tuple[int, ...], torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.outputs.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        return out
+
+
+def test_sampled_path_makes_no_full_fp32_copy_of_an_activation(monkeypatch) -> None:
+    # bf16 autocast: the backward may convert the activation and the output gradient to fp32
+    # only one token chunk at a time (64 tokens here), never all 600 tokens.
+    monkeypatch.setattr(paths, "SAMPLED_CHUNK_BYTES", {"cpu": 1, "default": 1})
+    torch.manual_seed(0)
+    model = _Net(torch.nn.Linear(48, 40))
+    x = torch.randn(600, 48)
+    sel = plan(model, 0.05, 1, "spread")
+    attach(model, sel, grad_path="sampled")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    loss = (out * w).float().sum()  # gradients stay bf16 up to the layer
+    spy = _Spy()
+    with spy:
+        loss.backward()
+    fp32 = [(s, b) for s, d, b in spy.outputs if d == torch.float32 and len(s) == 2]
+    assert any(64 in s for s, _ in fp32), "the spy saw the chunks"
+    # (an expanded view of the loss's scalar gradient has the full shape but no storage)
+    assert all(b < 600 * 40 * 4 for _, b in fp32), fp32
+
+
+def test_forcing_the_path(monkeypatch) -> None:
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    weight = "layer.weight"
+    monkeypatch.setenv(paths.ENV_PATH, "chunked")
+    handle, _ = _ffid(model, x, sel, False, None)
+    assert handle.grad_paths()[weight] == "chunked"
+    handle, _ = _ffid(model, x, sel, False, "dense")  # the attach option wins over the variable
+    assert handle.grad_paths()[weight] == "dense"
+    monkeypatch.setenv(paths.ENV_PATH, "fastest")
+    with pytest.raises(ConfigError, match="FFID_GRAD_PATH"):
+        _ffid(model, x, sel, False, None)
+    with pytest.raises(ConfigError, match="grad_path"):
+        attach(copy.deepcopy(model), sel, grad_path="fastest")
+
+
+def test_auto_follows_the_cost_model(monkeypatch) -> None:
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    monkeypatch.delenv(paths.ENV_PATH, raising=False)
+    monkeypatch.setattr(paths, "_RATES", {})
+    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-12, sampled=1e-9, convert=1e-9))
+    handle, _ = _ffid(model, x, sel, False, None)
+    assert handle.grad_paths()["layer.weight"] == "dense"
+    monkeypatch.setattr(paths, "DENSE_MAX_BYTES", 16)
+    handle, _ = _ffid(model, x, sel, False, None)
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-9, sampled=1e-12, convert=1e-12))
+    handle, _ = _ffid(model, x, sel, False, "auto")
+    assert handle.grad_paths()["layer.weight"] == "sampled"
+
+
+def test_rates_are_probed_once_and_cached_on_disk(tmp_path, monkeypatch) -> None:
+    cache = tmp_path / "rates.json"
+    monkeypatch.setenv(paths.ENV_CACHE, str(cache))
+    monkeypatch.setattr(paths, "_RATES", {})
+    first = paths.rates("cpu", torch.float32)
+    assert cache.is_file() and first.dense > 0 and first.sampled > 0 and first.convert > 0
+    monkeypatch.setattr(paths, "_RATES", {})
+    monkeypatch.setattr(paths, "_probe", lambda *a: pytest.fail("probed again despite the cache"))
+    assert paths.rates("cpu", torch.float32) == first
+
+
+@pytest.mark.parametrize("path", paths.PATHS)
+def test_transient_bounds(path: str) -> None:
+    n, rows, cols = 32768, 13824, 5120  # Wan 14B FFN at a 480p clip
+    got = paths.transient_bytes(path, n, rows, cols, rows * cols // 100)
+    full_copy = n * (rows + cols) * 4
+    assert got < full_copy
+    if path == "dense":
+        assert got == rows * cols * 4
+    else:
+        assert got <= max(paths.DENSE_BLOCK_BYTES, paths.SAMPLED_CHUNK_BYTES["default"])
+
+
+def test_the_estimate_mirrors_the_paths() -> None:
+    from ffid.estimate import ENGINE, estimate
+
+    assert ENGINE.dense_grad_max_bytes == paths.DENSE_MAX_BYTES
+    assert ENGINE.dense_block_bytes == paths.DENSE_BLOCK_BYTES
+    assert ENGINE.sampled_chunk_bytes == paths.SAMPLED_CHUNK_BYTES["default"]
+    for path in paths.PATHS:
+        for n, rows, cols in ((32760, 5120, 5120), (32760, 13824, 5120), (100, 64, 64)):
+            got = ENGINE.grad_transient(path, rows, cols, n)
+            assert got == paths.transient_bytes(path, n, rows, cols, 1), (path, rows, cols)
+    kw = {"video_size": [480, 832], "frames": 81}
+    by_path = {
+        p: estimate("wan2.1-t2v-14b", 0.01, grad_path=p, **kw)[0].gpu["grad_path"] for p in paths.CHOICES
+    }
+    assert by_path["dense"] == 6 * 5120 * 5120 * 4  # time_projection's product, the largest weight
+    assert by_path["chunked"] <= paths.DENSE_BLOCK_BYTES
+    assert by_path["auto"] == max(by_path["sampled"], 5120 * 5120 * 4)  # larger ones run chunked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["auto", *paths.PATHS])
+def test_every_path_on_cuda_bf16(path: str) -> None:
+    """On CUDA under bf16 autocast (tensor-core dense product with fp32 output, SDDMM chunks of
+    64 MiB): every path matches full finetuning's gradient; the rates probe runs on the card."""
+    torch.manual_seed(0)
+    model = _Net(torch.nn.Linear(512, 384)).cuda()
+    x = torch.randn(4096, 512, device="cuda")
+    sel = plan(model, 0.01, 1, "spread")
+
+    def run(m: torch.nn.Module) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+
+    ref = copy.deepcopy(model)
+    run(ref)
+    want = ref.layer.weight.grad.reshape(-1)[sel.indices("layer.weight").cuda()].float()
+    m = copy.deepcopy(model)
+    handle = attach(m, sel, grad_path=path)
+    run(m)
+    got = dict(handle.proxies())["layer.weight"].grad
+    assert handle.grad_paths()["layer.weight"] in paths.PATHS
+    torch.testing.assert_close(got, want, atol=1e-2 * want.abs().max().item(), rtol=0)
