@@ -597,3 +597,28 @@ def test_a_sharded_merge_into_a_folder_whose_index_is_a_fifo_writes_nothing(tmp_
     with pytest.raises(ConfigError, match="not a regular file"):
         merge_checkpoint(tmp_path / "base", [tmp_path / "d.safetensors"], out)
     assert sorted(p.name for p in out.iterdir()) == [index]
+
+
+# -- 10: an ffid train error is one line, with no optional library's warning before it ----------
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer_type", "AdamW8bit", "--preserve_weight", "nan"],  # bitsandbytes named, never imported
+        ["--learning_rate", "-1"],
+    ],
+)
+def test_train_error_in_a_fresh_process_is_one_line(tmp_path: Path, flags: list[str]) -> None:
+    """In a fresh interpreter (nothing imported by other tests), the error is the only output:
+    optional libraries (bitsandbytes, accelerate, diffusers) are imported only when used."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "ffid", "train", "--model_type", "demo", "--ff", "0.01", "--ffid", "1",
+        "--output_dir", str(out), *flags,
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="default")  # show every warning that would be raised
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ffid train: error:"), proc.stderr
+    assert proc.stdout == ""
+    assert not out.exists()
