@@ -497,6 +497,26 @@ def test_node_package_loads_at_comfyui_startup(tmp_path, files):
     assert "char1.safetensors" in cls.INPUT_TYPES()["required"]["delta_name"][0]
 
 
+def test_a_clone_of_the_repository_loads_as_a_custom_node(tmp_path, files):
+    """``git clone <ffid> ComfyUI/custom_nodes/ffid``: the repository root's ``__init__.py`` hands
+    ComfyUI the nodes of ``comfyui_ffid/`` (ComfyUI imports each custom_nodes folder as a package)."""
+    import asyncio
+
+    import nodes
+
+    custom = tmp_path / "custom_nodes"
+    custom.mkdir()
+    (custom / "ffid").symlink_to(REPO, target_is_directory=True)  # what a clone puts there
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+    for name in ("FfidLoadDeltaModelOnly", "FfidDeltaInfo"):  # ComfyUI keeps a node registered first
+        nodes.NODE_CLASS_MAPPINGS.pop(name, None)
+    asyncio.run(nodes.init_external_custom_nodes())
+    cls = nodes.NODE_CLASS_MAPPINGS.get("FfidLoadDeltaModelOnly")
+    assert cls is not None, "ComfyUI could not import the repository as a custom node (see the log above)"
+    assert cls.RELATIVE_PYTHON_MODULE == "custom_nodes.ffid"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["FfidDeltaInfo"] == "ffid delta info"
+
+
 def test_example_workflow_matches_the_nodes():
     """The documented workflow (API format) uses the nodes' real input names and choices. Nodes
     from ComfyUI's comfy_extras (not in the pinned snapshot) are only checked by name."""
