@@ -210,15 +210,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be 0 or more")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"learning_rate = {self.learning_rate} must be a positive number such as 1e-4")
-        if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
-            raise ConfigError(
-                f"preserve_weight = {self.preserve_weight} must be a positive number such as 16; "
-                "turn preservation off with preserve = 'off'"
-            )
         if self.preserve_items < 0:
             raise ConfigError(f"preserve_items = {self.preserve_items} must be 0 (auto) or more")
-        if self.preserve_every < 1:
-            raise ConfigError(f"preserve_every = {self.preserve_every} must be at least 1")
+        from ..preserve import PreserveSettings  # the one place the preservation settings are checked
+
+        PreserveSettings(self.preserve_weight, max(1, self.preserve_items), self.preserve_every).validate()
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm = {self.max_grad_norm} must be 0 (off) or positive")
         if self.discrete_flow_shift <= 0:
