@@ -94,7 +94,9 @@ class TrainConfig:
     )
     sigmoid_scale: float = _key("wan: scale of the normal draw before the sigmoid", 1.0, trajectory=True)
     task_args: dict[str, Any] = _key(
-        "options for the task (a TOML table, or k=v flags); a key the task does not read is refused", factory=dict, trajectory=True
+        "options for the task (a TOML table, or k=v flags); a key the task does not read is refused",
+        factory=dict,
+        trajectory=True,
     )
     base_deltas: list[str] = _key(
         "delta files applied to the base before training (train on top of them)",
