@@ -208,7 +208,7 @@ def _preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple
     prepare = getattr(task, "prepare_preservation", None)
     if callable(prepare):
         # e.g. the wan task finds each prompt's text encoding in the caches (or refuses)
-        protected, notes = prepare(protected, cfg)
+        protected, notes = prepare(protected, cfg, dataset)
     items = cfg.preserve_items or max(1, cfg.batch_size // 4)
     preserver = Preserver(
         handle, task, protected, PreserveSettings(cfg.preserve_weight, items, cfg.preserve_every)

@@ -227,7 +227,7 @@ class WanTask:
         return list(getattr(dataset, "captions", []))
 
     def prepare_preservation(
-        self, protected: list[Protected], cfg: TrainConfig
+        self, protected: list[Protected], cfg: TrainConfig, dataset: LatentCacheDataset
     ) -> tuple[list[Protected], list[str]]:
         """Find every protected prompt's text encoding in the caches (the dataset, the rehearsal
         datasets and ``preserve_cache``), by caption; refuse a prompt that has none, except the
@@ -256,7 +256,7 @@ class WanTask:
                 )
         self.cfg = cfg
         self._encodings = {p.prompt: index[p.prompt] for p in kept}
-        shapes = [it.shape for it in LatentCacheDataset(cfg.dataset).items]
+        shapes = [it.shape for it in dataset.items]  # the run's own dataset, already opened
         self._noise_shape = min(shapes, key=lambda s: math.prod(s))
         return kept, notes
 
