@@ -201,6 +201,18 @@ def test_fuzz_random_headers_against_plan_inspect_merge(seeds, tmp_path, capsys)
         )
 
 
+def merge_and_apply(capsys, seeds: Path, delta: Path, out: Path) -> None:
+    """A fuzzed delta against ``ffid merge`` (one line, exit 2, nothing written) and ``apply_delta``
+    (an FfidError or nothing, never another exception)."""
+    check_cli(
+        capsys,
+        ["merge", str(seeds / "base.safetensors"), str(delta), "-o", str(out / "m.safetensors"), "-q"],
+        out,
+    )
+    with contextlib.suppress(FfidError):
+        apply_delta(TinyNet(), delta)
+
+
 def test_fuzz_mutated_bases_against_plan_inspect_merge_extract(seeds, tmp_path, capsys):
     rng = random.Random(1302)
     blob = (seeds / "base.safetensors").read_bytes()
@@ -231,13 +243,7 @@ def test_fuzz_mutated_deltas_against_merge_inspect_and_apply_delta(seeds, tmp_pa
         d = case / "d.safetensors"
         d.write_bytes(mutate(rng, blob))
         check_cli(capsys, ["inspect", str(d)])
-        check_cli(
-            capsys,
-            ["merge", str(seeds / "base.safetensors"), str(d), "-o", str(out / "m.safetensors"), "-q"],
-            out,
-        )
-        with contextlib.suppress(FfidError):
-            apply_delta(TinyNet(), d)
+        merge_and_apply(capsys, seeds, d, out)
 
 
 def test_fuzz_delta_metadata_against_merge_and_apply_delta(seeds, tmp_path, capsys):
@@ -262,13 +268,7 @@ def test_fuzz_delta_metadata_against_merge_and_apply_delta(seeds, tmp_path, caps
             )
         d = case / "d.safetensors"
         save_file(t, str(d), metadata=m)
-        check_cli(
-            capsys,
-            ["merge", str(seeds / "base.safetensors"), str(d), "-o", str(out / "m.safetensors"), "-q"],
-            out,
-        )
-        with contextlib.suppress(FfidError):
-            apply_delta(TinyNet(), d)
+        merge_and_apply(capsys, seeds, d, out)
 
 
 def test_fuzz_indexes_against_plan_inspect_merge(seeds, tmp_path, capsys):
