@@ -37,7 +37,7 @@ from ffid.checkpoint import (
 from ffid.checkpoint.atomic import TEMP_SUFFIX, atomic_write, temp_prefix
 from ffid.checkpoint.delta import INDEX_SUFFIX, VALUE_SUFFIX
 from ffid.checkpoint.namemap import DIFFUSERS, WAN, detect_naming, map_name
-from ffid.checkpoint.stio import index_code
+from ffid.dtypes import dtype_code, index_code
 from ffid.errors import ConfigError, MismatchError, ModelFileError
 from ffid.names import canonical_name
 
@@ -237,7 +237,7 @@ def test_stream_writer_output_loads_with_safetensors(tmp_path):
         "odd": torch.randn(3).to(torch.float16),
         "empty": torch.zeros(0),
     }
-    entries = [(k, ffid.manifest.torch_dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    entries = [(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
     calls = []
 
     def produce(key):

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan
 
 import ffid
+from ffid.dtypes import DTYPE_BYTES
 from ffid.errors import ConfigError, MissingFileError, ModelFileError
 from ffid.manifest import (
-    DTYPE_BYTES,
     Manifest,
     TensorInfo,
     load_manifest,

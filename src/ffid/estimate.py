@@ -38,16 +38,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dtypes import BASE_DTYPES, DTYPE_BYTES, FLOAT_DTYPES, device_index_bytes, index_code
 from .errors import CapacityError, ConfigError
-from .manifest import DTYPE_BYTES, FLOAT_DTYPES, Manifest, TensorInfo, load_manifest
+from .manifest import Manifest, TensorInfo, load_manifest
 from .select import check_ff, plan
 from .select.spread import DEFAULT_SLOTS
 from .selection import Selection
 
 GiB = 1024**3
-
-# --base-dtype names -> safetensors dtype codes.
-BASE_DTYPES: dict[str, str] = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8": "F8_E4M3"}
 
 
 @dataclass(frozen=True)
@@ -323,15 +321,8 @@ def compute_dtype_of(manifest: Manifest, base_dtype: str | None) -> str:
 
 
 def index_dtype_bytes(numel: int) -> int:
-    """Bytes of the smallest unsigned integer type that holds every flat index of a tensor."""
-    for nbytes in (1, 2, 4):
-        if numel <= 1 << (8 * nbytes):
-            return nbytes
-    return 8
-
-
-def _index_code(numel: int) -> str:
-    return {1: "U8", 2: "U16", 4: "U32", 8: "I64"}[index_dtype_bytes(numel)]
+    """Bytes per index a delta file stores for a tensor of ``numel`` elements (ffid.dtypes.index_code)."""
+    return DTYPE_BYTES[index_code(numel)]
 
 
 def delta_file_bytes(selection: Selection) -> int:
@@ -343,7 +334,7 @@ def delta_file_bytes(selection: Selection) -> int:
         if pick.whole:
             entries.append((name + ".ffid_value", "F32", list(pick.shape), 4 * pick.count))
         else:
-            code = _index_code(pick.numel)
+            code = index_code(pick.numel)
             entries.append((name + ".ffid_index", code, [pick.count], DTYPE_BYTES[code] * pick.count))
             entries.append((name + ".ffid_value", "F32", [pick.count], 4 * pick.count))
     data = sum(e[3] for e in entries)
@@ -530,7 +521,7 @@ def estimate_selection(
     for name, pick in selection.items():
         info = manifest[name]
         matmul, hook = engine_routes(manifest, info)
-        wide = 2 if info.numel >= 2**31 else 1
+        wide = device_index_bytes(info.numel) // 4  # int64 instead of int32 from 2**31 elements on
         if not pick.whole:
             device_indices += pick.count * engine.device_index_bytes * wide
         if matmul and not pick.whole:

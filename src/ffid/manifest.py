@@ -23,63 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .dtypes import DTYPE_BYTES, FLOAT_DTYPES, dtype_code
 from .errors import ConfigError, MissingFileError, ModelFileError
 from .names import BlockFinder, BlockKey, canonical_name
 
 if TYPE_CHECKING:
     import torch
 
-# safetensors dtype codes and their sizes in bytes.
-DTYPE_BYTES: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-}
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-
 # Shard file names as transformers / diffusers write them: name-00001-of-00003.safetensors.
 _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 # A safetensors header larger than this is not a real header (the format caps it at 100 MB).
 _MAX_HEADER = 100_000_000
-
-
-def torch_dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
-    import torch
-
-    table = {
-        torch.float64: "F64",
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.int64: "I64",
-        torch.int32: "I32",
-        torch.int16: "I16",
-        torch.int8: "I8",
-        torch.uint8: "U8",
-        torch.bool: "BOOL",
-    }
-    for name, code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-        if hasattr(torch, name):
-            table[getattr(torch, name)] = code
-    try:
-        return table[dtype]
-    except KeyError:
-        raise ConfigError(
-            f"tensor dtype {dtype} is not supported by ffid; cast the model to bf16/fp16/fp32"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -190,7 +144,12 @@ def manifest_from_module(module: torch.nn.Module, block_pattern: str | None = No
     """
     tensors = []
     for name, p in module.named_parameters(remove_duplicate=True):
-        code = torch_dtype_code(p.dtype)
+        try:
+            code = dtype_code(p.dtype)
+        except ConfigError:
+            raise ConfigError(
+                f"tensor dtype {p.dtype} is not supported by ffid; cast the model to bf16/fp16/fp32"
+            ) from None
         if code not in FLOAT_DTYPES or p.numel() == 0:  # an empty tensor has nothing to train
             continue
         tensors.append(TensorInfo(canonical_name(name), tuple(p.shape), code, name))

@@ -25,17 +25,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..dtypes import (
+    DELTA_VALUE_CODES,
+    NUMPY_INT,
+    dtype_code,
+    index_code,
+    is_float_code,
+    numpy_storage,
+    parse_dtype,
+)
 from ..errors import ConfigError, MismatchError, ModelFileError
 from ..names import canonical_name
 from ..selection import Explicit, Selection, TensorPick, Whole
 from .namemap import NameResolver, detect_naming
 from .stio import (
-    NUMPY_INT,
     SafetensorsFile,
-    dtype_code,
-    index_code,
-    is_float_code,
-    np_storage,
     require_finite,
     require_finite_scalar,
     to_f32,
@@ -348,7 +352,7 @@ class DeltaFile:
     def read_values_f32(self, name: str) -> np.ndarray:
         """The stored values of ``name`` as flat numpy fp32 (F32/F16/BF16 values; no torch needed)."""
         entry = self.file.entries[name + VALUE_SUFFIX]
-        values = to_f32(self.file.read_bytes(entry).view(np_storage(entry.dtype)), entry.dtype)
+        values = to_f32(self.file.read_bytes(entry).view(numpy_storage(entry.dtype)), entry.dtype)
         self._check_finite(name, values)
         return values
 
@@ -468,13 +472,10 @@ def write_delta(
     """Write a delta file atomically from in-memory tensors; returns the file size in bytes."""
     import torch
 
-    from .stio import parse_dtype
-
     path = Path(path)
     save_dtype = parse_dtype(save_dtype) or torch.float32
     value_code = dtype_code(save_dtype)
-    if value_code not in ("F32", "F16", "BF16", "F64"):
-        # fp8 cannot hold trained values faithfully and most readers cannot decode it
+    if value_code not in DELTA_VALUE_CODES:
         raise ConfigError(
             f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
             "use fp32, bf16 or fp16"

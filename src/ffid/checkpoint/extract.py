@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..dtypes import bit_view, is_float_code, parse_dtype
 from ..errors import ConfigError, MismatchError
 from ..manifest import Manifest, TensorInfo
 from ..selection import Explicit, Selection, TensorPick
@@ -25,7 +26,7 @@ from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
 from .namemap import NameResolver, detect_naming
-from .stio import bit_view, is_float_code, one_thread, parse_dtype, require_finite
+from .stio import one_thread, require_finite
 
 OUTSIDE_CHOICES = ("error", "warn")
 

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..dtypes import dtype_code, parse_dtype
 from ..errors import AttachError, ConfigError
 from ..names import canonical_name
 from .delta import _preset_for, training_metadata
-from .stio import dtype_code, parse_dtype, write_safetensors_stream
+from .stio import write_safetensors_stream
 
 
 def save_full(

@@ -8,11 +8,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import is_float_code
 from ..names import BlockFinder, printable
 from .delta import FORMAT_NAME, KEY_FORMAT, KEY_PROMPTS, KEY_TRIGGER_WORDS, DeltaFile
 from .files import Checkpoint
 from .namemap import detect_naming
-from .stio import SafetensorsFile, is_float_code
+from .stio import SafetensorsFile
 
 TRAINING_PREFIXES = ("ss_", "modelspec.")
 

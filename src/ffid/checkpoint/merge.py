@@ -24,26 +24,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..dtypes import DTYPE_BYTES, NUMPY_FAST, dtype_code, is_float_code, numpy_storage, parse_dtype
 from ..errors import ConfigError, MismatchError
-from ..manifest import DTYPE_BYTES
 from .atomic import FileSet, atomic_write, check_free_space, check_target, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
 from .namemap import NameResolver
 from .stio import (
-    NUMPY_FAST,
     SafetensorsFile,
     alignment_order,
     buffer_tensor,
     build_header,
     copy_range,
-    dtype_code,
     from_f32,
-    is_float_code,
     nonfinite,
-    np_storage,
     one_thread,
-    parse_dtype,
     require_finite,
     require_finite_scalar,
     tensor_bytes,
@@ -309,7 +304,7 @@ def _copy_and_patch(
                 )
                 try:
                     if _numpy_ok(e.dtype, plist, overlap_free):
-                        arr = np.frombuffer(mm, np_storage(e.dtype), e.numel, offset - start)
+                        arr = np.frombuffer(mm, numpy_storage(e.dtype), e.numel, offset - start)
                         elements += _patch_np(arr, e.dtype, plist)
                         del arr  # the mapping cannot close while a view exports it
                     else:

@@ -25,60 +25,14 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from ..dtypes import DTYPE_BYTES, NUMPY_FLOAT, NUMPY_INT, numpy_storage, torch_dtype, torch_dtypes
 from ..errors import ConfigError, ModelFileError
-from ..manifest import DTYPE_BYTES, read_safetensors_header
+from ..manifest import read_safetensors_header
 from ..names import canonical_name
 from .atomic import atomic_write
 
 if TYPE_CHECKING:
     import torch
-
-# torch is imported on first use only: `ffid merge` (numpy path) then starts without it, which
-# on a busy machine saves seconds per run.
-_TORCH_TABLES: dict[str, Any] = {}
-
-
-def torch_dtypes() -> dict[str, torch.dtype]:
-    """safetensors dtype code -> torch dtype (only the ones this torch has)."""
-    if not _TORCH_TABLES:
-        import torch
-
-        table = {
-            "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-            "U8": torch.uint8, "BOOL": torch.bool,
-        }  # fmt: skip
-        for code, name in (
-            ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-            ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-        ):  # fmt: skip
-            if hasattr(torch, name):
-                table[code] = getattr(torch, name)
-        _TORCH_TABLES["dtypes"] = table
-        _TORCH_TABLES["codes"] = {v: k for k, v in table.items()}
-        _TORCH_TABLES["bits"] = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-    return _TORCH_TABLES["dtypes"]
-
-
-def bit_view(element_size: int) -> torch.dtype:
-    """The same-size integer dtype used to compare floats bit for bit."""
-    torch_dtypes()
-    return _TORCH_TABLES["bits"][element_size]
-
-
-# Integer codes read through numpy (torch's unsigned types lack most ops).
-NUMPY_INT = {
-    "U8": np.uint8,
-    "U16": np.uint16,
-    "U32": np.uint32,
-    "U64": np.uint64,
-    "I8": np.int8,
-    "I16": np.int16,
-    "I32": np.int32,
-    "I64": np.int64,
-}
-# numpy dtypes of the float codes numpy has (bf16 is handled as uint16 bits).
-NUMPY_FLOAT = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 # Large copies go through the kernel in chunks of this size (bounded, and cheap on any filesystem).
 COPY_CHUNK = 64 * 1024 * 1024
@@ -100,58 +54,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """safetensors code of a torch dtype."""
-    torch_dtypes()
-    try:
-        return _TORCH_TABLES["codes"][dtype]
-    except KeyError:
-        raise ConfigError(
-            f"dtype {dtype} cannot be stored in safetensors by ffid; use fp32, bf16 or fp16"
-        ) from None
-
-
-def parse_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype name (``bf16``, ``fp16``, ``fp32``, ``fp8``, ...) or a torch dtype -> torch dtype."""
-    if text is None:
-        return None
-    import torch
-
-    if isinstance(text, torch.dtype):
-        return text
-    table = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-        "fp64": torch.float64,
-        "float64": torch.float64,
-    }
-    if hasattr(torch, "float8_e4m3fn"):
-        table["fp8"] = table["fp8_e4m3"] = table["float8_e4m3fn"] = torch.float8_e4m3fn
-    key = str(text).strip().lower()
-    if key not in table:
-        raise ConfigError(f"dtype {text!r} is not known; use one of bf16, fp16, fp32, fp8")
-    return table[key]
-
-
-def is_float_code(code: str) -> bool:
-    return code.startswith(("F", "BF"))
-
-
-def index_code(numel: int) -> str:
-    """The smallest integer dtype code that holds every flat index of a tensor with ``numel`` elements."""
-    top = max(numel - 1, 0)
-    for code, limit in (("U8", 2**8), ("U16", 2**16), ("U32", 2**32)):
-        if top < limit:
-            return code
-    return "I64"  # int64 rather than U64: torch indexes with int64 and every reader handles it
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -292,7 +194,7 @@ class SafetensorsFile:
             if len(chunk) != size:
                 raise ModelFileError(f"{self.path} ended while reading {entry.key!r}; the file is truncated")
             chunks.append(chunk)
-        return to_f32(np.frombuffer(b"".join(chunks), dtype=np_storage(entry.dtype)), entry.dtype)
+        return to_f32(np.frombuffer(b"".join(chunks), dtype=numpy_storage(entry.dtype)), entry.dtype)
 
 
 def nonfinite(values: Any) -> int:
@@ -340,9 +242,7 @@ def buffer_tensor(
     """A torch view of raw bytes (``code`` dtype, ``shape``); shares the buffer's memory."""
     import torch
 
-    dtype = torch_dtypes().get(code)
-    if dtype is None:
-        raise ModelFileError(f"safetensors dtype {code} is not supported by this torch build")
+    dtype = torch_dtype(code)
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(memoryview(buf).cast("B"), dtype=dtype).reshape(shape)
@@ -462,16 +362,8 @@ def write_safetensors_stream(
 
 
 # -- numpy helpers for the torch-free merge path --------------------------------------------------
-NUMPY_FAST = frozenset({"F32", "F16", "BF16"})  # float codes the numpy path handles bit-exactly like torch
-
-
-def np_storage(code: str) -> Any:
-    """numpy dtype holding one element of ``code`` (bf16 as its uint16 bits)."""
-    return np.uint16 if code == "BF16" else NUMPY_FLOAT.get(code) or NUMPY_INT[code]
-
-
 def to_f32(arr: np.ndarray, code: str) -> np.ndarray:
-    """Stored elements (``np_storage(code)``) as fp32 values (exact for F16/BF16/F32)."""
+    """Stored elements (``numpy_storage(code)``) as fp32 values (exact for F16/BF16/F32)."""
     if code == "BF16":
         return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr.astype(np.float32)

@@ -20,7 +20,8 @@ def _float_option(value: str | None, flag: str) -> float | None:
 
 
 def register(subparsers: Any) -> None:
-    from ..estimate import BASE_DTYPES, OPTIMIZERS
+    from ..dtypes import BASE_DTYPES
+    from ..estimate import OPTIMIZERS
 
     p = subparsers.add_parser(
         "estimate",

@@ -35,11 +35,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..dtypes import device_index_dtype, fp8_dtypes
 from . import paths
 
 # The fp8 formats cannot be used in matmuls directly: they are upcast to the compute dtype, as
 # musubi-tuner does for its fp8 base weights.
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+FP8_DTYPES = fp8_dtypes()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -60,11 +61,6 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None
     return torch.autocast(device.type, enabled=False)
 
 
-def index_dtype(numel: int) -> torch.dtype:
-    """The compact integer dtype for flat positions into a tensor of ``numel`` elements."""
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
 class Pattern:
     """Selected positions of one tensor, with one compact index tensor per compute device.
 
@@ -79,7 +75,7 @@ class Pattern:
     def __init__(self, source: Callable[[], torch.Tensor], count: int, numel: int, whole: bool):
         self.source, self.count, self.numel, self.whole = source, count, numel, whole
         self.rows, self.cols = 1, numel
-        self.itype = index_dtype(numel)
+        self.itype = device_index_dtype(numel)
         self._flat: dict[torch.device, torch.Tensor] = {}
         self._crow: dict[torch.device, torch.Tensor] = {}
         self._blocks: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}

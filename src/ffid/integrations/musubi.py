@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import torch_dtype, train_names
 from ..errors import AttachError, ConfigError, MismatchError, ModelFileError, TrainingError
 from ..names import canonical_name
 from ._common import refuse_sharding
@@ -66,13 +67,8 @@ NETWORK_ARGS = {
     "preserve_every": "preserve on every N-th training forward",
 }
 PATTERN_SEPARATOR = ";"
-_SAVE_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+_SAVE_DTYPES: dict[str, torch.dtype | None] = {
+    **{name: torch_dtype(code) for name, code in train_names().items()},
     "auto": None,
 }
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..dtypes import train_dtype
 from ..errors import ConfigError, MissingFileError, ModelFileError
 from ..preserve import TextPreservation
 
@@ -103,10 +104,8 @@ class CausalLMTask:
     def build_model(self, cfg: TrainConfig) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        from .trainer import model_dtype
-
         # 'auto' keeps the dtype the files store instead of upcasting to fp32.
-        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": model_dtype(cfg) or "auto"}
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": train_dtype(cfg.model_dtype) or "auto"}
         try:
             return AutoModelForCausalLM.from_pretrained(str(self._folder(cfg)), **kwargs)
         except (OSError, ValueError) as exc:

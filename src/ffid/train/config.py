@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import TRAIN_DTYPES
 from ..errors import ConfigError, MissingFileError
 
 if sys.version_info >= (3, 11):
@@ -30,8 +31,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-SAVE_PRECISION = ("fp32", "fp16", "bf16")
+DTYPES = ("auto", *TRAIN_DTYPES)
+SAVE_PRECISION = TRAIN_DTYPES
 TIMESTEP_SAMPLING = ("shift", "uniform", "sigmoid")
 PRESERVE = ("auto", "on", "off")
 

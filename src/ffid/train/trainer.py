@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..dtypes import train_dtype
 from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
 from ..preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .config import TrainConfig
@@ -64,15 +65,6 @@ class TrainResult:
     selection: Selection | None = None
     handle: Any = None
     model: nn.Module | None = None
-
-
-def _dtype(name: str) -> torch.dtype | None:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
-
-
-def model_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    """The dtype the task should load base weights in (``None``: keep the file's)."""
-    return _dtype(cfg.model_dtype)
 
 
 def _accelerator(cfg: TrainConfig) -> Any:
@@ -516,7 +508,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
         full = out / f"{cfg.output_name}-full.safetensors"
         handle.save_full(
             full,
-            dtype=_dtype(cfg.save_precision),
+            dtype=train_dtype(cfg.save_precision),
             metadata=_metadata(cfg, task, sel, step, cur_epoch, prompts),
         )
     if cfg.sample_every_n_steps and main and hasattr(task, "sample") and step % cfg.sample_every_n_steps:
@@ -553,4 +545,4 @@ def _sample(task: Task, model: nn.Module, step: int, out_dir: Path) -> None:
         model.train(was_training)
 
 
-__all__ = ["TrainResult", "model_dtype", "train"]
+__all__ = ["TrainResult", "train"]

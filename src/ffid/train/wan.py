@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import TRAIN_CODES, torch_dtype, train_dtype
 from ..errors import ConfigError, MissingFileError, ModelFileError
 from ..preserve import mse_per_item
 from .cache import LatentCacheDataset, collate_latents, text_encodings
@@ -158,10 +159,9 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
 
     from ..manifest import load_manifest
 
-    codes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     manifest = load_manifest(folder)
-    counts = Counter(manifest[n].dtype for n in manifest.names if manifest[n].dtype in codes)
-    return codes[counts.most_common(1)[0][0]] if counts else None
+    counts = Counter(manifest[n].dtype for n in manifest.names if manifest[n].dtype in TRAIN_CODES)
+    return torch_dtype(counts.most_common(1)[0][0]) if counts else None
 
 
 class WanTask:
@@ -180,8 +180,6 @@ class WanTask:
     def build_model(self, cfg: TrainConfig) -> nn.Module:
         from diffusers import WanTransformer3DModel
 
-        from .trainer import model_dtype
-
         self.cfg = cfg
         if not cfg.model_path:
             raise ConfigError(
@@ -190,7 +188,7 @@ class WanTask:
         path = Path(cfg.model_path)
         if not path.exists():
             raise MissingFileError(f"model_path {str(path)!r} does not exist")
-        dtype = model_dtype(cfg)
+        dtype = train_dtype(cfg.model_dtype)
         if path.is_file():
             return load_wan_single_file(path, dtype, cfg.task_args)
         if (path / "transformer" / "config.json").is_file():  # a whole pipeline folder
