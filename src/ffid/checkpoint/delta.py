@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..dtypes import (
     DELTA_VALUE_CODES,
     NUMPY_INT,

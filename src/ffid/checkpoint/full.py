@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..dtypes import dtype_code, parse_dtype
 from ..errors import AttachError, ConfigError
 from ..names import canonical_name

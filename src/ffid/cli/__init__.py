@@ -17,7 +17,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import FfidError
 
 # Values argparse would take for flags: "-inf", "-nan", "-1e-3" are numbers here, so "--ff -inf"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import MismatchError, MissingFileError, ModelFileError
 from .io import commit_dir, temp_dir_for
 
