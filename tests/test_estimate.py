@@ -25,7 +25,7 @@ from ffid.estimate import (
     wan_shape,
     wan_tokens,
 )
-from ffid.manifest import load_manifest
+from ffid.models import load_manifest
 
 PRESET = "wan2.2-t2v-14b"
 

@@ -21,10 +21,10 @@ from ffid.errors import ConfigError, MissingFileError, ModelFileError
 from ffid.manifest import (
     Manifest,
     TensorInfo,
-    load_manifest,
     manifest_from_module,
     read_safetensors_header,
 )
+from ffid.models import load_manifest
 
 
 def shapes(m: Manifest) -> dict[str, tuple[int, ...]]:

@@ -12,7 +12,8 @@ from .errors import (
     ModelFileError,
     TrainingError,
 )
-from .manifest import Manifest, TensorInfo, load_manifest
+from .manifest import Manifest, TensorInfo
+from .models import load_manifest
 from .select import plan
 from .selection import Selection, TensorPick, overlap
 

@@ -40,7 +40,8 @@ from typing import Any
 
 from .dtypes import BASE_DTYPES, DTYPE_BYTES, FLOAT_DTYPES, device_index_bytes, index_code
 from .errors import CapacityError, ConfigError
-from .manifest import Manifest, TensorInfo, load_manifest
+from .manifest import Manifest, TensorInfo
+from .models import load_manifest
 from .select import check_ff, plan
 from .select.spread import DEFAULT_SLOTS
 from .selection import Selection

@@ -7,6 +7,9 @@ what a report shows) needs only a :class:`Manifest`. One can be made from
 - a ``.safetensors`` file, a sharded checkpoint (``*.safetensors.index.json``) or a diffusers /
   transformers model folder: only the JSON headers are read,
 - a built-in shape preset such as ``wan2.2-t2v-14b`` (see :mod:`ffid.presets`).
+
+:func:`ffid.models.load_manifest` picks the right one for whatever names a model; this module
+only reads, so the presets (made of its types) can sit above it without a cycle.
 """
 
 from __future__ import annotations
@@ -404,42 +407,3 @@ def find_checkpoint(folder: Path) -> Path:
     raise ModelFileError(
         f"{folder} holds several checkpoints ({', '.join(p.name for p in (indexes or files))}); name one file"
     )
-
-
-def load_manifest(
-    source: Any,
-    block_pattern: str | None = None,
-) -> Manifest:
-    """Make a :class:`Manifest` from a module, a manifest, a path (file/index/folder) or a preset name."""
-    if isinstance(source, Manifest):
-        if block_pattern is None:
-            return source
-        return Manifest(source.tensors, source.source, block_pattern, source.metadata)
-    if not isinstance(source, (str, os.PathLike)):
-        # torch is imported only here: planning from a file or preset must not pay its import time.
-        import torch
-
-        if isinstance(source, torch.nn.Module):
-            return manifest_from_module(source, block_pattern)
-        raise ConfigError(
-            f"cannot read a model from a {type(source).__name__}; pass an nn.Module, a .safetensors path, "
-            "a model folder or a preset name"
-        )
-    from .presets import PRESETS, preset_manifest
-
-    text = os.fspath(source)
-    if text in PRESETS:
-        m = preset_manifest(text)
-        return m if block_pattern is None else Manifest(m.tensors, m.source, block_pattern, m.metadata)
-    path = Path(text)
-    if path.is_dir():
-        path = find_checkpoint(path)
-    if path.name.endswith(".index.json"):
-        return manifest_from_index(path, block_pattern)
-    if not path.exists():
-        names = ", ".join(sorted(PRESETS))
-        raise MissingFileError(
-            f"{text!r} is neither an existing file or folder nor a preset;"
-            f" check the path or use one of: {names}"
-        )
-    return manifest_from_safetensors(path, block_pattern)

@@ -395,7 +395,8 @@ class Delta:
         ``manifest`` (a Manifest, module or path) is the model the selection refers to; without
         one, a manifest of just the touched tensors is built from the stored shapes.
         """
-        from ..manifest import Manifest, TensorInfo, load_manifest
+        from ..manifest import Manifest, TensorInfo
+        from ..models import load_manifest
 
         if manifest is None:
             manifest = Manifest(

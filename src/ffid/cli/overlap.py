@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import report
-    from ..manifest import load_manifest
+    from ..models import load_manifest
     from ..select import plan
 
     ff = require_ff(args)

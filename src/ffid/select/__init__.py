@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..manifest import Manifest, load_manifest
+from ..manifest import Manifest
+from ..models import load_manifest
 from ..names import filter_names
 from ..selection import Selection
 from .compat_v2 import POOLS, select_compat_v2

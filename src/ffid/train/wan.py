@@ -157,7 +157,7 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
     """The float dtype most of a model folder's stored weights have (read from the headers only)."""
     from collections import Counter
 
-    from ..manifest import load_manifest
+    from ..models import load_manifest
 
     manifest = load_manifest(folder)
     counts = Counter(manifest[n].dtype for n in manifest.names if manifest[n].dtype in TRAIN_CODES)
