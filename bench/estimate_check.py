@@ -138,7 +138,7 @@ def record_temporaries() -> Iterator[dict[str, int]]:
         setattr(owner, attr, wrapped)
 
     wrap(engine_kernels, "effective_matrix", "matmul")
-    wrap(engine_kernels.Pattern, "sampled_grad", "matmul")
+    wrap(engine_kernels, "sampled_grad", "matmul")
     wrap(engine_handle.FfidHandle, "_effective", "hook")
     try:
         yield seen

@@ -1,10 +1,11 @@
 """The sparse-gradient path for matrix-shaped weights (Linear, transformers' Conv1D, patch convs).
 
-A :class:`Pattern` holds the selected positions of one tensor (compact flat indices per device,
-plus CSR row pointers when the tensor is used as a matrix ``[R, C]``). :class:`SelectedMatmul`
-is the autograd Function that computes ``y = x @ W_eff^T (+ b)`` (or ``x @ W_eff`` for Conv1D,
-whose weight is stored ``[in, out]``), where ``W_eff`` is the base weight with the selected
-positions replaced by the proxy values:
+A :class:`~ffid.engine.pattern.Pattern` holds the selected positions of one tensor (compact flat
+indices per device, plus CSR row pointers when the tensor is used as a matrix ``[R, C]``), and
+:func:`sampled_grad` computes its proxy gradient by a path of :mod:`ffid.engine.paths`.
+:class:`SelectedMatmul` is the autograd Function that computes ``y = x @ W_eff^T (+ b)`` (or
+``x @ W_eff`` for Conv1D, whose weight is stored ``[in, out]``), where ``W_eff`` is the base
+weight with the selected positions replaced by the proxy values:
 
 - forward: ``W_eff`` is formed for the matmul and never saved. When the base weight already has
   the compute dtype and device, the selected entries are swapped in place around the matmul and
@@ -35,8 +36,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..dtypes import device_index_dtype, fp8_dtypes
+from ..dtypes import fp8_dtypes
 from . import paths
+from .pattern import Pattern
 
 # The fp8 formats cannot be used in matmuls directly: they are upcast to the compute dtype, as
 # musubi-tuner does for its fp8 base weights.
@@ -61,102 +63,18 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None
     return torch.autocast(device.type, enabled=False)
 
 
-class Pattern:
-    """Selected positions of one tensor, with one compact index tensor per compute device.
+def sampled_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)`` of ``pattern``, in selection order.
 
-    The flat positions are kept once per device where they are used, as int32 (int64 from 2**31
-    elements on): 4 bytes per selected element. Nothing is kept on the host: ``source()`` (the
-    selection's recipe, O(k)) regenerates the int64 positions when a new device needs them or a
-    save/merge wants them. Tensors on the matmul path (:meth:`matrix`) also get CSR row pointers
-    (``rows + 1`` entries) per device; their CSR column indices are derived per call (``flat %
-    cols``, transient). Whole-tensor picks keep no indices at all.
+    ``a`` is ``[N, rows]`` and ``b`` is ``[N, cols]``, in the compute dtype. Accumulation is
+    fp32, as a matmul under autocast would do. ``path`` (see :mod:`ffid.engine.paths`) is
+    chosen per call when not given (``pattern.grad_path`` forces one); the one used is kept in
+    ``pattern.last_path`` for reports.
     """
-
-    def __init__(self, source: Callable[[], torch.Tensor], count: int, numel: int, whole: bool):
-        self.source, self.count, self.numel, self.whole = source, count, numel, whole
-        self.rows, self.cols = 1, numel
-        self.itype = device_index_dtype(numel)
-        self._flat: dict[torch.device, torch.Tensor] = {}
-        self._crow: dict[torch.device, torch.Tensor] = {}
-        self._blocks: dict[tuple[int, int, int], list[tuple[int, int, int, int]]] = {}
-        self.grad_path: str | None = None  # forced gradient path (attach option), None = auto/env
-        self.last_path: str | None = None  # the path the last backward used
-
-    def matrix(self, rows: int, cols: int) -> Pattern:
-        """View the tensor as ``[rows, cols]`` (for the matmul path); returns ``self``."""
-        if rows * cols != self.numel:
-            raise ValueError(f"a [{rows}, {cols}] view does not fit {self.numel} elements")
-        if (rows, cols) != (self.rows, self.cols):
-            self.rows, self.cols = rows, cols
-            self._crow.clear()
-            self._blocks = {}
-        return self
-
-    def host(self) -> torch.Tensor:
-        """Sorted int64 CPU flat positions, regenerated from the selection (not kept)."""
-        if self.whole:
-            return torch.arange(self.numel, dtype=torch.int64)
-        return self.source().to(torch.int64)
-
-    def flat(self, device: torch.device, cache: bool = True) -> torch.Tensor:
-        """Flat positions on ``device`` (compact dtype); cached unless ``cache=False``, which
-        returns a transient copy when none is cached there (saves and merges of offloaded
-        weights must not leave host copies behind)."""
-        device = torch.device(device)
-        found = self._flat.get(device)
-        if found is None:
-            found = self.host().to(device=device, dtype=self.itype)
-            if cache:
-                self._flat[device] = found
-        return found
-
-    def crow(self, device: torch.device) -> torch.Tensor:
-        """CSR row pointers ``[rows + 1]`` on ``device`` for the ``[rows, cols]`` view."""
-        device = torch.device(device)
-        found = self._crow.get(device)
-        if found is None:
-            r = self.flat(device).long() // self.cols
-            found = torch.zeros(self.rows + 1, dtype=torch.int64, device=device)
-            found[1:] = torch.bincount(r, minlength=self.rows).cumsum(0)
-            found = found.to(self.itype)
-            self._crow[device] = found
-        return found
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every index tensor this pattern keeps (for memory accounting)."""
-        return [*self._flat.values(), *self._crow.values()]
-
-    def drop_cache(self) -> None:
-        self._flat.clear()
-        self._crow.clear()
-        self._blocks = {}
-
-    def row_blocks(self, block_rows: int, device: torch.device) -> list[tuple[int, int, int, int]]:
-        """``(r0, r1, start, end)`` per block of ``block_rows`` rows of the ``[rows, cols]`` view:
-        the selection-order slice ``[start, end)`` holds that block's entries (host ints, cached)."""
-        key = (block_rows, self.rows, self.cols)
-        found = self._blocks.get(key)
-        if found is None:
-            crow = self.crow(device).tolist()
-            found = [
-                (r0, min(self.rows, r0 + block_rows), crow[r0], crow[min(self.rows, r0 + block_rows)])
-                for r0 in range(0, self.rows, block_rows)
-            ]
-            self._blocks = {key: found}
-        return found
-
-    def sampled_grad(self, a: torch.Tensor, b: torch.Tensor, path: str | None = None) -> torch.Tensor:
-        """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order.
-
-        ``a`` is ``[N, rows]`` and ``b`` is ``[N, cols]``, in the compute dtype. Accumulation is
-        fp32, as a matmul under autocast would do. ``path`` (see :mod:`ffid.engine.paths`) is
-        chosen per call when not given (:attr:`grad_path` forces one); the one used is kept in
-        :attr:`last_path` for reports.
-        """
-        if path is None:
-            path = paths.choose(self, a.shape[0], a.dtype, a.device, self.grad_path)
-        self.last_path = path
-        return paths.selected_grad(self, a, b, path)
+    if path is None:
+        path = paths.choose(pattern, a.shape[0], a.dtype, a.device, pattern.grad_path)
+    pattern.last_path = path
+    return paths.selected_grad(pattern, a, b, path)
 
 
 def effective_matrix(
@@ -329,7 +247,7 @@ class SelectedMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 # Linear: W is [out, in] -> entries of gy^T x.  Conv1D: W is [in, out] -> x^T gy.
                 a, b = (xc, gyc) if ctx.transposed else (gyc, xc)
-                gp = pattern.sampled_grad(a, b).to(device=proxy.device, dtype=proxy.dtype)
+                gp = sampled_grad(pattern, a, b).to(device=proxy.device, dtype=proxy.dtype)
             if ctx.needs_input_grad[0]:
                 with effective_weight(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd) as w:
                     gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)

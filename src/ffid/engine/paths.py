@@ -40,14 +40,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .kernels import Pattern
+from .pattern import Pattern
 
 PATHS = ("sampled", "dense", "chunked")
 CHOICES = ("auto", *PATHS)
@@ -196,8 +193,6 @@ def _timed(fn, device: torch.device, repeat: int = 5) -> float:  # type: ignore[
 
 def _probe(device: torch.device, dtype: torch.dtype) -> Rates:
     """Time the three kinds of work at a mid-size shape (about 0.1 s on a CPU core)."""
-    from .kernels import Pattern
-
     big = device.type != "cpu"
     n, r, c = (4096, 1024, 1024) if big else (1024, 256, 512)
     g = torch.Generator().manual_seed(0)
