@@ -85,7 +85,7 @@ FULL_LR = 1e-3
 
 
 def demo_config(seed: int, quick: bool, work: Path, cache: Path, threads: int) -> Any:
-    from ffid.demo.pipeline import DemoConfig, quick_config
+    from ffid.demo.config import DemoConfig, quick_config
 
     kw = {
         "seed": seed,
@@ -286,16 +286,12 @@ def train_dense(
 def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
+    from ffid.demo.characters import model_with_deltas, train_character
     from ffid.demo.classifier import fit_judge
     from ffid.demo.data import Concept, load_digit_images
-    from ffid.demo.pipeline import (
-        evaluate,
-        load_or_pretrain,
-        model_with_deltas,
-        prompts_for,
-        set_determinism,
-        train_character,
-    )
+    from ffid.demo.evaluate import evaluate, prompts_for
+    from ffid.demo.pretrain import load_or_pretrain
+    from ffid.demo.run import set_determinism
     from ffid.demo.task import base_concepts, load_model
 
     t_seed = time.perf_counter()
@@ -818,7 +814,7 @@ def memory_only(args: argparse.Namespace) -> int:
     """Only the memory probes of the first seed, on the character1 deltas already in ``--work``
     (run next to the training parts; the final run takes them with ``--memory-from``)."""
     from ffid.demo.data import load_digit_images
-    from ffid.demo.pipeline import load_or_pretrain
+    from ffid.demo.pretrain import load_or_pretrain
 
     seed = args.seeds[0]
     work = Path(args.work) / f"seed{seed}"

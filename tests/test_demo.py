@@ -11,9 +11,11 @@ import torch
 
 from ffid.cli import main
 from ffid.demo.classifier import fit_judge
+from ffid.demo.config import DemoConfig, quick_config
 from ffid.demo.data import encode_prompt, load_digit_images, word_embedding
 from ffid.demo.model import ModelSpec, build_model, flow_matching_loss, sample
-from ffid.demo.pipeline import DemoConfig, load_or_pretrain, quick_config, run_demo, set_determinism
+from ffid.demo.pretrain import load_or_pretrain
+from ffid.demo.run import run_demo, set_determinism
 from ffid.demo.task import DemoTask, load_model, parse_concepts, save_model
 from ffid.errors import ConfigError, ModelFileError
 

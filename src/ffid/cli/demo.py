@@ -97,7 +97,7 @@ def register(subparsers: Any) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A :class:`ffid.demo.DemoConfig` from parsed flags (unset flags keep the demo's defaults)."""
-    from ..demo.pipeline import DemoConfig, quick_config
+    from ..demo.config import DemoConfig, quick_config
 
     keys = (
         "output_dir",
@@ -132,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; the report is printed and written to ``{output_dir}/report.md``."""
-    from ..demo.pipeline import run_demo
+    from ..demo.run import run_demo
 
     run_demo(config_from_args(args))
     return 0

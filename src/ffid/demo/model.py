@@ -123,3 +123,8 @@ def sample(
         out.append(x)
     model.train(was_training)
     return torch.cat(out)
+
+
+def param_count(model: nn.Module) -> int:
+    """Every weight of ``model``, trained or not."""
+    return sum(p.numel() for p in model.parameters())

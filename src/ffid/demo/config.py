@@ -1,0 +1,137 @@
+"""The knobs of ``ffid demo``: :class:`DemoConfig` (the CLI flags map one to one), its checks, the
+character2 variants, and the shortened ``--quick`` config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from .model import ModelSpec
+
+DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key cannot see
+# character2's recipes; the last is the recommended one, merged into the full checkpoint
+VARIANTS = ("plain", "rehearsed", "preserved")
+CHARACTER2_MODES = ("all", *VARIANTS)
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of ``ffid demo`` (the CLI flags map one to one)."""
+
+    output_dir: str = "ffid-demo"
+    cache_dir: str | None = None  # where the base is cached; default {output_dir}/base
+    fresh: bool = False
+    seed: int = 0
+    threads: int = 1
+    # model and pretraining
+    spec: ModelSpec = field(default_factory=ModelSpec)
+    pretrain_steps: int = 1200
+    pretrain_lr: float = 2e-3
+    pretrain_batch: int = 64
+    # the two characters (held out of pretraining)
+    character1: int = 7
+    character2: int = 4
+    # ffid training
+    selector: str = "spread"
+    ff: float = 0.01
+    ffid1: int = 1
+    ffid2: int = 2
+    steps: int = 300
+    learning_rate: float = 3e-2
+    batch_size: int = 32
+    prior_per_class: int = 23  # real scans of each base class mixed into a character's data (0: none)
+    # how character2 is taught on top of character1: "plain" (its own data only), "rehearsed"
+    # (character1's scans mixed in), "preserved" (no character1 data; preservation loss), or "all"
+    # three from the same state, side by side
+    character2_mode: str = "all"
+    # preservation (the preserved variant): ffid train's preserve_* keys
+    preserve_weight: float = 16.0
+    preserve_items: int = 8
+    # sampling and judging
+    samples: int = 32  # per prompt, for the scores
+    sample_steps: int = 20
+    guidance: float = 3.0
+    progress: bool = True
+
+    def validate(self) -> DemoConfig:
+        """Check every knob (a :class:`ConfigError` names the flag); returns ``self``, normalised."""
+        from ..select import check_ff, check_ffid
+
+        self.ff = check_ff(self.ff)
+        self.ffid1, self.ffid2 = check_ffid(self.ffid1), check_ffid(self.ffid2)
+        if self.ffid1 == self.ffid2:
+            raise ConfigError(
+                f"--ffid1 and --ffid2 are both {self.ffid1}; the demo needs two different ids so the "
+                "characters never share a weight, e.g. 1 and 2"
+            )
+        if self.character2_mode not in CHARACTER2_MODES:
+            raise ConfigError(
+                f"--character2_mode {self.character2_mode!r} is not one of {', '.join(CHARACTER2_MODES)}"
+            )
+        for name in ("character1", "character2"):
+            if not 0 <= getattr(self, name) <= 9:
+                raise ConfigError(f"--{name} {getattr(self, name)} is not a digit 0..9")
+        if self.character1 == self.character2:
+            raise ConfigError(
+                f"--character1 and --character2 are both digit {self.character1}; pick two different digits"
+            )
+        for name in (
+            "pretrain_steps",
+            "steps",
+            "samples",
+            "sample_steps",
+            "threads",
+            "batch_size",
+            "pretrain_batch",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)} must be at least 1")
+        if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
+            raise ConfigError(f"--preserve_weight {self.preserve_weight} must be a positive number")
+        if self.preserve_items < 1:
+            raise ConfigError(f"--preserve_items {self.preserve_items} must be at least 1")
+        for name in ("pretrain_lr", "learning_rate"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name} {value} must be a positive number")
+        return self
+
+    @property
+    def character2_variants(self) -> list[str]:
+        """The character2 runs this config trains, the merged (recommended) one last."""
+        return list(VARIANTS) if self.character2_mode == "all" else [self.character2_mode]
+
+    @property
+    def held_out(self) -> tuple[int, int]:
+        """The two digits kept out of pretraining (the characters)."""
+        return (self.character1, self.character2)
+
+    def base_recipe(self) -> dict[str, Any]:
+        """What the pretrained base depends on; its hash is the cache key."""
+        return {
+            "version": DEMO_VERSION,
+            "spec": self.spec.to_dict(),
+            "steps": self.pretrain_steps,
+            "lr": self.pretrain_lr,
+            "batch": self.pretrain_batch,
+            "seed": self.seed,
+            "held_out": sorted(self.held_out),
+            "threads": self.threads,
+        }
+
+
+QUICK = {
+    "spec": ModelSpec(dim=32, heads=2, layers=2, ffn_dim=64, freq_dim=16),
+    "pretrain_steps": 40,
+    "steps": 12,
+    "samples": 6,
+    "sample_steps": 6,
+}
+
+
+def quick_config(**overrides: Any) -> DemoConfig:
+    """A shortened demo (small model, few steps) for tests and a first look."""
+    values: dict[str, Any] = {**QUICK, **overrides}
+    return DemoConfig(**values)
