@@ -30,9 +30,13 @@ def add_selection_arguments(p: argparse.ArgumentParser, *, ffid: bool = True, of
     ``of_run`` (e.g. ``" of the training run"``) is appended to the help of commands that
     re-create the selection of an earlier run.
     """
-    p.add_argument("--ff", metavar="F", help=f"fraction of all parameters to train, 0 < F <= 1 (e.g. 0.01){of_run}")
+    p.add_argument(
+        "--ff", metavar="F", help=f"fraction of all parameters to train, 0 < F <= 1 (e.g. 0.01){of_run}"
+    )
     if ffid:
-        p.add_argument("--ffid", metavar="N", help=f"selection id; different ids never share an element{of_run}")
+        p.add_argument(
+            "--ffid", metavar="N", help=f"selection id; different ids never share an element{of_run}"
+        )
     p.add_argument(
         "--selector",
         default=None,
@@ -41,10 +45,16 @@ def add_selection_arguments(p: argparse.ArgumentParser, *, ffid: bool = True, of
     for name, (metavar, text) in _option_flags().items():
         p.add_argument(f"--{name}", metavar=metavar, help=text + of_run)
     p.add_argument(
-        "--include", metavar="RX", action="append", help=f"train only tensors matching this regex (repeatable){of_run}"
+        "--include",
+        metavar="RX",
+        action="append",
+        help=f"train only tensors matching this regex (repeatable){of_run}",
     )
     p.add_argument(
-        "--exclude", metavar="RX", action="append", help=f"skip tensors matching this regex (repeatable){of_run}"
+        "--exclude",
+        metavar="RX",
+        action="append",
+        help=f"skip tensors matching this regex (repeatable){of_run}",
     )
 
 
@@ -58,11 +68,15 @@ def selection_flags_given(args: argparse.Namespace) -> list[str]:
 def settings_from_args(args: argparse.Namespace, ffid: Any = None) -> SelectionSettings:
     """The :class:`SelectionSettings` of the command line (``ffid`` overrides ``--ffid``)."""
     if args.ff is None:
-        raise ConfigError(f"--ff is required for `ffid {args.command}`; give the fraction to train, e.g. --ff 0.01")
+        raise ConfigError(
+            f"--ff is required for `ffid {args.command}`; give the fraction to train, e.g. --ff 0.01"
+        )
     if ffid is None:
         ffid = getattr(args, "ffid", None)
         if ffid is None:
-            raise ConfigError(f"--ffid is required for `ffid {args.command}`; give a selection id, e.g. --ffid 1")
+            raise ConfigError(
+                f"--ffid is required for `ffid {args.command}`; give a selection id, e.g. --ffid 1"
+            )
     options = {n: getattr(args, n) for n in _option_flags() if getattr(args, n, None) is not None}
     return SelectionSettings.create(
         args.ff,

@@ -31,8 +31,10 @@ class Option:
     def parse(self, value: Any) -> int:
         """``value`` as a valid integer, or a one-line :class:`ConfigError` naming the option."""
         flag = f"--{self.name}"
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{flag} {value!r} is not an integer; give a whole number such as {self.default}")
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(
+                f"{flag} {value!r} is not an integer; give a whole number such as {self.default}"
+            )
         try:
             number = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
         except ValueError:

@@ -179,7 +179,9 @@ class SelectionSettings:
 
     def capacity(self, manifest: Manifest) -> int | None:
         """Elements this id can hold in ``manifest`` (``None``: only the model's size limits it)."""
-        return self.selector_object.capacity(manifest, self.eligible(manifest), self.ffid, self.resolved_options)
+        return self.selector_object.capacity(
+            manifest, self.eligible(manifest), self.ffid, self.resolved_options
+        )
 
     def ids(self) -> int:
         """How many disjoint ids the layout has."""
