@@ -59,7 +59,7 @@ def add_selection_arguments(p: argparse.ArgumentParser, *, ffid: bool = True, of
 
 
 def selection_flags_given(args: argparse.Namespace) -> list[str]:
-    """The selection flags other than ``--ff``/``--ffid`` that were given (for commands where they need --ff)."""
+    """Selection flags besides ``--ff``/``--ffid`` that were given (they need ``--ff``)."""
     given = [f"--{n}" for n in _option_flags() if getattr(args, n, None) is not None]
     given += [f"--{n}" for n in ("selector", "include", "exclude") if getattr(args, n, None)]
     return given
