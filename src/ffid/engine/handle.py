@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
+from ..select import SelectionSettings
 from ..selection import Selection
 from . import paths
 from .kernels import FP8_DTYPES, Pattern, SelectedMatmul, activation_sources
@@ -842,11 +843,11 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
 
 def attach(
     model: nn.Module,
-    selection: Selection | None = None,
+    selection: Selection | SelectionSettings | None = None,
     *,
     ff: float | None = None,
     ffid: int | None = None,
-    selector: str = "spread",
+    selector: str | None = None,
     device: torch.device | str | None = None,
     proxy_dtype: torch.dtype = torch.float32,
     on_nonfinite: str = "raise",
@@ -856,7 +857,9 @@ def attach(
 ) -> FfidHandle:
     """Attach ffid to ``model``: train exactly the elements of ``selection``.
 
-    Without a selection, ``plan(model, ff, ffid, selector, **plan_kwargs)`` makes one.
+    ``selection`` is a :class:`~ffid.selection.Selection`, or the
+    :class:`~ffid.select.SelectionSettings` to plan one on ``model``; without it,
+    ``ff``/``ffid``/``selector``/``plan_kwargs`` (``include=``, ``slots=``, ...) make the settings.
 
     What it changes on the model (all undone by ``handle.detach()``; ``handle.describe()`` prints it):
 
@@ -888,11 +891,11 @@ def attach(
             raise ConfigError(
                 "attach() needs a selection, or ff= and ffid= to plan one (e.g. ff=0.01, ffid=1)"
             )
-        from ..select import plan
-
-        selection = plan(model, ff, ffid, selector, **plan_kwargs)
-    elif ff is not None or ffid is not None or plan_kwargs:
+        selection = SelectionSettings.create(ff, ffid, selector, **plan_kwargs)
+    elif ff is not None or ffid is not None or selector is not None or plan_kwargs:
         raise ConfigError("give attach() either a selection or ff=/ffid=/selector options, not both")
+    if isinstance(selection, SelectionSettings):
+        selection = selection.plan(model)
     return FfidHandle(
         model,
         selection,
