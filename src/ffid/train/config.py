@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError, did_you_mean
 from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
 
 SELECTOR_NAMES = tuple(SELECTORS)
@@ -321,8 +320,8 @@ def _base_type(name: str) -> Any:
 
 
 def _nearest(key: str) -> str:
-    near = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else "; valid keys are listed by `ffid train --help`"
+    hint = did_you_mean(key, [*FIELDS, *ALIASES], cutoff=0.5).rstrip()
+    return f"; {hint}" if hint else "; valid keys are listed by `ffid train --help`"
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -355,10 +354,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise TypeError
             value = str(value)
             if choices and value not in choices:
-                near = difflib.get_close_matches(value, choices, n=1)
-                hint = f"did you mean {near[0]!r}? " if near else ""
                 raise bad(
-                    f"{name} = {value!r} {where}is not valid; {hint}choose one of: {', '.join(choices)}"
+                    f"{name} = {value!r} {where}is not valid; {did_you_mean(value, choices)}"
+                    f"choose one of: {', '.join(choices)}"
                 )
             return value
         if origin is list:
