@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ffid.engine import attach
-from ffid.engine.handle import READS_KEY, EffectiveTensor
+from ffid.engine.reads import READS_KEY, EffectiveTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

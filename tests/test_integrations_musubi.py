@@ -91,9 +91,10 @@ def test_parse_network_args_full():
             "save_dtype": "bf16",
         }
     )
-    assert (c.ff, c.ffid, c.selector) == (0.01, 3, "spread")
-    assert c.include == ["blocks", "head"] and c.exclude == ["modulation", r"^head\.modulation"]
-    assert c.options == {"slots": 8, "seed": 2} and c.save_dtype == torch.bfloat16
+    s = c.selection
+    assert (s.ff, s.ffid, s.selector) == (0.01, 3, "spread")
+    assert s.include == ("blocks", "head") and s.exclude == ("modulation", r"^head\.modulation")
+    assert s.options == {"slots": 8, "seed": 2} and c.save_dtype == torch.bfloat16
     assert musubi.parse_network_args({"ff": "0.5", "ffid": "0", "save_dtype": "auto"}).save_dtype is None
 
 
@@ -107,7 +108,7 @@ def test_parse_network_args_full():
         ({"ff": "x", "ffid": "1"}, "not a number"),
         ({"ff": "0.01", "ffid": "one"}, "not an integer"),
         ({"ff": "0.01", "ffid": "1", "selector": "sprad"}, "unknown"),
-        ({"ff": "0.01", "ffid": "1", "selector": "compat-v2", "slots": "4"}, "spread option"),
+        ({"ff": "0.01", "ffid": "1", "selector": "compat-v2", "slots": "4"}, "compat-v2 takes no options"),
         ({"ff": "0.01", "ffid": "1", "slots": "many"}, "not an integer"),
         ({"ff": "0.01", "ffid": "1", "save_dtype": "int8"}, "save_dtype"),
     ],

@@ -7,6 +7,8 @@ catch ``ValueError`` or ``FileNotFoundError`` keep working.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class FfidError(Exception):
     """Base class of every error ffid raises on purpose (bad input, bad files, misuse)."""
@@ -38,3 +40,14 @@ class AttachError(FfidError, RuntimeError):
 
 class TrainingError(FfidError, RuntimeError):
     """Training cannot go on: NaN/inf values, an unusable optimizer setup, a broken resume."""
+
+
+def did_you_mean(value: object, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """``"did you mean 'x'? "`` for the choice closest to ``value``, or ``""`` when none is close.
+
+    Every "unknown name" message uses it, so suggestions read the same everywhere.
+    """
+    import difflib
+
+    near = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=cutoff)
+    return f"did you mean {near[0]!r}? " if near else ""

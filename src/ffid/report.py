@@ -79,18 +79,10 @@ def eligible_names(sel: Selection) -> list[str]:
 
 
 def selection_capacity(sel: Selection) -> int | None:
-    """Elements the selection's id can hold in its slot layout (``spread``), else ``None``."""
-    if sel.selector != "spread":
-        return None
-    from .select.spread import DEFAULT_SLOTS, spread_capacity
+    """Elements the selection's id can hold in its layout (``None`` where only the model limits it)."""
+    from .select import SelectionSettings
 
-    return spread_capacity(
-        sel.manifest,
-        eligible_names(sel),
-        int(sel.params["ffid"]),
-        int(sel.params.get("slots", DEFAULT_SLOTS)),
-        int(sel.params.get("seed", 0)),
-    )
+    return SelectionSettings.from_selection(sel).capacity(sel.manifest)
 
 
 def summarize(sel: Selection) -> Summary:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .plan import int_option, selector_options
+from ._selection import add_selection_arguments, selection_flags_given, settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-o", "--output", required=True, metavar="DELTA", help="delta file to write (.safetensors)"
     )
-    p.add_argument("--ff", metavar="F", help="restrict to the selection of this fraction (with --ffid)")
-    p.add_argument("--ffid", metavar="N", help="selection id (with --ff)")
-    p.add_argument("--selector", default="spread", help="selector of the training run (default: spread)")
-    p.add_argument("--slots", metavar="S", help="spread: slot count of the training run (default 16)")
-    p.add_argument("--seed", metavar="X", help="spread: layout seed of the training run")
-    p.add_argument("--include", metavar="RX", action="append", help="--include pattern of the training run")
-    p.add_argument("--exclude", metavar="RX", action="append", help="--exclude pattern of the training run")
+    add_selection_arguments(p, of_run=" (of the training run; restricts the delta to its selection)")
     p.add_argument(
         "--threshold", metavar="T", type=float, help="keep only positions where |tuned - base| > T"
     )
@@ -70,21 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if args.ff is not None:
         if args.threshold is not None:
             raise ConfigError("give either --ff/--ffid or --threshold, not both")
-        from ..select import plan
-
+        settings = settings_from_args(args)
         with Checkpoint(args.base) as ck:
             base_path = ck.path
-        selection = plan(
-            str(base_path),
-            args.ff,
-            int_option(args.ffid, "--ffid"),
-            args.selector,
-            include=args.include,
-            exclude=args.exclude,
-            **selector_options(args),
-        )
-    elif args.include or args.exclude or args.slots or args.seed or args.selector != "spread":
-        raise ConfigError("--selector/--slots/--seed/--include/--exclude only apply with --ff and --ffid")
+        selection = settings.plan(str(base_path))
+    elif selection_flags_given(args):
+        raise ConfigError(f"{', '.join(selection_flags_given(args))} only apply with --ff and --ffid")
     with Checkpoint(args.base) as ck, Checkpoint(args.tuned) as tk:
         total = sum(s.size - s.data_start for s in ck.shards) + sum(s.size - s.data_start for s in tk.shards)
     with byte_progress(total, "extract", disable=args.quiet) as bar:

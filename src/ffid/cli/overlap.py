@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from .plan import add_model_arguments, print_json, require_ff, selector_options
+from ._selection import settings_from_args
+from .plan import add_model_arguments, print_json
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -44,7 +45,7 @@ def register(subparsers: Any) -> None:
         help="pairwise overlap between the selections of several ids (must be 0)",
         description="Plan one selection per id and count the elements each pair shares.",
     )
-    add_model_arguments(p)
+    add_model_arguments(p, ffid=False)
     p.add_argument(
         "--ffids", metavar="IDS", default="1-8", help="ids to compare: a range or list, e.g. 1-8, 1,3,5"
     )
@@ -54,17 +55,11 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import report
-    from ..models import load_manifest
-    from ..select import plan
 
-    ff = require_ff(args)
     ids = parse_ids(args.ffids)
-    options = selector_options(args)
-    manifest = load_manifest(args.model, args.block_pattern)  # read headers once for all ids
-    selections = [
-        plan(manifest, ff, i, args.selector, include=args.include, exclude=args.exclude, **options)
-        for i in ids
-    ]
+    settings = settings_from_args(args, ffid=ids[0])
+    manifest = settings.manifest(args.model)  # read headers once for all ids
+    selections = [settings.replace(ffid=i).plan(manifest) for i in ids]
     labels = [f"ffid {i}" for i in ids]
     mat = report.overlap_matrix(selections, labels)
     if args.plot:
@@ -74,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
         data = mat.to_dict()
         data.update(
             ffids=ids,
-            selector=args.selector,
-            ff=selections[0].params["ff"],
+            selector=settings.selector,
+            ff=settings.ff,
             selected=[s.selected for s in selections],
             total_params=manifest.total_params,
         )

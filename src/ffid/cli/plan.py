@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..presets import PRESETS
+from ._selection import add_selection_arguments, settings_from_args
 
 MODEL_HELP = (
     "a .safetensors file, a *.safetensors.index.json, a diffusers/transformers model folder, "
@@ -16,25 +17,10 @@ MODEL_HELP = (
 )
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``plan`` and ``overlap``: model, selector and name filters."""
-    from ..select import SELECTOR_HELP
-
+def add_model_arguments(p: argparse.ArgumentParser, *, ffid: bool = True) -> None:
+    """Arguments shared by ``plan`` and ``overlap``: model, selection flags and output."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--ff", metavar="F", help="fraction of all parameters to train, 0 < F <= 1 (e.g. 0.01)")
-    p.add_argument(
-        "--selector",
-        default="spread",
-        help="; ".join(f"{k}: {v}" for k, v in SELECTOR_HELP.items()) + " (default: spread)",
-    )
-    p.add_argument("--slots", metavar="S", help="spread: number of disjoint ids in the layout (default 16)")
-    p.add_argument("--seed", metavar="X", help="spread: layout seed; other seeds give unrelated layouts")
-    p.add_argument(
-        "--include", metavar="RX", action="append", help="train only tensors matching this regex (repeatable)"
-    )
-    p.add_argument(
-        "--exclude", metavar="RX", action="append", help="skip tensors matching this regex (repeatable)"
-    )
+    add_selection_arguments(p, ffid=ffid)
     p.add_argument(
         "--block-pattern",
         metavar="RX",
@@ -60,26 +46,6 @@ def int_option(value: str | None, flag: str, minimum: int = 0) -> int | None:
     return number
 
 
-def selector_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Selector options given on the command line (only those set, so defaults stay the library's)."""
-    options: dict[str, Any] = {}
-    slots = int_option(args.slots, "--slots", 1)
-    if slots is not None:
-        options["slots"] = slots
-    seed = int_option(args.seed, "--seed", 0)
-    if seed is not None:
-        options["seed"] = seed
-    return options
-
-
-def require_ff(args: argparse.Namespace) -> str:
-    if args.ff is None:
-        raise ConfigError(
-            f"--ff is required for `ffid {args.command}`; give the fraction to train, e.g. --ff 0.01"
-        )
-    return args.ff
-
-
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -93,7 +59,6 @@ def register(subparsers: Any) -> None:
         "Only names and shapes are read; nothing is loaded.",
     )
     add_model_arguments(p)
-    p.add_argument("--ffid", metavar="N", help="selection id; different ids never share an element")
     p.add_argument("--plain", action="store_true", help="plain text (block lines in the original log format)")
     p.add_argument("--list", action="store_true", help="list every tensor: name, shape, dtype, block")
     p.set_defaults(func=run)
@@ -102,7 +67,6 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import report
     from ..models import load_manifest
-    from ..select import plan
 
     if args.list:
         manifest = load_manifest(args.model, args.block_pattern)
@@ -113,19 +77,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(report.render_manifest_plain(manifest))
         return 0
 
-    ff = require_ff(args)
-    if args.ffid is None:
-        raise ConfigError("--ffid is required for `ffid plan`; give a selection id, e.g. --ffid 1")
-    sel = plan(
-        args.model,
-        ff,
-        args.ffid,
-        args.selector,
-        include=args.include,
-        exclude=args.exclude,
-        block_pattern=args.block_pattern,
-        **selector_options(args),
-    )
+    sel = settings_from_args(args).plan(args.model)
     if args.plot:
         path = report.plot_coverage([sel], args.plot)
         print(f"wrote {path}", file=sys.stderr)

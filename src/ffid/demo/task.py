@@ -156,6 +156,8 @@ class DemoTask:
 
     name = "demo"
     task_args_keys = frozenset({"concepts", "caption_dropout", "prior", "prior_per_class"})
+    # the trainer refuses rehearsal_datasets with this reason: the demo's data is built in
+    rehearsal_refusal = "its data is built in; rehearse earlier concepts with task_args.prior instead"
 
     def __init__(
         self,
@@ -265,5 +267,5 @@ def base_concepts(held_out: tuple[int, ...]) -> list[Concept]:
 
 
 def make_task() -> DemoTask:
-    """The factory ``ffid train --model_type demo`` uses."""
+    """The factory ``ffid train --model_type demo`` finds through the ``ffid.tasks`` entry point."""
     return DemoTask()

@@ -6,7 +6,8 @@ paths, memory and speed.
 
 from __future__ import annotations
 
-from .handle import FfidHandle, attach, stochastic_round_bf16
+from .guard import stochastic_round_bf16
+from .handle import FfidHandle, attach
 from .kernels import Pattern, SelectedMatmul
 
 __all__ = ["FfidHandle", "Pattern", "SelectedMatmul", "attach", "stochastic_round_bf16"]

@@ -32,7 +32,6 @@ the same Parameter objects keeps working; index tensors are cached per compute d
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
@@ -45,9 +44,12 @@ from torch import nn
 
 from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
+from ..select import SelectionSettings
 from ..selection import Selection
-from . import paths
-from .kernels import FP8_DTYPES, Pattern, SelectedMatmul, activation_sources
+from . import guard as _guard
+from . import paths, routes
+from .kernels import FP8_DTYPES, Pattern
+from .reads import READS_KEY, EffectiveTensor, original_class, read_class
 
 # Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -69,87 +71,6 @@ def _scatter_(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> No
         flat.view(torch.uint8)[idx] = values.view(torch.uint8)
     else:
         flat[idx] = values
-
-
-# -- attribute reads -----------------------------------------------------------------------------
-# Instance __dict__ key of a module with touched tensors: {attr: (handle, slot)}.
-READS_KEY = "_ffid_reads"
-# Original class -> its read class (same name, one property per touched attribute).
-_READ_CLASSES: dict[type, type] = {}
-
-
-class EffectiveTensor(torch.Tensor):
-    """What reading a touched tensor through its module attribute returns while attached.
-
-    A plain tensor for every operation (results are ordinary tensors; gradients flow to the
-    proxy), except ``.data``: reading it gives the *base* Parameter's data and assigning it
-    replaces the base Parameter's data. Block-swap code (``module.weight.data = moved``) and
-    offloaders therefore keep moving the stored weight, never a computed copy. In-place writes
-    through the attribute itself (``module.weight.copy_(...)``) change only this copy: write to
-    ``module.weight.data`` or ``module._parameters[name]`` instead.
-    """
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-    _ffid_base: torch.Tensor
-
-    @property  # type: ignore[override]
-    def data(self) -> torch.Tensor:
-        return self._ffid_base.data
-
-    @data.setter
-    def data(self, value: torch.Tensor) -> None:
-        self._ffid_base.data = value
-
-
-def _read_property(attr: str) -> property:
-    """The class-level property that serves ``module.<attr>``: the effective tensor for an instance
-    that has a read registered for ``attr``, otherwise exactly what ``nn.Module`` would return."""
-
-    def get(module: nn.Module) -> Any:
-        d = module.__dict__
-        params = d["_parameters"]
-        if attr in params:
-            base = params[attr]
-            reads = d.get(READS_KEY)
-            entry = reads.get(attr) if reads else None
-            if entry is None or base is None:
-                return base
-            return entry[0]._read(entry[1], base)
-        if attr in d:  # a plain attribute stored after the Parameter was removed
-            return d[attr]
-        return nn.Module.__getattr__(module, attr)
-
-    def set_(module: nn.Module, value: Any) -> None:  # reached only when attr is not a Parameter
-        module.__dict__[attr] = value
-
-    def delete(module: nn.Module) -> None:
-        if module.__dict__.pop(attr, None) is None:
-            raise AttributeError(attr)
-
-    return property(get, set_, delete, doc=f"ffid: effective {attr!r} while attached")
-
-
-def _read_class(cls: type, attrs: set[str]) -> type:
-    """The read class of ``cls`` (created once, same name/module), with properties for ``attrs``."""
-    if cls.__dict__.get("_ffid_read_class"):
-        sub = cls
-    else:
-        sub = _READ_CLASSES.get(cls)
-        if sub is None:
-            sub = type(
-                cls.__name__,
-                (cls,),
-                {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_ffid_read_class": True},
-            )
-            _READ_CLASSES[cls] = sub
-    for attr in attrs:
-        if not isinstance(sub.__dict__.get(attr), property):
-            setattr(sub, attr, _read_property(attr))
-    return sub
-
-
-def _original_class(cls: type) -> type:
-    return cls.__mro__[1] if cls.__dict__.get("_ffid_read_class") else cls
 
 
 @dataclass
@@ -180,32 +101,6 @@ class _Slot:
 
     def idx_on(self, device: torch.device, cache: bool = True) -> torch.Tensor:
         return self.pattern.flat(device, cache=cache)
-
-
-def _matmul_route(module: nn.Module, attr: str) -> str:
-    """Which path a touched weight of ``module`` takes (see the module docstring)."""
-    if attr != "weight" or "forward" in module.__dict__:
-        return "generic"  # someone else already patched this forward: respect it via the generic path
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module._parameters[attr].dim() == 2:
-        return "conv1d"  # transformers' GPT-2 style layer: y = x @ W + b with W [in, out]
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and type(module).forward in (
-        nn.Conv1d.forward,
-        nn.Conv2d.forward,
-        nn.Conv3d.forward,
-    ):
-        pad = module.padding
-        no_pad = pad == "valid" or (not isinstance(pad, str) and all(p == 0 for p in pad))
-        if (
-            tuple(module.stride) == tuple(module.kernel_size)
-            and no_pad
-            and all(d == 1 for d in module.dilation)
-            and module.groups == 1
-            and not module.transposed
-        ):
-            return "patch-conv"
-    return "generic"
 
 
 class FfidHandle(nn.Module):
@@ -356,7 +251,7 @@ class FfidHandle(nn.Module):
         patched: dict[int, tuple[nn.Module, str, _Slot]] = {}
         for slot in self._slots.values():
             for o in slot.owners:
-                route = _matmul_route(o.module, o.attr)
+                route = routes.matmul_route(o.module, o.attr)
                 if route != "generic":
                     o.route = route
                     patched[id(o.module)] = (o.module, route, slot)
@@ -370,12 +265,7 @@ class FfidHandle(nn.Module):
         for mid, (module, route, slot) in patched.items():
             previous = module.__dict__.get("forward")
             self._patched_forwards.append((module, previous))
-            fwd = {
-                "linear": partial(self._matmul_forward, transposed=False),
-                "conv1d": partial(self._matmul_forward, transposed=True),
-                "patch-conv": self._patch_forward,
-            }[route]
-            module.forward = partial(fwd, module, slot, bias_of.get(mid))
+            module.forward = partial(routes.FORWARDS[route], self, module, slot, bias_of.get(mid))
         self._install_reads(model)
         self._attached = True
 
@@ -392,12 +282,12 @@ class FfidHandle(nn.Module):
             for o in slot.owners:
                 reads = o.module.__dict__.setdefault(READS_KEY, {})
                 reads[o.attr] = (self, slot)
-                attrs_of.setdefault(_original_class(type(o.module)), set()).add(o.attr)
+                attrs_of.setdefault(original_class(type(o.module)), set()).add(o.attr)
                 _ATTACHED[o.module] = self
         for module in model.modules():
-            cls = _original_class(type(module))
+            cls = original_class(type(module))
             if cls in attrs_of:
-                sub = _read_class(type(module), attrs_of[cls])
+                sub = read_class(type(module), attrs_of[cls])
                 if type(module) is not sub:
                     module.__class__ = sub
                 self._read_modules.append(module)
@@ -433,63 +323,6 @@ class FfidHandle(nn.Module):
 
     def _pattern(self, slot: _Slot, rows: int, cols: int) -> Pattern:
         return slot.pattern.matrix(rows, cols)
-
-    @staticmethod
-    def _getter(module: nn.Module, attr: str = "weight"):  # type: ignore[no-untyped-def]
-        return lambda: module._parameters[attr]
-
-    def _matmul_forward(
-        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor, *, transposed: bool
-    ) -> torch.Tensor:
-        if self._base_reads:  # the class forward reads module.weight, which is then the base
-            return type(module).forward(module, x)  # type: ignore[no-any-return]
-        # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
-        rows, cols = module._parameters["weight"].shape  # the base: module.weight is the effective copy
-        in_f, out_f = (rows, cols) if transposed else (cols, rows)
-        lead = x.shape[:-1]
-        y = SelectedMatmul.apply(
-            x.reshape(-1, in_f),
-            self._proxy(slot),
-            self._bias(module, bias_slot),
-            self._getter(module),
-            self._pattern(slot, rows, cols),
-            transposed,
-            activation_sources(x),  # read before the reshape hides the producing op
-        )
-        return y.reshape(*lead, out_f)
-
-    def _patch_forward(
-        self, module: nn.Module, slot: _Slot, bias_slot: _Slot | None, x: torch.Tensor
-    ) -> torch.Tensor:
-        if self._base_reads:
-            return type(module).forward(module, x)  # type: ignore[no-any-return]
-        # stride == kernel, no padding: the conv is a Linear over non-overlapping patches.
-        k = tuple(module.kernel_size)
-        nd = len(k)
-        unbatched = x.dim() == nd + 1
-        if unbatched:
-            x = x.unsqueeze(0)
-        b, c = x.shape[:2]
-        outs = [s // kk for s, kk in zip(x.shape[2:], k, strict=False)]
-        x = x[(slice(None), slice(None), *(slice(0, o * kk) for o, kk in zip(outs, k, strict=False)))]
-        split = [b, c]
-        for o, kk in zip(outs, k, strict=False):
-            split += [o, kk]
-        perm = [0, *(2 + 2 * i for i in range(nd)), 1, *(3 + 2 * i for i in range(nd))]
-        patches = x.reshape(split).permute(perm).reshape(b * math.prod(outs), c * math.prod(k))
-        out_c = module._parameters["weight"].shape[0]
-        pattern = self._pattern(slot, out_c, c * math.prod(k))
-        y = SelectedMatmul.apply(
-            patches,
-            self._proxy(slot),
-            self._bias(module, bias_slot),
-            self._getter(module),
-            pattern,
-            False,
-            None,  # a patch matrix is a reshaped copy of the conv input: nothing to recompute from
-        )
-        y = y.reshape(b, *outs, out_c).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
-        return y.squeeze(0) if unbatched else y
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[nn.Module]:
@@ -645,7 +478,7 @@ class FfidHandle(nn.Module):
             if module.__dict__.get(READS_KEY):
                 continue  # another live handle still reads through this module
             module.__dict__.pop(READS_KEY, None)
-            module.__class__ = _original_class(type(module))
+            module.__class__ = original_class(type(module))
         self._read_modules.clear()
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
@@ -738,46 +571,12 @@ class FfidHandle(nn.Module):
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise :class:`TrainingError` if ``optimizer`` holds model weights or misses proxies."""
-        mine = {id(p) for p in self.parameters()}
-        model_params = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        given = [p for g in optimizer.param_groups for p in g["params"]]
-        foreign = [model_params[id(p)] for p in given if id(p) in model_params]
-        if foreign:
-            raise TrainingError(
-                f"the optimizer was given {len(foreign)} base weight(s) of the model "
-                f"(first: {foreign[0]!r}); "
-                "they are frozen and never trained: build it on handle.parameters()"
-            )
-        missing = len(mine - {id(p) for p in given})
-        if missing:
-            raise TrainingError(
-                f"the optimizer misses {missing} of the {len(mine)} ffid proxies; "
-                "build it on handle.parameters()"
-            )
+        _guard.check_optimizer(self, optimizer)
 
     def guard(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Check ``optimizer`` and hook it: NaN/inf gradients are handled per ``on_nonfinite`` before
         every step, and bf16 proxies are stepped in fp32 and stochastically rounded back."""
-        self.check_optimizer(optimizer)
-
-        def pre(opt: Any, args: Any, kwargs: Any) -> None:
-            self.check_finite()
-            if self.proxy_dtype == torch.bfloat16:
-                for p in self.parameters():
-                    p.data = p.data.float()
-                    if p.grad is not None:
-                        p.grad = p.grad.float()
-
-        def post(opt: Any, args: Any, kwargs: Any) -> None:
-            if self.proxy_dtype == torch.bfloat16:
-                for p in self.parameters():
-                    p.data = stochastic_round_bf16(p.data)
-                    if p.grad is not None:
-                        p.grad = p.grad.to(torch.bfloat16)
-
-        self._sr_hooks.append(optimizer.register_step_pre_hook(pre))
-        self._sr_hooks.append(optimizer.register_step_post_hook(post))
-        return optimizer
+        return _guard.guard(self, optimizer)
 
     # -- reporting -----------------------------------------------------------------------------
     def routes(self) -> dict[str, int]:
@@ -830,23 +629,13 @@ class FfidHandle(nn.Module):
         return f"{sel.selector} {sel.describe_params()}, {n} proxies, attached={self._attached}"
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Round fp32 ``x`` to bf16 stochastically: unbiased, so updates below bf16 precision still
-    accumulate in expectation."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = (bits + noise) & -65536  # clear the 16 low bits: truncation after adding noise
-    out = rounded.view(torch.float32).to(torch.bfloat16)
-    return torch.where(torch.isfinite(x), out, x.to(torch.bfloat16))
-
-
 def attach(
     model: nn.Module,
-    selection: Selection | None = None,
+    selection: Selection | SelectionSettings | None = None,
     *,
     ff: float | None = None,
     ffid: int | None = None,
-    selector: str = "spread",
+    selector: str | None = None,
     device: torch.device | str | None = None,
     proxy_dtype: torch.dtype = torch.float32,
     on_nonfinite: str = "raise",
@@ -856,7 +645,9 @@ def attach(
 ) -> FfidHandle:
     """Attach ffid to ``model``: train exactly the elements of ``selection``.
 
-    Without a selection, ``plan(model, ff, ffid, selector, **plan_kwargs)`` makes one.
+    ``selection`` is a :class:`~ffid.selection.Selection`, or the
+    :class:`~ffid.select.SelectionSettings` to plan one on ``model``; without it,
+    ``ff``/``ffid``/``selector``/``plan_kwargs`` (``include=``, ``slots=``, ...) make the settings.
 
     What it changes on the model (all undone by ``handle.detach()``; ``handle.describe()`` prints it):
 
@@ -888,11 +679,11 @@ def attach(
             raise ConfigError(
                 "attach() needs a selection, or ff= and ffid= to plan one (e.g. ff=0.01, ffid=1)"
             )
-        from ..select import plan
-
-        selection = plan(model, ff, ffid, selector, **plan_kwargs)
-    elif ff is not None or ffid is not None or plan_kwargs:
+        selection = SelectionSettings.create(ff, ffid, selector, **plan_kwargs)
+    elif ff is not None or ffid is not None or selector is not None or plan_kwargs:
         raise ConfigError("give attach() either a selection or ff=/ffid=/selector options, not both")
+    if isinstance(selection, SelectionSettings):
+        selection = selection.plan(model)
     return FfidHandle(
         model,
         selection,

@@ -40,11 +40,12 @@ def denoiser_of(pipe: Any) -> nn.Module:
 
 
 def attach_to_pipeline(
-    pipe: Any, ff: float | None = None, ffid: int | None = None, selector: str = "spread", **kwargs: Any
+    pipe: Any, ff: float | None = None, ffid: int | None = None, selector: str | None = None, **kwargs: Any
 ) -> Any:
     """:func:`ffid.attach` on the pipeline's denoiser; returns the :class:`~ffid.engine.FfidHandle`.
 
-    ``kwargs`` go to :func:`ffid.attach` (``selection=``, ``include=``, ``exclude=``, ``device=``, ...).
+    ``kwargs`` go to :func:`ffid.attach` (``selection=``, a Selection or its settings;
+    ``include=``, ``exclude=``, ``device=``, ...).
     """
     from ..engine import attach
 

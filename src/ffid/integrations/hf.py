@@ -212,7 +212,7 @@ def attach_to_trainer(
     trainer_or_model: Any,
     ff: float | None = None,
     ffid: int | None = None,
-    selector: str = "spread",
+    selector: str | None = None,
     *,
     selection: Any = None,
     preserve: dict[str, Any] | None = None,
@@ -221,9 +221,11 @@ def attach_to_trainer(
     """Attach ffid so that ``trainer.train()`` trains only the selected elements; returns the handle.
 
     ``trainer_or_model`` is a ``transformers.Trainer`` (any subclass) built but not yet trained,
-    or a bare model (then this is :func:`ffid.attach`). ``plan_kwargs`` go to the planner
-    (``include=``, ``exclude=``, ``slots=``, ...). The Trainer's class is swapped for a subclass
-    with the overrides listed in the module docstring; nothing else about it changes.
+    or a bare model (then this is :func:`ffid.attach`). ``selection`` is a
+    :class:`~ffid.selection.Selection` or :class:`~ffid.select.SelectionSettings`; otherwise
+    ``ff``/``ffid``/``selector`` and ``plan_kwargs`` (``include=``, ``slots=``, ...) make them.
+    The Trainer's class is swapped for a subclass with the overrides listed in the module
+    docstring; nothing else about it changes.
 
     ``preserve`` turns preservation on for a Trainer whose model already holds earlier deltas:
     ``{"base_deltas": [paths whose recorded prompts to protect], "prompts": [more texts],
@@ -273,9 +275,8 @@ PRESERVE_KEYS = ("base_deltas", "prompts", "weight", "items", "every", "empty")
 
 def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
     """(protected texts, PreserveSettings) from ``attach_to_trainer``'s ``preserve`` dict."""
-    import difflib
-
-    from ..preserve import PreserveSettings, protected_prompts
+    from ..errors import did_you_mean
+    from ..preserve import DEFAULT_WEIGHT, PreserveSettings, protected_prompts
 
     if not isinstance(options, dict):
         raise ConfigError(
@@ -283,10 +284,9 @@ def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
         )
     unknown = [k for k in options if k not in PRESERVE_KEYS]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], PRESERVE_KEYS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
-            f"preserve key {unknown[0]!r} is unknown; {hint}valid keys: {', '.join(PRESERVE_KEYS)}"
+            f"preserve key {unknown[0]!r} is unknown; {did_you_mean(unknown[0], PRESERVE_KEYS)}"
+            f"valid keys: {', '.join(PRESERVE_KEYS)}"
         )
     protected = protected_prompts(
         list(options.get("base_deltas", [])),
@@ -294,7 +294,9 @@ def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
         extra=list(options.get("prompts", [])),
     )
     settings = PreserveSettings(
-        float(options.get("weight", 16.0)), int(options.get("items", 4)), int(options.get("every", 1))
+        float(options.get("weight", DEFAULT_WEIGHT)),
+        int(options.get("items", 4)),
+        int(options.get("every", 1)),
     ).validate()
     return protected, settings
 
@@ -345,7 +347,7 @@ def _trainer_class() -> type:
             *args: Any,
             ff: float | None = None,
             ffid: int | None = None,
-            selector: str = "spread",
+            selector: str | None = None,
             selection: Any = None,
             ffid_options: dict[str, Any] | None = None,
             preserve: dict[str, Any] | None = None,

@@ -33,7 +33,6 @@ original checkpoint for ComfyUI or musubi inference.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,8 +42,10 @@ import torch
 from torch import nn
 
 from ..dtypes import torch_dtype, train_names
-from ..errors import AttachError, ConfigError, MismatchError, ModelFileError, TrainingError
+from ..errors import AttachError, ConfigError, MismatchError, ModelFileError, TrainingError, did_you_mean
 from ..names import canonical_name
+from ..preserve import DEFAULT_WEIGHT, PreserveSettings
+from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
 from ._common import refuse_sharding
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,8 @@ logger = logging.getLogger(__name__)
 NETWORK_ARGS = {
     "ff": "fraction to train, e.g. ff=0.01",
     "ffid": "selection id, e.g. ffid=1",
-    "selector": "spread or compat-v2",
-    "slots": "spread: number of disjoint ids",
-    "seed": "spread: layout seed",
+    "selector": "the selection algorithm: " + ", ".join(SELECTORS),
+    **{o.name: f"{s.name}: {o.help}" for s in SELECTORS.values() for o in s.options},
     "include": "regexes separated by ';'",
     "exclude": "regexes separated by ';'",
     "block_pattern": "regex with one group for the block number",
@@ -77,30 +77,12 @@ _SAVE_DTYPES: dict[str, torch.dtype | None] = {
 class MusubiConfig:
     """The parsed ``--network_args``."""
 
-    ff: float
-    ffid: int
-    selector: str = "spread"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    block_pattern: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # selector options (slots, seed)
+    selection: SelectionSettings
     save_dtype: torch.dtype | None = torch.float32  # None: musubi's dtype
     # preservation (on when preserve_cache is given): see ffid.integrations.musubi_preserve
     preserve_cache: list[str] = field(default_factory=list)
     preserve_prompts: list[str] = field(default_factory=list)
-    preserve_weight: float = 16.0
-    preserve_items: int = 1
-    preserve_every: int = 1
-
-    def plan_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(self.options)
-        if self.include:
-            kw["include"] = self.include
-        if self.exclude:
-            kw["exclude"] = self.exclude
-        if self.block_pattern:
-            kw["block_pattern"] = self.block_pattern
-        return kw
+    preserve: PreserveSettings = field(default_factory=lambda: PreserveSettings(items=1))
 
 
 def _patterns(text: str) -> list[str]:
@@ -119,16 +101,12 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
 
     Raises :class:`~ffid.errors.ConfigError` naming the bad key or value and the fix.
     """
-    from ..select import SELECTORS, check_ff, check_ffid
-
     args = {str(k).strip(): v for k, v in kwargs.items() if v is not None}
     unknown = [k for k in args if k not in NETWORK_ARGS]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], NETWORK_ARGS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
-            f"unknown network_args key {unknown[0]!r}; {hint}ffid.integrations.musubi takes: "
-            + ", ".join(NETWORK_ARGS)
+            f"unknown network_args key {unknown[0]!r}; {did_you_mean(unknown[0], NETWORK_ARGS)}"
+            "ffid.integrations.musubi takes: " + ", ".join(NETWORK_ARGS)
         )
     for key in ("ff", "ffid"):
         if key not in args:
@@ -136,38 +114,24 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
                 f'network_args needs {key}=...; add --network_args "ff=0.01" "ffid=1" '
                 "(fraction of the model to train, and which disjoint selection)"
             )
-    selector = str(args.get("selector", "spread")).strip()
-    if selector not in SELECTORS:
-        raise ConfigError(
-            f"network_args selector={selector!r} is unknown; choose one of: {', '.join(SELECTORS)}"
-        )
-    options: dict[str, Any] = {}
-    for key in ("slots", "seed"):
-        if key in args:
-            if selector != "spread":
-                raise ConfigError(f"network_args {key}= is a spread option; drop it or use selector=spread")
-            options[key] = _int_arg(key, args[key])
     save_text = str(args.get("save_dtype", "fp32")).strip().lower()
     if save_text not in _SAVE_DTYPES:
         raise ConfigError(f"network_args save_dtype={save_text!r} is unknown; use fp32, bf16, fp16 or auto")
-    preserve = _preserve_args(args)
-    return MusubiConfig(
-        **preserve,
-        ff=check_ff(str(args["ff"]).strip()),
-        ffid=check_ffid(str(args["ffid"]).strip()),
-        selector=selector,
+    option_names = {o.name for s in SELECTORS.values() for o in s.options}
+    selection = SelectionSettings.create(
+        str(args["ff"]).strip(),
+        str(args["ffid"]).strip(),
+        str(args.get("selector", DEFAULT_SELECTOR)).strip(),
         include=_patterns(str(args.get("include", ""))),
         exclude=_patterns(str(args.get("exclude", ""))),
         block_pattern=str(args["block_pattern"]).strip() if args.get("block_pattern") else None,
-        options=options,
-        save_dtype=_SAVE_DTYPES[save_text],
+        **{k: str(v).strip() for k, v in args.items() if k in option_names},
     )
+    return MusubiConfig(selection=selection, save_dtype=_SAVE_DTYPES[save_text], **_preserve_args(args))
 
 
 def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """The preserve_* network_args, checked; they need preserve_cache to mean anything."""
-    from ..preserve import PreserveSettings
-
     keys = [k for k in args if k.startswith("preserve_")]
     if not keys:
         return {}
@@ -177,7 +141,7 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
             "cache_directory, whose text encodings are the prompts to protect)"
         )
     try:
-        weight = float(str(args.get("preserve_weight", "16")).strip())
+        weight = float(str(args.get("preserve_weight", DEFAULT_WEIGHT)).strip())
     except ValueError:
         raise ConfigError(
             f"network_args preserve_weight={args['preserve_weight']!r} is not a number; write e.g. "
@@ -191,9 +155,7 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "preserve_cache": _patterns(str(args["preserve_cache"])),
         "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
-        "preserve_weight": settings.weight,
-        "preserve_items": settings.items,
-        "preserve_every": settings.every,
+        "preserve": settings,
     }
 
 
@@ -233,11 +195,8 @@ class FfidNetwork(nn.Module):
 
     # -- setup ----------------------------------------------------------------------------------
     def _plan(self, unet: nn.Module) -> Any:
-        from ..select import plan
-
         assert self.config is not None
-        c = self.config
-        return plan(unet, c.ff, c.ffid, c.selector, **c.plan_kwargs())
+        return self.config.selection.plan(unet)
 
     def prepare_network(self, args: Any) -> None:
         """Called by musubi with its argparse namespace before :meth:`apply_to`; records the setup."""
@@ -311,7 +270,6 @@ class FfidNetwork(nn.Module):
             self._install_preservation(unet)
 
     def _install_preservation(self, unet: nn.Module) -> None:
-        from ..preserve import PreserveSettings
         from .musubi_preserve import MusubiPreservation, read_encodings
 
         c = self.config
@@ -321,7 +279,7 @@ class FfidNetwork(nn.Module):
             self.preservation = MusubiPreservation(
                 self.handle,
                 encodings,
-                PreserveSettings(c.preserve_weight, c.preserve_items, c.preserve_every),
+                c.preserve,
                 seed=getattr(self, "_preserve_seed", 0),
                 grad_scale=getattr(self, "_preserve_scale", 1.0),
             )
@@ -334,9 +292,9 @@ class FfidNetwork(nn.Module):
         logger.info(
             "ffid preservation: weight %s, %d protected input(s) every %d forward(s), teacher = the DiT as "
             "loaded (base + --base_weights); protecting %d prompt(s): %s",
-            c.preserve_weight,
-            c.preserve_items,
-            c.preserve_every,
+            c.preserve.weight,
+            c.preserve.items,
+            c.preserve.every,
             len(encodings),
             shown,
         )

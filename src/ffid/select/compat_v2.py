@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from fractions import Fraction
 
 from ..errors import ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick, Whole
+from .base import Selector
 
 POOLS = 8
 # Tie order of attention projection weights of equal size inside a block (the original took it
@@ -50,14 +52,18 @@ def _in_block_key(name: str, local: str, numel: int) -> tuple[int, int, str]:
     return numel, proj, name
 
 
-def select_compat_v2(manifest: Manifest, *, ff: float, ffid: int, names: list[str]) -> Selection:
-    """Plan a compat-v2 selection. ``names`` restricts which tensors may be taken; dealing into
-    pools always uses the whole manifest so that pools match the original."""
+def _check_id(ffid: int) -> None:
     if not 0 <= ffid < POOLS:
         raise ConfigError(
             f"--ffid {ffid} does not exist in compat-v2, which has {POOLS} pools numbered 0..{POOLS - 1} "
             "(the original silently trained nothing for larger ids); use --ffid 0..7 or --selector spread"
         )
+
+
+def select_compat_v2(manifest: Manifest, *, ff: float, ffid: int, names: list[str]) -> Selection:
+    """Plan a compat-v2 selection. ``names`` restricts which tensors may be taken; dealing into
+    pools always uses the whole manifest so that pools match the original."""
+    _check_id(ffid)
     sizes = {t.name: t.numel for t in manifest}
     ordered = sorted(sizes, key=lambda n: (priority(_block_and_local(n)[1]), sizes[n], n))
     pool = [n for i, n in enumerate(ordered) if i % POOLS == ffid]
@@ -99,3 +105,22 @@ def select_compat_v2(manifest: Manifest, *, ff: float, ffid: int, names: list[st
             "or use --selector spread"
         )
     return Selection("compat-v2", {"ff": ff, "ffid": ffid}, manifest, picks, target)
+
+
+class CompatV2Selector(Selector):
+    """``compat-v2``: the original whole-tensor algorithm, reproduced exactly; it takes no options."""
+
+    name = "compat-v2"
+    help = f"the original v2.0 whole-tensor algorithm, {POOLS} disjoint pools (ids 0..{POOLS - 1})"
+    options = ()
+
+    def ids(self, options: Mapping[str, int]) -> int:
+        return POOLS
+
+    def check_ffid(self, ffid: int, options: Mapping[str, int]) -> None:
+        _check_id(ffid)
+
+    def select(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], options: Mapping[str, int]
+    ) -> Selection:
+        return select_compat_v2(manifest, ff=ff, ffid=ffid, names=names)

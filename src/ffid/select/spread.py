@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from heapq import heapify, heappop, heappush
@@ -34,6 +35,7 @@ from heapq import heapify, heappop, heappush
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick
+from .base import Option, Selector
 
 DEFAULT_SLOTS = 16
 
@@ -207,6 +209,14 @@ def apportion(sizes: list[int], caps: list[int], k: int) -> list[int]:
     return counts
 
 
+def _check_id(ffid: int, slots: int) -> None:
+    if not 0 <= ffid < slots:
+        raise ConfigError(
+            f"--ffid {ffid} is outside the layout's ids 0..{slots - 1}; use an id in that range "
+            f"or a layout with more slots (--slots {max(ffid + 1, slots)}, which lowers each id's capacity)"
+        )
+
+
 def select_spread(
     manifest: Manifest,
     *,
@@ -219,11 +229,7 @@ def select_spread(
     """Plan a ``spread`` selection over ``names`` (a subset of ``manifest``) for ``ff`` / ``ffid``."""
     if not isinstance(slots, int) or slots < 1:
         raise ConfigError(f"--slots {slots!r} must be a positive integer; the default is {DEFAULT_SLOTS}")
-    if not 0 <= ffid < slots:
-        raise ConfigError(
-            f"--ffid {ffid} is outside the layout's ids 0..{slots - 1}; use an id in that range "
-            f"or a layout with more slots (--slots {max(ffid + 1, slots)}, which lowers each id's capacity)"
-        )
+    _check_id(ffid, slots)
     total = manifest.total_params
     k = target_count(ff, total)
     if k < 1:
@@ -267,3 +273,42 @@ def spread_capacity(
     return sum(
         SpreadSlot.build(manifest[n].name, manifest[n].shape, ffid, slots, seed).capacity for n in names
     )
+
+
+class SpreadSelector(Selector):
+    """``spread``: an exact element budget from every tensor, in a layout of disjoint slots."""
+
+    name = "spread"
+    help = f"exact element budget from every tensor; {DEFAULT_SLOTS} disjoint ids by default"
+    options = (
+        Option("slots", DEFAULT_SLOTS, 1, "the number of disjoint ids in the layout"),
+        Option("seed", 0, 0, "the layout seed; other seeds give unrelated layouts"),
+    )
+
+    def ids(self, options: Mapping[str, int]) -> int:
+        return int(options["slots"])
+
+    def check_ffid(self, ffid: int, options: Mapping[str, int]) -> None:
+        _check_id(ffid, self.ids(options))
+
+    def select(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], options: Mapping[str, int]
+    ) -> Selection:
+        return select_spread(
+            manifest, ff=ff, ffid=ffid, names=names, slots=int(options["slots"]), seed=int(options["seed"])
+        )
+
+    def capacity(
+        self, manifest: Manifest, names: list[str], ffid: int, options: Mapping[str, int]
+    ) -> int | None:
+        return spread_capacity(manifest, names, ffid, int(options["slots"]), int(options["seed"]))
+
+    def fitting_options(
+        self, manifest: Manifest, names: list[str], ff: float, ffid: int, options: Mapping[str, int]
+    ) -> dict[str, int] | None:
+        k = target_count(ff, manifest.total_params)
+        for slots in range(min(int(options["slots"]) - 1, int(1 / ff)), ffid, -1):
+            fitting = {**options, "slots": slots}
+            if spread_capacity(manifest, names, ffid, slots, int(options["seed"])) >= k:
+                return fitting
+        return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -23,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import TRAIN_DTYPES
-from ..errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError, did_you_mean
+from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
+
+SELECTOR_NAMES = tuple(SELECTORS)
+SELECTOR_OPTIONS = "; ".join(
+    f"{s.name}: " + ", ".join(f"{o.name} ({o.help}, default {o.default})" for o in s.options)
+    for s in SELECTORS.values()
+    if s.options
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +66,8 @@ class TrainConfig:
 
     # -- model and data ------------------------------------------------------------------------
     model_type: str = _key(
-        "what to train: wan, causal-lm, demo, or a dotted path 'pkg.module:factory' returning a Task",
+        "what to train: wan, causal-lm, a task registered under the ffid.tasks entry point (demo), or "
+        "a dotted path 'pkg.module:factory' returning a Task",
         "wan",
         trajectory=True,
     )
@@ -147,8 +155,15 @@ class TrainConfig:
     # -- selection -----------------------------------------------------------------------------
     ff: float | None = _key("fraction of the model's weights to train, 0 < ff <= 1", trajectory=True)
     ffid: int | None = _key("selection id: different ids never share a weight", trajectory=True)
-    selector: str = _key("selection algorithm (spread, compat-v2)", "spread", trajectory=True)
-    slots: int | None = _key("spread: number of disjoint ids (default of the selector)", trajectory=True)
+    selector: str = _key(
+        "selection algorithm (" + ", ".join(SELECTOR_NAMES) + ")", DEFAULT_SELECTOR, trajectory=True
+    )
+    selector_args: dict[str, Any] = _key(
+        "options of the selector (a TOML table, or k=v flags): " + SELECTOR_OPTIONS,
+        factory=dict,
+        trajectory=True,
+    )
+    slots: int | None = _key("the selector option slots (same as selector_args.slots)", trajectory=True)
     include: list[str] = _key(
         "regexes: only tensors whose name matches one are trained", factory=list, trajectory=True
     )
@@ -229,7 +244,26 @@ class TrainConfig:
                 f"output_name {self.output_name!r} must be a plain file name stem such as 'char1'"
             )
         parse_kv_list(self.optimizer_args, "optimizer_args")
+        if self.ff is not None and self.ffid is not None:
+            self.selection()
         return self
+
+    def selection(self) -> SelectionSettings:
+        """The run's :class:`~ffid.select.SelectionSettings` (what ``ffid plan`` shows for the same keys)."""
+        if self.ff is None or self.ffid is None:
+            raise ConfigError(
+                "ff and ffid are required; add e.g. ff = 0.01 and ffid = 1 to the config or flags"
+            )
+        options = dict(self.selector_args)
+        if self.slots is not None:
+            if "slots" in options and options["slots"] != self.slots:
+                raise ConfigError(
+                    f"slots = {self.slots} and selector_args.slots = {options['slots']} disagree; keep one"
+                )
+            options["slots"] = self.slots
+        return SelectionSettings.create(
+            self.ff, self.ffid, self.selector, include=self.include, exclude=self.exclude, **options
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-ready values."""
@@ -287,8 +321,8 @@ def _base_type(name: str) -> Any:
 
 
 def _nearest(key: str) -> str:
-    near = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1, cutoff=0.5)
-    return f"; did you mean {near[0]!r}?" if near else "; valid keys are listed by `ffid train --help`"
+    hint = did_you_mean(key, [*FIELDS, *ALIASES], cutoff=0.5).rstrip()
+    return f"; {hint}" if hint else "; valid keys are listed by `ffid train --help`"
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -321,10 +355,9 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 raise TypeError
             value = str(value)
             if choices and value not in choices:
-                near = difflib.get_close_matches(value, choices, n=1)
-                hint = f"did you mean {near[0]!r}? " if near else ""
                 raise bad(
-                    f"{name} = {value!r} {where}is not valid; {hint}choose one of: {', '.join(choices)}"
+                    f"{name} = {value!r} {where}is not valid; {did_you_mean(value, choices)}"
+                    f"choose one of: {', '.join(choices)}"
                 )
             return value
         if origin is list:
@@ -384,7 +417,7 @@ def config_from_mapping(values: Mapping[str, Any], where: str = "") -> TrainConf
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config and flatten its tables (``[training] lr = ...`` -> ``lr``), kohya style.
 
-    ``task_args`` stays a table: it is the one key whose value is a mapping.
+    ``task_args`` and ``selector_args`` stay tables: they are the keys whose values are mappings.
     """
     path = Path(path)
     if not path.is_file():
@@ -401,7 +434,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         flat[key] = value
 
     for key, value in data.items():
-        if isinstance(value, dict) and key != "task_args":
+        if isinstance(value, dict) and key not in ("task_args", "selector_args"):
             for sub_key, sub_value in value.items():
                 put(sub_key, sub_value)
         else:

@@ -3,19 +3,34 @@
 The trainer (:func:`ffid.train.trainer.train`) owns everything generic: selection, optimizer,
 schedule, accumulation, clipping, mixed precision, saving, resume and logging. A task owns what
 differs between model families: how the base model is built, what one data item is, how items
-are batched and what the loss is. Built-in tasks: ``wan`` (flow matching on cached latents),
-``causal-lm`` (next-token loss on text) and ``demo`` (the tiny Wan of ``ffid demo``).
+are batched and what the loss is. Built-in tasks: ``wan`` (flow matching on cached latents) and
+``causal-lm`` (next-token loss on text).
+
+Other tasks plug in without touching the trainer, in one of two ways:
+
+- ``model_type = "package.module:factory"`` names a module attribute (a Task class, instance or
+  factory; a bare module must expose ``make_task()`` or ``TASK``);
+- a distribution declares an entry point in the ``ffid.tasks`` group, e.g. in ``pyproject.toml``::
+
+      [project.entry-points."ffid.tasks"]
+      demo = "ffid.demo.task:make_task"
+
+  and ``model_type = "demo"`` then finds it. ffid's own demo registers itself exactly so.
+
+Optional task attributes the trainer reads: ``task_args_keys`` (the ``task_args`` it reads;
+others are refused), ``rehearsal_refusal`` (why ``rehearsal_datasets`` do not apply, if so),
+``trained_prompts``/``regularisation_prompts``/``prepare_preservation`` and the preservation
+methods of :class:`ffid.preserve.Preservable`, and ``sample``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -71,18 +86,15 @@ def _causal_lm() -> Task:
     return CausalLMTask()
 
 
-def _demo() -> Task:
-    # Imported lazily: the demo pulls in scikit-learn and its data, which plain training never needs.
-    try:
-        module = importlib.import_module("ffid.demo.task")
-    except ImportError as exc:
-        raise ConfigError(
-            f"model_type 'demo' needs ffid.demo.task, which cannot be imported ({exc})"
-        ) from None
-    return _instantiate(module, "ffid.demo.task")
+TASKS: dict[str, Callable[[], Task]] = {"wan": _wan, "causal-lm": _causal_lm}
+ENTRY_POINT_GROUP = "ffid.tasks"
 
 
-TASKS: dict[str, Callable[[], Task]] = {"wan": _wan, "causal-lm": _causal_lm, "demo": _demo}
+def plugin_tasks() -> dict[str, Any]:
+    """Tasks other distributions (and ffid's demo) register under the ``ffid.tasks`` entry point."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in TASKS}
 
 
 def _instantiate(obj: Any, where: str) -> Task:
@@ -90,10 +102,10 @@ def _instantiate(obj: Any, where: str) -> Task:
     import inspect
 
     if inspect.ismodule(obj):
-        for attr in ("make_task", "TASK", "DemoTask"):
+        for attr in ("make_task", "TASK"):
             if hasattr(obj, attr):
                 return _instantiate(getattr(obj, attr), f"{where}.{attr}")
-        raise ConfigError(f"{where} defines no make_task(), TASK or DemoTask; expose one of them")
+        raise ConfigError(f"{where} defines no make_task() or TASK; expose one of them")
     task = obj() if callable(obj) and not isinstance(obj, Task) else obj
     missing = [
         m for m in ("build_model", "dataset", "collate", "loss") if not callable(getattr(task, m, None))
@@ -116,11 +128,8 @@ def check_task_args(task: object, task_args: dict[str, Any]) -> None:
         return
     unknown = sorted(k for k in task_args if k not in known)
     if unknown:
-        near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        hint = (
-            f"did you mean {near[0]!r}?"
-            if near
-            else (f"it reads {', '.join(sorted(known))}" if known else "it reads no task_args")
+        hint = did_you_mean(unknown[0], sorted(known)).rstrip() or (
+            f"it reads {', '.join(sorted(known))}" if known else "it reads no task_args"
         )
         raise ConfigError(
             f"task_args.{unknown[0]} is not a key of model_type {getattr(task, 'name', '?')!r}; {hint}"
@@ -142,12 +151,21 @@ def get_task(model_type: str) -> Task:
         if not hasattr(module, attr):
             raise ConfigError(f"model_type {model_type!r}: {module_name} has no attribute {attr!r}")
         return _instantiate(getattr(module, attr), model_type)
-    near = difflib.get_close_matches(model_type, TASKS, n=1)
-    hint = f"did you mean {near[0]!r}? " if near else ""
+    plugins = plugin_tasks()
+    if model_type in plugins:
+        try:
+            factory = plugins[model_type].load()
+        except ImportError as exc:
+            raise ConfigError(
+                f"model_type {model_type!r} is registered by {plugins[model_type].value!r}, which cannot "
+                f"be imported ({exc}); install what it needs"
+            ) from None
+        return _instantiate(factory, plugins[model_type].value)
+    known = [*TASKS, *plugins]
     raise ConfigError(
-        f"unknown model_type {model_type!r}; {hint}choose one of: {', '.join(TASKS)} "
-        "or 'package.module:factory'"
+        f"unknown model_type {model_type!r}; {did_you_mean(model_type, known)}choose one of: "
+        f"{', '.join(known)} or 'package.module:factory'"
     )
 
 
-__all__ = ["TASKS", "Task", "check_task_args", "get_task"]
+__all__ = ["ENTRY_POINT_GROUP", "TASKS", "Task", "check_task_args", "get_task", "plugin_tasks"]

@@ -1,19 +1,17 @@
-"""The training loop behind ``ffid train``: one function, :func:`train`.
+"""The training recipe behind ``ffid train``: :class:`TrainRecipe` and :func:`train`.
 
-It wires the pieces together: the task gives model, data and loss; :func:`ffid.attach`
-decides and hooks the trained elements; accelerate gives device, autocast and processes.
-Everything else (data order, accumulation, clipping, schedule, saving, resume, logging) is here.
-
-Order of work, chosen so that bad input never writes anything: validate the config, open the
-dataset (missing/empty -> error), read and check the resume state, build and attach the model,
-and only then create ``output_dir``.
+Read it top to bottom. :meth:`TrainRecipe.setup` runs the named set-up steps in an order chosen
+so that bad input never writes anything: check the config, open the data, read the resume state,
+build the model, attach the selection, make the optimizer, load the resume state, and only then
+create ``output_dir``. :meth:`TrainRecipe.run` is the loop. The task (``wan``, ``causal-lm``, a
+plug-in such as the demo's) gives model, data and loss and never sees this file; accelerate gives
+device, autocast and processes; :class:`~ffid.train.saver.CheckpointSaver` writes outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,30 +22,21 @@ from torch import nn
 
 from ..dtypes import train_dtype
 from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
-from ..preserve import Preservable, Preserver, PreserveSettings, prompt_metadata, protected_prompts
 from .config import TrainConfig
 from .data import BatchOrder, move_to
 from .io import make_output_dir
-from .monitor import TrainMonitor, format_bytes, peak_memory, plot_losses, write_json
+from .monitor import TrainMonitor, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
-from .state import (
-    Position,
-    RunIdentity,
-    check_identity,
-    latest_state,
-    load_state,
-    read_state_meta,
-    rng_state,
-    save_state,
-    set_rng_state,
-)
+from .preservation import make_preserver, trained_prompts
+from .saver import CheckpointSaver
+from .setup import buckets, enable_checkpointing, make_accelerator, place, resume_folder, total_steps
+from .state import Position, RunIdentity, check_identity, load_state, read_state_meta, set_rng_state
+from .summary import delta_metadata, startup_summary
 from .swap import attach_block_swap
 from .task import Task, check_task_args, get_task
 
 if TYPE_CHECKING:
     from ..selection import Selection
-
-DEFAULT_MAX_STEPS = 1600  # kohya's default when neither steps nor epochs are given
 
 
 @dataclass
@@ -67,181 +56,336 @@ class TrainResult:
     model: nn.Module | None = None
 
 
-def _accelerator(cfg: TrainConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+class TrainRecipe:
+    """One training run of ``cfg`` (``task`` defaults to ``cfg.model_type``'s, ``model`` to the
+    task's ``build_model``). Call :meth:`setup`, then :meth:`run`; :func:`train` does both."""
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        # accelerate keeps one process-wide state; a second run in the same process (tests, the
-        # demo's two stages) may want another mixed precision, which needs a fresh state.
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
-    try:
-        # Without cpu=True, accelerate treats a multi-process launch on a machine with no GPU as
-        # one process per copy (each would train alone and write the same files); with it, the
-        # processes form a gloo group like they form an NCCL one on GPUs.
-        cpu = world > 1 and not torch.cuda.is_available()
-        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
-    except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"mixed_precision {cfg.mixed_precision!r} is not usable here: {exc}") from None
+    def __init__(self, cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = None):
+        self.cfg, self.task, self.model = cfg, task, model
 
+    # -- set-up steps, in order --------------------------------------------------------------------
+    def setup(self) -> TrainRecipe:
+        self.setup_config()
+        self.setup_data()
+        self.setup_resume_read()
+        self.setup_model()
+        self.setup_selection()
+        self.setup_optimizer()
+        self.setup_resume_load()
+        self.setup_outputs()
+        return self
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    if hasattr(model, "gradient_checkpointing_enable"):  # transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif hasattr(model, "enable_gradient_checkpointing"):  # diffusers
-        model.enable_gradient_checkpointing()
-    else:
-        raise ConfigError(
-            f"gradient_checkpointing: {type(model).__name__} has no gradient checkpointing switch; "
-            "turn the key off"
-        )
+    def setup_config(self) -> None:
+        """Check every key once; the selection settings are the ones ``ffid plan`` would use."""
+        cfg = self.cfg
+        cfg.validate()
+        self.selection_settings = cfg.selection()
+        self.task = self.task if self.task is not None else get_task(cfg.model_type)
+        check_task_args(self.task, cfg.task_args)
 
-
-def _place(model: nn.Module, device: torch.device, keep: list[nn.Module]) -> None:
-    """Move the model to ``device`` except the modules in ``keep`` (blocks parked by block swap)."""
-    skip = {id(t) for m in keep for t in [*m.parameters(), *m.buffers()]}
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in skip and t.device != device:
-            t.data = t.data.to(device)
-
-
-def _resume_folder(cfg: TrainConfig) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        found = latest_state(Path(cfg.output_dir), cfg.output_name)
-        if found is None:
+    def setup_data(self) -> None:
+        """Open the dataset (and ``rehearsal_datasets``, pooled with it); refuse empty ones."""
+        cfg, task = self.cfg, self.task
+        assert task is not None
+        dataset = task.dataset(cfg)
+        if len(dataset) == 0:  # type: ignore[arg-type]
             raise ConfigError(
-                f"resume = 'latest' but {cfg.output_dir!r} holds no '{cfg.output_name}*-state' "
-                "folder; train with save_state = true first or name a state folder"
+                f"dataset {cfg.dataset!r} has no items; point dataset at a folder/file with training data"
             )
-        return found
-    return Path(cfg.resume)
+        self.parts, self.n_rehearsal = [dataset], 0
+        if cfg.rehearsal_datasets:
+            refusal = getattr(task, "rehearsal_refusal", None)
+            if refusal:
+                raise ConfigError(f"rehearsal_datasets does not apply to model_type {task.name}: {refusal}")
+            # each read by the task exactly as `dataset` is, then taken as one pool of items
+            for extra in cfg.rehearsal_datasets:
+                part = task.dataset(dataclasses.replace(cfg, dataset=extra))
+                if len(part) == 0:  # type: ignore[arg-type]
+                    raise ConfigError(f"rehearsal dataset {extra!r} has no items; remove it or fill it")
+                self.parts.append(part)
+                self.n_rehearsal += len(part)  # type: ignore[arg-type]
+            dataset = torch.utils.data.ConcatDataset(self.parts)
+        self.dataset = dataset
+        self.n_items = len(dataset)  # type: ignore[arg-type]
 
+    def setup_resume_read(self) -> None:
+        """Find and read the resume state's metadata (checked against the run after attaching)."""
+        self.resume_dir = resume_folder(self.cfg)
+        self.resume_meta = read_state_meta(self.resume_dir) if self.resume_dir else None
 
-def _total_steps(cfg: TrainConfig, order: BatchOrder) -> int:
-    if cfg.max_train_epochs:
-        return max(
-            1, math.ceil(cfg.max_train_epochs * order.batches_per_epoch / cfg.gradient_accumulation_steps)
+    def setup_model(self) -> None:
+        """Processes, seeds, the model on its device (block swap, checkpointing), earlier deltas."""
+        from ..checkpoint import apply_delta
+
+        cfg, task = self.cfg, self.task
+        assert task is not None
+        self.accelerator = acc = make_accelerator(cfg)
+        self.device, self.rank, self.world = acc.device, acc.process_index, acc.num_processes
+        torch.manual_seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+        model = self.model if self.model is not None else task.build_model(cfg)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        self.swapper = attach_block_swap(model, cfg.blocks_to_swap, self.device)
+        place(model, self.device, self.swapper.blocks if self.swapper else [])
+        for delta in cfg.base_deltas:
+            # Earlier runs' deltas become part of the base (e.g. ffid 2 trained on top of ffid 1).
+            apply_delta(model, delta)
+        self.model = model
+
+    def setup_selection(self) -> None:
+        """Attach the selection; from here on the model trains only its proxies."""
+        from ..engine import attach
+
+        self.handle = attach(self.model, self.selection_settings, device=self.device)
+        self.sel: Selection = self.handle.selection
+        self.params = [p for p in self.handle.parameters() if p.requires_grad]
+        if not self.params:
+            self.handle.detach()
+            raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
+
+    def setup_optimizer(self) -> None:
+        """Optimizer (guarded against NaN), preservation, data order, schedule, the run's identity."""
+        cfg, task = self.cfg, self.task
+        assert task is not None
+        self.optimizer = self.handle.guard(build_optimizer(cfg, self.params))
+        try:
+            self.preserver, self.preserve_line = make_preserver(cfg, task, self.handle, self.parts[0])
+        except Exception:
+            self.handle.detach()  # refused: a model the caller passed in is not left attached
+            raise
+        self.prompts = trained_prompts(task, self.parts[0])
+        groups = buckets(self.parts) if cfg.batch_size > 1 else None
+        self.order = BatchOrder(self.n_items, cfg.batch_size, cfg.seed, self.rank, self.world, groups)
+        self.total = total_steps(cfg, self.order)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.rank)
+        self.identity = RunIdentity(
+            cfg.trajectory_hash(),
+            self.sel.fingerprint,
+            self.sel.manifest.fingerprint,
+            cfg.trajectory_keys(),
+            self.world,
         )
-    return cfg.max_train_steps or DEFAULT_MAX_STEPS
 
+    def setup_resume_load(self) -> None:
+        """Proxies, optimizer, schedule and RNG from the resume state (refused if it does not fit)."""
+        self.position, self.losses = Position(), []
+        if self.resume_dir is None or self.resume_meta is None:
+            return
+        check_identity(self.resume_dir, self.resume_meta, self.identity)
+        st = load_state(self.resume_dir, self.rank)
+        try:
+            self.handle.load_state_dict(st["proxies"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"], self.generator)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, FfidError):
+                raise
+            why = " ".join(str(exc).split())[:160]
+            raise ModelFileError(
+                f"resume state {str(self.resume_dir)!r} does not fit this run ({why}); "
+                "it is damaged or was edited: resume from another state or start a new run"
+            ) from None
+        meta = self.resume_meta
+        self.position = Position(meta["step"], meta["epoch"], meta["index"])
+        self.losses = list(meta["losses"])[: self.position.step]
 
-def _metadata(
-    cfg: TrainConfig, task: Task, sel: Selection, step: int, epoch: int, prompts: list[str]
-) -> dict[str, str]:
-    """kohya ``ss_*`` training keys and the prompts this run trained (for later runs to protect);
-    the checkpoint writer adds the selection and model-spec keys."""
-    return {
-        **prompt_metadata(prompts, cfg.trigger_words),
-        "ss_learning_rate": str(cfg.learning_rate),
-        "ss_optimizer": cfg.optimizer_type
-        + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
-        "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_seed": str(cfg.seed),
-        "ss_steps": str(step),
-        "ss_epoch": str(epoch),
-        "ss_batch_size": str(cfg.batch_size),
-        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_max_grad_norm": str(cfg.max_grad_norm),
-        "ss_base_model_version": str(task.name),
-        "ss_dataset": Path(cfg.dataset).name if cfg.dataset else "",
-    }
+    def setup_outputs(self) -> None:
+        """Now that nothing can be refused: ``output_dir``, the config copy, logging, the saver."""
+        cfg, task, acc = self.cfg, self.task, self.accelerator
+        assert task is not None
+        self.optimizer = acc.prepare_optimizer(self.optimizer, device_placement=False)
+        self.main = acc.is_main_process
+        self.out = Path(cfg.output_dir)
+        logging_dir = (
+            None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(self.out / "logs"))
+        )
+        if self.main:
+            make_output_dir(self.out)
+            write_json(self.out / f"{cfg.output_name}-config.json", cfg.to_dict())
+        self.monitor = TrainMonitor(
+            self.total,
+            self.position.step,
+            self.losses,
+            logging_dir=logging_dir and f"{logging_dir}/{cfg.output_name}",
+            enabled=self.main,
+            progress=cfg.progress,
+        )
+        swapped = len(self.swapper.blocks) if self.swapper else 0
+        summary = startup_summary(
+            cfg, task, self.sel, self.n_items, self.order, self.total, self.optimizer, self.model,
+            acc, self.position, swapped, self.n_rehearsal,
+        )  # fmt: skip
+        self.monitor.note(summary + "\n" + self.preserve_line)
+        self.saver = CheckpointSaver(
+            out=self.out,
+            output_name=cfg.output_name,
+            accelerator=acc,
+            handle=self.handle,
+            identity=self.identity,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            generator=self.generator,
+            metadata=lambda step, epoch: delta_metadata(cfg, task, self.sel, step, epoch, self.prompts),
+        )
 
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train to ``total`` steps, saving on the way; returns what was written."""
+        cfg, task, acc, saver = self.cfg, self.task, self.accelerator, self.saver
+        assert task is not None and self.model is not None
+        batches = self.order.iterate(self.position.epoch, self.position.index)
+        pos = self.position  # where the next micro-batch comes from, and the optimizer steps done
+        try:
+            while pos.step < self.total:
+                step_loss, epoch_done, pos = self._accumulate(batches, pos)
+                kept = self._preserve(pos.step)
+                if self.swapper is not None:
+                    self.swapper.settle()
+                step_loss = self._reduce(step_loss)
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                pos = dataclasses.replace(pos, step=pos.step + 1)
+                extra = None
+                if kept is not None:
+                    extra = {"preserve/distance": kept.distance}
+                    extra.update({f"preserve/{k}": v for k, v in kept.per_prompt.items()})
+                self.monitor.step(pos.step, step_loss, self.scheduler.get_last_lr()[0], extra)
 
-def _buckets(parts: list[Any]) -> tuple[int, ...] | None:
-    """A bucket id per item when the datasets tell item shapes (``bucket_keys``) and they differ:
-    batches then never mix shapes. ``None`` when there is one shape or the datasets do not say."""
-    keys: list[Any] = []
-    for part in parts:
-        part_keys = getattr(part, "bucket_keys", None)
-        if part_keys is None:
+                more = pos.step < self.total
+                if more and cfg.save_every_n_steps and pos.step % cfg.save_every_n_steps == 0:
+                    saver.save(
+                        f"{cfg.output_name}-step{pos.step:08d}", pos, self.monitor.losses, cfg.save_state
+                    )
+                if (
+                    more
+                    and epoch_done
+                    and cfg.save_every_n_epochs
+                    and pos.epoch % cfg.save_every_n_epochs == 0
+                ):
+                    saver.save(f"{cfg.output_name}-{pos.epoch:06d}", pos, self.monitor.losses, cfg.save_state)
+                if cfg.sample_every_n_steps and pos.step % cfg.sample_every_n_steps == 0:
+                    self._sample(pos.step)
+        finally:
+            self.monitor.close()
+            if self.main:
+                plot_losses(
+                    self.monitor.losses,
+                    self.out / f"{cfg.output_name}-loss.png",
+                    f"{cfg.output_name}: {task.name}",
+                )
+                write_json(self.out / f"{cfg.output_name}-loss.json", {"losses": self.monitor.losses})
+        return self._finish(pos)
+
+    def _accumulate(self, batches: Any, pos: Position) -> tuple[float, bool, Position]:
+        """Forward and backward ``gradient_accumulation_steps`` micro-batches; the mean loss."""
+        cfg, task, acc = self.cfg, self.task, self.accelerator
+        assert task is not None
+        step_loss, epoch_done = 0.0, False
+        for _ in range(cfg.gradient_accumulation_steps):
+            epoch, index, ids = next(batches)
+            batch = move_to(task.collate([self.dataset[i] for i in ids]), self.device)
+            with acc.autocast():
+                loss = task.loss(self.model, batch, self.generator)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                last = self.saver.last
+                kept = f"the last good checkpoint is {str(last)!r}" if last else "nothing was saved yet"
+                raise TrainingError(
+                    f"loss is {value} at step {pos.step + 1} (epoch {epoch + 1}); training "
+                    f"stopped, {kept}; lower learning_rate or max_grad_norm, or check the data"
+                )
+            acc.backward(loss / cfg.gradient_accumulation_steps)
+            step_loss += value / cfg.gradient_accumulation_steps
+            wrapped = index + 1 >= self.order.batches_per_epoch
+            pos = Position(pos.step, epoch + 1 if wrapped else epoch, 0 if wrapped else index + 1)
+            epoch_done = epoch_done or wrapped
+        return step_loss, epoch_done, pos
+
+    def _preserve(self, step: int) -> Any:
+        """The preservation term of this step (backpropagated), or None when it does not run."""
+        if self.preserver is None:
             return None
-        keys.extend(part_keys)
-    distinct = sorted(set(keys))
-    if len(distinct) < 2:
-        return None
-    ids = {k: i for i, k in enumerate(distinct)}
-    return tuple(ids[k] for k in keys)
-
-
-def _trained_prompts(task: Task, dataset: Any) -> list[str]:
-    """The prompts/captions of this run's own data (not rehearsal), as the task reports them."""
-    fn = getattr(task, "trained_prompts", None)
-    return [p for p in fn(dataset) if p] if callable(fn) else []
-
-
-def _preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple[Preserver | None, str]:
-    """The run's :class:`Preserver` (or None) and a line for the start-up summary.
-
-    ``preserve = auto`` turns it on for runs on top of ``base_deltas``; every bad setting is
-    refused here, before anything is written.
-    """
-    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
-        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
-        return None, f"  preservation: off ({why})"
-    if not isinstance(task, Preservable):
-        if cfg.preserve == "on":
-            raise ConfigError(
-                f"preserve = on, but task {task.name!r} does not support preservation (it lacks "
-                "preservation_batch/preservation_outputs/preservation_distance); set preserve = 'off'"
+        acc = self.accelerator
+        kept = self.preserver.step(
+            self.model, step, self.generator, device=self.device, autocast=acc.autocast
+        )
+        if kept is None:
+            return None
+        if not math.isfinite(kept.distance):
+            raise TrainingError(
+                f"preservation distance is {kept.distance} at step {step + 1}; training stopped; "
+                "lower learning_rate or preserve_weight"
             )
-        return None, f"  preservation: off (task {task.name!r} does not support it)"
-    regularisation: list[str] = []
-    if cfg.preserve_regularisation and callable(getattr(task, "regularisation_prompts", None)):
-        regularisation = list(task.regularisation_prompts(dataset))  # type: ignore[attr-defined]
-    protected = protected_prompts(
-        cfg.base_deltas, empty=cfg.preserve_empty, regularisation=regularisation, extra=cfg.preserve_prompts
-    )
-    notes: list[str] = []
-    prepare = getattr(task, "prepare_preservation", None)
-    if callable(prepare):
-        # e.g. the wan task finds each prompt's text encoding in the caches (or refuses)
-        protected, notes = prepare(protected, cfg, dataset)
-    items = cfg.preserve_items or max(1, cfg.batch_size // 4)
-    preserver = Preserver(
-        handle, task, protected, PreserveSettings(cfg.preserve_weight, items, cfg.preserve_every)
-    )
-    return preserver, "\n".join([preserver.describe(), *(f"  preservation: {n}" for n in notes)])
+        acc.backward(kept.loss)
+        return kept
 
+    def _reduce(self, step_loss: float) -> float:
+        """Average gradients and the loss over processes (one process: unchanged)."""
+        if self.world == 1:
+            return step_loss
+        acc = self.accelerator
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = acc.reduce(p.grad, reduction="mean")
+        return float(acc.reduce(torch.tensor(step_loss, device=self.device), reduction="mean"))
 
-def _summary(
-    cfg: TrainConfig,
-    task: Task,
-    sel: Selection,
-    n_items: int,
-    order: BatchOrder,
-    total: int,
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    accelerator: Any,
-    start: Position,
-    swapped: int,
-    n_rehearsal: int = 0,
-) -> str:
-    proxies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
-    rehearsed = f" ({n_rehearsal} of them from rehearsal_datasets)" if n_rehearsal else ""
-    base = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    states = {"AdamW": 2, "Adam": 2, "AdamW8bit": 0.5, "SGD": 0, "Adafactor": 0.1}.get(cfg.optimizer_type, 2)
-    epochs = total * cfg.gradient_accumulation_steps / order.batches_per_epoch
-    lines = [
-        f"ffid train: {task.name}  {sel.selector} ff={cfg.ff} ffid={cfg.ffid}  fingerprint {sel.fingerprint}",
-        f"  items {n_items}{rehearsed}, batch {cfg.batch_size} x {accelerator.num_processes} process(es) x "
-        f"{cfg.gradient_accumulation_steps} accumulation, {order.batches_per_epoch} micro-batches/epoch"
-        + (f" from {len(set(order.groups))} buckets (one latent shape per batch)" if order.groups else ""),
-        f"  steps {total} ({epochs:.2f} epochs)" + (f", resuming at step {start.step}" if start.step else ""),
-        f"  trainable params {sel.selected:,} of {sel.total_params:,} "
-        f"({sel.selected / sel.total_params:.4%}) in {len(sel)} tensors",
-        f"  memory: base weights {format_bytes(base)}, trained values {format_bytes(proxies)}, "
-        f"optimizer state ~{format_bytes(proxies * states)}; {peak_memory(accelerator.device)} so far",
-        f"  device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
-        f"optimizer {cfg.optimizer_type}, lr {cfg.learning_rate} ({cfg.lr_scheduler}), checkpointing "
-        f"{'on' if cfg.gradient_checkpointing else 'off'}, blocks swapped {swapped}",
-    ]
-    return "\n".join(lines)
+    def _sample(self, step: int) -> None:
+        task, model = self.task, self.model
+        if not self.main or not hasattr(task, "sample"):
+            return
+        assert model is not None
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                task.sample(model, step, self.out / "sample")  # type: ignore[union-attr]
+        finally:
+            model.train(was_training)
+
+    def _finish(self, pos: Position) -> TrainResult:
+        """Final delta (and state), the full model if asked, the last sample; leave the group."""
+        cfg, task, acc = self.cfg, self.task, self.accelerator
+        assert task is not None
+        if self.swapper is not None:
+            self.swapper.remove(self.device)
+        self.saver.save(cfg.output_name, pos, self.monitor.losses, cfg.save_state)
+        full = None
+        if cfg.save_full and self.main:
+            full = self.out / f"{cfg.output_name}-full.safetensors"
+            self.handle.save_full(
+                full,
+                dtype=train_dtype(cfg.save_precision),
+                metadata=delta_metadata(cfg, task, self.sel, pos.step, pos.epoch, self.prompts),
+            )
+        if cfg.sample_every_n_steps and pos.step % cfg.sample_every_n_steps:
+            self._sample(pos.step)
+        acc.wait_for_everyone()
+        if self.world > 1:
+            # leave the process group before the interpreter shuts down: gloo can abort a process
+            # whose group is torn down during finalisation
+            acc.end_training()
+        final = self.out / f"{cfg.output_name}.safetensors"
+        self.monitor.note(f"ffid train: done, {pos.step} steps; delta {final}")
+        return TrainResult(
+            steps=pos.step,
+            epochs=pos.step * cfg.gradient_accumulation_steps / self.order.batches_per_epoch,
+            losses=list(self.monitor.losses),
+            output_dir=self.out,
+            final=final if self.main else None,
+            full=full,
+            state=self.saver.state_path,
+            saved=self.saver.saved,
+            selection=self.sel,
+            handle=self.handle,
+            model=self.model,
+        )
 
 
 def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = None) -> TrainResult:
@@ -252,297 +396,7 @@ def train(cfg: TrainConfig, task: Task | None = None, model: nn.Module | None = 
     Raises :class:`~ffid.errors.FfidError` subclasses for bad input before writing anything, and
     :class:`~ffid.errors.TrainingError` when the loss stops being finite.
     """
-    from ..checkpoint import apply_delta
-    from ..engine import attach
-    from ..select import check_ff, check_ffid
-
-    cfg.validate()
-    if cfg.ff is None or cfg.ffid is None:
-        raise ConfigError("ff and ffid are required; add e.g. ff = 0.01 and ffid = 1 to the config or flags")
-    check_ff(cfg.ff)
-    check_ffid(cfg.ffid)
-    task = task if task is not None else get_task(cfg.model_type)
-    check_task_args(task, cfg.task_args)
-
-    dataset = task.dataset(cfg)
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ConfigError(
-            f"dataset {cfg.dataset!r} has no items; point dataset at a folder/file with training data"
-        )
-    n_rehearsal = 0
-    parts = [dataset]
-    if cfg.rehearsal_datasets:
-        if task.name == "demo":
-            raise ConfigError(
-                "rehearsal_datasets does not apply to model_type demo, whose data is built in; "
-                "rehearse earlier concepts with task_args.prior instead"
-            )
-        # each read by the task exactly as `dataset` is, then taken as one pool of items
-        for extra in cfg.rehearsal_datasets:
-            part = task.dataset(dataclasses.replace(cfg, dataset=extra))
-            if len(part) == 0:  # type: ignore[arg-type]
-                raise ConfigError(f"rehearsal dataset {extra!r} has no items; remove it or fill it")
-            parts.append(part)
-            n_rehearsal += len(part)  # type: ignore[arg-type]
-        dataset = torch.utils.data.ConcatDataset(parts)
-    n_items = len(dataset)  # type: ignore[arg-type]
-
-    resume_dir = _resume_folder(cfg)
-    resume_meta = read_state_meta(resume_dir) if resume_dir else None
-
-    accelerator = _accelerator(cfg)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-
-    if model is None:
-        model = task.build_model(cfg)
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(model)
-    model.train()
-    swapper = attach_block_swap(model, cfg.blocks_to_swap, device)
-    _place(model, device, swapper.blocks if swapper else [])
-
-    plan_kwargs: dict[str, Any] = {"include": cfg.include or None, "exclude": cfg.exclude or None}
-    if cfg.slots is not None:
-        plan_kwargs["slots"] = cfg.slots
-    for delta in cfg.base_deltas:
-        # Earlier runs' deltas become part of the base (e.g. ffid 2 trained on top of ffid 1).
-        apply_delta(model, delta)
-    handle = attach(model, ff=cfg.ff, ffid=cfg.ffid, selector=cfg.selector, device=device, **plan_kwargs)
-    sel: Selection = handle.selection
-    params = [p for p in handle.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the selection trains no element; raise ff or loosen include/exclude")
-    optimizer = handle.guard(build_optimizer(cfg, params))
-    try:
-        preserver, preserve_line = _preserver(cfg, task, handle, parts[0])
-    except Exception:
-        handle.detach()  # refused: a model the caller passed in is not left attached
-        raise
-    prompts = _trained_prompts(task, parts[0])
-
-    groups = _buckets(parts) if cfg.batch_size > 1 else None
-    order = BatchOrder(n_items, cfg.batch_size, cfg.seed, rank, world, groups)
-    total = _total_steps(cfg, order)
-    scheduler = build_scheduler(cfg, optimizer, total)
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
-    identity = RunIdentity(
-        cfg.trajectory_hash(), sel.fingerprint, sel.manifest.fingerprint, cfg.trajectory_keys(), world
-    )
-
-    pos, losses = Position(), []
-    if resume_dir is not None and resume_meta is not None:
-        check_identity(resume_dir, resume_meta, identity)
-        st = load_state(resume_dir, rank)
-        try:
-            handle.load_state_dict(st["proxies"])
-            optimizer.load_state_dict(st["optimizer"])
-            scheduler.load_state_dict(st["scheduler"])
-            set_rng_state(st["rng"], generator)
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
-            if isinstance(exc, FfidError):
-                raise
-            why = " ".join(str(exc).split())[:160]
-            raise ModelFileError(
-                f"resume state {str(resume_dir)!r} does not fit this run ({why}); "
-                "it is damaged or was edited: resume from another state or start a new run"
-            ) from None
-        pos = Position(resume_meta["step"], resume_meta["epoch"], resume_meta["index"])
-        losses = list(resume_meta["losses"])[: pos.step]
-
-    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-    main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    logging_dir = (
-        None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(out / "logs"))
-    )
-    if main:
-        make_output_dir(out)
-        write_json(out / f"{cfg.output_name}-config.json", cfg.to_dict())
-    monitor = TrainMonitor(
-        total,
-        pos.step,
-        losses,
-        logging_dir=logging_dir and f"{logging_dir}/{cfg.output_name}",
-        enabled=main,
-        progress=cfg.progress,
-    )
-    monitor.note(
-        _summary(
-            cfg,
-            task,
-            sel,
-            n_items,
-            order,
-            total,
-            optimizer,
-            model,
-            accelerator,
-            pos,
-            len(swapper.blocks) if swapper else 0,
-            n_rehearsal,
-        )
-        + "\n"
-        + preserve_line
-    )
-
-    saved: list[Path] = []
-    state_path: Path | None = None
-
-    def save(step: int, stem: str, with_state: bool) -> None:
-        """Write the delta ``{stem}.safetensors`` and, if asked, the state of this step."""
-        nonlocal state_path
-        accelerator.wait_for_everyone()
-        if main:
-            path = out / f"{stem}.safetensors"
-            handle.save_delta(path, metadata=_metadata(cfg, task, sel, step, cur_epoch, prompts))
-            saved.append(path)
-        if with_state:
-            folder = out / f"{cfg.output_name}-step{step:08d}-state"
-            rngs = (
-                accelerator.gather_for_metrics([rng_state(generator)])
-                if world > 1
-                else [rng_state(generator)]
-            )
-            if main:
-                save_state(
-                    folder,
-                    identity=identity,
-                    position=Position(step, cur_epoch, cur_index),
-                    proxies=handle.state_dict(),
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    rng=dict(enumerate(rngs)),
-                    losses=monitor.losses,
-                )
-                state_path = folder
-        accelerator.wait_for_everyone()
-
-    batches = order.iterate(pos.epoch, pos.index)
-    cur_epoch, cur_index = pos.epoch, pos.index
-    step = pos.step
-    sample_dir = out / "sample"
-    try:
-        while step < total:
-            step_loss = 0.0
-            epoch_done = False
-            for _ in range(cfg.gradient_accumulation_steps):
-                epoch, index, ids = next(batches)
-                batch = move_to(task.collate([dataset[i] for i in ids]), device)
-                with accelerator.autocast():
-                    loss = task.loss(model, batch, generator)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    where = saved[-1] if saved else None
-                    kept = f"the last good checkpoint is {str(where)!r}" if where else "nothing was saved yet"
-                    raise TrainingError(
-                        f"loss is {value} at step {step + 1} (epoch {epoch + 1}); training "
-                        f"stopped, {kept}; lower learning_rate or max_grad_norm, or check the data"
-                    )
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
-                step_loss += value / cfg.gradient_accumulation_steps
-                cur_epoch, cur_index = (
-                    (epoch, index + 1) if index + 1 < order.batches_per_epoch else (epoch + 1, 0)
-                )
-                epoch_done = epoch_done or cur_index == 0
-            kept = None
-            if preserver is not None:
-                kept = preserver.step(model, step, generator, device=device, autocast=accelerator.autocast)
-            if kept is not None:
-                if not math.isfinite(kept.distance):
-                    raise TrainingError(
-                        f"preservation distance is {kept.distance} at step {step + 1}; training stopped; "
-                        "lower learning_rate or preserve_weight"
-                    )
-                accelerator.backward(kept.loss)
-            if swapper is not None:
-                swapper.settle()
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-                step_loss = float(
-                    accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean")
-                )
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            extra = None
-            if kept is not None:
-                extra = {"preserve/distance": kept.distance}
-                extra.update({f"preserve/{k}": v for k, v in kept.per_prompt.items()})
-            monitor.step(step, step_loss, scheduler.get_last_lr()[0], extra)
-
-            if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0 and step < total:
-                save(step, f"{cfg.output_name}-step{step:08d}", cfg.save_state)
-            if (
-                epoch_done
-                and cfg.save_every_n_epochs
-                and cur_epoch % cfg.save_every_n_epochs == 0
-                and step < total
-            ):
-                save(step, f"{cfg.output_name}-{cur_epoch:06d}", cfg.save_state)
-            if (
-                cfg.sample_every_n_steps
-                and step % cfg.sample_every_n_steps == 0
-                and main
-                and hasattr(task, "sample")
-            ):
-                _sample(task, model, step, sample_dir)
-    finally:
-        monitor.close()
-        if main:
-            title = f"{cfg.output_name}: {task.name}"
-            plot_losses(monitor.losses, out / f"{cfg.output_name}-loss.png", title)
-            write_json(out / f"{cfg.output_name}-loss.json", {"losses": monitor.losses})
-
-    if swapper is not None:
-        swapper.remove(device)
-    save(step, cfg.output_name, cfg.save_state)
-    full = None
-    if cfg.save_full and main:
-        full = out / f"{cfg.output_name}-full.safetensors"
-        handle.save_full(
-            full,
-            dtype=train_dtype(cfg.save_precision),
-            metadata=_metadata(cfg, task, sel, step, cur_epoch, prompts),
-        )
-    if cfg.sample_every_n_steps and main and hasattr(task, "sample") and step % cfg.sample_every_n_steps:
-        _sample(task, model, step, sample_dir)
-    accelerator.wait_for_everyone()
-    if world > 1:
-        # leave the process group before the interpreter shuts down: gloo can abort a process
-        # whose group is torn down during finalisation
-        accelerator.end_training()
-    final = out / f"{cfg.output_name}.safetensors"
-    monitor.note(f"ffid train: done, {step} steps; delta {final}")
-    return TrainResult(
-        steps=step,
-        epochs=step * cfg.gradient_accumulation_steps / order.batches_per_epoch,
-        losses=list(monitor.losses),
-        output_dir=out,
-        final=final if main else None,
-        full=full,
-        state=state_path,
-        saved=saved,
-        selection=sel,
-        handle=handle,
-        model=model,
-    )
+    return TrainRecipe(cfg, task, model).setup().run()
 
 
-def _sample(task: Task, model: nn.Module, step: int, out_dir: Path) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            task.sample(model, step, out_dir)  # type: ignore[attr-defined]
-    finally:
-        model.train(was_training)
-
-
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainRecipe", "TrainResult", "train"]

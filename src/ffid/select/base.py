@@ -1,0 +1,108 @@
+"""What a selector is: an object that knows its options, its ids and its capacity.
+
+Callers never name a selector. They hold a :class:`Selector` (from the registry in
+:mod:`ffid.select`) and ask it: which options it takes (:attr:`Selector.options`), how many
+disjoint ids a layout has (:meth:`Selector.ids`), how many elements an id can hold
+(:meth:`Selector.capacity`), and for a :class:`~ffid.selection.Selection`.
+To add a selector, subclass :class:`Selector` in a new module of this package and register an
+instance in ``SELECTORS`` (``ffid/select/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from ..manifest import Manifest
+from ..selection import Selection
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a selector: an integer with a lower bound (every option so far is one)."""
+
+    name: str
+    default: int
+    minimum: int
+    help: str
+
+    def parse(self, value: Any) -> int:
+        """``value`` as a valid integer, or a one-line :class:`ConfigError` naming the option."""
+        flag = f"--{self.name}"
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(
+                f"{flag} {value!r} is not an integer; give a whole number such as {self.default}"
+            )
+        try:
+            number = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+        except ValueError:
+            raise ConfigError(
+                f"{flag} {value!r} is not an integer; give a whole number such as {self.default}"
+            ) from None
+        if number < self.minimum:
+            raise ConfigError(f"{flag} {value!r} must be at least {self.minimum} ({self.help})")
+        return number
+
+
+class Selector:
+    """Base class of the selection algorithms (``spread``, ``compat-v2``).
+
+    Subclasses set :attr:`name`, :attr:`help`, :attr:`options` and implement :meth:`select`,
+    :meth:`ids` and :meth:`capacity`.
+    """
+
+    name: str = ""
+    help: str = ""
+    options: tuple[Option, ...] = ()
+
+    def parse_options(self, given: Mapping[str, Any]) -> dict[str, int]:
+        """Validate ``given`` and return every option with its value (defaults filled in)."""
+        known = {o.name: o for o in self.options}
+        if given and not known:
+            raise ConfigError(
+                f"{self.name} takes no options ({', '.join(given)} given); drop them or choose a selector "
+                "that has them"
+            )
+        for key in given:
+            if key not in known:
+                raise ConfigError(
+                    f"selector {self.name!r} has no option {key!r}; {did_you_mean(key, known)}"
+                    f"it takes {', '.join(known)}"
+                )
+        return {name: opt.parse(given[name]) if name in given else opt.default for name, opt in known.items()}
+
+    def ids(self, options: Mapping[str, int]) -> int:
+        """How many disjoint ids (``0 .. ids-1``) the layout given by ``options`` has."""
+        raise NotImplementedError
+
+    def check_ffid(self, ffid: int, options: Mapping[str, int]) -> None:
+        """Raise a one-line :class:`ConfigError` when ``ffid`` is not an id of the layout."""
+        raise NotImplementedError
+
+    def select(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], options: Mapping[str, int]
+    ) -> Selection:
+        """The selection of ``ff`` of ``manifest``'s parameters for id ``ffid`` among ``names``."""
+        raise NotImplementedError
+
+    def capacity(
+        self, manifest: Manifest, names: list[str], ffid: int, options: Mapping[str, int]
+    ) -> int | None:
+        """Elements id ``ffid`` can hold over ``names`` (``None``: only the model's size limits it)."""
+        return None
+
+    def fitting_options(
+        self, manifest: Manifest, names: list[str], ff: float, ffid: int, options: Mapping[str, int]
+    ) -> dict[str, int] | None:
+        """Options of the nearest layout in which ``ff`` fits for ``ffid``, or ``None``.
+
+        Used where only the amount matters (memory estimates), never to train: selections of
+        different layouts are not disjoint.
+        """
+        return None
+
+    def describe(self, options: Mapping[str, int]) -> str:
+        """``spread slots=16 seed=0``: the selector and its options, for logs and errors."""
+        return " ".join([self.name, *(f"{k}={v}" for k, v in options.items())])

@@ -1,0 +1,71 @@
+"""Writing a run's outputs during training: a delta per save point and, if asked, a resume state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .state import Position, RunIdentity, rng_state, save_state
+
+
+class CheckpointSaver:
+    """Saves deltas (``{stem}.safetensors``) and states (``{name}-stepNNNNNNNN-state``) of one run.
+
+    Every process must call :meth:`save` (the state gathers each process's RNG); only the main
+    process writes. ``metadata(step, epoch)`` gives the keys stored in each delta.
+    """
+
+    def __init__(
+        self,
+        *,
+        out: Path,
+        output_name: str,
+        accelerator: Any,
+        handle: Any,
+        identity: RunIdentity,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        generator: torch.Generator,
+        metadata: Callable[[int, int], dict[str, str]],
+    ):
+        self.out, self.output_name = out, output_name
+        self.accelerator, self.handle, self.identity = accelerator, handle, identity
+        self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
+        self.metadata = metadata
+        self.main = accelerator.is_main_process
+        self.saved: list[Path] = []  # deltas written, oldest first
+        self.state_path: Path | None = None  # the newest state folder
+
+    @property
+    def last(self) -> Path | None:
+        """The newest delta written, if any (named when training has to stop)."""
+        return self.saved[-1] if self.saved else None
+
+    def save(self, stem: str, position: Position, losses: list[float], with_state: bool) -> None:
+        """Write the delta ``{stem}.safetensors`` and, with ``with_state``, the state at ``position``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.main:
+            path = self.out / f"{stem}.safetensors"
+            self.handle.save_delta(path, metadata=self.metadata(position.step, position.epoch))
+            self.saved.append(path)
+        if with_state:
+            folder = self.out / f"{self.output_name}-step{position.step:08d}-state"
+            mine = [rng_state(self.generator)]
+            rngs = acc.gather_for_metrics(mine) if acc.num_processes > 1 else mine
+            if self.main:
+                save_state(
+                    folder,
+                    identity=self.identity,
+                    position=position,
+                    proxies=self.handle.state_dict(),
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    rng=dict(enumerate(rngs)),
+                    losses=losses,
+                )
+                self.state_path = folder
+        acc.wait_for_everyone()
