@@ -63,7 +63,7 @@ def test_selectors_report_ids_options_and_capacity():
     manifest = settings.manifest(PRESET)
     assert settings.capacity(manifest) == spread_capacity(manifest, manifest.names, 5, 8, 2)
     assert SelectionSettings.create(0.01, 5, "compat-v2").capacity(manifest) is None
-    assert "spread slots=8 seed=2 ff=0.01 ffid=5" == settings.describe()
+    assert settings.describe() == "spread slots=8 seed=2 ff=0.01 ffid=5"
 
 
 def test_fitting_options_find_the_largest_layout_that_holds_ff():
