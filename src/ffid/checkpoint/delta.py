@@ -32,6 +32,8 @@ from .namemap import NameResolver, detect_naming
 from .stio import (
     NUMPY_INT,
     SafetensorsFile,
+    alignment_order,
+    build_header,
     dtype_code,
     index_code,
     is_float_code,
@@ -49,6 +51,11 @@ FORMAT_NAME = "ffid-delta"
 FORMAT_VERSION = "1"
 INDEX_SUFFIX = ".ffid_index"
 VALUE_SUFFIX = ".ffid_value"
+# Value codes a delta may store (fp8 cannot hold trained values faithfully and most readers cannot
+# decode it).
+VALUE_CODES = ("F32", "F16", "BF16", "F64")
+# Bytes of every values hash (16 hex digits in the base fingerprint).
+HASH_BYTES = 8
 # Base positions hashed per tensor for the base fingerprint: enough to tell two bases apart,
 # few enough that checking a 1,095-tensor model costs milliseconds.
 FINGERPRINT_SAMPLES = 32
@@ -96,7 +103,7 @@ def values_hash(values: Any) -> str:
         import torch
 
         data = values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -449,67 +456,44 @@ def training_metadata(
     }
 
 
-def write_delta(
-    path: str | os.PathLike[str],
-    tensors: Iterable[DeltaTensor],
+def delta_entries(
+    name: str, shape: tuple[int, ...], count: int, value_code: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The stored tensors ``(key, dtype code, shape)`` of one touched tensor: its flat indices in
+    the smallest integer type that fits the tensor (none when trained whole) and its values (in
+    the tensor's own shape when trained whole)."""
+    if count == math.prod(shape):
+        return [(name + VALUE_SUFFIX, value_code, tuple(shape))]
+    return [
+        (name + INDEX_SUFFIX, index_code(math.prod(shape)), (count,)),
+        (name + VALUE_SUFFIX, value_code, (count,)),
+    ]
+
+
+def delta_metadata(
     *,
+    title: str,
     selector: str,
     params: Mapping[str, Any],
     selection_fingerprint: str,
     base_fingerprint: Mapping[str, TensorFingerprint],
+    touched: Iterable[str],
     base_manifest_fingerprint: str,
     naming: str,
+    value_code: str,
+    selected: int,
     total_params: int | None,
     source: str,
-    metadata: Mapping[str, Any] | None = None,
-    save_dtype: torch.dtype | str = "fp32",
-    architecture: str | None = None,
-) -> int:
-    """Write a delta file atomically from in-memory tensors; returns the file size in bytes."""
-    import torch
-
-    from .stio import parse_dtype
-
-    path = Path(path)
-    save_dtype = parse_dtype(save_dtype) or torch.float32
-    value_code = dtype_code(save_dtype)
-    if value_code not in ("F32", "F16", "BF16", "F64"):
-        # fp8 cannot hold trained values faithfully and most readers cannot decode it
-        raise ConfigError(
-            f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
-            "use fp32, bf16 or fp16"
-        )
-    entries: list[tuple[str, str, tuple[int, ...]]] = []
-    data: dict[str, Any] = {}
-    selected = 0
-    for t in sorted(tensors, key=lambda t: t.name):
-        if t.count == 0:
-            continue
-        if t.values.numel() != t.count:
-            raise ConfigError(f"{t.name!r}: {t.values.numel()} values for {t.count} indices")
-        require_finite(
-            t.values,
-            f"tensor {t.name!r} to be saved in delta {path.name}",
-            "a delta must hold finite values: fix the source (training diverged or the tuned file is "
-            "corrupt)",
-            ConfigError,
-        )
-        selected += t.count
-        if t.whole:
-            entries.append((t.name + VALUE_SUFFIX, value_code, t.shape))
-            data[t.name + VALUE_SUFFIX] = t.values.reshape(t.shape).to(save_dtype)
-        else:
-            code = index_code(t.numel)
-            entries.append((t.name + INDEX_SUFFIX, code, (t.count,)))
-            data[t.name + INDEX_SUFFIX] = t.indices.to(torch.int64).numpy().astype(NUMPY_INT[code])
-            entries.append((t.name + VALUE_SUFFIX, value_code, (t.count,)))
-            data[t.name + VALUE_SUFFIX] = t.values.reshape(-1).to(save_dtype)
-    touched = {e[0].rsplit(".ffid_", 1)[0] for e in entries}
+    metadata: Mapping[str, Any] | None,
+    architecture: str | None,
+) -> dict[str, str]:
+    """The string metadata of a delta file titled ``title`` (its file stem): the format's keys,
+    the ``ss_*``/``modelspec.*`` keys, then ``metadata`` (reserved keys refused)."""
     meta: dict[str, str] = training_metadata(
         selector=selector,
         params=params,
         architecture=architecture or _preset_for(base_manifest_fingerprint),
-        title=path.stem,
+        title=title,
     )
     meta.update(
         {
@@ -536,7 +520,118 @@ def write_delta(
         if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
             raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return meta
+
+
+def write_delta(
+    path: str | os.PathLike[str],
+    tensors: Iterable[DeltaTensor],
+    *,
+    selector: str,
+    params: Mapping[str, Any],
+    selection_fingerprint: str,
+    base_fingerprint: Mapping[str, TensorFingerprint],
+    base_manifest_fingerprint: str,
+    naming: str,
+    total_params: int | None,
+    source: str,
+    metadata: Mapping[str, Any] | None = None,
+    save_dtype: torch.dtype | str = "fp32",
+    architecture: str | None = None,
+) -> int:
+    """Write a delta file atomically from in-memory tensors; returns the file size in bytes."""
+    import torch
+
+    from .stio import parse_dtype
+
+    path = Path(path)
+    save_dtype = parse_dtype(save_dtype) or torch.float32
+    value_code = dtype_code(save_dtype)
+    if value_code not in VALUE_CODES:
+        raise ConfigError(
+            f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
+            "use fp32, bf16 or fp16"
+        )
+    entries: list[tuple[str, str, tuple[int, ...]]] = []
+    data: dict[str, Any] = {}
+    selected = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if t.count == 0:
+            continue
+        if t.values.numel() != t.count:
+            raise ConfigError(f"{t.name!r}: {t.values.numel()} values for {t.count} indices")
+        require_finite(
+            t.values,
+            f"tensor {t.name!r} to be saved in delta {path.name}",
+            "a delta must hold finite values: fix the source (training diverged or the tuned file is "
+            "corrupt)",
+            ConfigError,
+        )
+        selected += t.count
+        for key, code, shape in delta_entries(t.name, t.shape, t.count, value_code):
+            if key.endswith(INDEX_SUFFIX):
+                data[key] = t.indices.to(torch.int64).numpy().astype(NUMPY_INT[code])
+            else:
+                data[key] = t.values.reshape(shape).to(save_dtype)
+            entries.append((key, code, shape))
+    meta = delta_metadata(
+        title=path.stem,
+        selector=selector,
+        params=params,
+        selection_fingerprint=selection_fingerprint,
+        base_fingerprint=base_fingerprint,
+        touched={e[0].rsplit(".ffid_", 1)[0] for e in entries},
+        base_manifest_fingerprint=base_manifest_fingerprint,
+        naming=naming,
+        value_code=value_code,
+        selected=selected,
+        total_params=total_params,
+        source=source,
+        metadata=metadata,
+        architecture=architecture,
+    )
     return write_safetensors_stream(path, entries, data.pop, meta)
+
+
+def delta_file_size(
+    selection: Selection,
+    *,
+    title: str = "ffid-delta",
+    architecture: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    value_code: str = "F32",
+    source: str = "train",
+) -> int:
+    """Bytes of the delta file :func:`save_delta` writes for ``selection`` to
+    ``{title}.safetensors`` with this ``architecture`` and extra ``metadata``, exactly, without
+    torch: the writer's own entries and metadata, with each values hash replaced by one of the
+    same width. Only the timestamp's value differs, never its length."""
+    if value_code not in VALUE_CODES:
+        raise ConfigError(
+            f"delta values cannot be stored as {value_code!r}; use one of {', '.join(VALUE_CODES)}"
+        )
+    entries = [
+        e for name, pick in selection.items() for e in delta_entries(name, pick.shape, pick.count, value_code)
+    ]
+    placeholder = "0" * (2 * HASH_BYTES)
+    meta = delta_metadata(
+        title=title,
+        selector=selection.selector,
+        params=selection.params,
+        selection_fingerprint=selection.fingerprint,
+        base_fingerprint={n: TensorFingerprint(tuple(p.shape), placeholder) for n, p in selection.items()},
+        touched=list(selection),
+        base_manifest_fingerprint=selection.manifest.fingerprint,
+        naming=detect_naming(selection.manifest.names),
+        value_code=value_code,
+        selected=selection.selected,
+        total_params=selection.total_params,
+        source=source,
+        metadata=metadata,
+        architecture=architecture,
+    )
+    head, laid_out = build_header(alignment_order(entries), meta)
+    return len(head) + (laid_out[-1].end if laid_out else 0)
 
 
 def save_delta(
