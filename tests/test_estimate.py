@@ -4,6 +4,7 @@ matches the real optimizers byte for byte, block swap bookkeeping, bad input."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -21,11 +22,13 @@ from ffid.estimate import (
     estimate_selection,
     format_estimates,
     index_dtype_bytes,
+    optimizer_state_bytes,
     use_case,
     wan_shape,
     wan_tokens,
 )
 from ffid.models import load_manifest
+from ffid.presets.wan import WAN_CONFIGS
 
 PRESET = "wan2.2-t2v-14b"
 
@@ -112,7 +115,16 @@ def _optimizers():
         "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
         "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
         "adamw8bit": lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3),
+        "lion8bit": lambda ps: bnb.optim.Lion8bit(ps, lr=1e-3),
     }
+
+
+def _stepped(opt_cls, params, **kw):
+    opt = opt_cls(params, **kw)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return opt
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -134,6 +146,66 @@ def test_torch_adafactor_matches_too():
         p.grad = torch.ones_like(p)
     opt.step()
     assert OPTIMIZERS["adafactor"].state_bytes([3, 999]) == _real_state_bytes(opt)
+
+
+@pytest.mark.parametrize("shapes", [[(4, 6)], [(3,), (5, 7), (2, 3, 4)]])
+def test_adafactor_factors_matrices_as_both_implementations_do(shapes):
+    # matrices keep row and column sums, not a full second moment (the trainer passes real shapes)
+    from transformers.optimization import Adafactor
+
+    hf = _stepped(
+        Adafactor,
+        [torch.nn.Parameter(torch.zeros(s)) for s in shapes],
+        lr=1e-3,
+        relative_step=False,
+        scale_parameter=False,
+    )
+    pt = _stepped(torch.optim.Adafactor, [torch.nn.Parameter(torch.zeros(s)) for s in shapes])
+    model = OPTIMIZERS["adafactor"]
+    assert model.state_bytes(shapes, hf.defaults) == _real_state_bytes(hf)
+    assert model.state_bytes(shapes, pt.defaults) == _real_state_bytes(pt)
+    assert model.state_bytes(shapes) < model.state_bytes([math.prod(s) for s in shapes])
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("AdamW", lambda ps: _stepped(torch.optim.AdamW, ps, amsgrad=True)),
+        ("Adam", lambda ps: _stepped(torch.optim.Adam, ps)),
+        ("SGD", lambda ps: _stepped(torch.optim.SGD, ps, lr=0.1, momentum=0.9)),
+        ("SGD", lambda ps: _stepped(torch.optim.SGD, ps, lr=0.1)),
+        ("PagedAdamW8bit", lambda ps: _stepped(_bnb().optim.PagedAdamW8bit, ps)),
+        ("Lion8bit", lambda ps: _stepped(_bnb().optim.Lion8bit, ps)),
+        (
+            "Adafactor",
+            lambda ps: _stepped(
+                _hf_adafactor(), ps, lr=1e-3, beta1=0.9, relative_step=False, scale_parameter=False
+            ),
+        ),
+    ],
+)
+def test_options_that_add_a_buffer_count(name, make):
+    # the trainer's names and its optimizer's hyperparameters (momentum, amsgrad, beta1)
+    shapes = [(7,), (4096,), (70_001,)]
+    opt = make([torch.nn.Parameter(torch.zeros(s)) for s in shapes])
+    assert optimizer_state_bytes(name, shapes, opt.defaults) == _real_state_bytes(opt)
+
+
+def _bnb():
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def _hf_adafactor():
+    from transformers.optimization import Adafactor
+
+    return Adafactor
+
+
+def test_unknown_optimizers_have_no_figure():
+    assert optimizer_state_bytes("torch.optim.RAdam", [10]) is None
+    assert optimizer_state_bytes("adam_w", [10]) == OPTIMIZERS["adamw"].state_bytes([10])
 
 
 # -- block swap, dtypes ---------------------------------------------------------------------------
@@ -171,6 +243,8 @@ def test_wan_tokens_and_activation_inputs():
     assert five is not None and wan_tokens(five, 704, 1280, 121) == 31 * 22 * 40  # 16x VAE
     assert wan_shape(load_manifest(tiny_wan())) is not None  # diffusers naming
     assert wan_shape(load_manifest(tiny_gpt2())) is None
+    for name, cfg in WAN_CONFIGS.items():  # the header reader and the presets agree
+        assert wan_shape(load_manifest(name)) == cfg.shape
 
     plain = estimate(PRESET, [0.001])[0]
     assert "activations" not in plain.gpu and any("activations" in n for n in plain.not_included)

@@ -29,5 +29,5 @@ def test_held_bytes_match_the_engine_exactly(ff, selector, optimizer):
     r = check.measure("s", ff, selector, optimizer, steps=1)
     for part in EXACT:
         assert r["estimated"][part] == r["measured"][part], part
-    # the delta header is estimated from its entries; the data part is exact
-    assert abs(r["estimated"]["delta"] / r["measured"]["delta"] - 1) < 0.05
+    # exact but for the file name and architecture in the header (the bench's own: 'd', a class)
+    assert abs(r["estimated"]["delta"] - r["measured"]["delta"]) <= 32

@@ -5,6 +5,7 @@ Public entry points:
 - :func:`save_delta` / :func:`save_full`: what an engine handle trained, as a small delta or a
   whole model (``handle.save_delta`` / ``handle.save_full`` delegate here).
 - :func:`load_delta` / :func:`apply_delta`: read a delta; write it into any ``nn.Module``.
+- :func:`delta_file_size`: the bytes a delta of a selection takes, before training (no torch).
 - :func:`merge_checkpoint` / :func:`extract_delta`: file to file, streaming (``ffid merge`` /
   ``ffid extract``).
 - :func:`inspect_file`: what a delta or checkpoint holds (``ffid inspect``).
@@ -21,7 +22,8 @@ from typing import Any
 _EXPORTS = {
     "DiskSpaceError": "atomic", "atomic_write": "atomic", "cleanup_stale_temps": "atomic",
     "ApplyResult": "delta", "Delta": "delta", "DeltaFile": "delta", "DeltaInfo": "delta",
-    "DeltaTensor": "delta", "apply_delta": "delta", "load_delta": "delta", "save_delta": "delta",
+    "DeltaTensor": "delta", "apply_delta": "delta", "delta_file_size": "delta", "load_delta": "delta",
+    "save_delta": "delta",
     "ExtractResult": "extract", "extract_delta": "extract",
     "save_full": "full",
     "format_inspect": "inspect", "inspect_file": "inspect",
@@ -53,6 +55,7 @@ __all__ = [
     "apply_delta",
     "atomic_write",
     "cleanup_stale_temps",
+    "delta_file_size",
     "detect_naming",
     "extract_delta",
     "format_inspect",

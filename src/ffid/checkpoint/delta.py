@@ -40,6 +40,8 @@ from ..selection import Explicit, Selection, TensorPick, Whole
 from .namemap import NameResolver, detect_naming
 from .stio import (
     SafetensorsFile,
+    alignment_order,
+    build_header,
     require_finite,
     require_finite_scalar,
     to_f32,
@@ -53,6 +55,10 @@ FORMAT_NAME = "ffid-delta"
 FORMAT_VERSION = "1"
 INDEX_SUFFIX = ".ffid_index"
 VALUE_SUFFIX = ".ffid_value"
+# Value codes a delta may store (fp8 cannot hold trained values faithfully and most readers cannot
+# decode it).
+# Bytes of every values hash (16 hex digits in the base fingerprint).
+HASH_BYTES = 8
 # Base positions hashed per tensor for the base fingerprint: enough to tell two bases apart,
 # few enough that checking a 1,095-tensor model costs milliseconds.
 FINGERPRINT_SAMPLES = 32
@@ -100,7 +106,7 @@ def values_hash(values: Any) -> str:
         import torch
 
         data = values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+    return hashlib.blake2b(data, digest_size=HASH_BYTES).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -454,6 +460,73 @@ def training_metadata(
     }
 
 
+def delta_entries(
+    name: str, shape: tuple[int, ...], count: int, value_code: str
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The stored tensors ``(key, dtype code, shape)`` of one touched tensor: its flat indices in
+    the smallest integer type that fits the tensor (none when trained whole) and its values (in
+    the tensor's own shape when trained whole)."""
+    if count == math.prod(shape):
+        return [(name + VALUE_SUFFIX, value_code, tuple(shape))]
+    return [
+        (name + INDEX_SUFFIX, index_code(math.prod(shape)), (count,)),
+        (name + VALUE_SUFFIX, value_code, (count,)),
+    ]
+
+
+def delta_metadata(
+    *,
+    title: str,
+    selector: str,
+    params: Mapping[str, Any],
+    selection_fingerprint: str,
+    base_fingerprint: Mapping[str, TensorFingerprint],
+    touched: Iterable[str],
+    base_manifest_fingerprint: str,
+    naming: str,
+    value_code: str,
+    selected: int,
+    total_params: int | None,
+    source: str,
+    metadata: Mapping[str, Any] | None,
+    architecture: str | None,
+) -> dict[str, str]:
+    """The string metadata of a delta file titled ``title`` (its file stem): the format's keys,
+    the ``ss_*``/``modelspec.*`` keys, then ``metadata`` (reserved keys refused)."""
+    meta: dict[str, str] = training_metadata(
+        selector=selector,
+        params=params,
+        architecture=architecture or _preset_for(base_manifest_fingerprint),
+        title=title,
+    )
+    meta.update(
+        {
+            KEY_FORMAT: FORMAT_NAME,
+            KEY_FORMAT_VERSION: FORMAT_VERSION,
+            KEY_VERSION: __version__,
+            KEY_SELECTOR: selector,
+            KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
+            KEY_FF: "" if params.get("ff") is None else repr(float(params["ff"])),
+            KEY_FFID: "" if params.get("ffid") is None else str(int(params["ffid"])),
+            KEY_SELECTION_FP: selection_fingerprint,
+            KEY_BASE_FP: json.dumps(
+                {n: base_fingerprint[n].to_json() for n in sorted(touched)}, separators=(",", ":")
+            ),
+            KEY_BASE_MANIFEST_FP: base_manifest_fingerprint,
+            KEY_NAMING: naming,
+            KEY_VALUE_DTYPE: value_code,
+            KEY_SELECTED: str(selected),
+            KEY_TOTAL: "" if total_params is None else str(int(total_params)),
+            KEY_SOURCE: source,
+        }
+    )
+    for k, v in (metadata or {}).items():
+        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
+            raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return meta
+
+
 def write_delta(
     path: str | os.PathLike[str],
     tensors: Iterable[DeltaTensor],
@@ -497,48 +570,71 @@ def write_delta(
             ConfigError,
         )
         selected += t.count
-        if t.whole:
-            entries.append((t.name + VALUE_SUFFIX, value_code, t.shape))
-            data[t.name + VALUE_SUFFIX] = t.values.reshape(t.shape).to(save_dtype)
-        else:
-            code = index_code(t.numel)
-            entries.append((t.name + INDEX_SUFFIX, code, (t.count,)))
-            data[t.name + INDEX_SUFFIX] = t.indices.to(torch.int64).numpy().astype(NUMPY_INT[code])
-            entries.append((t.name + VALUE_SUFFIX, value_code, (t.count,)))
-            data[t.name + VALUE_SUFFIX] = t.values.reshape(-1).to(save_dtype)
-    touched = {e[0].rsplit(".ffid_", 1)[0] for e in entries}
-    meta: dict[str, str] = training_metadata(
+        for key, code, shape in delta_entries(t.name, t.shape, t.count, value_code):
+            if key.endswith(INDEX_SUFFIX):
+                data[key] = t.indices.to(torch.int64).numpy().astype(NUMPY_INT[code])
+            else:
+                data[key] = t.values.reshape(shape).to(save_dtype)
+            entries.append((key, code, shape))
+    meta = delta_metadata(
+        title=path.stem,
         selector=selector,
         params=params,
-        architecture=architecture or _preset_for(base_manifest_fingerprint),
-        title=path.stem,
+        selection_fingerprint=selection_fingerprint,
+        base_fingerprint=base_fingerprint,
+        touched={e[0].rsplit(".ffid_", 1)[0] for e in entries},
+        base_manifest_fingerprint=base_manifest_fingerprint,
+        naming=naming,
+        value_code=value_code,
+        selected=selected,
+        total_params=total_params,
+        source=source,
+        metadata=metadata,
+        architecture=architecture,
     )
-    meta.update(
-        {
-            KEY_FORMAT: FORMAT_NAME,
-            KEY_FORMAT_VERSION: FORMAT_VERSION,
-            KEY_VERSION: __version__,
-            KEY_SELECTOR: selector,
-            KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
-            KEY_FF: "" if params.get("ff") is None else repr(float(params["ff"])),
-            KEY_FFID: "" if params.get("ffid") is None else str(int(params["ffid"])),
-            KEY_SELECTION_FP: selection_fingerprint,
-            KEY_BASE_FP: json.dumps(
-                {n: base_fingerprint[n].to_json() for n in sorted(touched)}, separators=(",", ":")
-            ),
-            KEY_BASE_MANIFEST_FP: base_manifest_fingerprint,
-            KEY_NAMING: naming,
-            KEY_VALUE_DTYPE: value_code,
-            KEY_SELECTED: str(selected),
-            KEY_TOTAL: "" if total_params is None else str(int(total_params)),
-            KEY_SOURCE: source,
-        }
-    )
-    for k, v in (metadata or {}).items():
-        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
-            raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
-        meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     return write_safetensors_stream(path, entries, data.pop, meta)
+
+
+def delta_file_size(
+    selection: Selection,
+    *,
+    title: str = "ffid-delta",
+    architecture: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    value_code: str = "F32",
+    source: str = "train",
+) -> int:
+    """Bytes of the delta file :func:`save_delta` writes for ``selection`` to
+    ``{title}.safetensors`` with this ``architecture`` and extra ``metadata``, exactly, without
+    torch: the writer's own entries and metadata, with each values hash replaced by one of the
+    same width. Only the timestamp's value differs, never its length."""
+    if value_code not in DELTA_VALUE_CODES:
+        raise ConfigError(
+            f"delta values cannot be stored as {value_code!r}; "
+            f"use one of {', '.join(sorted(DELTA_VALUE_CODES))}"
+        )
+    entries = [
+        e for name, pick in selection.items() for e in delta_entries(name, pick.shape, pick.count, value_code)
+    ]
+    placeholder = "0" * (2 * HASH_BYTES)
+    meta = delta_metadata(
+        title=title,
+        selector=selection.selector,
+        params=selection.params,
+        selection_fingerprint=selection.fingerprint,
+        base_fingerprint={n: TensorFingerprint(tuple(p.shape), placeholder) for n, p in selection.items()},
+        touched=list(selection),
+        base_manifest_fingerprint=selection.manifest.fingerprint,
+        naming=detect_naming(selection.manifest.names),
+        value_code=value_code,
+        selected=selection.selected,
+        total_params=selection.total_params,
+        source=source,
+        metadata=metadata,
+        architecture=architecture,
+    )
+    head, laid_out = build_header(alignment_order(entries), meta)
+    return len(head) + (laid_out[-1].end if laid_out else 0)
 
 
 def save_delta(

@@ -1,7 +1,9 @@
-"""Wan 2.x DiT tensor shapes in the original (musubi-tuner / ComfyUI) naming."""
+"""Wan 2.x DiT tensor shapes in the original (musubi-tuner / ComfyUI) naming, and the few
+numbers (dim, ffn, layers, patch, VAE stride) that a header tells about any Wan DiT."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..manifest import Manifest, TensorInfo
@@ -21,6 +23,11 @@ class WanConfig:
     text_dim: int = 4096
     freq_dim: int = 256
     patch: tuple[int, int, int] = (1, 2, 2)
+
+    @property
+    def shape(self) -> WanShape:
+        """The numbers of this config that fix activation sizes (what :func:`wan_shape` reads)."""
+        return WanShape(self.dim, self.ffn_dim, self.num_layers, self.patch, self.in_dim)
 
 
 WAN_CONFIGS: dict[str, WanConfig] = {
@@ -79,3 +86,45 @@ def wan_manifest(name: str) -> Manifest:
     cfg = WAN_CONFIGS[name]
     tensors = [TensorInfo(n, s, "BF16", n) for n, s in wan_shapes(cfg).items()]
     return Manifest(tensors, f"preset {name}")
+
+
+@dataclass(frozen=True)
+class WanShape:
+    """The numbers of a Wan DiT that fix its token count and activation sizes."""
+
+    dim: int
+    ffn: int
+    layers: int
+    patch: tuple[int, int, int]
+    in_channels: int
+
+
+# VAE compression: 4x in time for both; 8x in space for the Wan 2.1 VAE (16 latent channels),
+# 16x for the Wan 2.2 VAE of the TI2V 5B (48 latent channels).
+VAE_TIME_STRIDE = 4
+VAE_SPACE_STRIDE = {16: 8, 48: 16}
+
+
+def wan_shape(manifest: Manifest) -> WanShape | None:
+    """Read dim/ffn/layers/patch of a Wan DiT from its manifest (original or diffusers naming);
+    ``None`` when the manifest is not a Wan DiT."""
+    if "patch_embedding.weight" not in manifest:
+        return None
+    pe = manifest["patch_embedding.weight"].shape
+    if len(pe) != 5:
+        return None
+    ffn_names = ("blocks.0.ffn.0.weight", "blocks.0.ffn.net.0.proj.weight")
+    ffn = next((manifest[n].shape[0] for n in ffn_names if n in manifest), None)
+    if ffn is None:
+        return None
+    layers = len({b.index for b in manifest.blocks() if b.group == "blocks"})
+    return WanShape(pe[0], ffn, layers, (pe[2], pe[3], pe[4]), pe[1])
+
+
+def wan_tokens(shape: WanShape, height: int, width: int, frames: int) -> int:
+    """Tokens of one video in the DiT: latent frames x latent rows x latent columns over the patch."""
+    # Latent channels other than 16/48 (tiny test models) are taken as the Wan 2.1 VAE.
+    stride = VAE_SPACE_STRIDE.get(shape.in_channels, VAE_SPACE_STRIDE[16])
+    latent_frames = (frames - 1) // VAE_TIME_STRIDE + 1
+    pt, ph, pw = shape.patch
+    return math.ceil(latent_frames / pt) * math.ceil(height / stride / ph) * math.ceil(width / stride / pw)

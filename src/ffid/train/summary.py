@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..estimate.optimizer import optimizer_state_bytes
 from ..preserve import prompt_metadata
 from .config import TrainConfig
 from .data import BatchOrder
@@ -59,7 +60,8 @@ def startup_summary(
     proxies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
     rehearsed = f" ({n_rehearsal} of them from rehearsal_datasets)" if n_rehearsal else ""
     base = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    states = {"AdamW": 2, "Adam": 2, "AdamW8bit": 0.5, "SGD": 0, "Adafactor": 0.1}.get(cfg.optimizer_type, 2)
+    params = [p.shape for g in optimizer.param_groups for p in g["params"]]
+    states = optimizer_state_bytes(cfg.optimizer_type, params, optimizer.defaults)
     epochs = total * cfg.gradient_accumulation_steps / order.batches_per_epoch
     lines = [
         f"ffid train: {task.name}  {sel.selector} ff={cfg.ff} ffid={cfg.ffid}  fingerprint {sel.fingerprint}",
@@ -70,7 +72,8 @@ def startup_summary(
         f"  trainable params {sel.selected:,} of {sel.total_params:,} "
         f"({sel.selected / sel.total_params:.4%}) in {len(sel)} tensors",
         f"  memory: base weights {format_bytes(base)}, trained values {format_bytes(proxies)}, "
-        f"optimizer state ~{format_bytes(proxies * states)}; {peak_memory(accelerator.device)} so far",
+        f"optimizer state {'unknown' if states is None else '~' + format_bytes(states)}; "
+        f"{peak_memory(accelerator.device)} so far",
         f"  device {accelerator.device}, mixed precision {cfg.mixed_precision}, "
         f"optimizer {cfg.optimizer_type}, lr {cfg.learning_rate} ({cfg.lr_scheduler}), checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}, blocks swapped {swapped}",
