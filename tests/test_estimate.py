@@ -98,7 +98,7 @@ def test_more_ff_never_needs_less():
 def test_large_ff_falls_back_to_a_layout_that_fits_and_says_so():
     (est,) = estimate(PRESET, [0.1])
     assert est.trainable == round(0.1 * est.total_params)
-    assert est.slots is not None and est.slots < 16
+    assert est.selector_options["slots"] < 16
     assert any("--slots" in n for n in est.notes)
     with pytest.raises(ConfigError):
         estimate(PRESET, [0.1], slots=16)

@@ -24,15 +24,18 @@ def _option_flags() -> dict[str, tuple[str, str]]:
     return flags
 
 
-def add_selection_arguments(p: argparse.ArgumentParser, *, ffid: bool = True, of_run: str = "") -> None:
+def add_selection_arguments(
+    p: argparse.ArgumentParser, *, ff: bool = True, ffid: bool = True, of_run: str = ""
+) -> None:
     """``--ff``, ``--ffid``, ``--selector``, the selector options, ``--include``/``--exclude``.
 
     ``of_run`` (e.g. ``" of the training run"``) is appended to the help of commands that
     re-create the selection of an earlier run.
     """
-    p.add_argument(
-        "--ff", metavar="F", help=f"fraction of all parameters to train, 0 < F <= 1 (e.g. 0.01){of_run}"
-    )
+    if ff:
+        p.add_argument(
+            "--ff", metavar="F", help=f"fraction of all parameters to train, 0 < F <= 1 (e.g. 0.01){of_run}"
+        )
     if ffid:
         p.add_argument(
             "--ffid", metavar="N", help=f"selection id; different ids never share an element{of_run}"
@@ -65,6 +68,11 @@ def selection_flags_given(args: argparse.Namespace) -> list[str]:
     return given
 
 
+def selector_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The selector options given on the command line (checked by :class:`SelectionSettings`)."""
+    return {n: getattr(args, n) for n in _option_flags() if getattr(args, n, None) is not None}
+
+
 def settings_from_args(args: argparse.Namespace, ffid: Any = None) -> SelectionSettings:
     """The :class:`SelectionSettings` of the command line (``ffid`` overrides ``--ffid``)."""
     if args.ff is None:
@@ -77,7 +85,7 @@ def settings_from_args(args: argparse.Namespace, ffid: Any = None) -> SelectionS
             raise ConfigError(
                 f"--ffid is required for `ffid {args.command}`; give a selection id, e.g. --ffid 1"
             )
-    options = {n: getattr(args, n) for n in _option_flags() if getattr(args, n, None) is not None}
+    options = selector_options(args)
     return SelectionSettings.create(
         args.ff,
         ffid,

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
+from ._selection import add_selection_arguments, selector_options
 from .plan import MODEL_HELP, int_option, print_json
 
 
@@ -39,17 +40,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--ffid", metavar="N", default="0", help="selection id (memory hardly depends on it; default 0)"
     )
-    p.add_argument("--selector", default="spread", help="spread (default) or compat-v2 (whole tensors)")
-    p.add_argument(
-        "--slots", metavar="S", help="spread: ids in the layout (default 16; chosen to fit large --ff)"
-    )
-    p.add_argument("--seed", metavar="X", help="spread: layout seed")
-    p.add_argument(
-        "--include", metavar="RX", action="append", help="only tensors matching this regex (repeatable)"
-    )
-    p.add_argument(
-        "--exclude", metavar="RX", action="append", help="skip tensors matching this regex (repeatable)"
-    )
+    add_selection_arguments(p, ff=False, ffid=False)
     p.add_argument("--block-pattern", metavar="RX", help="regex with one group capturing the block number")
     p.add_argument(
         "--optimizer",
@@ -124,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
         args.ff,
         ffid=int_option(args.ffid, "--ffid", 0) or 0,
         selector=args.selector,
-        slots=int_option(args.slots, "--slots", 1),
-        seed=int_option(args.seed, "--seed", 0),
         include=args.include,
         exclude=args.exclude,
         block_pattern=args.block_pattern,
@@ -137,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         frames=int_option(args.frames, "--frames", 1),
         batch_size=int_option(args.batch_size, "--batch_size", 1) or 1,
         grad_path=args.grad_path,
+        **selector_options(args),
     )
     if args.json:
         print_json({"model": str(args.model), "estimates": [e.to_dict() for e in estimates]})

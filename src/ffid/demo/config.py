@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..preserve import DEFAULT_WEIGHT
+from ..select import DEFAULT_SELECTOR, SelectionSettings
 from .model import ModelSpec
 
 DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key cannot see
@@ -34,7 +36,7 @@ class DemoConfig:
     character1: int = 7
     character2: int = 4
     # ffid training
-    selector: str = "spread"
+    selector: str = DEFAULT_SELECTOR
     ff: float = 0.01
     ffid1: int = 1
     ffid2: int = 2
@@ -47,7 +49,7 @@ class DemoConfig:
     # three from the same state, side by side
     character2_mode: str = "all"
     # preservation (the preserved variant): ffid train's preserve_* keys
-    preserve_weight: float = 16.0
+    preserve_weight: float = DEFAULT_WEIGHT
     preserve_items: int = 8
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
@@ -57,10 +59,9 @@ class DemoConfig:
 
     def validate(self) -> DemoConfig:
         """Check every knob (a :class:`ConfigError` names the flag); returns ``self``, normalised."""
-        from ..select import check_ff, check_ffid
-
-        self.ff = check_ff(self.ff)
-        self.ffid1, self.ffid2 = check_ffid(self.ffid1), check_ffid(self.ffid2)
+        first = SelectionSettings.create(self.ff, self.ffid1, self.selector)
+        second = first.replace(ffid=self.ffid2)
+        self.ff, self.ffid1, self.ffid2 = first.ff, first.ffid, second.ffid
         if self.ffid1 == self.ffid2:
             raise ConfigError(
                 f"--ffid1 and --ffid2 are both {self.ffid1}; the demo needs two different ids so the "

@@ -9,9 +9,7 @@ from typing import Any
 from ..dtypes import DTYPE_BYTES
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
-from ..models import load_manifest
-from ..select import check_ff, plan
-from ..select.spread import DEFAULT_SLOTS
+from ..select import SelectionSettings, check_ff
 from ..selection import Selection
 from .activations import NOT_INCLUDED, activation_bytes, tokens_per_call
 from .base import check_base_dtype, compute_dtype_of, place_base
@@ -93,12 +91,11 @@ def estimate_selection(
         )
 
     ff = float(selection.params.get("ff", selection.fraction))
-    slots = selection.params.get("slots")
     return Estimate(
         ff=ff,
         selector=selection.selector,
         ffid=int(selection.params.get("ffid", 0)),
-        slots=int(slots) if slots is not None else None,
+        selector_options=SelectionSettings.from_selection(selection).resolved_options,
         trainable=k,
         total_params=selection.total_params,
         tensors_touched=len(selection),
@@ -117,37 +114,29 @@ def estimate_selection(
     )
 
 
-def _plan_for_estimate(
-    manifest: Manifest,
-    ff: float,
-    ffid: int,
-    selector: str,
-    slots: int | None,
-    notes: list[str],
-    **plan_kwargs: Any,
-) -> Selection:
-    if selector != "spread":
-        if slots is not None:
-            plan_kwargs["slots"] = slots  # plan() rejects selector options with a clear message
-        return plan(manifest, ff, ffid, selector, **plan_kwargs)
-    if slots is not None:
-        return plan(manifest, ff, ffid, selector, slots=slots, **plan_kwargs)
-    # Without --slots, a fraction above what one id of the default layout holds is estimated in
-    # the largest layout that fits it (memory does not depend on the layout), and said so.
+def _plan_for_estimate(manifest: Manifest, settings: SelectionSettings, notes: list[str]) -> Selection:
+    """The selection of ``settings``; when the user gave no selector options and ``ff`` does not fit
+    the default layout, the nearest layout that fits (memory does not depend on the layout), with
+    a note saying which options to train with."""
     try:
-        return plan(manifest, ff, ffid, selector, **plan_kwargs)
+        return settings.plan(manifest)
     except CapacityError:
-        for fitting in range(min(DEFAULT_SLOTS - 1, int(1 / ff)), ffid, -1):
-            try:
-                sel = plan(manifest, ff, ffid, selector, slots=fitting, **plan_kwargs)
-            except CapacityError:
-                continue
-            notes.append(
-                f"--ff {ff:g} does not fit the default {DEFAULT_SLOTS}-slot layout; estimated with "
-                f"--slots {fitting} (ids 0..{fitting - 1}): train with the same --slots"
-            )
-            return sel
-        raise
+        if settings.options:  # a layout the user chose: estimate that one or refuse
+            raise
+        selector = settings.selector_object
+        fitting = selector.fitting_options(
+            manifest, settings.eligible(manifest), settings.ff, settings.ffid, settings.resolved_options
+        )
+        if fitting is None:
+            raise
+        changed = {k: v for k, v in fitting.items() if settings.resolved_options.get(k) != v}
+        flags = " ".join(f"--{k} {v}" for k, v in changed.items())
+        notes.append(
+            f"--ff {settings.ff:g} does not fit the default layout "
+            f"({selector.describe(settings.resolved_options)}); "
+            f"estimated with {flags} (ids 0..{selector.ids(fitting) - 1}): train with the same {flags}"
+        )
+        return settings.replace(options=fitting).plan(manifest)
 
 
 def estimate(
@@ -155,9 +144,7 @@ def estimate(
     ffs: float | Sequence[float],
     *,
     ffid: int = 0,
-    selector: str = "spread",
-    slots: int | None = None,
-    seed: int | None = None,
+    selector: str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     block_pattern: str | None = None,
@@ -169,27 +156,39 @@ def estimate(
     frames: int | None = None,
     batch_size: int = 1,
     grad_path: str = "auto",
+    **selector_options: Any,
 ) -> list[Estimate]:
     """Estimate memory for each ``ff`` of ``ffs`` on ``model`` (module, path, preset or manifest).
 
-    The selection is planned exactly as training would plan it; only names, shapes and dtypes are
-    read. Bad values raise :class:`~ffid.errors.ConfigError` with one line saying how to fix them.
+    The selection is planned exactly as training would plan it (``selector`` and
+    ``selector_options`` such as ``slots=``, ``seed=`` as for :func:`ffid.plan`); only names,
+    shapes and dtypes are read. Bad values raise :class:`~ffid.errors.ConfigError` with one line
+    saying how to fix them.
     """
     single = isinstance(ffs, (int, float, str))
     values = [ffs] if single else list(ffs)  # type: ignore[list-item]
     if not values:
         raise ConfigError("give at least one --ff value, e.g. --ff 0.001 0.01")
     fracs = [check_ff(v) for v in values]
+    settings = [
+        SelectionSettings.create(
+            ff,
+            ffid,
+            selector,
+            include=include,
+            exclude=exclude,
+            block_pattern=block_pattern,
+            **selector_options,
+        )
+        for ff in fracs
+    ]
     check_optimizer(optimizer)
     check_base_dtype(base_dtype)
-    manifest = load_manifest(model, block_pattern)
+    manifest = settings[0].manifest(model)
     out = []
-    for ff in fracs:
+    for one in settings:
         notes: list[str] = []
-        extra: dict[str, Any] = {"seed": seed} if seed is not None else {}
-        sel = _plan_for_estimate(
-            manifest, ff, ffid, selector, slots, notes, include=include, exclude=exclude, **extra
-        )
+        sel = _plan_for_estimate(manifest, one, notes)
         est = estimate_selection(
             sel,
             optimizer=optimizer,

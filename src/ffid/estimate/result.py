@@ -31,7 +31,7 @@ class Estimate:
     ff: float
     selector: str
     ffid: int
-    slots: int | None
+    selector_options: dict[str, int]  # every option of the selector, defaults included
     trainable: int
     total_params: int
     tensors_touched: int
@@ -69,7 +69,7 @@ class Estimate:
             "ff": self.ff,
             "selector": self.selector,
             "ffid": self.ffid,
-            "slots": self.slots,
+            "selector_options": dict(self.selector_options),
             "trainable": self.trainable,
             "total_params": self.total_params,
             "fraction": self.fraction,

@@ -1,10 +1,10 @@
 """Selectors and the one way to use them: :class:`SelectionSettings` -> :class:`~ffid.selection.Selection`.
 
-``SELECTORS`` is the registry (name -> :class:`~ffid.select.base.Selector` object). To add a
-selector, write a subclass of :class:`~ffid.select.base.Selector` in its own module here and add
-an instance below; every entry point (CLI, ``ffid train``, musubi, HF, estimate, the demo) then
-accepts it through :class:`SelectionSettings`, and its options through their generic
-``selector_args`` / ``--slots``-style flags.
+``SELECTORS`` (:mod:`ffid.select.registry`) maps names to :class:`~ffid.select.base.Selector`
+objects. To add a selector, write a subclass in its own module here and add an instance there;
+every entry point (CLI, ``ffid train``, musubi, HF, estimate, the demo) then accepts it through
+:class:`SelectionSettings`, and its options through their generic ``selector_args`` /
+``--slots``-style flags.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from typing import Any
 
 from ..selection import Selection
 from .base import Option, Selector
-from .compat_v2 import CompatV2Selector
-from .settings import DEFAULT_SELECTOR, SelectionSettings, check_ff, check_ffid, get_selector
-from .spread import SpreadSelector
-
-SELECTORS: dict[str, Selector] = {s.name: s for s in (SpreadSelector(), CompatV2Selector())}
+from .registry import SELECTORS, get_selector
+from .settings import DEFAULT_SELECTOR, SelectionSettings, check_ff, check_ffid
 
 
 def plan(

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError
 from ..manifest import Manifest
 from ..models import load_manifest
 from ..names import compile_pattern, filter_names
 from ..selection import Selection
 from .base import Selector
+from .registry import get_selector
 
 DEFAULT_SELECTOR = "spread"
 
@@ -49,17 +50,6 @@ def check_ffid(ffid: Any) -> int:
     if isinstance(ffid, (bool, float)) or value < 0:
         raise ConfigError(f"--ffid {ffid!r} must be a non-negative integer such as 1")
     return value
-
-
-def get_selector(name: Any) -> Selector:
-    """The registered selector called ``name``, or a one-line error listing the others."""
-    from . import SELECTORS
-
-    if name not in SELECTORS:
-        raise ConfigError(
-            f"unknown selector {name!r}; {did_you_mean(name, SELECTORS)}choose one of: {', '.join(SELECTORS)}"
-        )
-    return SELECTORS[name]
 
 
 def _patterns(value: str | Sequence[str] | None, what: str) -> tuple[str, ...]:

@@ -1,0 +1,25 @@
+"""The selector registry: name -> :class:`~ffid.select.base.Selector` object.
+
+To add a selector, write a :class:`~ffid.select.base.Selector` subclass in its own module of this
+package and add an instance to ``SELECTORS`` below; everything else finds it here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError, did_you_mean
+from .base import Selector
+from .compat_v2 import CompatV2Selector
+from .spread import SpreadSelector
+
+SELECTORS: dict[str, Selector] = {s.name: s for s in (SpreadSelector(), CompatV2Selector())}
+
+
+def get_selector(name: Any) -> Selector:
+    """The registered selector called ``name``, or a one-line error listing the others."""
+    if name not in SELECTORS:
+        raise ConfigError(
+            f"unknown selector {name!r}; {did_you_mean(name, SELECTORS)}choose one of: {', '.join(SELECTORS)}"
+        )
+    return SELECTORS[name]
