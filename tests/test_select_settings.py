@@ -105,3 +105,15 @@ def test_no_selector_is_named_outside_select():
             if isinstance(node, ast.Constant) and node.value in names:
                 found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert not found, "selector names outside ffid/select: " + ", ".join(found)
+
+
+def test_the_preservation_weight_has_one_default():
+    """TrainConfig must stay importable without torch, so it spells the default; it must agree."""
+    from ffid.demo.config import DemoConfig
+    from ffid.integrations.musubi import MusubiConfig
+    from ffid.preserve import DEFAULT_WEIGHT
+    from ffid.train.config import TrainConfig
+
+    settings = SelectionSettings.create(0.01, 1)
+    assert TrainConfig().preserve_weight == DemoConfig().preserve_weight == DEFAULT_WEIGHT
+    assert MusubiConfig(selection=settings).preserve.weight == DEFAULT_WEIGHT
