@@ -156,7 +156,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "plain": "character2's data is its own scans and the base classes only (the seed's recipe)",
         "rehearsed": "character1's real scans are also mixed into character2's data (rehearsal)",
         "preserved": "no character1 scans; a preservation loss (weight "
-        f"{cfg.get('preserve_weight', DEFAULT_WEIGHT)}, {cfg.get('preserve_items', 8)} pure-noise inputs per step) "
+        f"{cfg.get('preserve_weight', DEFAULT_WEIGHT)}, {cfg.get('preserve_items', 8)} pure-noise "
+        "inputs per step) "
         "keeps the predictions for character1's recorded prompt, the empty prompt and the base "
         "prompts close to base + character1 (recommended)",
     }
