@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Iterable
@@ -10,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .config import TrainConfig, parse_kv_list
 
 BUILTIN_OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "SGD", "Adam", "Lion8bit", "PagedAdamW8bit")
@@ -53,10 +52,9 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
             raise ConfigError(f"optimizer_type {name!r} is not a torch.optim.Optimizer subclass")
         return cls
-    near = difflib.get_close_matches(name, BUILTIN_OPTIMIZERS, n=1, cutoff=0.4)
-    hint = f"did you mean {near[0]!r}? " if near else ""
     raise ConfigError(
-        f"unknown optimizer_type {name!r}; {hint}choose one of: "
+        f"unknown optimizer_type {name!r}; {did_you_mean(name, BUILTIN_OPTIMIZERS, cutoff=0.4)}"
+        "choose one of: "
         f"{', '.join(BUILTIN_OPTIMIZERS)} or a dotted path such as torch.optim.RAdam"
     )
 
@@ -93,10 +91,9 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     valid = [s.value for s in SchedulerType]
     if name not in valid:
-        near = difflib.get_close_matches(name, valid, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
         raise ConfigError(
-            f"unknown lr_scheduler {cfg.lr_scheduler!r}; {hint}choose one of: {', '.join(valid)}"
+            f"unknown lr_scheduler {cfg.lr_scheduler!r}; {did_you_mean(name, valid)}"
+            f"choose one of: {', '.join(valid)}"
         )
     try:
         return get_scheduler(
