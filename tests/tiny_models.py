@@ -6,6 +6,9 @@ Which of them the shared invariants run over, and with what inputs, is tests/mat
 
 from __future__ import annotations
 
+import string
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -96,3 +99,32 @@ def lm_inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torc
     ids = torch.randint(0, 97, (batch, length), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 
+
+
+def make_lm_folder(tmp: Path, factory) -> Path:
+    """``tmp/lm``: a tiny causal LM saved with a character-level tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", *string.ascii_letters, *string.digits, *" .,;:!?'\"-()\n"]
+    vocab = {c: i for i, c in enumerate(chars[:97])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    folder = tmp / "lm"
+    factory().save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(
+        folder
+    )
+    return folder
+
+
+def make_wan_folders(root: Path) -> tuple[Path, Path]:
+    """``root/dit`` (the tiny Wan, saved) and ``root/cache`` (4 items of ffid's latent cache)."""
+    from ffid.train.cache import write_cache
+
+    tiny_wan().save_pretrained(root / "dit")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 1, 8, 8, generator=g)  # [N, C, F, H, W]: images as 1-frame videos
+    text = [torch.randn(5 + i, 32, generator=g) for i in range(4)]  # varying token counts
+    write_cache(root / "cache", latents, text, [f"caption {i}" for i in range(4)])
+    return root / "dit", root / "cache"
