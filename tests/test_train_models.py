@@ -324,6 +324,7 @@ def test_cache_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "c2").exists()
 
 
+@pytest.mark.slow  # torchrun, 2 processes: ~40 s on 2 cores
 def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> None:
     """``torchrun -m ffid train`` with 2 CPU processes: one delta, the same curve as one process
     with twice the batch (Llama: no dropout, so the two runs see the same computation)."""
