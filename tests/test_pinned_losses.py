@@ -90,10 +90,11 @@ def _wan(tmp: Path) -> dict[str, Any]:
 
 
 def _demo(tmp: Path) -> dict[str, Any]:
-    from ffid.demo.model import ModelSpec, build_model
+    from ffid.demo.model import build_model
     from ffid.demo.task import save_model
+    from tiny_models import tiny_demo_spec
 
-    spec = ModelSpec(dim=32, heads=2, layers=2, ffn_dim=64, freq_dim=16)
+    spec = tiny_demo_spec()
     base = save_model(build_model(spec, seed=0), spec, tmp / "base.safetensors")
     return {
         "model_type": "demo",

@@ -94,6 +94,13 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def tiny_demo_spec():
+    """The demo's model (ffid.demo.model) at test size: dim 32 (2 heads), 2 layers, ffn 64."""
+    from ffid.demo.model import ModelSpec
+
+    return ModelSpec(dim=32, heads=2, layers=2, ffn_dim=64, freq_dim=16)
+
+
 def lm_inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 97, (batch, length), generator=g)
