@@ -6,6 +6,10 @@ once over the whole matrix in test_matrix.py."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -398,19 +402,36 @@ def test_describe_and_attach_arguments():
         attach(tiny_mlp(), plan(tiny_mlp(), 0.04, 1), ff=0.1)
 
 
-def test_ddp_wraps_the_handle(tmp_path):
-    import torch.distributed as dist
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[2])
+    from ffid import attach
+    from matrix import make
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    model, sel, batch = make("mlp", "spread")
+    handle = attach(model, sel)
+    ddp = torch.nn.parallel.DistributedDataParallel(handle)
+    ddp(batch(1)["x"]).pow(2).mean().backward()  # calling the handle calls the model
+    print(all(p.grad is not None for p in handle.parameters()))
+    print(all(p.grad is None for p in model.parameters()))
+    sys.stdout.flush()
+    os._exit(0)  # no teardown of the group: see the test
+    """
+)
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model, sel, batch = make("mlp", "spread")
-        handle = attach(model, sel)
-        ddp = torch.nn.parallel.DistributedDataParallel(handle)
-        ddp(batch(1)["x"]).pow(2).mean().backward()  # calling the handle calls the model
-        assert all(p.grad is not None for p in handle.parameters())
-        assert all(p.grad is None for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
+
+def test_ddp_wraps_the_handle(tmp_path):
+    # In a process of its own that exits without destroying the group: the gloo worker thread
+    # frees the backward's allreduce, whose captured thread-local state holds a Python object
+    # (torch stashes a contextvars context during backward), and needs the GIL for that; tearing
+    # the group down while the test holds the GIL deadlocked full test runs under load (gdb:
+    # ~ProcessGroupGloo joining a worker thread that waits in take_gil).
+    script = [sys.executable, "-c", _DDP_SCRIPT, str(tmp_path / "store"), str(Path(__file__).parent)]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True"]
 
 
 # -- the in-place swap of the matmul path and the index layout ------------------------------------
