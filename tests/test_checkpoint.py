@@ -40,6 +40,7 @@ from ffid.checkpoint.namemap import DIFFUSERS, WAN, detect_naming, map_name
 from ffid.dtypes import dtype_code, index_code
 from ffid.errors import ConfigError, MismatchError, ModelFileError
 from ffid.names import canonical_name
+from matrix import CASES, MODELS, SELECTORS
 
 # -- helpers shared with the other checkpoint test files -------------------------------------------
 
@@ -112,11 +113,11 @@ def test_index_dtype_is_smallest_fitting_integer():
     assert index_code(2**32 + 1) == "I64"
 
 
-@pytest.mark.parametrize("factory", [tiny_wan, tiny_gpt2, tiny_mlp])
-@pytest.mark.parametrize("selector,ff", [("spread", 0.05), ("compat-v2", 0.05)])
-def test_delta_round_trips_values_indices_and_metadata(tmp_path, factory, selector, ff):
-    model = factory()
-    sel = ffid.plan(model, ff, 1, selector)
+@pytest.mark.parametrize(("model_key", "sel_key"), CASES)
+def test_delta_round_trips_values_indices_and_metadata(tmp_path, model_key, sel_key):
+    model = MODELS[model_key].build()
+    case = SELECTORS[sel_key]
+    sel = case.plan(model)
     handle = StandInHandle(model, sel)
     path = tmp_path / "d.safetensors"
     size = save_delta(handle, path, metadata={"ss_learning_rate": "0.0001", "ss_steps": 10})
@@ -128,7 +129,7 @@ def test_delta_round_trips_values_indices_and_metadata(tmp_path, factory, select
         assert t.values.dtype == torch.float32
         assert torch.equal(t.values, trained[name])
     info = delta.info
-    assert (info.selector, info.ff, info.ffid) == (selector, ff, 1)
+    assert (info.selector, info.ff, info.ffid) == (case.selector, case.ff, case.ffid)
     assert info.selection_fingerprint == sel.fingerprint
     assert info.base_manifest_fingerprint == sel.manifest.fingerprint
     assert info.selected == sel.selected
@@ -136,7 +137,7 @@ def test_delta_round_trips_values_indices_and_metadata(tmp_path, factory, select
     assert delta.metadata["ss_steps"] == "10"
     assert delta.metadata["modelspec.sai_model_spec"] == "1.0.0"
     assert delta.metadata["modelspec.architecture"].endswith("/ffid-delta")
-    assert json.loads(delta.metadata["ss_network_args"])["ffid"] == 1
+    assert json.loads(delta.metadata["ss_network_args"])["ffid"] == case.ffid
     # Size bound from the issue: (4 + index bytes) x k + a small header.
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))

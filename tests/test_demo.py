@@ -167,6 +167,7 @@ def _numbers(report: dict) -> dict:
     }
 
 
+@pytest.mark.slow  # the whole shortened demo, twice: ~50 s on 2 cores
 def test_quick_demo_end_to_end_is_reproducible(tmp_path: Path) -> None:
     """A shortened demo writes every promised file; a second run with the same seed takes the base
     from the cache and repeats every number (pretraining's own determinism is tested below)."""

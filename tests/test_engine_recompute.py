@@ -13,23 +13,20 @@ import torch
 
 import ffid
 from ffid.engine import kernels
-from tiny_models import lm_inputs, tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
+from matrix import MODELS, loss_of
+from tiny_models import tiny_wan, tiny_wan_inputs
 
-MODELS = {
-    "wan": (tiny_wan, tiny_wan_inputs, "GeluBackward0"),  # FFN: gelu(tanh) -> Dropout(0) -> Linear
-    "gpt2": (tiny_gpt2, lm_inputs, "MulBackward0"),  # gelu_new is a Python formula ending in a mul
-    "llama": (tiny_llama, lm_inputs, "MulBackward0"),  # silu(gate) * up -> down_proj
+# The matrix models with an activation before a Linear, and the autograd node the trick reads.
+TARGETS = {
+    "wan": "GeluBackward0",  # FFN: gelu(tanh) -> Dropout(0) -> Linear
+    "gpt2": "MulBackward0",  # gelu_new is a Python formula ending in a mul
+    "llama": "MulBackward0",  # silu(gate) * up -> down_proj
 }
-
-
-def _loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    out = model(**batch)
-    return out.loss if getattr(out, "loss", None) is not None else out.sample.pow(2).mean()
 
 
 def _run(model_key: str, recompute: bool, monkeypatch: pytest.MonkeyPatch, steps: int = 2):
     """Grads of the first step and proxies after ``steps`` AdamW steps, plus the ops recomputed."""
-    factory, batch_fn, _ = MODELS[model_key]
+    spec = MODELS[model_key]
     monkeypatch.setattr(kernels, "RECOMPUTE_ACTIVATIONS", recompute)
     fired: list[str] = []
     original = kernels._elementwise_sources
@@ -41,13 +38,13 @@ def _run(model_key: str, recompute: bool, monkeypatch: pytest.MonkeyPatch, steps
         return found
 
     monkeypatch.setattr(kernels, "_elementwise_sources", spy)
-    model = factory().train()  # train(): the modules as a trainer runs them (dropout seeded below)
+    model = spec.build().train()  # train(): the modules as a trainer runs them (dropout seeded below)
     handle = ffid.attach(model, ff=0.05, ffid=2)
     opt = torch.optim.AdamW(handle.parameters(), lr=1e-2)
     grads = None
     for step in range(steps):
         torch.manual_seed(step)
-        _loss(model, batch_fn(seed=step + 1)).backward()
+        loss_of(model, spec.batch(step + 1)).backward()
         if grads is None:
             grads = {n: p.grad.clone() for n, p in handle.named_parameters()}
         opt.step()
@@ -56,11 +53,11 @@ def _run(model_key: str, recompute: bool, monkeypatch: pytest.MonkeyPatch, steps
     return grads, proxies, fired
 
 
-@pytest.mark.parametrize("model_key", list(MODELS))
+@pytest.mark.parametrize("model_key", list(TARGETS))
 def test_gradients_and_steps_are_bit_identical(model_key, monkeypatch):
     grads_on, proxies_on, fired = _run(model_key, True, monkeypatch)
     grads_off, proxies_off, fired_off = _run(model_key, False, monkeypatch)
-    assert MODELS[model_key][2] in fired  # the trick ran on the layer it targets
+    assert TARGETS[model_key] in fired  # the trick ran on the layer it targets
     assert not fired_off
     assert grads_on.keys() == grads_off.keys()
     for name in grads_on:
@@ -110,9 +107,9 @@ def _saved_bytes(recompute: bool, monkeypatch: pytest.MonkeyPatch, use_hooks: bo
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _loss(model, tiny_wan_inputs())
+            loss_of(model, tiny_wan_inputs())
         return sum(_storages(packed, exclude).values())
-    loss = _loss(model, tiny_wan_inputs())
+    loss = loss_of(model, tiny_wan_inputs())
     return sum(_storages(_graph_saved(loss.grad_fn), exclude).values())
 
 

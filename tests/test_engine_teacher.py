@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffid import attach, plan
+from ffid import attach
 from ffid.errors import TrainingError
-from test_engine import CASES, MODELS, SELECTORS, loss_of
+from matrix import CASES, MODELS, SELECTORS, loss_of
 
 
 def _outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -32,14 +32,13 @@ def _train_steps(handle, model, batch, steps=3):
 
 @pytest.mark.parametrize(("model_key", "sel_key"), CASES)
 def test_teacher_equals_base_plus_earlier_delta_exactly(tmp_path, model_key, sel_key):
-    factory, batch_fn = MODELS[model_key]
-    batch = batch_fn()
-    selector, ff, ffid_ = SELECTORS[sel_key]
-    other = 1 if ffid_ != 1 else 4
+    factory, batch = MODELS[model_key].build, MODELS[model_key].batch(1)
+    case = SELECTORS[sel_key]
+    other = 1 if case.ffid != 1 else 0  # an earlier id of the same layout
 
     # run 1: an earlier id, trained and saved as a delta
     model = factory().eval()
-    h1 = attach(model, plan(model, ff, other, selector))
+    h1 = attach(model, case.plan(model, ffid=other))
     _train_steps(h1, model, batch)
     delta1 = tmp_path / "one.safetensors"
     h1.save_delta(delta1)
@@ -50,7 +49,7 @@ def test_teacher_equals_base_plus_earlier_delta_exactly(tmp_path, model_key, sel
 
     model = factory().eval()
     apply_delta(model, delta1)
-    h2 = attach(model, plan(model, ff, ffid_, selector))
+    h2 = attach(model, case.plan(model))
     _train_steps(h2, model, batch)
     trained = {n: p.detach().clone() for n, p in h2.proxies()}
     student = _outputs(model, batch).detach()
@@ -78,9 +77,8 @@ def test_teacher_equals_base_plus_earlier_delta_exactly(tmp_path, model_key, sel
 
 
 def test_teacher_inside_a_training_step_leaves_gradients_alone():
-    factory, batch_fn = MODELS["wan"]
-    batch = batch_fn()
-    model = factory().eval()
+    batch = MODELS["wan"].batch(1)
+    model = MODELS["wan"].build().eval()
     handle = attach(model, ff=0.04, ffid=3)
     _train_steps(handle, model, batch, steps=2)
 
@@ -102,8 +100,7 @@ def test_teacher_inside_a_training_step_leaves_gradients_alone():
 
 
 def test_teacher_nests_and_refuses_after_merge_or_detach():
-    factory, _ = MODELS["mlp"]
-    model = factory().eval()
+    model = MODELS["mlp"].build().eval()
     handle = attach(model, ff=0.04, ffid=3)
     with handle.teacher(), handle.teacher():
         assert handle.in_teacher

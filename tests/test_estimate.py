@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan
+from tests.tiny_models import tiny_gpt2, tiny_mlp, tiny_wan
 
 import ffid
 from ffid.errors import ConfigError
@@ -29,6 +29,7 @@ from ffid.estimate import (
 )
 from ffid.models import load_manifest
 from ffid.presets.wan import WAN_CONFIGS
+from matrix import MODELS
 
 PRESET = "wan2.2-t2v-14b"
 
@@ -44,12 +45,12 @@ def _real_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 # -- exact trainable counts ------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", [tiny_wan, tiny_gpt2, tiny_llama, tiny_mlp])
+@pytest.mark.parametrize("model_key", MODELS)
 @pytest.mark.parametrize(
     ("selector", "ff", "fid"), [("spread", 0.01, 0), ("spread", 0.05, 3), ("compat-v2", 0.1, 1)]
 )
-def test_trainable_is_the_planned_count(factory, selector, ff, fid):
-    model = factory()
+def test_trainable_is_the_planned_count(model_key, selector, ff, fid):
+    model = MODELS[model_key].build()
     (est,) = estimate(model, [ff], ffid=fid, selector=selector)
     sel = ffid.plan(model, ff, fid, selector)
     assert est.trainable == sel.selected

@@ -86,6 +86,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow  # 2 spawned processes per mode
 def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

@@ -25,6 +25,7 @@ from ffid.manifest import (
     read_safetensors_header,
 )
 from ffid.models import load_manifest
+from matrix import MODELS
 
 
 def shapes(m: Manifest) -> dict[str, tuple[int, ...]]:
@@ -66,8 +67,9 @@ def test_module_manifest_lists_tied_weights_once():
     assert all(t.dtype == "F32" for t in m)
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_mlp])
-def test_meta_module_gives_the_same_manifest(factory):
+@pytest.mark.parametrize("model_key", MODELS)
+def test_meta_module_gives_the_same_manifest(model_key):
+    factory = MODELS[model_key].build
     with torch.device("meta"):
         meta_model = factory()
     assert next(meta_model.parameters()).is_meta

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.tiny_models import tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan
+from tests.tiny_models import tiny_mlp
 
 import ffid
 from ffid.errors import CapacityError, ConfigError
 from ffid.manifest import Manifest, TensorInfo, manifest_from_module
 from ffid.select.spread import DEFAULT_SLOTS, apportion, matrix_view, spread_capacity
 from ffid.selection import overlap
+from matrix import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["wan2.1-t2v-1.3b", "wan2.2-ti2v-5b", "wan2.2-t2v-14b"]
-TINY = {"wan": tiny_wan, "gpt2": tiny_gpt2, "llama": tiny_llama, "mlp": tiny_mlp}
+TINY = {name: spec.build for name, spec in MODELS.items()}  # the matrix models
 # Measured column evenness (docs/selectors.md): max - min elements per column <= 7 over the Wan
 # shapes at ff 0.001 .. 1/16; tiny models stay within this too.
 COLUMN_SPREAD = 8

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ import torch
 
 from ffid.cli import main
 from ffid.errors import ConfigError, MissingFileError, ModelFileError
-from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset, write_cache
-from tiny_models import tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
+from ffid.train.cache import CACHE_FORMAT, LatentCacheDataset
+from tiny_models import make_lm_folder, make_wan_folders, tiny_gpt2, tiny_llama, tiny_wan, tiny_wan_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,13 +24,7 @@ def losses(out: Path, name: str = "run") -> list[float]:
 
 @pytest.fixture(scope="module")
 def wan_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("wan")
-    tiny_wan().save_pretrained(root / "dit")
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(4, 4, 1, 8, 8, generator=g)  # [N, C, F, H, W]: images as 1-frame videos
-    text = [torch.randn(5 + i, 32, generator=g) for i in range(4)]  # varying token counts
-    write_cache(root / "cache", latents, text, [f"caption {i}" for i in range(4)])
-    return root / "dit", root / "cache"
+    return make_wan_folders(tmp_path_factory.mktemp("wan"))
 
 
 def wan_toml(tmp: Path, dit: Path, cache: Path, **extra: object) -> Path:
@@ -257,22 +250,6 @@ def test_wan_mixed_precision_checkpointing_and_swap(tmp_path: Path, wan_setup: t
     assert losses(bf / "out") == pytest.approx(losses(plain / "out"), rel=0.05)
 
 
-def make_lm_folder(tmp: Path, factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = ["<eos>", *string.ascii_letters, *string.digits, *" .,;:!?'\"-()\n"]
-    vocab = {c: i for i, c in enumerate(chars[:97])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    folder = tmp / "lm"
-    factory().save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(
-        folder
-    )
-    return folder
-
-
 @pytest.mark.parametrize("factory", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
 def test_causal_lm_train_and_resume(tmp_path: Path, factory) -> None:
     folder = make_lm_folder(tmp_path, factory)
@@ -347,6 +324,7 @@ def test_cache_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "c2").exists()
 
 
+@pytest.mark.slow  # torchrun, 2 processes: ~40 s on 2 cores
 def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> None:
     """``torchrun -m ffid train`` with 2 CPU processes: one delta, the same curve as one process
     with twice the batch (Llama: no dropout, so the two runs see the same computation)."""

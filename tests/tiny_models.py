@@ -1,9 +1,13 @@
-"""Tiny models built in code for the test matrix (no downloads, a few thousand parameters each).
+"""Tiny models built in code (no downloads, a few thousand parameters each).
 
 Every factory is deterministic: it seeds its own generator, so two calls give identical weights.
+Which of them the shared invariants run over, and with what inputs, is tests/matrix.py's table.
 """
 
 from __future__ import annotations
+
+import string
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,8 +32,8 @@ class TinyMLPConv(nn.Module):
         return self.head(h)
 
     @staticmethod
-    def example_input(batch: int = 4) -> torch.Tensor:
-        return torch.randn(batch, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    def example_input(batch: int = 4, seed: int = 1) -> torch.Tensor:
+        return torch.randn(batch, 3, 2, 2, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_mlp(seed: int = 0) -> TinyMLPConv:
@@ -90,15 +94,44 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def tiny_demo_spec():
+    """The demo's model (ffid.demo.model) at test size: dim 32 (2 heads), 2 layers, ffn 64."""
+    from ffid.demo.model import ModelSpec
+
+    return ModelSpec(dim=32, heads=2, layers=2, ffn_dim=64, freq_dim=16)
+
+
 def lm_inputs(batch: int = 2, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 97, (batch, length), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-MODEL_FACTORIES = {
-    "mlp": tiny_mlp,
-    "wan": tiny_wan,
-    "gpt2": tiny_gpt2,
-    "llama": tiny_llama,
-}
+
+def make_lm_folder(tmp: Path, factory) -> Path:
+    """``tmp/lm``: a tiny causal LM saved with a character-level tokenizer (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<eos>", *string.ascii_letters, *string.digits, *" .,;:!?'\"-()\n"]
+    vocab = {c: i for i, c in enumerate(chars[:97])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    folder = tmp / "lm"
+    factory().save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>").save_pretrained(
+        folder
+    )
+    return folder
+
+
+def make_wan_folders(root: Path) -> tuple[Path, Path]:
+    """``root/dit`` (the tiny Wan, saved) and ``root/cache`` (4 items of ffid's latent cache)."""
+    from ffid.train.cache import write_cache
+
+    tiny_wan().save_pretrained(root / "dit")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 1, 8, 8, generator=g)  # [N, C, F, H, W]: images as 1-frame videos
+    text = [torch.randn(5 + i, 32, generator=g) for i in range(4)]  # varying token counts
+    write_cache(root / "cache", latents, text, [f"caption {i}" for i in range(4)])
+    return root / "dit", root / "cache"
