@@ -154,6 +154,9 @@ def test_keys_defaults_and_refusals():
         config_from_mapping({"timestep_sampling": "sigma"})  # musubi's default mode is not offered
     with pytest.raises(ConfigError, match="discrete_flow_shift"):
         config_from_mapping({"discrete_flow_shift": 0})
+    for bad in (0, -1, "nan"):  # 0 would give every item the same timestep
+        with pytest.raises(ConfigError, match="sigmoid_scale"):
+            config_from_mapping({"sigmoid_scale": bad})
 
 
 def test_flow_matching_inputs_and_target():

@@ -235,6 +235,11 @@ class TrainConfig:
         PreserveSettings(self.preserve_weight, max(1, self.preserve_items), self.preserve_every).validate()
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm = {self.max_grad_norm} must be 0 (off) or positive")
+        if not (math.isfinite(self.sigmoid_scale) and self.sigmoid_scale > 0):
+            raise ConfigError(
+                f"sigmoid_scale = {self.sigmoid_scale} must be a positive number (1 = the standard "
+                "normal draw); 0 would give every item the same timestep"
+            )
         if self.discrete_flow_shift <= 0:
             raise ConfigError(
                 f"discrete_flow_shift = {self.discrete_flow_shift} must be positive (1 = no shift)"
