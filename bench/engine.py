@@ -106,8 +106,6 @@ def run_variant(args: argparse.Namespace) -> dict:
     """One variant, in this process; returns the measurements."""
     import torch
 
-    import ffid
-
     torch.set_num_threads(args.threads)
     device = args.device
     cuda = device.startswith("cuda")
@@ -136,8 +134,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         selected = sum(p.numel() for p in trainable)
         opt = torch.optim.AdamW(trainable, lr=1e-5)
     else:
-        selector, ff = variant.split("@")
-        handle = ffid.attach(model, ff=float(ff), ffid=1, selector=selector)
+        handle = attach_variant(model, variant)
         selected = handle.selection.selected
         opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
 
@@ -194,6 +191,22 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]  # every Linear of a block
+
+
+# ffid restricted to the weights LoRA adapts (``spread-linears@ff``), for a like-for-like row.
+LORA_INCLUDE = r"^blocks\.\d+\..*\.(" + "|".join(t.replace(".", r"\.") for t in LORA_TARGETS) + r")\.weight$"
+
+
+def attach_variant(model, variant: str):  # type: ignore[no-untyped-def]
+    """Attach ffid for ``selector@ff`` (``spread``, ``compat-v2``) or ``spread-linears@ff`` (spread
+    on the block Linears LoRA adapts only; ff is still a fraction of the whole model)."""
+    import ffid
+
+    selector, ff = variant.split("@")
+    kw = {}
+    if selector.endswith("-linears"):
+        selector, kw = selector[: -len("-linears")], {"include": [LORA_INCLUDE]}
+    return ffid.attach(model, ff=float(ff), ffid=1, selector=selector, **kw)
 
 
 def _lora_linears(model) -> list:  # type: ignore[no-untyped-def]
