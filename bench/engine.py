@@ -7,10 +7,11 @@ Real video training has many more tokens than the model is wide (Wan 480p x 81 f
 at width 5120, tokens / width ~6; 720p ~15), under bf16 autocast. ``--sweep`` runs tokens / width
 = ``--ratios`` (default 1 4 8 16) x fp32/bf16 x without/with gradient checkpointing, each config
 comparing floor, full finetuning, LoRA at the trainable count of ffid ff 0.01, and ffid at
-``--ff`` (default 0.001 0.01 0.05, spread, plus compat-v2 at 0.01); ``--quick`` is a small smoke
-version of it. ``--rounds R`` repeats every config's variant list R times, interleaved, and
-reports the median, so that ratios are measured side by side. Each ffid variant prints how many
-of its matmul weights took each gradient path (``ffid.engine.paths``).
+``--ff`` (default 0.001 0.01 0.05, spread, plus spread on LoRA's Linears and compat-v2 at
+0.01); ``--quick`` is a small smoke version of it. ``--rounds R`` repeats every config's variant
+list R times, interleaved, and reports the median, so that ratios are measured side by side.
+Each ffid variant prints how many of its matmul weights took each gradient path
+(``ffid.engine.paths``).
 
 Every variant runs in a fresh subprocess (same model, same seed, same batch) so that its peak
 memory is its own:
@@ -19,7 +20,10 @@ memory is its own:
 - ``full``: full finetuning with torch AdamW;
 - ``lora@ff``: PEFT LoRA (diffusers ``add_adapter``) on every Linear of the blocks, rank chosen
   so that its trainable count is closest to ffid spread's at that ff, torch AdamW;
-- ``spread@ff`` / ``compat-v2@ff``: ffid with torch AdamW on the proxies.
+- ``spread@ff`` / ``compat-v2@ff``: ffid with torch AdamW on the proxies;
+- ``spread-linears@ff``: ffid spread restricted (``include``) to the block Linears LoRA adapts,
+  ff still a fraction of the whole model: the like-for-like row next to LoRA (the default spread
+  also trains norms, modulation, embedders, the patch embedding and ``proj_out``).
 
 Memory is the process's peak resident set during the training steps (``VmHWM`` from
 ``/proc/self/status``, reset through ``/proc/self/clear_refs`` after a warm-up step) minus the
@@ -106,8 +110,6 @@ def run_variant(args: argparse.Namespace) -> dict:
     """One variant, in this process; returns the measurements."""
     import torch
 
-    import ffid
-
     torch.set_num_threads(args.threads)
     device = args.device
     cuda = device.startswith("cuda")
@@ -136,8 +138,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         selected = sum(p.numel() for p in trainable)
         opt = torch.optim.AdamW(trainable, lr=1e-5)
     else:
-        selector, ff = variant.split("@")
-        handle = ffid.attach(model, ff=float(ff), ffid=1, selector=selector)
+        handle = attach_variant(model, variant)
         selected = handle.selection.selected
         opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
 
@@ -196,6 +197,22 @@ def run_variant(args: argparse.Namespace) -> dict:
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]  # every Linear of a block
 
 
+# ffid restricted to the weights LoRA adapts (``spread-linears@ff``), for a like-for-like row.
+LORA_INCLUDE = r"^blocks\.\d+\..*\.(" + "|".join(t.replace(".", r"\.") for t in LORA_TARGETS) + r")\.weight$"
+
+
+def attach_variant(model, variant: str):  # type: ignore[no-untyped-def]
+    """Attach ffid for ``selector@ff`` (``spread``, ``compat-v2``) or ``spread-linears@ff`` (spread
+    on the block Linears LoRA adapts only; ff is still a fraction of the whole model)."""
+    import ffid
+
+    selector, ff = variant.split("@")
+    kw = {}
+    if selector.endswith("-linears"):
+        selector, kw = selector[: -len("-linears")], {"include": [LORA_INCLUDE]}
+    return ffid.attach(model, ff=float(ff), ffid=1, selector=selector, **kw)
+
+
 def _lora_linears(model) -> list:  # type: ignore[no-untyped-def]
     import torch
 
@@ -248,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only", nargs="*", help="variants to run (floor, full, spread@0.01, compat-v2@0.001, ...)"
     )
-    p.add_argument("--lora", action="store_true", help="also run LoRA at the trainable count of ff 0.01")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="also run LoRA at the trainable count of ff 0.01, and ffid on the same Linears",
+    )
     p.add_argument(
         "--rounds", type=int, default=1, help="repeat the variant list, interleaved; report medians"
     )
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args.ff = args.ff or [0.01, 0.001]
 
     tokens = args.frames * (args.side // 2) ** 2
-    variants = ["floor", "full"] + ["lora@0.01"] * args.lora
+    variants = ["floor", "full"] + ["lora@0.01", "spread-linears@0.01"] * args.lora
     variants += [f"{s}@{ff}" for s in ("spread", "compat-v2") for ff in args.ff]
     if args.only:
         variants = [v for v in variants if v in args.only]
@@ -331,7 +352,8 @@ def sweep(args: argparse.Namespace) -> int:
         ratios, dtypes = args.ratios, [d == "bf16" for d in args.dtypes]
         ckpts = [c == "on" for c in args.ckpts]
         ffs = args.ff or [0.001, 0.01, 0.05]
-    variants = ["floor", "full", "lora@0.01", *(f"spread@{ff}" for ff in ffs), "compat-v2@0.01"]
+    variants = ["floor", "full", "lora@0.01", *(f"spread@{ff}" for ff in ffs), "spread-linears@0.01"]
+    variants.append("compat-v2@0.01")
     if args.only:
         variants = [v for v in variants if v in args.only]
     args.ff = ffs
@@ -408,7 +430,7 @@ def report(results: dict[str, dict], checkpointing: bool = False) -> None:
     print()
     lora = results.get("lora@0.01")
     for v, r in results.items():
-        if v != "spread@0.01":
+        if v not in ("spread@0.01", "spread-linears@0.01"):
             continue
         time_budget = TARGET_TIME * floor["step"]
         checks = [(f"step time <= {TARGET_TIME:.2f} x floor", r["step"], time_budget, "s", 1.0)]

@@ -72,12 +72,15 @@ class _Spy(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.outputs: list[tuple[tuple[int, ...], torch.dtype, int]] = []
+        self.storages: list[tuple[tuple[int, ...], torch.dtype, int, int]] = []  # + data_ptr
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                self.outputs.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+                s = t.untyped_storage()
+                self.outputs.append((tuple(t.shape), t.dtype, s.nbytes()))
+                self.storages.append((tuple(t.shape), t.dtype, s.nbytes(), s.data_ptr()))
         return out
 
 
@@ -101,6 +104,47 @@ def test_sampled_path_makes_no_full_fp32_copy_of_an_activation(monkeypatch) -> N
     assert any(64 in s for s, _ in fp32), "the spy saw the chunks"
     # (an expanded view of the loss's scalar gradient has the full shape but no storage)
     assert all(b < 600 * 40 * 4 for _, b in fp32), fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sampled_path_converts_each_operand_once(dtype, monkeypatch) -> None:
+    # Each chunk's operands are converted to fp32 once (a 16-bit one a block of columns at a
+    # time, no second full fp32 copy), and b goes to the CPU kernel as the transpose view of a
+    # contiguous b^T, so the kernel's own `mat2.transpose(-1, -2).contiguous()` copies nothing.
+    # The values are bit for bit those of the plain formulation (same data, same sums).
+    block = 600 * 4 * 16
+    monkeypatch.setattr(paths, "CONVERT_BLOCK_BYTES", block)  # several blocks per chunk
+    n, rows, cols = 600, 40, 96
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, rows, generator=g).to(dtype), torch.randn(n, cols, generator=g).to(dtype)
+    count = rows * cols // 20
+    flat = torch.randperm(rows * cols, generator=g)[:count].sort().values
+    pattern = paths.Pattern(lambda: flat, count, rows * cols, False).matrix(rows, cols)
+    seen = []
+    real = paths._sddmm
+
+    def spy(pattern, col, at, bc, values):  # type: ignore[no-untyped-def]
+        seen.append((at.is_contiguous(), bc.t().is_contiguous(), at.dtype, bc.dtype))
+        return real(pattern, col, at, bc, values)
+
+    monkeypatch.setattr(paths, "_sddmm", spy)
+    with _Spy() as alloc:
+        got = paths.sampled(pattern, a, b)
+    assert seen == [(True, True, torch.float32, torch.float32)]
+    inputs = {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}  # (views of them)
+    fp32 = {
+        ptr: nbytes
+        for shape, d, nbytes, ptr in alloc.storages
+        if d == torch.float32 and len(shape) == 2 and ptr not in inputs
+    }
+    # one full fp32 copy of each operand; the rest are conversion blocks of at most `block` bytes
+    assert sorted(v for v in fp32.values() if v > block) == sorted([n * rows * 4, n * cols * 4])
+    dense = (a.t().float() @ b.float()).reshape(-1)[flat]
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(paths, "_sddmm", real)
+    csr = torch.sparse_csr_tensor(pattern.crow("cpu"), flat % cols, torch.zeros(count), (rows, cols))
+    plain = torch.sparse.sampled_addmm(csr, a.t().float().contiguous(), b.float()).values()
+    assert torch.equal(got, plain)
 
 
 def test_forcing_the_path(monkeypatch) -> None:

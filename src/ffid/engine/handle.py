@@ -596,6 +596,29 @@ class FfidHandle(nn.Module):
         :mod:`ffid.engine.paths`) the last backward used for each matmul-path weight."""
         return {n: s.pattern.last_path for n, s in self._slots.items() if s.pattern.last_path is not None}
 
+    def pin_grad_paths(self, chosen: Mapping[str, str]) -> None:
+        """Force the gradient path of each named weight (e.g. ``grad_paths()`` of an earlier run).
+
+        The paths are exact but round differently, so a run resumed in another process matches
+        the uninterrupted one bit for bit only if every weight takes the path it took there; with
+        ``FFID_RATES_CACHE=off`` each process measures its own cost model and may choose
+        otherwise. ``auto``'s choice for a weight does not depend on the call's token count (both
+        costs are linear in it), so one path per weight reproduces every call. Pinned paths win
+        over ``grad_path=`` and ``FFID_GRAD_PATH``; all or nothing.
+        """
+        unknown = [n for n in chosen if n not in self._slots]
+        if unknown:
+            raise MismatchError(
+                f"grad paths given for {len(unknown)} tensor(s) this selection does not train (first: "
+                f"{unknown[0]!r}); they come from a run of another selection than "
+                f"{self.selection.fingerprint}"
+            )
+        for n, path in chosen.items():
+            if path not in paths.PATHS:
+                raise ConfigError(f"grad path {path!r} for {n!r} is not one of {', '.join(paths.PATHS)}")
+        for n, path in chosen.items():
+            self._slots[n].pattern.grad_path = path
+
     def describe(self) -> str:
         """A plain summary of what training and attaching change."""
         sel = self.selection

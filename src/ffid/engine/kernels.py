@@ -248,6 +248,8 @@ class SelectedMatmul(torch.autograd.Function):
                 # Linear: W is [out, in] -> entries of gy^T x.  Conv1D: W is [in, out] -> x^T gy.
                 a, b = (xc, gyc) if ctx.transposed else (gyc, xc)
                 gp = sampled_grad(pattern, a, b).to(device=proxy.device, dtype=proxy.dtype)
+                del a, b
+            del xc  # grad_x does not need x: a recomputed x is freed before grad_x is allocated
             if ctx.needs_input_grad[0]:
                 with effective_weight(ctx.get_weight(), proxy, pattern, gy.device, ctx.cd) as w:
                     gx = (gyc @ w.t() if ctx.transposed else gyc @ w).to(ctx.x_dtype)

@@ -66,6 +66,7 @@ class CheckpointSaver:
                     scheduler=self.scheduler,
                     rng=dict(enumerate(rngs)),
                     losses=losses,
+                    grad_paths=self.handle.grad_paths(),
                 )
                 self.state_path = folder
         acc.wait_for_everyone()

@@ -2,8 +2,10 @@
 
 A state holds everything that decides what the next step computes: the trained values (the
 engine's proxies), optimizer and scheduler state, every RNG the run draws from, the data
-position, the step and the loss history. It also records the config hash, the selection
-fingerprint and the model manifest fingerprint, so a state from another run is refused.
+position, the step, the loss history and the gradient path each weight took (the engine's paths
+are exact but round differently, so a resume pins them: ``grad_paths`` in ``state.json``). It
+also records the config hash, the selection fingerprint and the model manifest fingerprint, so a
+state from another run is refused.
 """
 
 from __future__ import annotations
@@ -94,8 +96,13 @@ def save_state(
     scheduler: Any,
     rng: dict[int, dict[str, Any]],
     losses: list[float],
+    grad_paths: dict[str, str] | None = None,
 ) -> Path:
-    """Write a state folder atomically (temp folder, then rename); returns ``folder``."""
+    """Write a state folder atomically (temp folder, then rename); returns ``folder``.
+
+    ``grad_paths`` (``handle.grad_paths()``) is stored so that a resume takes the same path per
+    weight (``handle.pin_grad_paths``), whatever its own cost model would choose.
+    """
     from safetensors.torch import save_file
 
     tmp = temp_dir_for(folder)
@@ -120,6 +127,7 @@ def save_state(
             "world_size": identity.world_size,
             "trajectory_keys": identity.trajectory_keys,
             "losses": losses,
+            "grad_paths": dict(sorted((grad_paths or {}).items())),
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         commit_dir(tmp, folder)

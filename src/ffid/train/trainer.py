@@ -181,6 +181,8 @@ class TrainRecipe:
             self.optimizer.load_state_dict(st["optimizer"])
             self.scheduler.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"], self.generator)
+            # the paths the saved run took (exact, but rounding differently), not this process's choice
+            self.handle.pin_grad_paths(self.resume_meta.get("grad_paths") or {})
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
             if isinstance(exc, FfidError):
                 raise
