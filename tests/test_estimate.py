@@ -103,6 +103,8 @@ def test_large_ff_falls_back_to_a_layout_that_fits_and_says_so():
     assert any("--slots" in n for n in est.notes)
     with pytest.raises(ConfigError):
         estimate(PRESET, [0.1], slots=16)
+    (seeded,) = estimate(PRESET, [0.1], seed=3)  # another option given: the fallback still applies
+    assert seeded.selector_options["seed"] == 3 and seeded.selector_options["slots"] < 16
 
 
 # -- optimizer state matches the real optimizers ---------------------------------------------------

@@ -87,8 +87,14 @@ def test_train_config_trains_the_layout_plan_shows():
     assert cfg.selection().plan(PRESET).fingerprint == shown.fingerprint
     legacy = config_from_mapping({"ff": 0.01, "ffid": 1, "slots": 8, "selector_args": ["seed=3"]})
     assert legacy.selection() == cfg.selection()
-    with pytest.raises(ConfigError, match="disagree"):
-        config_from_mapping({"ff": 0.01, "ffid": 1, "slots": 8, "selector_args": {"slots": 4}})
+    with pytest.raises(ConfigError, match="both set the layout"):
+        config_from_mapping({"ff": 0.01, "ffid": 1, "slots": 8, "selector_args": {"slots": "8"}})
+    # how the options are written does not change what resume checks; without options the keys
+    # are those of states saved before selector_args existed
+    same = config_from_mapping({"ff": 0.01, "ffid": 1, "selector_args": {"slots": "8", "seed": 3}})
+    assert same.trajectory_hash() == legacy.trajectory_hash() == cfg.trajectory_hash()
+    plain = config_from_mapping({"ff": 0.01, "ffid": 1}).trajectory_keys()
+    assert plain["slots"] is None and "selector_args" not in plain
     with pytest.raises(ConfigError, match="did you mean 'seed'"):
         config_from_mapping({"ff": 0.01, "ffid": 1, "selector_args": {"sed": 3}})
 

@@ -291,3 +291,18 @@ def test_docs_list_every_key() -> None:
     assert keys_markdown() in docs.read_text(encoding="utf-8"), (
         "docs/train.md is out of date: paste ffid.train.config.keys_markdown() under '## All keys'"
     )
+
+
+def test_a_refused_run_leaves_the_callers_model_detached(tmp_path):
+    """Whatever refuses after attaching (here the optimizer), the model passed in is given back
+    as it was, and nothing is written."""
+    import ffid
+
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="optimizer_type"):
+        train(cfg_for(tmp_path, optimizer_type="NoSuchOptimizer"), task=TinyTask(), model=model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ffid.attach(model, ff=0.05, ffid=1).detach()  # attachable again: the refused run let go
+    assert not (tmp_path / "out").exists()

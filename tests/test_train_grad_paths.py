@@ -81,6 +81,7 @@ def test_resume_in_a_fresh_process_repeats_the_run_bit_for_bit(tmp_path: Path, m
     state = tmp_path / "b" / "out" / "run-step00000003-state"
     meta = json.loads((state / "state.json").read_text())
     assert meta["grad_paths"] == full.handle.grad_paths()
+    assert meta["grad_paths_by_rank"] == {"0": full.handle.grad_paths()}
 
     # The resuming process's own cost model prefers the dense path; the state's paths win.
     got = _resume_in_fresh_process(tmp_path / "b", state, DENSE_WINS)
@@ -94,6 +95,7 @@ def test_resume_in_a_fresh_process_repeats_the_run_bit_for_bit(tmp_path: Path, m
     bare = tmp_path / "bare-state"
     shutil.copytree(state, bare)
     meta.pop("grad_paths")
+    meta.pop("grad_paths_by_rank")
     (bare / "state.json").write_text(json.dumps(meta))
     drift = _resume_in_fresh_process(tmp_path / "c", bare, DENSE_WINS)
     assert set(drift["paths"].values()) == {"dense"}
@@ -117,3 +119,14 @@ def test_pinned_paths_win_and_are_checked(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="not one of"):
         handle.pin_grad_paths({names[0]: "fastest"})
     assert handle.grad_paths()[names[0]] == "sampled"  # all or nothing: nothing changed
+
+
+def test_each_process_resumes_with_its_own_paths() -> None:
+    """Under DDP each rank may have measured its own cost model; a resume pins each rank's own
+    choice, and states written before the per-rank record still resume with rank 0's."""
+    from ffid.train.state import grad_paths_of
+
+    meta = {"grad_paths": {"w": "dense"}, "grad_paths_by_rank": {"0": {"w": "dense"}, "1": {"w": "sampled"}}}
+    assert grad_paths_of(meta, 0) == {"w": "dense"} and grad_paths_of(meta, 1) == {"w": "sampled"}
+    assert grad_paths_of({"grad_paths": {"w": "dense"}}, 1) == {"w": "dense"}
+    assert grad_paths_of({}, 0) == {}

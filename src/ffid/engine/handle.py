@@ -26,7 +26,7 @@ What attaching does to the model (and ``detach()`` undoes):
 
 Both read the base Parameter at call time, so block swap / offload that swaps ``.data`` under
 the same Parameter objects keeps working; index tensors are cached per compute device (int32,
-4 B per selected element; none kept on the host).
+4 B per selected element, int64 for tensors of 2**31 elements or more; none kept on the host).
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def _fp32_t(x: torch.Tensor) -> torch.Tensor:
     kernel, without a second full fp32 copy (``x.t().float().contiguous()`` of a 16-bit ``x``
     makes one). A 16-bit ``x`` is converted a block of columns at a time (vectorised; at most
     :data:`CONVERT_BLOCK_BYTES` of fp32) and each block transposed into its rows of the result
-    (torch's blocked transpose). Measured: 0-30% slower than the two full copies, against up to
+    (torch's blocked transpose). Measured: 5-30% slower than the two full copies, against up to
     2x for one converting, transposing ``copy_``."""
     out = torch.empty((x.shape[1], x.shape[0]), dtype=torch.float32, device=x.device)
     if x.dtype == torch.float32:

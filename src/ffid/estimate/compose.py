@@ -115,14 +115,12 @@ def estimate_selection(
 
 
 def _plan_for_estimate(manifest: Manifest, settings: SelectionSettings, notes: list[str]) -> Selection:
-    """The selection of ``settings``; when the user gave no selector options and ``ff`` does not fit
-    the default layout, the nearest layout that fits (memory does not depend on the layout), with
-    a note saying which options to train with."""
+    """The selection of ``settings``; when ``ff`` does not fit its layout and the options the
+    selector would change to fit it were not given, the nearest layout that fits (memory does not
+    depend on the layout), with a note saying which options to train with."""
     try:
         return settings.plan(manifest)
     except CapacityError:
-        if settings.options:  # a layout the user chose: estimate that one or refuse
-            raise
         selector = settings.selector_object
         fitting = selector.fitting_options(
             manifest, settings.eligible(manifest), settings.ff, settings.ffid, settings.resolved_options
@@ -130,6 +128,8 @@ def _plan_for_estimate(manifest: Manifest, settings: SelectionSettings, notes: l
         if fitting is None:
             raise
         changed = {k: v for k, v in fitting.items() if settings.resolved_options.get(k) != v}
+        if any(k in settings.options for k in changed):  # a layout the user chose: that one or none
+            raise
         flags = " ".join(f"--{k} {v}" for k, v in changed.items())
         notes.append(
             f"--ff {settings.ff:g} does not fit the default layout "

@@ -5,7 +5,7 @@ Callers never name a selector. They hold a :class:`Selector` (from the registry 
 disjoint ids a layout has (:meth:`Selector.ids`), how many elements an id can hold
 (:meth:`Selector.capacity`), and for a :class:`~ffid.selection.Selection`.
 To add a selector, subclass :class:`Selector` in a new module of this package and register an
-instance in ``SELECTORS`` (``ffid/select/__init__.py``).
+instance in ``SELECTORS`` (``ffid/select/registry.py``).
 """
 
 from __future__ import annotations

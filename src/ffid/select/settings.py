@@ -137,6 +137,7 @@ class SelectionSettings:
 
     @property
     def selector_object(self) -> Selector:
+        """The registered :class:`~ffid.select.base.Selector` these settings name."""
         return get_selector(self.selector)
 
     @property

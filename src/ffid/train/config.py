@@ -261,9 +261,10 @@ class TrainConfig:
             )
         options = dict(self.selector_args)
         if self.slots is not None:
-            if "slots" in options and options["slots"] != self.slots:
+            if "slots" in options:
                 raise ConfigError(
-                    f"slots = {self.slots} and selector_args.slots = {options['slots']} disagree; keep one"
+                    f"slots = {self.slots} and selector_args.slots = {options['slots']!r} both set the "
+                    "layout; keep one of them"
                 )
             options["slots"] = self.slots
         return SelectionSettings.create(
@@ -290,6 +291,18 @@ class TrainConfig:
                 out[name] = Path(out[name]).name
         for name in ("base_deltas", "rehearsal_datasets", "preserve_cache"):
             out[name] = [Path(p).name for p in out[name]]
+        # The selector options count as checked values, however they were written (slots = 8 or
+        # selector_args = {slots = "8"}), and in the form states saved before selector_args
+        # existed hold them: slots as its own key, selector_args only when it holds more.
+        options = dict(self.selector_args)
+        if self.slots is not None:
+            options.setdefault("slots", self.slots)
+        if self.ff is not None and self.ffid is not None:
+            options = dict(self.selection().options)
+        out["slots"] = options.pop("slots", None)
+        out.pop("selector_args")
+        if options:
+            out["selector_args"] = dict(sorted(options.items()))
         return json.loads(json.dumps(out, default=str))
 
 

@@ -54,8 +54,10 @@ class CheckpointSaver:
             self.saved.append(path)
         if with_state:
             folder = self.out / f"{self.output_name}-step{position.step:08d}-state"
-            mine = [rng_state(self.generator)]
-            rngs = acc.gather_for_metrics(mine) if acc.num_processes > 1 else mine
+            # every process's RNG and gradient paths (each may have measured its own cost model)
+            mine = [(rng_state(self.generator), self.handle.grad_paths())]
+            gathered = acc.gather_for_metrics(mine) if acc.num_processes > 1 else mine
+            rngs = [rng for rng, _ in gathered]
             if self.main:
                 save_state(
                     folder,
@@ -66,7 +68,7 @@ class CheckpointSaver:
                     scheduler=self.scheduler,
                     rng=dict(enumerate(rngs)),
                     losses=losses,
-                    grad_paths=self.handle.grad_paths(),
+                    grad_paths=dict(enumerate(paths for _, paths in gathered)),
                 )
                 self.state_path = folder
         acc.wait_for_everyone()

@@ -96,12 +96,13 @@ def save_state(
     scheduler: Any,
     rng: dict[int, dict[str, Any]],
     losses: list[float],
-    grad_paths: dict[str, str] | None = None,
+    grad_paths: dict[int, dict[str, str]] | None = None,
 ) -> Path:
     """Write a state folder atomically (temp folder, then rename); returns ``folder``.
 
-    ``grad_paths`` (``handle.grad_paths()``) is stored so that a resume takes the same path per
-    weight (``handle.pin_grad_paths``), whatever its own cost model would choose.
+    ``grad_paths`` (rank -> ``handle.grad_paths()`` of that process) is stored so that a resume
+    takes the same path per weight on every process (``handle.pin_grad_paths``), whatever its own
+    cost model would choose; :func:`grad_paths_of` reads it back.
     """
     from safetensors.torch import save_file
 
@@ -127,7 +128,11 @@ def save_state(
             "world_size": identity.world_size,
             "trajectory_keys": identity.trajectory_keys,
             "losses": losses,
-            "grad_paths": dict(sorted((grad_paths or {}).items())),
+            "grad_paths": dict(sorted((grad_paths or {}).get(0, {}).items())),
+            # one entry per process (rank 0's is also "grad_paths", which older ffid wrote alone)
+            "grad_paths_by_rank": {
+                str(rank): dict(sorted(paths.items())) for rank, paths in sorted((grad_paths or {}).items())
+            },
         }
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         commit_dir(tmp, folder)
@@ -199,6 +204,13 @@ def check_identity(folder: Path, meta: dict[str, Any], identity: RunIdentity) ->
             f"resume state {str(folder)!r} was written by {meta.get('world_size')} processes, "
             f"this run has {identity.world_size}; launch the same number to resume exactly"
         )
+
+
+def grad_paths_of(meta: dict[str, Any], rank: int) -> dict[str, str]:
+    """The gradient paths process ``rank`` took in the saved run (``{}`` for states without them)."""
+    by_rank = meta.get("grad_paths_by_rank") or {}
+    paths = by_rank.get(str(rank)) if isinstance(by_rank, dict) else None
+    return dict(paths if isinstance(paths, dict) else meta.get("grad_paths") or {})
 
 
 def load_state(folder: Path, rank: int, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -47,6 +47,7 @@ def startup_summary(
     cfg: TrainConfig,
     task: Task,
     sel: Selection,
+    *,
     n_items: int,
     order: BatchOrder,
     total: int,
@@ -57,6 +58,7 @@ def startup_summary(
     swapped: int,
     n_rehearsal: int = 0,
 ) -> str:
+    """The lines ``ffid train`` prints before the first step: data, steps, selection, memory, setup."""
     proxies = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
     rehearsed = f" ({n_rehearsal} of them from rehearsal_datasets)" if n_rehearsal else ""
     base = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

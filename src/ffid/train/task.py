@@ -164,7 +164,8 @@ def get_task(model_type: str) -> Task:
     known = [*TASKS, *plugins]
     raise ConfigError(
         f"unknown model_type {model_type!r}; {did_you_mean(model_type, known)}choose one of: "
-        f"{', '.join(known)} or 'package.module:factory'"
+        f"{', '.join(known)} or 'package.module:factory' (names registered under the "
+        f"{ENTRY_POINT_GROUP!r} entry point, such as the demo's, need ffid installed: pip install -e .)"
     )
 
 

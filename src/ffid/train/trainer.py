@@ -30,7 +30,15 @@ from .optim import build_optimizer, build_scheduler
 from .preservation import make_preserver, trained_prompts
 from .saver import CheckpointSaver
 from .setup import buckets, enable_checkpointing, make_accelerator, place, resume_folder, total_steps
-from .state import Position, RunIdentity, check_identity, load_state, read_state_meta, set_rng_state
+from .state import (
+    Position,
+    RunIdentity,
+    check_identity,
+    grad_paths_of,
+    load_state,
+    read_state_meta,
+    set_rng_state,
+)
 from .summary import delta_metadata, startup_summary
 from .swap import attach_block_swap
 from .task import Task, check_task_args, get_task
@@ -65,14 +73,19 @@ class TrainRecipe:
 
     # -- set-up steps, in order --------------------------------------------------------------------
     def setup(self) -> TrainRecipe:
+        """Run the set-up steps in order (each may refuse; nothing is written before the last)."""
         self.setup_config()
         self.setup_data()
         self.setup_resume_read()
         self.setup_model()
         self.setup_selection()
-        self.setup_optimizer()
-        self.setup_resume_load()
-        self.setup_outputs()
+        try:
+            self.setup_optimizer()
+            self.setup_resume_load()
+            self.setup_outputs()
+        except BaseException:
+            self.handle.detach()  # refused: a model the caller passed in is not left attached
+            raise
         return self
 
     def setup_config(self) -> None:
@@ -150,11 +163,7 @@ class TrainRecipe:
         cfg, task = self.cfg, self.task
         assert task is not None
         self.optimizer = self.handle.guard(build_optimizer(cfg, self.params))
-        try:
-            self.preserver, self.preserve_line = make_preserver(cfg, task, self.handle, self.parts[0])
-        except Exception:
-            self.handle.detach()  # refused: a model the caller passed in is not left attached
-            raise
+        self.preserver, self.preserve_line = make_preserver(cfg, task, self.handle, self.parts[0])
         self.prompts = trained_prompts(task, self.parts[0])
         groups = buckets(self.parts) if cfg.batch_size > 1 else None
         self.order = BatchOrder(self.n_items, cfg.batch_size, cfg.seed, self.rank, self.world, groups)
@@ -182,7 +191,7 @@ class TrainRecipe:
             self.scheduler.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"], self.generator)
             # the paths the saved run took (exact, but rounding differently), not this process's choice
-            self.handle.pin_grad_paths(self.resume_meta.get("grad_paths") or {})
+            self.handle.pin_grad_paths(grad_paths_of(self.resume_meta, self.rank))
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
             if isinstance(exc, FfidError):
                 raise
@@ -218,9 +227,19 @@ class TrainRecipe:
         )
         swapped = len(self.swapper.blocks) if self.swapper else 0
         summary = startup_summary(
-            cfg, task, self.sel, self.n_items, self.order, self.total, self.optimizer, self.model,
-            acc, self.position, swapped, self.n_rehearsal,
-        )  # fmt: skip
+            cfg,
+            task,
+            self.sel,
+            n_items=self.n_items,
+            order=self.order,
+            total=self.total,
+            optimizer=self.optimizer,
+            model=self.model,
+            accelerator=acc,
+            start=self.position,
+            swapped=swapped,
+            n_rehearsal=self.n_rehearsal,
+        )
         self.monitor.note(summary + "\n" + self.preserve_line)
         self.saver = CheckpointSaver(
             out=self.out,
