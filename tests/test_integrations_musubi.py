@@ -113,7 +113,7 @@ def test_parse_network_args_full():
         ({"ff": "0.01", "ffid": "one"}, "not an integer"),
         ({"ff": "0.01", "ffid": "1", "selector": "sprad"}, "unknown"),
         ({"ff": "0.01", "ffid": "1", "selector": "compat-v2", "slots": "4"}, "compat-v2 takes no options"),
-        ({"ff": "0.01", "ffid": "1", "slots": "many"}, "not an integer"),
+        ({"ff": "0.01", "ffid": "1", "slots": "many"}, "network_args slots 'many' is not an integer"),
         ({"ff": "0.01", "ffid": "1", "save_dtype": "int8"}, "save_dtype"),
     ],
 )

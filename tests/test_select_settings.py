@@ -97,6 +97,8 @@ def test_train_config_trains_the_layout_plan_shows():
     assert plain["slots"] is None and "selector_args" not in plain
     with pytest.raises(ConfigError, match="did you mean 'seed'"):
         config_from_mapping({"ff": 0.01, "ffid": 1, "selector_args": {"sed": 3}})
+    with pytest.raises(ConfigError, match=r"selector_args\.slots = 'x' is not an integer"):
+        config_from_mapping({"ff": 0.01, "ffid": 1, "selector_args": {"slots": "x"}})
 
 
 def test_no_selector_is_named_outside_select():

@@ -125,6 +125,7 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
         include=_patterns(str(args.get("include", ""))),
         exclude=_patterns(str(args.get("exclude", ""))),
         block_pattern=str(args["block_pattern"]).strip() if args.get("block_pattern") else None,
+        option_flag=lambda name: f"network_args {name}",
         **{k: str(v).strip() for k, v in args.items() if k in option_names},
     )
     return MusubiConfig(selection=selection, save_dtype=_SAVE_DTYPES[save_text], **_preserve_args(args))

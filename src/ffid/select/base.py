@@ -10,7 +10,7 @@ instance in ``SELECTORS`` (``ffid/select/registry.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,10 @@ class Option:
     minimum: int
     help: str
 
-    def parse(self, value: Any) -> int:
-        """``value`` as a valid integer, or a one-line :class:`ConfigError` naming the option."""
-        flag = f"--{self.name}"
+    def parse(self, value: Any, flag: str | None = None) -> int:
+        """``value`` as a valid integer, or a one-line :class:`ConfigError` naming the option as
+        ``flag`` (default ``--<name>``; clients pass their own spelling, e.g. ``network_args slots``)."""
+        flag = flag or f"--{self.name}"
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(
                 f"{flag} {value!r} is not an integer; give a whole number such as {self.default}"
@@ -57,8 +58,11 @@ class Selector:
     help: str = ""
     options: tuple[Option, ...] = ()
 
-    def parse_options(self, given: Mapping[str, Any]) -> dict[str, int]:
-        """Validate ``given`` and return every option with its value (defaults filled in)."""
+    def parse_options(
+        self, given: Mapping[str, Any], flag: Callable[[str], str] | None = None
+    ) -> dict[str, int]:
+        """Validate ``given`` and return every option with its value (defaults filled in);
+        ``flag(name)`` spells an option in error messages."""
         known = {o.name: o for o in self.options}
         if given and not known:
             raise ConfigError(
@@ -71,7 +75,10 @@ class Selector:
                     f"selector {self.name!r} has no option {key!r}; {did_you_mean(key, known)}"
                     f"it takes {', '.join(known)}"
                 )
-        return {name: opt.parse(given[name]) if name in given else opt.default for name, opt in known.items()}
+        return {
+            name: opt.parse(given[name], flag(name) if flag else None) if name in given else opt.default
+            for name, opt in known.items()
+        }
 
     def ids(self, options: Mapping[str, int]) -> int:
         """How many disjoint ids (``0 .. ids-1``) the layout given by ``options`` has."""

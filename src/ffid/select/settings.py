@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,15 +105,21 @@ class SelectionSettings:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         block_pattern: str | None = None,
+        option_flag: Callable[[str], str] | None = None,
         **options: Any,
     ) -> SelectionSettings:
         """Settings from loose values (strings from a command line or a config file are fine);
-        options whose value is ``None`` count as not given."""
+        options whose value is ``None`` count as not given. ``option_flag(name)`` spells a
+        selector option in error messages the way the caller's user wrote it (default ``--name``)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if option_flag is not None and given:
+            parsed = get_selector(selector or DEFAULT_SELECTOR).parse_options(given, option_flag)
+            given = {k: parsed[k] for k in given}
         return cls(
             ff=ff,
             ffid=ffid,
             selector=selector or DEFAULT_SELECTOR,
-            options={k: v for k, v in options.items() if v is not None},
+            options=given,
             include=include or (),  # type: ignore[arg-type]
             exclude=exclude or (),  # type: ignore[arg-type]
             block_pattern=block_pattern,

@@ -268,7 +268,13 @@ class TrainConfig:
                 )
             options["slots"] = self.slots
         return SelectionSettings.create(
-            self.ff, self.ffid, self.selector, include=self.include, exclude=self.exclude, **options
+            self.ff,
+            self.ffid,
+            self.selector,
+            include=self.include,
+            exclude=self.exclude,
+            option_flag=lambda name: f"selector_args.{name} =",
+            **options,
         )
 
     def to_dict(self) -> dict[str, Any]:
