@@ -106,6 +106,26 @@ def batch(args: argparse.Namespace, device: str):  # type: ignore[no-untyped-def
     }
 
 
+def setup_variant(model, data: dict, variant: str) -> tuple:
+    """Make ``model`` train as ``variant`` says: ``(optimizer, ffid handle, trainable count, LoRA
+    rank)``. The floor trains nothing (its input needs a gradient so that backward runs)."""
+    import torch
+
+    if variant == "floor":
+        model.requires_grad_(False)
+        data["hidden_states"].requires_grad_(True)
+        return None, None, 0, 0
+    if variant == "full":
+        return torch.optim.AdamW(model.parameters(), lr=1e-5), None, 0, 0
+    if variant.startswith("lora@"):
+        rank = add_lora(model, float(variant.split("@")[1]))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=1e-5), None, sum(p.numel() for p in trainable), rank
+    handle = attach_variant(model, variant)
+    opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
+    return opt, handle, handle.selection.selected, 0
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     """One variant, in this process; returns the measurements."""
     import torch
@@ -123,24 +143,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     data = batch(args, device)
     target = data.pop("target")
     variant = args.variant
-    selected = 0
-    opt = None
-    handle = None
-    rank = 0
-    if variant == "floor":
-        model.requires_grad_(False)
-        data["hidden_states"].requires_grad_(True)
-    elif variant == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    elif variant.startswith("lora@"):
-        rank = add_lora(model, float(variant.split("@")[1]))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        selected = sum(p.numel() for p in trainable)
-        opt = torch.optim.AdamW(trainable, lr=1e-5)
-    else:
-        handle = attach_variant(model, variant)
-        selected = handle.selection.selected
-        opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
+    opt, handle, selected, rank = setup_variant(model, data, variant)
 
     def step() -> float:
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):

@@ -207,18 +207,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     data = eng.batch(args, "cpu")
     target = data.pop("target")
     variant = args.variant
-    handle, opt = None, None
-    if variant == "floor":
-        model.requires_grad_(False)
-        data["hidden_states"].requires_grad_(True)
-    elif variant == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    elif variant.startswith("lora@"):
-        eng.add_lora(model, float(variant.split("@")[1]))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    else:
-        handle = eng.attach_variant(model, variant)
-        opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
+    opt, handle, _, _ = eng.setup_variant(model, data, variant)
     rss["setup"] = _rss()
 
     def forward() -> Any:
