@@ -286,9 +286,9 @@ def train_dense(
 def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from ffid.demo.characters import model_with_deltas, train_character
+    from ffid.demo.characters import model_with_deltas, train_character, train_character2
     from ffid.demo.classifier import fit_judge
-    from ffid.demo.data import Concept, load_digit_images
+    from ffid.demo.data import load_digit_images
     from ffid.demo.evaluate import evaluate, prompts_for
     from ffid.demo.pretrain import load_or_pretrain
     from ffid.demo.run import set_determinism
@@ -349,18 +349,7 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
             raise SystemExit(f"part {variant} needs {spread_delta1}: run part spread-3a first")
         d2, _, _ = timed(
             f"ffid 3b {variant}",
-            lambda: train_character(
-                cfg,
-                "character2",
-                cfg.character2,
-                cfg.ffid2,
-                base_path,
-                [spread_delta1],
-                data,
-                [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
-                run_name=f"character2-{variant}",
-                preserve=variant == "preserved",
-            ),
+            lambda: train_character2(cfg, variant, base_path, spread_delta1, data),
         )
         after = timed(
             f"score ffid {variant}", lambda: score(model_with_deltas(base_path, [spread_delta1, d2]))
@@ -377,17 +366,7 @@ def run_seed(args: argparse.Namespace, seed: int, log: Callable[[str], None]) ->
         c3a = timed("score compat-v2 3a", lambda: score(model_with_deltas(base_path, [d1])))
         d2, _, _ = timed(
             "compat-v2 3b preserved",
-            lambda: train_character(
-                ccfg,
-                "character2",
-                cfg.character2,
-                cfg.ffid2,
-                base_path,
-                [d1],
-                data,
-                run_name="character2-preserved",
-                preserve=True,
-            ),
+            lambda: train_character2(ccfg, "preserved", base_path, d1, data),
         )
         c3b = timed("score compat-v2 3b", lambda: score(model_with_deltas(base_path, [d1, d2])))
         return {

@@ -100,6 +100,26 @@ def train_character(
     return result.final, result.losses, info
 
 
+
+def train_character2(
+    cfg: DemoConfig, variant: str, base_path: Path, delta1: Path, data: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[Path, list[float], dict[str, Any]]:
+    """Teach character2 into ``cfg.ffid2`` on top of base + ``delta1`` the ``variant`` way:
+    ``plain`` (its own data), ``rehearsed`` (character1's scans mixed in) or ``preserved`` (no
+    character1 data; the preservation loss). Outputs go to ``character2-{variant}``."""
+    return train_character(
+        cfg,
+        "character2",
+        cfg.character2,
+        cfg.ffid2,
+        base_path,
+        [delta1],
+        data,
+        [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
+        run_name=f"character2-{variant}",
+        preserve=variant == "preserved",
+    )
+
 def model_with_deltas(base_path: Path, deltas: list[Path]) -> torch.nn.Module:
     """The base with deltas written in (what a user gets by loading base + delta files)."""
     from ..checkpoint import apply_delta

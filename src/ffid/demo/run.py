@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .characters import model_with_deltas, train_character
+from .characters import model_with_deltas, train_character, train_character2
 from .classifier import DigitJudge, fit_judge
 from .config import DemoConfig
 from .data import Concept, load_digit_images
@@ -140,7 +140,7 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     base = judging.stage("base", "pretrained base", model_with_deltas(base_path, []))
 
     log(f"[bold]3a[/] teaching character1 (digit {cfg.character1}) into --ffid {cfg.ffid1}")
-    run1 = _teach(cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data)
+    run1 = _timed(train_character, cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data)
     stage1 = judging.stage(
         "character1", f"base + character1 (ffid {cfg.ffid1})", model_with_deltas(base_path, [run1.delta])
     )
@@ -231,10 +231,10 @@ def _announce(cfg: DemoConfig, out: Path, log: Log) -> int:
     return total
 
 
-def _teach(cfg: DemoConfig, *args: Any, **kwargs: Any) -> CharacterRun:
-    """:func:`train_character`, timed."""
+def _timed(teach: Any, *args: Any) -> CharacterRun:
+    """``teach(*args)`` (:func:`train_character` or :func:`train_character2`), timed."""
     t0 = time.perf_counter()
-    delta, losses, info = train_character(cfg, *args, **kwargs)
+    delta, losses, info = teach(*args)
     return CharacterRun(delta, losses, info, time.perf_counter() - t0)
 
 
@@ -246,18 +246,7 @@ def _character2(
         f"[bold]3b {variant}[/] teaching character2 (digit {cfg.character2}) into --ffid {cfg.ffid2} "
         "on top of character1" + _HOW[variant]
     )
-    run = _teach(
-        cfg,
-        "character2",
-        cfg.character2,
-        cfg.ffid2,
-        base_path,
-        [delta1],
-        data,
-        [Concept("character1", cfg.character1)] if variant == "rehearsed" else None,
-        run_name=f"character2-{variant}",
-        preserve=variant == "preserved",
-    )
+    run = _timed(train_character2, cfg, variant, base_path, delta1, data)
     model = model_with_deltas(base_path, [delta1, run.delta])
     stage = judging.stage(
         f"character2_{variant}",
