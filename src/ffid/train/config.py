@@ -259,6 +259,18 @@ class TrainConfig:
             raise ConfigError(
                 "ff and ffid are required; add e.g. ff = 0.01 and ffid = 1 to the config or flags"
             )
+        return SelectionSettings.create(
+            self.ff,
+            self.ffid,
+            self.selector,
+            include=self.include,
+            exclude=self.exclude,
+            option_flag=lambda name: f"selector_args.{name} =",
+            **self._selector_options(),
+        )
+
+    def _selector_options(self) -> dict[str, Any]:
+        """``selector_args`` with the older ``slots`` key folded in (given both ways: refused)."""
         options = dict(self.selector_args)
         if self.slots is not None:
             if "slots" in options:
@@ -267,15 +279,7 @@ class TrainConfig:
                     "layout; keep one of them"
                 )
             options["slots"] = self.slots
-        return SelectionSettings.create(
-            self.ff,
-            self.ffid,
-            self.selector,
-            include=self.include,
-            exclude=self.exclude,
-            option_flag=lambda name: f"selector_args.{name} =",
-            **options,
-        )
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-ready values."""
@@ -300,11 +304,8 @@ class TrainConfig:
         # The selector options count as checked values, however they were written (slots = 8 or
         # selector_args = {slots = "8"}), and in the form states saved before selector_args
         # existed hold them: slots as its own key, selector_args only when it holds more.
-        options = dict(self.selector_args)
-        if self.slots is not None:
-            options.setdefault("slots", self.slots)
-        if self.ff is not None and self.ffid is not None:
-            options = dict(self.selection().options)
+        have_ids = self.ff is not None and self.ffid is not None
+        options = dict(self.selection().options) if have_ids else self._selector_options()
         out["slots"] = options.pop("slots", None)
         out.pop("selector_args")
         if options:
