@@ -11,17 +11,15 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
+from ..select import selector_options as registered_options
 
 
 def _option_flags() -> dict[str, tuple[str, str]]:
     """Option name -> (metavar, help) over every registered selector."""
-    flags: dict[str, tuple[str, str]] = {}
-    for selector in SELECTORS.values():
-        for opt in selector.options:
-            owners = [s.name for s in SELECTORS.values() if any(o.name == opt.name for o in s.options)]
-            text = f"{', '.join(owners)}: {opt.help} (default {opt.default})"
-            flags.setdefault(opt.name, (opt.name.upper(), text))
-    return flags
+    return {
+        name: (name.upper(), f"{', '.join(owners)}: {opt.help} (default {opt.default})")
+        for name, (opt, owners) in registered_options().items()
+    }
 
 
 def add_selection_arguments(

@@ -45,7 +45,7 @@ from ..dtypes import torch_dtype, train_names
 from ..errors import AttachError, ConfigError, MismatchError, ModelFileError, TrainingError, did_you_mean
 from ..names import canonical_name
 from ..preserve import DEFAULT_WEIGHT, PreserveSettings
-from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
+from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings, selector_options
 from ._common import refuse_sharding
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ NETWORK_ARGS = {
     "ff": "fraction to train, e.g. ff=0.01",
     "ffid": "selection id, e.g. ffid=1",
     "selector": "the selection algorithm: " + ", ".join(SELECTORS),
-    **{o.name: f"{s.name}: {o.help}" for s in SELECTORS.values() for o in s.options},
+    **{name: f"{', '.join(owners)}: {opt.help}" for name, (opt, owners) in selector_options().items()},
     "include": "regexes separated by ';'",
     "exclude": "regexes separated by ';'",
     "block_pattern": "regex with one group for the block number",
@@ -117,7 +117,7 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
     save_text = str(args.get("save_dtype", "fp32")).strip().lower()
     if save_text not in _SAVE_DTYPES:
         raise ConfigError(f"network_args save_dtype={save_text!r} is unknown; use fp32, bf16, fp16 or auto")
-    option_names = {o.name for s in SELECTORS.values() for o in s.options}
+    option_names = selector_options()
     selection = SelectionSettings.create(
         str(args["ff"]).strip(),
         str(args["ffid"]).strip(),

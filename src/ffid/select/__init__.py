@@ -14,7 +14,7 @@ from typing import Any
 
 from ..selection import Selection
 from .base import Option, Selector
-from .registry import SELECTORS, get_selector
+from .registry import SELECTORS, get_selector, selector_options
 from .settings import DEFAULT_SELECTOR, SelectionSettings, check_ff, check_ffid
 
 
@@ -53,4 +53,5 @@ __all__ = [
     "check_ffid",
     "get_selector",
     "plan",
+    "selector_options",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError, did_you_mean
-from .base import Selector
+from .base import Option, Selector
 from .compat_v2 import CompatV2Selector
 from .spread import SpreadSelector
 
@@ -23,3 +23,14 @@ def get_selector(name: Any) -> Selector:
             f"unknown selector {name!r}; {did_you_mean(name, SELECTORS)}choose one of: {', '.join(SELECTORS)}"
         )
     return SELECTORS[name]
+
+
+def selector_options() -> dict[str, tuple[Option, tuple[str, ...]]]:
+    """Every option name any registered selector takes -> (its first definition, the selectors
+    that take it): what clients offer as flags or keys (``--slots``, ``network_args seed=``)."""
+    out: dict[str, tuple[Option, tuple[str, ...]]] = {}
+    for selector in SELECTORS.values():
+        for opt in selector.options:
+            first, owners = out.get(opt.name, (opt, ()))
+            out[opt.name] = (first, (*owners, selector.name))
+    return out
