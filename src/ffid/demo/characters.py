@@ -47,6 +47,8 @@ def train_character(
         caption_dropout=0.0,
     )
     out = Path(cfg.output_dir) / run_name
+    # a preserved run takes its method's recipe (projection: its own selection, budget and rate)
+    recipe = cfg.preserved_recipe() if preserve else {}
     tcfg = config_from_mapping(
         {
             "model_type": "demo",
@@ -68,6 +70,7 @@ def train_character(
             "preserve": "on" if preserve else "off",
             "preserve_weight": cfg.preserve_weight,
             "preserve_items": cfg.preserve_items,
+            **recipe,
             "task_args": {
                 "concepts": {name: digit},
                 "caption_dropout": 0.0,

@@ -8,14 +8,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
-from ..preserve import DEFAULT_WEIGHT
-from ..select import DEFAULT_SELECTOR, SelectionSettings
+from ..preserve import DEFAULT_WEIGHT, ProjectionSettings
+from ..preserve import METHODS as PRESERVE_METHODS
+from ..preserve.projection import DEFAULT_ENERGY
+from ..select import DEFAULT_SELECTOR, ROW_SELECTOR, SelectionSettings
 from .model import ModelSpec
 
 DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key cannot see
 # character2's recipes; the last is the recommended one, merged into the full checkpoint
 VARIANTS = ("plain", "rehearsed", "preserved")
 CHARACTER2_MODES = ("all", *VARIANTS)
+# Projection's recipe: the blocks' Linears (the prototype's choice; the text embedder diverged
+# there), whole rows, self-sampled protected inputs. Budget, rate and energy: docs/preservation.md.
+PROJECTION_RECIPE: dict[str, Any] = {
+    "include": r"^blocks\.",
+    "ff": 0.05,
+    "slots": 10,  # ids 0..9: up to 9 characters in ids 1..9, each at most a tenth of every matrix's rows
+    "learning_rate": 3e-3,
+    "energy": DEFAULT_ENERGY,
+}
 
 
 @dataclass
@@ -49,8 +60,13 @@ class DemoConfig:
     # three from the same state, side by side
     character2_mode: str = "all"
     # preservation (the preserved variant): ffid train's preserve_* keys
+    preserve_method: str = "loss"  # "loss" or "projection" (its own recipe: PROJECTION_RECIPE)
     preserve_weight: float = DEFAULT_WEIGHT
     preserve_items: int = 8
+    # projection's recipe; None = PROJECTION_RECIPE's value (see preserved_recipe)
+    projection_ff: float | None = None
+    projection_lr: float | None = None
+    preserve_energy: float | None = None
     # sampling and judging
     samples: int = 32  # per prompt, for the scores
     sample_steps: int = 20
@@ -91,6 +107,19 @@ class DemoConfig:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be at least 1")
         if not (math.isfinite(self.preserve_weight) and self.preserve_weight > 0):
             raise ConfigError(f"--preserve_weight {self.preserve_weight} must be a positive number")
+        if self.preserve_method not in PRESERVE_METHODS:
+            raise ConfigError(
+                f"--preserve_method {self.preserve_method!r} is not one of {', '.join(PRESERVE_METHODS)}"
+            )
+        recipe = self.preserved_recipe()
+        ProjectionSettings(energy=recipe.get("preserve_energy", DEFAULT_ENERGY)).validate()
+        SelectionSettings.create(
+            recipe["ff"],
+            self.ffid2,
+            recipe["selector"],
+            include=recipe.get("include"),
+            **recipe.get("selector_args", {}),
+        )
         if self.preserve_items < 1:
             raise ConfigError(f"--preserve_items {self.preserve_items} must be at least 1")
         for name in ("pretrain_lr", "learning_rate"):
@@ -98,6 +127,22 @@ class DemoConfig:
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"--{name} {value} must be a positive number")
         return self
+
+    def preserved_recipe(self) -> dict[str, Any]:
+        """``ffid train`` keys of a preserved run: the loss method keeps the demo's selection and
+        rate; projection trains whole rows of the blocks' Linears at its own budget and rate."""
+        if self.preserve_method != "projection":
+            return {"ff": self.ff, "selector": self.selector, "learning_rate": self.learning_rate}
+        r = PROJECTION_RECIPE
+        return {
+            "ff": self.projection_ff if self.projection_ff is not None else r["ff"],
+            "selector": ROW_SELECTOR,
+            "selector_args": {"slots": r["slots"]},
+            "include": [r["include"]],
+            "learning_rate": self.projection_lr if self.projection_lr is not None else r["learning_rate"],
+            "preserve_method": "projection",
+            "preserve_energy": self.preserve_energy if self.preserve_energy is not None else r["energy"],
+        }
 
     @property
     def character2_variants(self) -> list[str]:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, MissingFileError, ModelFileError
 from ..preserve import mse_per_item
 from .data import DIGIT_WORDS, Concept, encode_prompt, load_digit_images
-from .model import ModelSpec, build_model, flow_matching_loss, predict
+from .model import ModelSpec, build_model, flow_matching_loss, predict, sample
 
 if TYPE_CHECKING:
     from torch import nn
@@ -247,6 +247,25 @@ class DemoTask:
             "t": torch.rand(n, generator=generator),
             "text": torch.stack([encode_prompt(p) for p in prompts]),
         }
+
+    def projection_batches(
+        self, model: nn.Module, prompts: list[str], generator: torch.Generator, settings: Any
+    ) -> list[dict[str, torch.Tensor]]:
+        """The protected inputs of the projection method: each prompt drawn ``settings.draws`` times
+        by ``model`` (its own sampler, guidance as the demo samples), each drawing re-noised at
+        ``settings.times`` random times. Randomness from ``generator`` only."""
+        s = self.spec
+        todo = [p for p in prompts for _ in range(settings.draws)]
+        seeds = torch.randint(0, 2**31 - 1, (len(todo),), generator=generator).tolist()
+        drawn = sample(model, todo, seeds, steps=settings.sample_steps, spec=s).float()
+        text = torch.stack([encode_prompt(p) for p in todo])
+        out = []
+        for _ in range(settings.times):
+            t = torch.rand(len(todo), generator=generator)
+            noise = torch.randn(drawn.shape, generator=generator)
+            tt = t.view(-1, *([1] * (drawn.dim() - 1)))
+            out.append({"x": (1 - tt) * drawn + tt * noise, "t": t, "text": text})
+        return out
 
     def preservation_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return predict(model, batch["x"], batch["t"], batch["text"])

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..selection import Selection
 from .base import Option, Selector
-from .registry import SELECTORS, get_selector, selector_options
+from .registry import ROW_SELECTOR, SELECTORS, get_selector, selector_options
 from .settings import DEFAULT_SELECTOR, SelectionSettings, check_ff, check_ffid
 
 
@@ -45,6 +45,7 @@ def plan(
 
 __all__ = [
     "DEFAULT_SELECTOR",
+    "ROW_SELECTOR",
     "SELECTORS",
     "Option",
     "SelectionSettings",

@@ -57,6 +57,7 @@ class Selector:
     name: str = ""
     help: str = ""
     options: tuple[Option, ...] = ()
+    whole_rows: bool = False  # every selection is whole rows of 2-D tensors (projection can use it)
 
     def parse_options(
         self, given: Mapping[str, Any], flag: Callable[[str], str] | None = None

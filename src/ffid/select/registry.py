@@ -11,9 +11,12 @@ from typing import Any
 from ..errors import ConfigError, did_you_mean
 from .base import Option, Selector
 from .compat_v2 import CompatV2Selector
+from .rows import RowsSelector
 from .spread import SpreadSelector
 
-SELECTORS: dict[str, Selector] = {s.name: s for s in (SpreadSelector(), CompatV2Selector())}
+SELECTORS: dict[str, Selector] = {s.name: s for s in (SpreadSelector(), CompatV2Selector(), RowsSelector())}
+# The selector whose selections are whole rows of matrices: what protection by projection trains.
+ROW_SELECTOR = RowsSelector.name
 
 
 def get_selector(name: Any) -> Selector:

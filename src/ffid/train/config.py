@@ -42,6 +42,7 @@ DTYPES = ("auto", *TRAIN_DTYPES)
 SAVE_PRECISION = TRAIN_DTYPES
 TIMESTEP_SAMPLING = ("shift", "uniform", "sigmoid")
 PRESERVE = ("auto", "on", "off")
+PRESERVE_METHODS = ("loss", "projection")
 
 
 def _key(
@@ -125,6 +126,26 @@ class TrainConfig:
         "auto",
         choices=PRESERVE,
         trajectory=True,
+    )
+    preserve_method: str = _key(
+        "how preservation keeps base_deltas: 'loss' (a distance to base + base_deltas added to the loss; "
+        "any selector) or 'projection' (every trained row's change kept off the inputs its layer sees "
+        "for the protected prompts; needs selector = 'rows')",
+        "loss",
+        choices=PRESERVE_METHODS,
+        trajectory=True,
+    )
+    preserve_energy: float = _key(
+        "projection: share of the sampled (image-side) protected inputs' energy the bases keep; the text "
+        "side is kept whole",
+        0.99,
+        trajectory=True,
+    )
+    preserve_draws: int = _key(
+        "projection: the model's own drawings per protected prompt in the feature pass", 4, trajectory=True
+    )
+    preserve_times: int = _key(
+        "projection: random re-noising times per drawing in the feature pass", 2, trajectory=True
     )
     preserve_weight: float = _key("weight of the preservation loss", 16.0, trajectory=True)
     preserve_items: int = _key(
@@ -233,6 +254,7 @@ class TrainConfig:
         from ..preserve import PreserveSettings  # the one place the preservation settings are checked
 
         PreserveSettings(self.preserve_weight, max(1, self.preserve_items), self.preserve_every).validate()
+        self.projection_settings()
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm = {self.max_grad_norm} must be 0 (off) or positive")
         if not (math.isfinite(self.sigmoid_scale) and self.sigmoid_scale > 0):
@@ -252,6 +274,14 @@ class TrainConfig:
         if self.ff is not None and self.ffid is not None:
             self.selection()
         return self
+
+    def projection_settings(self) -> Any:
+        """The :class:`~ffid.preserve.ProjectionSettings` of ``preserve_method = 'projection'``."""
+        from ..preserve import ProjectionSettings
+
+        return ProjectionSettings(
+            energy=self.preserve_energy, draws=self.preserve_draws, times=self.preserve_times
+        ).validate()
 
     def selection(self) -> SelectionSettings:
         """The run's :class:`~ffid.select.SelectionSettings` (what ``ffid plan`` shows for the same keys)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
-from ..preserve import Preservable, Preserver, PreserveSettings, protected_prompts
+from ..preserve import Preservable, Preserver, PreserveSettings, Projector, protected_prompts
 from .config import TrainConfig
 from .task import Task
 
@@ -16,8 +18,10 @@ def trained_prompts(task: Task, dataset: Any) -> list[str]:
     return [p for p in fn(dataset) if p] if callable(fn) else []
 
 
-def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple[Preserver | None, str]:
-    """The run's :class:`Preserver` (or None) and a line for the start-up summary.
+def make_preserver(
+    cfg: TrainConfig, task: Task, handle: Any, dataset: Any
+) -> tuple[Preserver | Projector | None, str]:
+    """The run's :class:`Preserver` or :class:`Projector` (or None) and a line for the summary.
 
     ``preserve = auto`` turns it on for runs on top of ``base_deltas``; every bad setting is
     refused here, before anything is written.
@@ -25,6 +29,8 @@ def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> t
     if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
         why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
         return None, f"  preservation: off ({why})"
+    if cfg.preserve_method == "projection":
+        return None, ""  # made by make_projector once the optimizer exists
     if not isinstance(task, Preservable):
         if cfg.preserve == "on":
             raise ConfigError(
@@ -32,6 +38,16 @@ def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> t
                 "preservation_batch/preservation_outputs/preservation_distance); set preserve = 'off'"
             )
         return None, f"  preservation: off (task {task.name!r} does not support it)"
+    protected, notes = _protected(cfg, task, dataset)
+    items = cfg.preserve_items or max(1, cfg.batch_size // 4)
+    preserver = Preserver(
+        handle, task, protected, PreserveSettings(cfg.preserve_weight, items, cfg.preserve_every)
+    )
+    return preserver, "\n".join([preserver.describe(), *(f"  preservation: {n}" for n in notes)])
+
+
+def _protected(cfg: TrainConfig, task: Task, dataset: Any) -> tuple[list[Any], list[str]]:
+    """The protected prompts of the run (both methods protect the same set) and notes for the log."""
     regularisation: list[str] = []
     if cfg.preserve_regularisation and callable(getattr(task, "regularisation_prompts", None)):
         regularisation = list(task.regularisation_prompts(dataset))  # type: ignore[attr-defined]
@@ -43,8 +59,33 @@ def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> t
     if callable(prepare):
         # e.g. the wan task finds each prompt's text encoding in the caches (or refuses)
         protected, notes = prepare(protected, cfg, dataset)
-    items = cfg.preserve_items or max(1, cfg.batch_size // 4)
-    preserver = Preserver(
-        handle, task, protected, PreserveSettings(cfg.preserve_weight, items, cfg.preserve_every)
-    )
-    return preserver, "\n".join([preserver.describe(), *(f"  preservation: {n}" for n in notes)])
+    return protected, notes
+
+
+def make_projector(
+    cfg: TrainConfig,
+    task: Task,
+    handle: Any,
+    dataset: Any,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    device: Any = None,
+    autocast: Any = None,
+) -> tuple[Projector | None, str]:
+    """``preserve_method = 'projection'``: the feature pass (refused here, before anything is
+    written, when it leaves no free direction), then the optimizer hooked to project every step.
+
+    The feature pass draws from a generator of its own, seeded by the run's seed, so the training
+    stream is the same with and without it and a resumed run rebuilds the same bases."""
+    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
+        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
+        return None, f"  preservation: off ({why})"
+    if cfg.preserve_method != "projection":
+        return None, ""
+    protected, notes = _protected(cfg, task, dataset)
+    projector = Projector(handle, task, protected, cfg.projection_settings())
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + 104729)
+    kw = {"autocast": autocast} if autocast is not None else {}
+    projector.collect(model, generator, device=device, **kw)
+    projector.install(optimizer)
+    return projector, "\n".join([projector.describe(), *(f"  preservation: {n}" for n in notes)])

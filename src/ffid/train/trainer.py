@@ -27,7 +27,7 @@ from .data import BatchOrder, move_to
 from .io import make_output_dir
 from .monitor import TrainMonitor, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
-from .preservation import make_preserver, trained_prompts
+from .preservation import make_preserver, make_projector, trained_prompts
 from .saver import CheckpointSaver
 from .setup import buckets, enable_checkpointing, make_accelerator, place, resume_folder, total_steps
 from .state import (
@@ -164,6 +164,18 @@ class TrainRecipe:
         assert task is not None
         self.optimizer = self.handle.guard(build_optimizer(cfg, self.params))
         self.preserver, self.preserve_line = make_preserver(cfg, task, self.handle, self.parts[0])
+        # after the optimizer, whose steps it hooks; refusals here still write nothing
+        self.projector, line = make_projector(
+            cfg,
+            task,
+            self.handle,
+            self.parts[0],
+            self.model,
+            self.optimizer,
+            device=self.device,
+            autocast=self.accelerator.autocast,
+        )
+        self.preserve_line = line or self.preserve_line
         self.prompts = trained_prompts(task, self.parts[0])
         groups = buckets(self.parts) if cfg.batch_size > 1 else None
         self.order = BatchOrder(self.n_items, cfg.batch_size, cfg.seed, self.rank, self.world, groups)

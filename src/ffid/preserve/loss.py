@@ -1,7 +1,7 @@
-"""Preservation: keep what earlier ids taught while a new id trains, without their data.
+"""The preservation loss: keep what earlier ids taught by pulling towards a teacher.
 
 Disjoint ids share no weight, but they share the function: training id 2 moves activations
-that id 1's prompts flow through, so a plain run on top of id 1 can wash id 1 out. Preservation
+that id 1's prompts flow through, so a plain run on top of id 1 can wash id 1 out. This method
 adds, every ``every`` steps, a second term to the loss,
 
     weight * mean_i distance(student(x_i), teacher(x_i)),
@@ -13,7 +13,9 @@ latents and random times for diffusion models, or on the text itself for causal 
 
 The teacher is :meth:`ffid.engine.FfidHandle.teacher`: the same model with this run's slice
 at its starting values, which is exactly base + earlier deltas since ids are disjoint. No copy
-of the model is made; the price is one extra no-grad forward of the protected items.
+of the model is made; the price is one extra no-grad forward of the protected items. It is a
+trade between the new and the old (a seesaw): :mod:`ffid.preserve.projection` keeps the old by
+construction instead.
 
 All randomness comes from the trainer's generator and the items of a step are a function of
 the step number, so a resumed run repeats an uninterrupted one exactly.
@@ -22,43 +24,22 @@ the step number, so a resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from .checkpoint.delta import KEY_PROMPTS, KEY_TRIGGER_WORDS
-from .errors import ConfigError
+from ..errors import ConfigError
+from .prompts import Protected
 
 if TYPE_CHECKING:
     from torch import nn
 
-PROMPTS_KEY = KEY_PROMPTS  # delta metadata: JSON list of the prompts/captions a run trained
-TRIGGER_KEY = KEY_TRIGGER_WORDS  # delta metadata: JSON list of the run's trigger words
 # Chosen on `ffid demo` (seed 0): weights 1 / 4 / 16 kept 67% / 89% / 96% of character1's gain
 # (docs/preservation.md); checked on seeds 1 and 2. Not measured on a full-size Wan.
 DEFAULT_WEIGHT = 16.0
-MAX_RECORDED = 1000  # prompts recorded per delta (a caption per image can be many)
-EMPTY_LABEL = "<empty>"
-
-
-@dataclass(frozen=True)
-class Protected:
-    """One protected prompt and where it came from (a delta file, ``empty``, ``regularisation``, ``user``)."""
-
-    prompt: str
-    source: str
-
-    @property
-    def label(self) -> str:
-        """A short name for logs: the prompt, cut to 40 characters, or ``<empty>``."""
-        if not self.prompt:
-            return EMPTY_LABEL
-        return self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -100,82 +81,6 @@ class Preservable(Protocol):
     ) -> torch.Tensor:
         """Per-item distance ``[n]`` between student and teacher outputs (MSE, or KL for LMs)."""
         ...
-
-
-def _string_list(raw: str | None, key: str, path: Path) -> list[str]:
-    if not raw:
-        return []
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(
-            f"{path}: metadata {key!r} is not a JSON list of strings; re-save the delta or give the "
-            "prompts with preserve_prompts"
-        )
-    return value
-
-
-def recorded_prompts(delta: str | Path) -> list[str] | None:
-    """The prompts and trigger words a delta's run recorded, or ``None`` when it recorded none
-    (a delta from ``ffid extract``, an older ffid, or another tool). Reads the header only."""
-    from .checkpoint.delta import DeltaFile
-
-    path = Path(delta)
-    meta = DeltaFile(path).metadata
-    if PROMPTS_KEY not in meta and TRIGGER_KEY not in meta:
-        return None
-    return _string_list(meta.get(PROMPTS_KEY), PROMPTS_KEY, path) + _string_list(
-        meta.get(TRIGGER_KEY), TRIGGER_KEY, path
-    )
-
-
-def prompt_metadata(prompts: Iterable[str], trigger_words: Iterable[str] = ()) -> dict[str, str]:
-    """Delta metadata recording what a run trained, for later runs to protect."""
-    unique = list(dict.fromkeys(p for p in prompts if isinstance(p, str)))[:MAX_RECORDED]
-    meta = {PROMPTS_KEY: json.dumps(unique, ensure_ascii=False)}
-    words = list(dict.fromkeys(trigger_words))
-    if words:
-        meta[TRIGGER_KEY] = json.dumps(words, ensure_ascii=False)
-    return meta
-
-
-def protected_prompts(
-    base_deltas: Sequence[str | Path],
-    *,
-    empty: bool = True,
-    regularisation: Sequence[str] = (),
-    extra: Sequence[str] = (),
-) -> list[Protected]:
-    """The protected prompts of a run on top of ``base_deltas``, deduplicated, in a fixed order:
-    each delta's recorded prompts, the user's ``extra``, the regularisation prompts, the empty one.
-
-    A delta that recorded nothing is an error unless the user gives ``extra`` prompts: without
-    them that delta's character would silently go unprotected.
-    """
-    out: dict[str, Protected] = {}
-    silent = []
-    for delta in base_deltas:
-        got = recorded_prompts(delta)
-        if got is None:
-            silent.append(Path(delta).name)
-            continue
-        for p in got:
-            out.setdefault(p, Protected(p, Path(delta).name))
-    if silent and not extra:
-        raise ConfigError(
-            f"base delta {silent[0]!r} records no prompts (it was made by `ffid extract`, another tool or "
-            "an older ffid), so preservation cannot know what it taught; give its trigger prompt(s) "
-            "with preserve_prompts = ['...'], or set preserve = 'off'"
-        )
-    for p in extra:
-        out.setdefault(p, Protected(p, "user"))
-    for p in regularisation:
-        out.setdefault(p, Protected(p, "regularisation"))
-    if empty:
-        out.setdefault("", Protected("", "empty"))
-    return list(out.values())
 
 
 def mse_per_item(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -354,19 +259,3 @@ class Preserver:
             f"  preservation: weight {s.weight}, {s.items} protected inputs every {s.every} step(s), "
             f"teacher = base + earlier deltas; protecting {len(self.protected)} prompt(s): {shown}{more}"
         )
-
-
-__all__ = [
-    "PROMPTS_KEY",
-    "TRIGGER_KEY",
-    "Preservable",
-    "PreserveSettings",
-    "PreserveStep",
-    "Preserver",
-    "Protected",
-    "TextPreservation",
-    "mse_per_item",
-    "prompt_metadata",
-    "protected_prompts",
-    "recorded_prompts",
-]

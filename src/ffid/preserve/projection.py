@@ -1,0 +1,439 @@
+"""Protection by projection: keep earlier characters by construction, not by a loss weight.
+
+A Linear layer ``y = W x`` changes its answer to an input ``x`` only through ``dW x``. Collect the
+inputs ``x`` the layer sees while the model draws the *protected prompts* (the same set the loss
+method protects: earlier deltas' prompts, the user's, the regularisation prompts, the empty one),
+take an orthonormal basis ``Q`` of their span, and keep every trained row's change orthogonal to
+it, ``dW <- dW (I - Q Q^T)``: then ``dW x = 0`` for every protected input, and no weight trades the
+new character against the old ones.
+
+- **Text side (exact).** Layers that read only the text conditioning (Wan's cross-attention K/V,
+  the text embedder) see the same inputs whatever the latent and time. Their basis keeps every
+  direction of those inputs, so their outputs for the protected prompts stay what they were, up
+  to float rounding.
+- **Image side (sampled).** Every other layer reads image tokens. Its protected inputs come from
+  the model's own drawings of each protected prompt, re-noised at random times (pure-noise latents
+  are off the path sampling takes, and protected the wrong inputs in the prototype). Its basis
+  keeps the leading directions holding ``energy`` of those inputs' energy.
+- The change *since the run started* is projected after every optimizer step (Adam's per-element
+  scaling moves an update out of the allowed subspace, so projecting the gradient alone is not
+  enough); the gradient is projected too, so that Adam's moments are not spent on directions the
+  projection removes.
+- Only whole rows can be projected (a sparse change of a row becomes dense), so the method trains
+  the ``rows`` selector's selections. ``--ffid`` still gives disjoint rows, so deltas of different
+  ids still merge in any order; protection itself now comes from the subspaces.
+
+Cost: one feature pass before training (no extra forward per step) and two small products per
+trained tensor per step. Bases are computed in float64 on the CPU from inputs drawn with the
+run's seed, eigenvalue ties broken by index, so a resumed run rebuilds the same bases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import ConfigError
+from ..names import canonical_name
+from ..select import ROW_SELECTOR, get_selector
+from .prompts import Protected
+
+if TYPE_CHECKING:
+    from torch import nn
+
+METHODS = ("loss", "projection")
+# Layers whose input is the text conditioning alone, in the namings ffid meets (diffusers Wan,
+# original Wan / musubi, the demo): protected exactly. A task may set ``projection_exact``.
+EXACT_PATTERN = (
+    r"(^|\.)(attn2\.(to_k|to_v|add_k_proj|add_v_proj)|cross_attn\.(k|v|k_img|v_img)"
+    r"|text_embedder\.linear_[12]|text_embedding\.[02])\.weight$"
+)
+# Directions whose energy is below this share of the largest are numerical noise, not inputs.
+RANK_TOL = 1e-12
+DEFAULT_ENERGY = 0.99
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """How the protected inputs are drawn and how much of their span the bases keep."""
+
+    energy: float = DEFAULT_ENERGY  # share of the sampled inputs' energy the image-side bases hold
+    draws: int = 4  # the model's own drawings per protected prompt
+    times: int = 2  # random re-noising times per drawing
+    sample_steps: int = 10  # sampler steps of a drawing (tasks that draw)
+    project_grad: bool = True  # also project the gradient before the optimizer sees it
+
+    def validate(self) -> ProjectionSettings:
+        e = self.energy
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (math.isfinite(e) and 0 < e <= 1):
+            raise ConfigError(
+                f"preserve_energy = {e!r} is outside (0, 1]; give the share of the protected inputs' energy "
+                f"to keep, e.g. {DEFAULT_ENERGY}"
+            )
+        for name in ("draws", "times", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"preserve_{name} = {getattr(self, name)} must be at least 1")
+        return self
+
+
+@runtime_checkable
+class ProjectionSource(Protocol):
+    """What a task provides to feed the feature pass with its own drawings (optional).
+
+    Without it a :class:`~ffid.preserve.Preservable` task's pure-noise ``preservation_batch`` is
+    used, ``draws * times`` times: weaker on the image side (see the module docstring).
+    """
+
+    def projection_batches(
+        self,
+        model: nn.Module,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        settings: ProjectionSettings,
+    ) -> Iterable[dict[str, Any]]:
+        """Batches of protected inputs: each prompt drawn ``settings.draws`` times by ``model``,
+        each drawing re-noised at ``settings.times`` random times; randomness from ``generator``."""
+        ...
+
+    def preservation_outputs(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Run the model on a batch (the feature pass only needs the forward)."""
+        ...
+
+
+@dataclass
+class _Group:
+    """Layers that read the very same input tensor share one basis (Wan's q/k/v; every block's
+    cross-attention K/V read the same text features)."""
+
+    width: int
+    exact: bool
+    gram: torch.Tensor | None = None  # float64 CPU, width x width, while collecting
+    basis: torch.Tensor | None = None  # float32, width x rank, on the proxies' device
+    rank: int = 0
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Trained:
+    """One trained tensor under projection: its proxy, start values and basis."""
+
+    name: str
+    proxy: torch.nn.Parameter
+    start: torch.Tensor  # [rows, width] fp32 on the proxy's device
+    group: _Group
+
+    @property
+    def rows(self) -> int:
+        return self.start.shape[0]
+
+
+@dataclass(frozen=True)
+class ProjectionStats:
+    """What the feature pass found, for the run's summary and report."""
+
+    groups: int
+    exact_groups: int
+    trained: int  # tensors under projection
+    trained_rows: int
+    rows_without_room: int  # rows whose every direction is protected (they cannot move)
+    basis_bytes: int
+    inputs: int  # protected input batches run
+    ranks: dict[str, tuple[int, int]]  # first member of each group -> (rank, width)
+
+
+def _module_of(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    """Canonical weight name -> the module owning it as ``weight`` (for the names asked)."""
+    out: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if module._parameters.get("weight") is not None:
+            name = canonical_name(f"{path}.weight" if path else "weight")
+            if name in names and name not in out:
+                out[name] = module
+    return out
+
+
+def basis_from_gram(gram: torch.Tensor, energy: float, exact: bool) -> torch.Tensor:
+    """Orthonormal columns spanning ``gram``'s leading directions (float64).
+
+    Exact groups keep every direction above :data:`RANK_TOL`; sampled groups the fewest leading
+    directions holding ``energy`` of the trace. Eigenvalue ties are broken by index (stable sort),
+    so the basis is a function of the Gram matrix alone.
+    """
+    values, vectors = torch.linalg.eigh(gram)
+    values = values.clamp(min=0)
+    order = torch.sort(-values, stable=True).indices
+    values, vectors = values[order], vectors[:, order]
+    top = float(values[0]) if values.numel() else 0.0
+    if top <= 0:
+        return vectors[:, :0]
+    rank = int((values > top * RANK_TOL).sum())
+    if not exact and energy < 1:
+        share = torch.cumsum(values, 0) / values.sum()
+        rank = min(rank, int((share < energy).sum()) + 1)
+    return vectors[:, :rank]
+
+
+class Projector:
+    """Keeps this run's change off the protected prompts' inputs; usable from any training loop.
+
+    ``handle`` is the attached :class:`~ffid.engine.FfidHandle` (a ``rows`` selection), ``task``
+    runs the model (:class:`ProjectionSource` or a ``Preservable``), ``protected`` the prompts::
+
+        projector = Projector(handle, task, protected_prompts([delta1]), ProjectionSettings())
+        projector.collect(model, torch.Generator().manual_seed(seed))   # the feature pass
+        projector.install(optimizer)                                    # project at every step
+    """
+
+    def __init__(
+        self,
+        handle: Any,
+        task: Any,
+        protected: Sequence[Protected],
+        settings: ProjectionSettings | None = None,
+        *,
+        exact_pattern: str | None = None,
+    ):
+        if not protected:
+            raise ConfigError(
+                "preserve_method = 'projection' but there is no protected prompt: train on top of "
+                "base_deltas that record prompts, give preserve_prompts = ['...'], keep preserve_empty "
+                "on, or set preserve = 'off'"
+            )
+        if not callable(getattr(task, "preservation_outputs", None)):
+            raise ConfigError(
+                f"task {getattr(task, 'name', type(task).__name__)!r} cannot run protected inputs (it "
+                "lacks preservation_outputs); set preserve = 'off'"
+            )
+        self.handle = handle
+        self.task = task
+        self.protected = list(protected)
+        self.settings = (settings or ProjectionSettings()).validate()
+        pattern = exact_pattern or getattr(task, "projection_exact", None) or EXACT_PATTERN
+        self._exact = re.compile(pattern)
+        self._trained: list[_Trained] = []
+        self._groups: list[_Group] = []
+        self._hooks: list[Any] = []
+        self.stats: ProjectionStats | None = None
+        self._check_rows()
+
+    # -- what is trained ----------------------------------------------------------------------
+    def _check_rows(self) -> None:
+        """Every trained tensor must be whole rows of a Linear weight: refuse anything else now."""
+        sel = self.handle.selection
+        if not get_selector(sel.selector).whole_rows:
+            raise ConfigError(
+                f"preserve_method = 'projection' trains whole rows of Linear weights, but the {sel.selector} "
+                f"selector takes scattered elements; use selector = {ROW_SELECTOR!r}"
+            )
+        modules = _module_of(self.handle.model, set(sel))
+        for name, pick in sel.items():
+            module = modules.get(name)
+            if module is None or len(pick.shape) != 2 or not isinstance(module, torch.nn.Linear):
+                raise ConfigError(
+                    f"preserve_method = 'projection' can only protect rows of Linear weights, and "
+                    f"{name!r} is not one; exclude it (exclude = [...])"
+                )
+            idx = pick.indices()
+            cols = pick.shape[1]
+            rows = idx[::cols] // cols if idx.numel() else idx
+            whole = idx.numel() % cols == 0 and torch.equal(
+                idx, (rows[:, None] * cols + torch.arange(cols)).reshape(-1)
+            )
+            if not whole:
+                raise ConfigError(
+                    f"preserve_method = 'projection' trains whole rows, but the {sel.selector} selection "
+                    f"takes scattered elements of {name!r}; use selector = {ROW_SELECTOR!r}"
+                )
+
+    # -- the feature pass -----------------------------------------------------------------------
+    def _batches(self, model: nn.Module, generator: torch.Generator) -> Iterable[dict[str, Any]]:
+        prompts = [p.prompt for p in self.protected]
+        if callable(getattr(self.task, "projection_batches", None)):
+            return self.task.projection_batches(model, prompts, generator, self.settings)
+        make = getattr(self.task, "preservation_batch", None)
+        if not callable(make):
+            raise ConfigError(
+                f"task {getattr(self.task, 'name', '?')!r} gives no protected inputs (neither "
+                "projection_batches nor preservation_batch); set preserve = 'off'"
+            )
+        n = self.settings.draws * self.settings.times
+        return [make(prompts, generator) for _ in range(n)]
+
+    def collect(
+        self,
+        model: nn.Module,
+        generator: torch.Generator,
+        *,
+        device: torch.device | str | None = None,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> ProjectionStats:
+        """The feature pass: run the protected inputs through the model as it was before this run
+        (the handle's teacher), gather each trained layer's inputs, and build the bases."""
+        sel = self.handle.selection
+        modules = _module_of(model, set(sel))
+        # The inputs of the current forward, held so that no address is reused while it runs:
+        # layers that read the very same tensor object share one basis.
+        seen: dict[str, torch.Tensor] = {}
+        leader: dict[str, str] = {}  # layer -> the first layer that read the same tensor
+        grams: dict[str, torch.Tensor] = {}
+        first_forward = True
+
+        def hook(name: str) -> Callable[..., None]:
+            def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                if first_forward:
+                    owner = next((n for n, t in seen.items() if t is x), None)
+                    leader[name] = leader[owner] if owner else name
+                elif leader[name] != name:
+                    if seen.get(leader[name]) is not x:
+                        raise ConfigError(
+                            f"projection: {name!r} read another input than {leader[name]!r} on a later "
+                            "protected input; the model's layers share inputs differently from call to call"
+                        )
+                    seen[name] = x
+                    return
+                seen[name] = x
+                if leader[name] != name:
+                    return
+                flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
+                gram = flat.T @ flat
+                grams[name] = grams[name] + gram if name in grams else gram
+
+            return pre
+
+        batches = 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.handle.teacher():
+                # The task may draw with the model here: the hooks are not installed yet.
+                items = list(self._batches(model, generator))
+                self._hooks = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+                for batch in items:
+                    if device is not None:
+                        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    seen.clear()
+                    with autocast():
+                        self.task.preservation_outputs(model, batch)
+                    first_forward = False
+                    batches += 1
+                seen.clear()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            model.train(was_training)
+        missing = [n for n in modules if n not in leader]
+        if missing or not batches:
+            raise ConfigError(
+                f"projection: the protected inputs never reached {missing[0] if missing else 'the model'!r}; "
+                "it is not used by the model's forward, so it cannot be protected: exclude it"
+            )
+        self._build(grams, leader)
+        return self._summarise(batches)
+
+    def _build(self, grams: dict[str, torch.Tensor], leader: dict[str, str]) -> None:
+        proxies = dict(self.handle.proxies())
+        starts = self.handle.base_values()
+        by_leader: dict[str, _Group] = {}
+        for name in sorted(leader):
+            head = leader[name]
+            if head not in by_leader:
+                width = grams[head].shape[0]
+                by_leader[head] = _Group(width=width, exact=True)
+            group = by_leader[head]
+            group.members.append(name)
+            group.exact = group.exact and bool(self._exact.search(name))
+        for head, group in by_leader.items():
+            q = basis_from_gram(grams[head], self.settings.energy, group.exact)
+            dev = proxies[group.members[0]].device
+            group.basis = q.to(device=dev, dtype=torch.float32)
+            group.rank = q.shape[1]
+        self._groups = list(by_leader.values())
+        self._trained = []
+        for name, group in ((n, by_leader[leader[n]]) for n in sorted(leader)):
+            proxy = proxies[name]
+            start = starts[name].to(device=proxy.device, dtype=torch.float32).view(-1, group.width)
+            self._trained.append(_Trained(name, proxy, start, group))
+        if all(t.group.rank >= t.group.width for t in self._trained):
+            first = self._trained[0]
+            raise ConfigError(
+                f"projection leaves no free direction in any trained row: the protected inputs of "
+                f"{first.name!r} span all {first.group.width} of its input directions (and so for every "
+                "trained tensor); lower preserve_energy (e.g. 0.95), protect fewer prompts, or train wider "
+                "layers"
+            )
+
+    def _summarise(self, batches: int) -> ProjectionStats:
+        self.stats = ProjectionStats(
+            groups=len(self._groups),
+            exact_groups=sum(g.exact for g in self._groups),
+            trained=len(self._trained),
+            trained_rows=sum(t.rows for t in self._trained),
+            rows_without_room=sum(t.rows for t in self._trained if t.group.rank >= t.group.width),
+            basis_bytes=sum(g.width * g.rank * 4 for g in self._groups),
+            inputs=batches,
+            ranks={g.members[0]: (g.rank, g.width) for g in self._groups},
+        )
+        return self.stats
+
+    # -- the step ---------------------------------------------------------------------------------
+    @staticmethod
+    def _off(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``d (I - Q Q^T)`` for the rows of ``d`` (``[rows, width]``), without forming ``I - Q Q^T``."""
+        return d - (d @ q) @ q.T if q.shape[1] else d
+
+    def _tensors(self) -> Iterator[tuple[_Trained, torch.Tensor]]:
+        if self.stats is None:
+            raise ConfigError("projection: call collect() (the feature pass) before training")
+        for t in self._trained:
+            assert t.group.basis is not None
+            yield t, t.group.basis
+
+    @torch.no_grad()
+    def project_grads(self) -> None:
+        """Project each trained tensor's gradient off its protected inputs (before the step)."""
+        for t, q in self._tensors():
+            g = t.proxy.grad
+            if g is not None:
+                g.copy_(self._off(g.view(t.rows, -1).float(), q).view_as(g))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Project each trained tensor's change since the start off its protected inputs."""
+        for t, q in self._tensors():
+            value = t.proxy.view(t.rows, -1)
+            d = self._off(value.float() - t.start, q)
+            value.copy_((t.start + d).to(value.dtype))
+
+    def install(self, optimizer: torch.optim.Optimizer) -> list[Any]:
+        """Hook ``optimizer``: gradients projected before each step, the change after it."""
+        hooks = []
+        if self.settings.project_grad:
+            hooks.append(optimizer.register_step_pre_hook(lambda *_: self.project_grads()))
+        hooks.append(optimizer.register_step_post_hook(lambda *_: self.project()))
+        return hooks
+
+    def describe(self) -> str:
+        """One summary line: prompts, bases, and rows that cannot move."""
+        shown = ", ".join(f"{p.label!r} ({p.source})" for p in self.protected[:6])
+        more = f" and {len(self.protected) - 6} more" if len(self.protected) > 6 else ""
+        line = (
+            f"  preservation: projection (energy {self.settings.energy}, {self.settings.draws} drawings x "
+            f"{self.settings.times} times per prompt); protecting {len(self.protected)} prompt(s): "
+            f"{shown}{more}"
+        )
+        s = self.stats
+        if s is not None:
+            line += (
+                f"\n  projection: {s.trained} tensors ({s.trained_rows:,} rows) in {s.groups} input groups "
+                f"({s.exact_groups} exact, text side); bases {s.basis_bytes / 2**20:.1f} MiB; "
+                f"{s.rows_without_room:,} trained rows have no free direction"
+            )
+        return line

@@ -1,0 +1,210 @@
+"""Protection by projection: exact on the text side, changes off the protected inputs, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffid.checkpoint import apply_delta
+from ffid.cli import main
+from ffid.demo.config import quick_config
+from ffid.demo.data import encode_prompt
+from ffid.demo.model import ModelSpec, build_model, predict
+from ffid.demo.task import load_model, save_model
+from ffid.errors import ConfigError
+from ffid.preserve import ProjectionSettings, Projector, Protected
+from ffid.preserve.projection import basis_from_gram
+from ffid.train import config_from_mapping, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPEC = ModelSpec(dim=32, heads=2, layers=2, ffn_dim=64, freq_dim=16)
+PRIOR = {"zero": 0, "one": 1}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("projection") / "base.safetensors"
+    save_model(build_model(SPEC, seed=0), SPEC, path)
+    return path
+
+
+def settings(out: Path, base: Path, name: str, digit: int, ffid: int, **extra: object) -> dict:
+    return {
+        "model_type": "demo",
+        "model_path": str(base),
+        "ff": 0.04,
+        "ffid": ffid,
+        "selector": "rows",
+        "selector_args": {"slots": 8},
+        "learning_rate": 3e-2,
+        "max_train_steps": 6,
+        "batch_size": 8,
+        "seed": 5,
+        "output_dir": str(out),
+        "output_name": name,
+        "logging_dir": "none",
+        "progress": False,
+        "preserve": "on",
+        "preserve_method": "projection",
+        "preserve_draws": 2,
+        "preserve_times": 2,
+        "task_args": {
+            "concepts": {name: digit},
+            "caption_dropout": 0.0,
+            "prior": PRIOR,
+            "prior_per_class": 4,
+        },
+        **extra,
+    }
+
+
+def run(out: Path, base: Path, name: str, digit: int, ffid: int, **extra: object):
+    result = train(config_from_mapping(settings(out, base, name, digit, ffid, **extra)))
+    result.handle.detach()
+    return result
+
+
+def outputs(model: torch.nn.Module, prompt: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 1, 1, 16, 16, generator=g)
+    t = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+    with torch.no_grad():
+        return predict(model.eval(), x, t, encode_prompt(prompt).expand(6, -1, -1))
+
+
+def with_deltas(base: Path, deltas: list[Path]) -> torch.nn.Module:
+    model, _ = load_model(base)
+    for d in deltas:
+        apply_delta(model, d)
+    return model
+
+
+def test_text_side_alone_keeps_every_protected_prompt_exactly(base: Path, tmp_path: Path) -> None:
+    # Only the cross-attention K/V are trained (at a high rate, so a leak would show): the model's
+    # answer to every protected prompt must stay the base's at any noise and time.
+    result = run(
+        tmp_path,
+        base,
+        "character1",
+        7,
+        1,
+        include=[r"attn2\.to_[kv]\.weight$"],
+        selector_args={"slots": 2},
+        ff=0.02,
+        learning_rate=0.1,
+        max_train_steps=10,
+    )
+    trained = with_deltas(base, [result.final])
+    reference, _ = load_model(base)
+    changed = (outputs(trained, "a digit character1", 1) - outputs(reference, "a digit character1", 1)).abs()
+    assert changed.max() > 1e-3  # the run did learn something for its own prompt
+    for prompt in ["a digit zero", "a digit one", ""]:  # the regularisation prompts and the empty one
+        for seed in (1, 2, 3):
+            a, b = outputs(trained, prompt, seed), outputs(reference, prompt, seed)
+            assert ((a - b).abs().max() / b.abs().max()) <= 1e-5, (prompt, seed)
+
+
+def test_every_trained_change_is_off_the_protected_inputs(base: Path, tmp_path: Path) -> None:
+    from ffid.demo.task import DemoTask
+
+    model, spec = load_model(base)
+    task = DemoTask([], model=model, spec=spec)
+    from ffid.engine import attach
+
+    handle = attach(model, ff=0.04, ffid=1, selector="rows", include=[r"^blocks\."], slots=8)
+    try:
+        protected = [Protected("a digit zero", "user"), Protected("", "empty")]
+        projector = Projector(handle, task, protected, ProjectionSettings(draws=2, times=2))
+        stats = projector.collect(model, torch.Generator().manual_seed(0))
+        assert stats.trained == len(handle.selection) and stats.exact_groups == 1
+        # every block's cross-attention K/V read the same text features: one group for all of them
+        kv = [n for n in handle.selection if "attn2.to_k" in n or "attn2.to_v" in n]
+        assert len({id(t.group) for t in projector._trained if t.name in kv}) == 1
+        opt = torch.optim.AdamW(handle.parameters(), lr=0.5)
+        projector.install(opt)
+        for _ in range(3):
+            for p in handle.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        for t in projector._trained:
+            q = t.group.basis
+            change = t.proxy.detach().view(t.rows, -1) - t.start
+            assert change.abs().max() > 0 or q.shape[1] == q.shape[0]
+            assert (change @ q).abs().max() <= 1e-5 * max(1.0, float(change.abs().max())), t.name
+    finally:
+        handle.detach()
+
+
+def test_bases_are_deterministic_and_keep_the_asked_energy() -> None:
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(3, 0.01, 16, dtype=torch.float64)
+    x = torch.randn(200, 16, generator=g, dtype=torch.float64) * scale
+    gram = x.T @ x
+    q1, q2 = basis_from_gram(gram, 0.9, exact=False), basis_from_gram(gram.clone(), 0.9, exact=False)
+    assert torch.equal(q1, q2)
+    kept = float(((x @ q1) ** 2).sum() / (x**2).sum())
+    assert kept >= 0.9
+    assert q1.shape[1] < 16
+    assert basis_from_gram(gram, 0.9, exact=True).shape[1] == 16  # the text side keeps every direction
+    low = x[:, :3] @ torch.randn(3, 16, generator=g, dtype=torch.float64)
+    assert basis_from_gram(low.T @ low, 1.0, exact=True).shape[1] == 3  # numerical rank, not width
+
+
+def test_projection_recipe_of_the_demo() -> None:
+    cfg = quick_config(preserve_method="projection").validate()
+    recipe = cfg.preserved_recipe()
+    assert recipe["selector"] == "rows" and recipe["preserve_method"] == "projection"
+    assert quick_config().validate().preserved_recipe()["selector"] == cfg.selector
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"preserve_method": "projectoin"}, "preserve_method"),
+        ({"preserve_energy": 0.0}, "preserve_energy = 0.0 is outside (0, 1]"),
+        ({"preserve_energy": 1.5}, "preserve_energy = 1.5 is outside (0, 1]"),
+        ({"selector": "spread", "selector_args": {}}, "use selector = 'rows'"),
+        (
+            {"preserve_empty": False, "preserve_regularisation": False},
+            "there is no protected prompt",
+        ),
+        (
+            {"preserve_energy": 1.0, "include": [r"^blocks\.0\.ffn"], "ff": 0.01},
+            "no free direction in any trained row",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: dict, needle: str
+) -> None:
+    out = tmp_path / "out"
+    cfg = settings(out, base, "character1", 7, 1, **extra)
+    with pytest.raises(ConfigError) as err:
+        train(config_from_mapping(cfg))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_cli_refuses_an_unknown_method(base: Path, tmp_path: Path) -> None:
+    code = main(
+        [
+            "train",
+            "--model_type",
+            "demo",
+            "--model_path",
+            str(base),
+            "--ff",
+            "0.04",
+            "--ffid",
+            "1",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--preserve_method",
+            "nope",
+        ]
+    )
+    assert code == 2
+    assert not (tmp_path / "o").exists()
