@@ -117,7 +117,7 @@ def test_every_trained_change_is_off_the_protected_inputs(base: Path, tmp_path: 
     handle = attach(model, ff=0.04, ffid=1, selector="rows", include=[r"^blocks\."], slots=8)
     try:
         protected = [Protected("a digit zero", "user"), Protected("", "empty")]
-        projector = Projector(handle, task, protected, ProjectionSettings(draws=2, times=2))
+        projector = Projector(handle, task, protected, ProjectionSettings(energy=1.0, draws=2, times=2))
         stats = projector.collect(model, torch.Generator().manual_seed(0))
         assert stats.trained == len(handle.selection) and stats.exact_groups == 1
         # every block's cross-attention K/V read the same text features: one group for all of them
@@ -129,10 +129,14 @@ def test_every_trained_change_is_off_the_protected_inputs(base: Path, tmp_path: 
             for p in handle.parameters():
                 p.grad = torch.randn_like(p)
             opt.step()
+        assert any(t.group.complement for t in projector._trained)  # both storages are exercised
+        assert any(not t.group.complement for t in projector._trained)
         for t in projector._trained:
             q = t.group.basis
+            if t.group.complement:  # q spans the free directions: the protected ones are the rest
+                q = torch.linalg.svd(torch.eye(q.shape[0]) - q @ q.T).U[:, : t.group.rank]
             change = t.proxy.detach().view(t.rows, -1) - t.start
-            assert change.abs().max() > 0 or q.shape[1] == q.shape[0]
+            assert change.abs().max() > 0 or t.group.rank == t.group.width
             assert (change @ q).abs().max() <= 1e-5 * max(1.0, float(change.abs().max())), t.name
     finally:
         handle.detach()

@@ -114,7 +114,10 @@ class _Group:
     width: int
     exact: bool
     gram: torch.Tensor | None = None  # float64 CPU, width x width, while collecting
-    basis: torch.Tensor | None = None  # float32, width x rank, on the proxies' device
+    # float32 on the proxies' device: Q (width x rank), or its complement (width x (width - rank))
+    # when that is narrower, so a basis never holds more than width / 2 columns
+    basis: torch.Tensor | None = None
+    complement: bool = False
     rank: int = 0
     members: list[str] = field(default_factory=list)
 
@@ -158,8 +161,11 @@ def _module_of(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
     return out
 
 
-def basis_from_gram(gram: torch.Tensor, energy: float, exact: bool) -> torch.Tensor:
-    """Orthonormal columns spanning ``gram``'s leading directions (float64).
+def basis_from_gram(
+    gram: torch.Tensor, energy: float, exact: bool, *, complement: bool = False
+) -> torch.Tensor:
+    """Orthonormal columns spanning ``gram``'s leading directions (float64); with ``complement``,
+    the other directions instead (the free ones).
 
     Exact groups keep every direction above :data:`RANK_TOL`; sampled groups the fewest leading
     directions holding ``energy`` of the trace. Eigenvalue ties are broken by index (stable sort),
@@ -170,13 +176,11 @@ def basis_from_gram(gram: torch.Tensor, energy: float, exact: bool) -> torch.Ten
     order = torch.sort(-values, stable=True).indices
     values, vectors = values[order], vectors[:, order]
     top = float(values[0]) if values.numel() else 0.0
-    if top <= 0:
-        return vectors[:, :0]
-    rank = int((values > top * RANK_TOL).sum())
-    if not exact and energy < 1:
+    rank = int((values > top * RANK_TOL).sum()) if top > 0 else 0
+    if rank and not exact and energy < 1:
         share = torch.cumsum(values, 0) / values.sum()
         rank = min(rank, int((share < energy).sum()) + 1)
-    return vectors[:, :rank]
+    return vectors[:, rank:] if complement else vectors[:, :rank]
 
 
 class Projector:
@@ -352,9 +356,11 @@ class Projector:
             group.exact = group.exact and bool(self._exact.search(name))
         for head, group in by_leader.items():
             q = basis_from_gram(grams[head], self.settings.energy, group.exact)
-            dev = proxies[group.members[0]].device
-            group.basis = q.to(device=dev, dtype=torch.float32)
             group.rank = q.shape[1]
+            if group.rank > group.width // 2:
+                q = basis_from_gram(grams[head], self.settings.energy, group.exact, complement=True)
+                group.complement = True
+            group.basis = q.to(device=proxies[group.members[0]].device, dtype=torch.float32)
         self._groups = list(by_leader.values())
         self._trained = []
         for name, group in ((n, by_leader[leader[n]]) for n in sorted(leader)):
@@ -377,7 +383,7 @@ class Projector:
             trained=len(self._trained),
             trained_rows=sum(t.rows for t in self._trained),
             rows_without_room=sum(t.rows for t in self._trained if t.group.rank >= t.group.width),
-            basis_bytes=sum(g.width * g.rank * 4 for g in self._groups),
+            basis_bytes=sum(g.basis.numel() * 4 for g in self._groups if g.basis is not None),
             inputs=batches,
             ranks={g.members[0]: (g.rank, g.width) for g in self._groups},
         )
@@ -385,31 +391,34 @@ class Projector:
 
     # -- the step ---------------------------------------------------------------------------------
     @staticmethod
-    def _off(d: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``d (I - Q Q^T)`` for the rows of ``d`` (``[rows, width]``), without forming ``I - Q Q^T``."""
+    def _off(d: torch.Tensor, group: _Group) -> torch.Tensor:
+        """``d (I - Q Q^T)`` for the rows of ``d`` (``[rows, width]``), without forming ``I - Q Q^T``;
+        from the complement ``F`` it is ``d F F^T``, the same map."""
+        q = group.basis
+        assert q is not None
+        if group.complement:
+            return (d @ q) @ q.T
         return d - (d @ q) @ q.T if q.shape[1] else d
 
-    def _tensors(self) -> Iterator[tuple[_Trained, torch.Tensor]]:
+    def _tensors(self) -> Iterator[_Trained]:
         if self.stats is None:
             raise ConfigError("projection: call collect() (the feature pass) before training")
-        for t in self._trained:
-            assert t.group.basis is not None
-            yield t, t.group.basis
+        yield from self._trained
 
     @torch.no_grad()
     def project_grads(self) -> None:
         """Project each trained tensor's gradient off its protected inputs (before the step)."""
-        for t, q in self._tensors():
+        for t in self._tensors():
             g = t.proxy.grad
             if g is not None:
-                g.copy_(self._off(g.view(t.rows, -1).float(), q).view_as(g))
+                g.copy_(self._off(g.view(t.rows, -1).float(), t.group).view_as(g))
 
     @torch.no_grad()
     def project(self) -> None:
         """Project each trained tensor's change since the start off its protected inputs."""
-        for t, q in self._tensors():
+        for t in self._tensors():
             value = t.proxy.view(t.rows, -1)
-            d = self._off(value.float() - t.start, q)
+            d = self._off(value.float() - t.start, t.group)
             value.copy_((t.start + d).to(value.dtype))
 
     def install(self, optimizer: torch.optim.Optimizer) -> list[Any]:
