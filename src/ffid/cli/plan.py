@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
 from ..errors import ConfigError
 from ..presets import PRESETS
+from ..select import get_selector
 from ._selection import add_selection_arguments, settings_from_args
 
 MODEL_HELP = (
@@ -81,10 +83,21 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         path = report.plot_coverage([sel], args.plot)
         print(f"wrote {path}", file=sys.stderr)
+    bases = None
+    if get_selector(sel.selector).whole_rows:  # what preserve_method = 'projection' trains
+        from ..estimate.projection import projection_memory
+
+        bases = projection_memory(sel)
     if args.json:
-        print_json(report.report_dict(sel))
-    elif args.plain:
+        data = report.report_dict(sel)
+        if bases is not None:
+            data["projection_bases"] = dataclasses.asdict(bases)
+        print_json(data)
+        return 0
+    if args.plain:
         sys.stdout.write(report.render_plain(sel))
     else:
         report.render_rich(sel)
+    if bases is not None:
+        print(bases.line())
     return 0
