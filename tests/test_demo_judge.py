@@ -3,6 +3,7 @@ bootstrap statistics (intervals, retention, differences) the stacking benchmark 
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from ffid.demo.judge import (
     Estimate,
     bootstrap_mean,
     difference,
+    hits_of,
     judge_images,
     judge_stage,
     pooled,
@@ -141,6 +143,10 @@ def test_confident_accuracy_is_stricter_than_argmax(digits, judge) -> None:
     assert judge_images(judge, noise, 7).confident.value < 0.2
     d = sevens.to_dict()
     assert len(d["p_intended"]) == 64 and d["confident"]["value"] == sevens.confident.value
+    # the JSON form gives back the same hits, so the report can recompute from it alone
+    assert np.array_equal(hits_of(d), sevens.confident_hits)
+    assert np.array_equal(hits_of(d, "argmax"), sevens.argmax_hits)
+    assert json.loads(json.dumps(d)) == d
 
 
 def test_judge_stage_and_pooled_base_classes(digits, judge) -> None:

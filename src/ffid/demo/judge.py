@@ -167,10 +167,23 @@ class Verdict:
             "confident": self.confident.to_dict(),
             "mean_p": round(self.mean_p, 6),
             "threshold": self.threshold,
-            # per sample, so retention and differences can be recomputed from the JSON alone
+            # per sample, so retention and differences can be recomputed from the JSON alone: the
+            # hits as 0/1 strings (a rounded probability could land on the other side of the threshold)
+            "hits": {"argmax": _bits(self.argmax_hits), "confident": _bits(self.confident_hits)},
             "p_intended": [round(float(x), 4) for x in self.p_intended],
             "predicted": [int(x) for x in self.predicted],
         }
+
+
+def _bits(hits: np.ndarray) -> str:
+    return "".join("1" if h else "0" for h in hits)
+
+
+def hits_of(verdict: dict[str, Any], measure: str = "confident") -> np.ndarray:
+    """Per-sample 0/1 hits of a :meth:`Verdict.to_dict` (``measure``: confident or argmax)."""
+    if measure not in ("confident", "argmax"):
+        raise ValueError(f"measure {measure!r} is not 'confident' or 'argmax'")
+    return np.array([c == "1" for c in verdict["hits"][measure]], dtype=np.float64)
 
 
 def judge_images(
