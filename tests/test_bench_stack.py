@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -120,6 +120,16 @@ def test_projection_needs_the_preserve_method_field(stack, tmp_path) -> None:
         assert pcfg.held_out == cfg.held_out  # still the stacking config
     else:
         assert pcfg is None and "preserve_method" in note
+    # with the field (as main's DemoConfig gains it), the method is set and the rest kept
+
+    @dataclass
+    class WithField(stack.StackConfig):
+        preserve_method: str = "loss"
+
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    pcfg, note = stack.projection_config(WithField(**values))
+    assert note is None and pcfg.preserve_method == "projection"
+    assert pcfg.held_out == cfg.held_out and pcfg.output_dir == cfg.output_dir
 
 
 @pytest.mark.parametrize(
