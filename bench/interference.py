@@ -24,6 +24,7 @@ memory of a few training steps in a fresh process per method, relative to ffid p
     python bench/interference.py                 # seed 0 (pretrains and caches its base)
     python bench/interference.py --seeds 0 1 2   # the issue's three seeds
     python bench/interference.py --quick         # CI smoke: tiny model, a few steps
+    python bench/interference.py --stack 4       # N characters stacked: bench/stack.py
 """
 
 from __future__ import annotations
@@ -759,6 +760,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--stem", default=None, help="file name of the results (default from the seeds)")
     ap.add_argument(
+        "--stack",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stack the first N of bench/stack.py's characters instead (that benchmark, same seeds)",
+    )
+    ap.add_argument(
         "--skip-memory", action="store_true", help="no memory probes (--combine takes another run's)"
     )
     ap.add_argument(
@@ -782,6 +790,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
     args.cache = args.cache or os.path.join(os.path.expanduser("~"), ".cache", "ffid", "interference")
+    if args.stack is not None:
+        from stack import ORDER
+
+        if not 1 <= args.stack <= len(ORDER):
+            ap.error(f"--stack {args.stack}: stack 1 to {len(ORDER)} characters, e.g. --stack 3")
     if args.part and not args.work:
         ap.error("--part needs --work (the folder the parts are saved in and read back from)")
     if args.quick and not args.fresh_process:
@@ -848,12 +861,27 @@ def combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def stack(args: argparse.Namespace) -> int:
+    """``--stack N``: bench/stack.py on the first N of its characters, this run's shared flags."""
+    import stack as bench_stack
+
+    argv = ["--characters", *map(str, bench_stack.ORDER[: args.stack]), "--seeds", *map(str, args.seeds)]
+    argv += ["--cache", args.cache, "--threads", str(args.threads)]
+    argv += ["--lora-lr", str(args.lora_lr), "--full-lr", str(args.full_lr)]
+    for flag in ("out", "work", "stem"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", getattr(args, flag)]
+    return bench_stack.main([*argv, "--quick"] if args.quick else argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet()
     if args.worker:
         print(RESULT_TAG + json.dumps(memory_probe(json.loads(args.worker))), flush=True)
         return 0
+    if args.stack is not None:
+        return stack(args)
     if args.combine:
         return combine(args)
     if args.memory_only:
