@@ -433,10 +433,12 @@ class Projector:
         """One summary line: prompts, bases, and rows that cannot move."""
         shown = ", ".join(f"{p.label!r} ({p.source})" for p in self.protected[:6])
         more = f" and {len(self.protected) - 6} more" if len(self.protected) > 6 else ""
+        drawn = callable(getattr(self.task, "projection_batches", None))
+        source = "the model's own drawings" if drawn else "pure-noise latents (the task draws nothing)"
         line = (
-            f"  preservation: projection (energy {self.settings.energy}, {self.settings.draws} drawings x "
-            f"{self.settings.times} times per prompt); protecting {len(self.protected)} prompt(s): "
-            f"{shown}{more}"
+            f"  preservation: projection (energy {self.settings.energy}, {self.settings.draws} x "
+            f"{self.settings.times} inputs per prompt from {source}); protecting {len(self.protected)} "
+            f"prompt(s): {shown}{more}"
         )
         s = self.stats
         if s is not None:
