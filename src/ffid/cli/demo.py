@@ -84,6 +84,23 @@ def register(subparsers: Any) -> None:
         default=None,
         help="protected pure-noise inputs per step in the preserved run (default 8)",
     )
+    p.add_argument(
+        "--preserve_method",
+        default=None,
+        help="how the preserved run keeps earlier characters: loss (default) or projection (every "
+        "trained row's change kept off the inputs its layers see for the protected prompts; its own "
+        "recipe: whole rows of the blocks' Linears, --projection_ff, --projection_lr)",
+    )
+    p.add_argument("--projection_ff", type=float, default=None, help="projection's budget (default 0.05)")
+    p.add_argument(
+        "--projection_lr", type=float, default=None, help="projection's learning rate (default 3e-3)"
+    )
+    p.add_argument(
+        "--preserve_energy",
+        type=float,
+        default=None,
+        help="projection: share of the sampled protected inputs' energy kept (default 0.99)",
+    )
     p.add_argument("--pretrain_steps", type=int, default=None, help="steps of base pretraining")
     p.add_argument("--pretrain_lr", type=float, default=None, help="learning rate of base pretraining")
     p.add_argument("--character1", type=int, default=None, help="digit that plays character1 (default 7)")
@@ -115,6 +132,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "character2_mode",
         "preserve_weight",
         "preserve_items",
+        "preserve_method",
+        "projection_ff",
+        "projection_lr",
+        "preserve_energy",
         "pretrain_steps",
         "pretrain_lr",
         "character1",
