@@ -1,6 +1,6 @@
-"""The exact gradient paths (ffid.engine.paths): the paths agree, forcing and the per-call choice,
-transient bounds. That every path gives full finetuning's gradient on every matmul route (fp32 and
-bf16 autocast) is a matrix invariant: test_matrix.py."""
+"""The exact gradient paths (ffid.engine.paths): the paths agree, forcing and the fixed choice,
+transient bounds. That every path gives full finetuning's gradient
+on every matmul route (fp32 and bf16 autocast) is a matrix invariant: test_matrix.py."""
 
 from __future__ import annotations
 
@@ -163,31 +163,50 @@ def test_forcing_the_path(monkeypatch) -> None:
         attach(copy.deepcopy(model), sel, grad_path="fastest")
 
 
-def test_auto_follows_the_cost_model(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("rows", "cols", "ff", "dtype", "device", "want"),
+    [
+        (1024, 1024, 0.01, torch.float32, "cpu", "sampled"),  # 8 k + 64 (R + C) = 0.2 R C
+        (1024, 1024, 0.01, torch.bfloat16, "cpu", "sampled"),
+        (1024, 1024, 0.15, torch.float32, "cpu", "dense"),  # 8 k alone is 1.2 R C
+        (64, 128, 0.01, torch.float32, "cpu", "dense"),  # converting the tokens costs more
+        (5120, 5120, 0.01, torch.bfloat16, "cuda", "dense"),  # tensor cores
+        (13824, 5120, 0.01, torch.bfloat16, "cuda", "chunked"),  # product above DENSE_MAX_BYTES
+        (5120, 5120, 0.0001, torch.bfloat16, "cuda", "sampled"),
+        (5120, 5120, 0.001, torch.float32, "cuda", "sampled"),
+    ],
+)
+def test_auto_is_a_fixed_rule(rows, cols, ff, dtype, device, want) -> None:
+    assert paths.auto_path(rows, cols, round(rows * cols * ff), dtype, device) == want
+
+
+def test_auto_depends_on_no_clock_thread_count_or_cache(monkeypatch) -> None:
+    # The choice used to come from a timed probe cached on disk: now no clock is read, the
+    # thread count changes nothing, and a process keeps no state that could make it differ.
+    import time
+
+    def no_clock() -> float:
+        raise AssertionError("the path choice read a clock")
+
+    for name in ("perf_counter", "process_time", "time", "monotonic"):
+        monkeypatch.setattr(time, name, no_clock)
+    monkeypatch.delenv(paths.ENV_PATH, raising=False)
     model, x = _linear()
     sel = plan(model, 0.05, 1, "spread")
-    monkeypatch.delenv(paths.ENV_PATH, raising=False)
-    monkeypatch.setattr(paths, "_RATES", {})
-    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-12, sampled=1e-9, convert=1e-9))
-    handle, _ = _ffid(model, x, sel, False, None)
-    assert handle.grad_paths()["layer.weight"] == "dense"
+    chosen = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            handle, _ = _ffid(model, x, sel, False, None)
+        finally:
+            torch.set_num_threads(before)
+        chosen.append(handle.grad_paths())
+    assert chosen[0] == chosen[1] == {"layer.weight": "dense"}  # 40x48: converting costs more
     monkeypatch.setattr(paths, "DENSE_MAX_BYTES", 16)
-    handle, _ = _ffid(model, x, sel, False, None)
-    assert handle.grad_paths()["layer.weight"] == "chunked"
-    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-9, sampled=1e-12, convert=1e-12))
     handle, _ = _ffid(model, x, sel, False, "auto")
-    assert handle.grad_paths()["layer.weight"] == "sampled"
-
-
-def test_rates_are_probed_once_and_cached_on_disk(tmp_path, monkeypatch) -> None:
-    cache = tmp_path / "rates.json"
-    monkeypatch.setenv(paths.ENV_CACHE, str(cache))
-    monkeypatch.setattr(paths, "_RATES", {})
-    first = paths.rates("cpu", torch.float32)
-    assert cache.is_file() and first.dense > 0 and first.sampled > 0 and first.convert > 0
-    monkeypatch.setattr(paths, "_RATES", {})
-    monkeypatch.setattr(paths, "_probe", lambda *a: pytest.fail("probed again despite the cache"))
-    assert paths.rates("cpu", torch.float32) == first
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+    assert not hasattr(paths, "rates") and not hasattr(paths, "ENV_CACHE")
 
 
 @pytest.mark.parametrize("path", paths.PATHS)
@@ -226,7 +245,7 @@ def test_the_estimate_mirrors_the_paths() -> None:
 @pytest.mark.parametrize("path", ["auto", *paths.PATHS])
 def test_every_path_on_cuda_bf16(path: str) -> None:
     """On CUDA under bf16 autocast (tensor-core dense product with fp32 output, SDDMM chunks of
-    64 MiB): every path matches full finetuning's gradient; the rates probe runs on the card."""
+    64 MiB): every path matches full finetuning's gradient."""
     torch.manual_seed(0)
     model = RouteNet(torch.nn.Linear(512, 384)).cuda()
     x = torch.randn(4096, 512, device="cuda")

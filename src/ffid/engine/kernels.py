@@ -72,7 +72,7 @@ def sampled_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str |
     ``pattern.last_path`` for reports.
     """
     if path is None:
-        path = paths.choose(pattern, a.shape[0], a.dtype, a.device, pattern.grad_path)
+        path = paths.choose(pattern, a.dtype, a.device, pattern.grad_path)
     pattern.last_path = path
     return paths.selected_grad(pattern, a, b, path)
 
