@@ -1,5 +1,5 @@
 """The exact gradient paths (ffid.engine.paths): the paths agree, forcing and the fixed choice,
-transient bounds. That every path gives full finetuning's gradient
+what a failing kernel does, transient bounds. That every path gives full finetuning's gradient
 on every matmul route (fp32 and bf16 autocast) is a matrix invariant: test_matrix.py."""
 
 from __future__ import annotations
@@ -207,6 +207,48 @@ def test_auto_depends_on_no_clock_thread_count_or_cache(monkeypatch) -> None:
     handle, _ = _ffid(model, x, sel, False, "auto")
     assert handle.grad_paths()["layer.weight"] == "chunked"
     assert not hasattr(paths, "rates") and not hasattr(paths, "ENV_CACHE")
+
+
+def _failing_sddmm(exc: Exception):  # type: ignore[no-untyped-def]
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise exc
+
+    return fail
+
+
+def test_a_failing_sampled_kernel_runs_chunked_and_says_so(monkeypatch) -> None:
+    # A missing SDDMM (a device or build without sparse CSR) used to fall back to another
+    # computation while grad_paths() still said "sampled": now the chunked path runs, a warning
+    # says so once, and grad_paths() names what ran.
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    _, want = _ffid(model, x, sel, False, "chunked")
+    monkeypatch.setattr(paths, "_WARNED", set())
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(NotImplementedError("no SDDMM on this backend")))
+    with pytest.warns(RuntimeWarning, match="sampled gradient path failed on cpu .*chunked"):
+        handle, got = _ffid(model, x, sel, False, "sampled")
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(RuntimeError("sampled_addmm: unsupported")))
+    handle, _ = _ffid(model, x, sel, False, "sampled")  # warned once per process and device type
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_in_the_sampled_path_is_raised(exc, monkeypatch) -> None:
+    # Not swallowed: a fallback would make the bits depend on how much memory happened to be free.
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(exc))
+    with pytest.raises(RuntimeError, match="allocate"):
+        _ffid(model, x, sel, False, "sampled")
 
 
 @pytest.mark.parametrize("path", paths.PATHS)

@@ -186,28 +186,13 @@ def sampled(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     step = max(64, budget // (4 * (pattern.rows + pattern.cols)))
     values = None
     col = pattern.flat(a.device) % pattern.cols  # transient, as the CSR pattern's column indices
-    try:
-        for s in range(0, n, step):
-            at, bc = _operands(a[s : s + step], b[s : s + step])
-            values = _sddmm(pattern, col, at, bc, values)
-            del at, bc
-    except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
-        return _gather_dot(pattern, a, b)
+    for s in range(0, n, step):
+        at, bc = _operands(a[s : s + step], b[s : s + step])
+        values = _sddmm(pattern, col, at, bc, values)
+        del at, bc
     if values is None:
         return torch.zeros(pattern.count, dtype=torch.float32, device=a.device)
     return values
-
-
-def _gather_dot(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    flat = pattern.flat(a.device).long()
-    rows, cols = flat // pattern.cols, flat % pattern.cols
-    out = torch.empty(pattern.count, dtype=torch.float32, device=a.device)
-    at, bt = a.t(), b.t()
-    for s in range(0, pattern.count, chunk):
-        e = min(pattern.count, s + chunk)
-        prod = at.index_select(0, rows[s:e]).float() * bt.index_select(0, cols[s:e]).float()
-        out[s:e] = prod.sum(1)
-    return out
 
 
 def dense(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,13 +222,54 @@ def chunked(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 RUN = {"sampled": sampled, "dense": dense, "chunked": chunked}
 
 
+_WARNED: set[str] = set()  # device types whose missing SDDMM was reported (once per process)
+
+
+# How allocators word a failed allocation (CUDA's is a torch.OutOfMemoryError; the CPU's a plain
+# RuntimeError from DefaultCPUAllocator).
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(w in text for w in _OOM_WORDS)
+
+
 def selected_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str) -> torch.Tensor:
-    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order."""
+    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order.
+
+    ``pattern.last_path`` is set to the path that really ran: where the SDDMM kernel is missing
+    (a device or build without sparse CSR support) ``sampled`` runs ``chunked`` instead, with a
+    warning, and says so. That depends on the build, not on load, so the bits stay fixed. An
+    out-of-memory error is raised as it is: falling back would make the bits depend on how much
+    memory happened to be free.
+    """
     if pattern.whole:
+        pattern.last_path = "dense"
         return dense(pattern, a, b)
     # The CSR row pointers (rows + 1 ints) are built whatever the path, so that what the engine
     # holds does not depend on the choice (the estimate counts them; chunked uses them too).
     pattern.crow(a.device)
+    if path == "sampled":
+        try:
+            out = sampled(pattern, a, b)
+        except (RuntimeError, NotImplementedError) as exc:
+            if _out_of_memory(exc):
+                raise
+            if a.device.type not in _WARNED:
+                _WARNED.add(a.device.type)
+                why = " ".join(str(exc).split())[:200]
+                warnings.warn(
+                    f"ffid: the sampled gradient path failed on {a.device.type} ({why}); those "
+                    f"weights run the chunked path instead (handle.grad_paths() says which; "
+                    f"{ENV_PATH}=chunked avoids the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            path, out = "chunked", chunked(pattern, a, b)
+        pattern.last_path = path
+        return out
+    pattern.last_path = path
     return RUN[path](pattern, a, b)
 
 
