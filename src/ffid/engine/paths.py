@@ -1,4 +1,4 @@
-"""Exact gradient paths for the selected entries of a matmul weight, and the per-call choice.
+"""Exact gradient paths for the selected entries of a matmul weight, and the fixed rule between them.
 
 The proxy gradient of a matmul-path weight ``W`` (``[R, C]`` as stored) is the selected entries
 of ``a^T @ b`` with ``a`` ``[N, R]`` and ``b`` ``[N, C]`` (``gy`` and ``x`` for a Linear, the
