@@ -223,7 +223,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         else:
             data["hidden_states"].grad = None
 
-    finish(forward())  # warm-up: optimizer state, rates probe, first-use allocations
+    finish(forward())  # warm-up: optimizer state, first-use allocations
     rss["warm"] = _rss()
     eng._rss_peak_reset()
     finish(forward())

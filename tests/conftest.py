@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -18,7 +16,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-# The engine's gradient-path cost model caches its measured rates in ~/.cache/ffid by default;
-# tests keep them in the process (each test process probes once, ~0.3 s).
-os.environ.setdefault("FFID_RATES_CACHE", "off")

@@ -1,9 +1,10 @@
 """The ComfyUI node package (``comfyui_ffid/``) against ComfyUI's own loading and patching code.
 
 ComfyUI's core is not installed here: the pinned snapshot in ``shared/third_party/comfyui`` is
-run from a separate environment (``.venv-comfy``, created by ``.ci/run`` with the system's
-packages visible plus torchsde, einops and av), so that ComfyUI's dependencies never change the
-versions ffid's own tests run with. The checks themselves are in ``tests/comfyui/comfy_checks.py``;
+run from a separate environment (``.venv-comfy``, created by ``.ci/run``: it sees the packages of
+the Python that runs the tests and adds what ComfyUI imports beyond them, torchsde, einops, av and
+pydantic-settings), so that ComfyUI's dependencies never change the versions ffid's own tests
+run with. The checks themselves are in ``tests/comfyui/comfy_checks.py``;
 this test runs them there with that environment's Python and reports their result.
 """
 
@@ -18,10 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKS = REPO / "tests" / "comfyui" / "comfy_checks.py"
-VENV_HINT = (
-    "python -m venv --system-site-packages .venv-comfy && .venv-comfy/bin/pip install "
-    "torchsde einops av -c <(echo torch==2.13.0)"
-)
+VENV_HINT = "bash .ci/run builds it; or set FFID_COMFYUI_PYTHON to a python with ComfyUI's requirements"
 
 
 def _comfy_dir() -> Path | None:

@@ -1,6 +1,6 @@
-"""The exact gradient paths (ffid.engine.paths): the paths agree, forcing and the per-call choice,
-transient bounds. That every path gives full finetuning's gradient on every matmul route (fp32 and
-bf16 autocast) is a matrix invariant: test_matrix.py."""
+"""The exact gradient paths (ffid.engine.paths): the paths agree, forcing and the fixed choice,
+what a failing kernel does, transient bounds. That every path gives full finetuning's gradient
+on every matmul route (fp32 and bf16 autocast) is a matrix invariant: test_matrix.py."""
 
 from __future__ import annotations
 
@@ -163,31 +163,92 @@ def test_forcing_the_path(monkeypatch) -> None:
         attach(copy.deepcopy(model), sel, grad_path="fastest")
 
 
-def test_auto_follows_the_cost_model(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("rows", "cols", "ff", "dtype", "device", "want"),
+    [
+        (1024, 1024, 0.01, torch.float32, "cpu", "sampled"),  # 8 k + 64 (R + C) = 0.2 R C
+        (1024, 1024, 0.01, torch.bfloat16, "cpu", "sampled"),
+        (1024, 1024, 0.15, torch.float32, "cpu", "dense"),  # 8 k alone is 1.2 R C
+        (64, 128, 0.01, torch.float32, "cpu", "dense"),  # converting the tokens costs more
+        (5120, 5120, 0.01, torch.bfloat16, "cuda", "dense"),  # tensor cores
+        (13824, 5120, 0.01, torch.bfloat16, "cuda", "chunked"),  # product above DENSE_MAX_BYTES
+        (5120, 5120, 0.0001, torch.bfloat16, "cuda", "sampled"),
+        (5120, 5120, 0.001, torch.float32, "cuda", "sampled"),
+    ],
+)
+def test_auto_is_a_fixed_rule(rows, cols, ff, dtype, device, want) -> None:
+    assert paths.auto_path(rows, cols, round(rows * cols * ff), dtype, device) == want
+
+
+def test_auto_depends_on_no_clock_thread_count_or_cache(monkeypatch) -> None:
+    # The choice used to come from a timed probe cached on disk: now no clock is read, the
+    # thread count changes nothing, and a process keeps no state that could make it differ.
+    import time
+
+    def no_clock() -> float:
+        raise AssertionError("the path choice read a clock")
+
+    for name in ("perf_counter", "process_time", "time", "monotonic"):
+        monkeypatch.setattr(time, name, no_clock)
+    monkeypatch.delenv(paths.ENV_PATH, raising=False)
     model, x = _linear()
     sel = plan(model, 0.05, 1, "spread")
-    monkeypatch.delenv(paths.ENV_PATH, raising=False)
-    monkeypatch.setattr(paths, "_RATES", {})
-    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-12, sampled=1e-9, convert=1e-9))
-    handle, _ = _ffid(model, x, sel, False, None)
-    assert handle.grad_paths()["layer.weight"] == "dense"
+    chosen = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            handle, _ = _ffid(model, x, sel, False, None)
+        finally:
+            torch.set_num_threads(before)
+        chosen.append(handle.grad_paths())
+    assert chosen[0] == chosen[1] == {"layer.weight": "dense"}  # 40x48: converting costs more
     monkeypatch.setattr(paths, "DENSE_MAX_BYTES", 16)
-    handle, _ = _ffid(model, x, sel, False, None)
-    assert handle.grad_paths()["layer.weight"] == "chunked"
-    paths.set_rates("cpu", torch.float32, paths.Rates(dense=1e-9, sampled=1e-12, convert=1e-12))
     handle, _ = _ffid(model, x, sel, False, "auto")
-    assert handle.grad_paths()["layer.weight"] == "sampled"
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+    assert not hasattr(paths, "rates") and not hasattr(paths, "ENV_CACHE")
 
 
-def test_rates_are_probed_once_and_cached_on_disk(tmp_path, monkeypatch) -> None:
-    cache = tmp_path / "rates.json"
-    monkeypatch.setenv(paths.ENV_CACHE, str(cache))
-    monkeypatch.setattr(paths, "_RATES", {})
-    first = paths.rates("cpu", torch.float32)
-    assert cache.is_file() and first.dense > 0 and first.sampled > 0 and first.convert > 0
-    monkeypatch.setattr(paths, "_RATES", {})
-    monkeypatch.setattr(paths, "_probe", lambda *a: pytest.fail("probed again despite the cache"))
-    assert paths.rates("cpu", torch.float32) == first
+def _failing_sddmm(exc: Exception):  # type: ignore[no-untyped-def]
+    def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise exc
+
+    return fail
+
+
+def test_a_failing_sampled_kernel_runs_chunked_and_says_so(monkeypatch) -> None:
+    # A missing SDDMM (a device or build without sparse CSR) used to fall back to another
+    # computation while grad_paths() still said "sampled": now the chunked path runs, a warning
+    # says so once, and grad_paths() names what ran.
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    _, want = _ffid(model, x, sel, False, "chunked")
+    monkeypatch.setattr(paths, "_WARNED", set())
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(NotImplementedError("no SDDMM on this backend")))
+    with pytest.warns(RuntimeWarning, match="sampled gradient path failed on cpu .*chunked"):
+        handle, got = _ffid(model, x, sel, False, "sampled")
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(RuntimeError("sampled_addmm: unsupported")))
+    handle, _ = _ffid(model, x, sel, False, "sampled")  # warned once per process and device type
+    assert handle.grad_paths()["layer.weight"] == "chunked"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_in_the_sampled_path_is_raised(exc, monkeypatch) -> None:
+    # Not swallowed: a fallback would make the bits depend on how much memory happened to be free.
+    model, x = _linear()
+    sel = plan(model, 0.05, 1, "spread")
+    monkeypatch.setattr(paths, "_sddmm", _failing_sddmm(exc))
+    with pytest.raises(RuntimeError, match="allocate"):
+        _ffid(model, x, sel, False, "sampled")
 
 
 @pytest.mark.parametrize("path", paths.PATHS)
@@ -226,7 +287,7 @@ def test_the_estimate_mirrors_the_paths() -> None:
 @pytest.mark.parametrize("path", ["auto", *paths.PATHS])
 def test_every_path_on_cuda_bf16(path: str) -> None:
     """On CUDA under bf16 autocast (tensor-core dense product with fp32 output, SDDMM chunks of
-    64 MiB): every path matches full finetuning's gradient; the rates probe runs on the card."""
+    64 MiB): every path matches full finetuning's gradient."""
     torch.manual_seed(0)
     model = RouteNet(torch.nn.Linear(512, 384)).cuda()
     x = torch.randn(4096, 512, device="cuda")

@@ -153,9 +153,6 @@ class Run:
         return load_delta(self.out / f"{name or self.scenario.name}.safetensors")
 
 
-_RATES: list[str] = []  # the shared rates-cache file of this module's runs (set by the fixture)
-
-
 def _env() -> dict[str, str]:
     src = _musubi_source()
     assert src is not None
@@ -163,11 +160,6 @@ def _env() -> dict[str, str]:
     ffid_src = str(Path(ffid.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([str(src / "src"), ffid_src])
     env.setdefault("OMP_NUM_THREADS", "1")  # two runs share the CI's two cores
-    if _RATES:
-        # one gradient-path cost probe for every run (the first writes it, the others read it),
-        # as a user's machine keeps one in ~/.cache/ffid: runs compared bit for bit must pick the
-        # same exact path per layer, which separate timing probes on a busy machine may not
-        env["FFID_RATES_CACHE"] = _RATES[0]
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -205,7 +197,6 @@ def runs(tmp_path_factory) -> dict[str, Run]:
             pytest.fail(f"FFID_REQUIRE_MUSUBI=1 but {reason}")
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("musubi")
-    _RATES[:] = [str(root / "grad_rates.json")]
     todo = scenarios(root)
     first = todo[0]
     results = {first.name: _run(root, first, prepare=True)}  # also writes the model and caches

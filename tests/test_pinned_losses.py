@@ -6,9 +6,9 @@ The other tests compare runs with each other (resume == uninterrupted, swap == n
 change that moves every run alike (an RNG draw order, the schedule, clipping, the data order,
 the loss reduction) passes them all; this file catches it.
 
-The gradient path is forced (``FFID_GRAD_PATH``) because ``auto`` picks a path from rates
-measured on the machine, and the paths round differently; one torch thread keeps the
-reductions in one order.
+The gradient path is forced (``FFID_GRAD_PATH``) so that tuning the constants of ``auto``'s
+fixed rule, which may move a layer to a path that rounds differently, does not move these
+numbers; one torch thread keeps the reductions in one order.
 
 Re-pinning: a change of these numbers must be intended. Print the current values with
 ``PYTHONPATH=src python tests/test_pinned_losses.py``, paste them below, and say in the commit
@@ -149,7 +149,6 @@ if __name__ == "__main__":  # print the values to pin (see the module docstring)
 
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ["FFID_GRAD_PATH"] = GRAD_PATH
-    os.environ.setdefault("FFID_RATES_CACHE", "off")
     torch.set_num_threads(1)
     for name in sys.argv[1:] or TASKS:
         with tempfile.TemporaryDirectory() as tmp:

@@ -26,6 +26,8 @@ PRESET = "wan2.1-t2v-1.3b"
         ({"ff": 0.01, "ffid": 1, "slot": 4}, "did you mean 'slots'"),
         ({"ff": 0.01, "ffid": 1, "slots": "many"}, "--slots 'many' is not an integer"),
         ({"ff": 0.01, "ffid": 1, "slots": 0}, "--slots 0 must be at least 1"),
+        ({"ff": 0.01, "ffid": 1, "slots": 10**8}, "--slots 100000000 is too large: give at most 65,536"),
+        ({"ff": 0.01, "ffid": 1, "seed": 2**63}, "--seed 9223372036854775808 is too large"),
         ({"ff": 0.01, "ffid": 16}, "outside the layout's ids 0..15"),
         ({"ff": 0.01, "ffid": 3, "slots": 3}, "outside the layout's ids 0..2"),
         ({"ff": 0.01, "ffid": 8, "selector": "compat-v2"}, "8 pools"),
@@ -125,3 +127,31 @@ def test_the_preservation_weight_has_one_default():
     settings = SelectionSettings.create(0.01, 1)
     assert TrainConfig().preserve_weight == DemoConfig().preserve_weight == DEFAULT_WEIGHT
     assert MusubiConfig(selection=settings).preserve.weight == DEFAULT_WEIGHT
+
+
+def test_huge_selector_options_are_refused_at_once(tmp_path: Path) -> None:
+    """``--slots 100000000`` in ffid plan and ``slots = 100000000000`` in ffid train ran until
+    killed; now each is one line and exit 2, within seconds (a fresh process, so a hang shows
+    as a timeout instead of stalling the suite)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    toml = tmp_path / "t.toml"
+    toml.write_text(
+        f'model_type = "wan"\nff = 0.01\nffid = 1\noutput_dir = "{out}"\n'
+        f'model_path = "{tmp_path}"\ndataset = "{tmp_path}"\nselector_args = {{slots = 100000000000}}\n'
+    )
+    plan_argv = ["plan", "wan2.2-t2v-14b", "--ff", "0.01", "--ffid", "1", "--slots", "100000000"]
+    for argv, value in (
+        (plan_argv, "--slots 100000000"),
+        (["train", "--config", str(toml)], "selector_args.slots = 100000000000"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ffid", *argv], capture_output=True, text=True, timeout=120
+        )
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(err) == 1, proc.stderr
+        assert f"{value} is too large: give at most 65,536" in err[0], err[0]
+    assert not out.exists()
+    assert SelectionSettings.create(0.01, 1, slots=65_536).ids() == 65_536

@@ -1,10 +1,12 @@
-"""Resume takes the gradient paths of the run it resumes: bit-exact across processes, cache off.
+"""The gradient path of every weight, and so the bits of a run, depend on nothing but its inputs.
 
-The engine's gradient paths (``ffid.engine.paths``) are exact but round differently, and with
-``FFID_RATES_CACHE=off`` every process measures its own cost model, so a resumed run in a fresh
-process may choose other paths than the run it continues. The training state records the path
-of each weight and the resume pins them (``handle.pin_grad_paths``). Here the two processes are
-given opposite cost models on purpose (sampled in the first, dense in the second).
+The engine's gradient paths (``ffid.engine.paths``) are exact but round differently. ``auto``
+used to pick them from a timed probe, so two processes of the same run, or a resume in a fresh
+process, could take other paths and drift in the last bits unless the state's paths were pinned.
+Now ``auto`` is a fixed rule of shapes, dtype and device type: here processes are given opposite
+timing biases on purpose (the first calls of one path made slow, as on a machine loaded while a
+process starts) and still train bit-identical values, also when a resume has no recorded paths.
+Pinning stays for states written by older ffid (``handle.pin_grad_paths``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from test_train import TinyNet, TinyTask, cfg_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SAMPLED_WINS = {"dense": 1e-9, "sampled": 1e-12, "convert": 1e-12}
-DENSE_WINS = {"dense": 1e-12, "sampled": 1e-9, "convert": 1e-9}
 KW = dict(max_train_steps=6, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2)
 
 
@@ -44,8 +44,10 @@ class SeqTask(TinyTask):
         return [{"x": x[i], "y": y[i]} for i in range(self.items)]
 
 
-_RESUME = """
-import json, sys
+# One training run in a fresh process whose first six calls of one path's kernel each burn 0.1 s
+# of CPU time (a probe timing them would find that path 100x slower than it is).
+_RUN = """
+import json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
@@ -54,52 +56,62 @@ from ffid.train import train
 from test_train import cfg_for
 from test_train_grad_paths import KW, SeqTask
 torch.set_num_threads(1)
-paths.set_rates("cpu", torch.float32, paths.Rates(**{rates!r}))
+
+def slow_start(fn):
+    calls = [0]
+    def slowed(*args, **kwargs):
+        calls[0] += 1
+        end = time.process_time() + (0.1 if calls[0] <= 6 else 0.0)
+        while time.process_time() < end:
+            pass
+        return fn(*args, **kwargs)
+    return slowed
+
+kernel = {{"sampled": "_sddmm", "dense": "_mm"}}[{slow!r}]
+setattr(paths, kernel, slow_start(getattr(paths, kernel)))
 res = train(cfg_for(Path({root!r}), resume={state!r}, **KW), task=SeqTask())
 values = {{n: v.tolist() for n, v in res.handle.trained_values().items()}}
 print(json.dumps({{"losses": res.losses, "paths": res.handle.grad_paths(), "values": values}}))
 """
 
 
-def _resume_in_fresh_process(root: Path, state: Path, rates: dict[str, float]) -> dict:
-    env = dict(os.environ, FFID_RATES_CACHE="off", PYTHONWARNINGS="ignore")
+def _train_in_fresh_process(root: Path, slow: str, state: Path | None = None) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop(paths.ENV_PATH, None)
-    code = _RESUME.format(tests=str(Path(__file__).parent), rates=rates, root=str(root), state=str(state))
+    resume = None if state is None else str(state)
+    code = _RUN.format(tests=str(Path(__file__).parent), slow=slow, root=str(root), state=resume)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_resume_in_a_fresh_process_repeats_the_run_bit_for_bit(tmp_path: Path, monkeypatch) -> None:
+def test_processes_with_opposite_timing_biases_train_the_same_bits(tmp_path: Path) -> None:
+    one = _train_in_fresh_process(tmp_path / "a", slow="sampled")
+    two = _train_in_fresh_process(tmp_path / "b", slow="dense")
+    assert one["paths"] == two["paths"]
+    assert one["losses"] == two["losses"]
+    assert one["values"] == two["values"]  # bit for bit (floats through JSON round-trip exactly)
+
+
+def test_a_resume_without_recorded_paths_repeats_the_run_bit_for_bit(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(paths.ENV_PATH, raising=False)
-    monkeypatch.setattr(paths, "_RATES", {})
-    paths.set_rates("cpu", torch.float32, paths.Rates(**SAMPLED_WINS))
     full = train(cfg_for(tmp_path / "a", **KW), task=SeqTask())
-    assert set(full.handle.grad_paths().values()) == {"sampled"}
     part = train(cfg_for(tmp_path / "b", save_every_n_steps=3, save_state=True, **KW), task=SeqTask())
     assert part.losses == full.losses
     state = tmp_path / "b" / "out" / "run-step00000003-state"
     meta = json.loads((state / "state.json").read_text())
-    assert meta["grad_paths"] == full.handle.grad_paths()
-    assert meta["grad_paths_by_rank"] == {"0": full.handle.grad_paths()}
-
-    # The resuming process's own cost model prefers the dense path; the state's paths win.
-    got = _resume_in_fresh_process(tmp_path / "b", state, DENSE_WINS)
-    assert got["paths"] == full.handle.grad_paths()
-    assert got["losses"] == full.losses  # bit for bit, loss history included
-    want = {n: v.tolist() for n, v in full.handle.trained_values().items()}
-    assert got["values"] == want
-
-    # Without the recorded paths the same resume takes the dense path and drifts in the last
-    # bits: the check above is not vacuous.
+    assert meta["grad_paths"] == full.handle.grad_paths()  # still written, for older readers
     bare = tmp_path / "bare-state"
     shutil.copytree(state, bare)
     meta.pop("grad_paths")
     meta.pop("grad_paths_by_rank")
     (bare / "state.json").write_text(json.dumps(meta))
-    drift = _resume_in_fresh_process(tmp_path / "c", bare, DENSE_WINS)
-    assert set(drift["paths"].values()) == {"dense"}
-    assert drift["values"] != want
+    want = {n: v.tolist() for n, v in full.handle.trained_values().items()}
+    for slow in ("sampled", "dense"):
+        got = _train_in_fresh_process(tmp_path / f"c-{slow}", slow=slow, state=bare)
+        assert got["paths"] == full.handle.grad_paths()
+        assert got["losses"] == full.losses  # loss history included
+        assert got["values"] == want
 
 
 def test_pinned_paths_win_and_are_checked(monkeypatch) -> None:

@@ -27,6 +27,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--config", "--config_file", dest="config", metavar="TOML", help="TOML file with training keys"
     )
+    p.add_argument(
+        "--allow_plugins",
+        action="store_true",
+        help="let model_type = 'package.module:factory' and a dotted optimizer_type (outside "
+        "torch.optim) import and run the code they name; only for configs you trust (a config "
+        "file cannot set this; FFID_ALLOW_PLUGINS=1 does the same)",
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -34,7 +41,13 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..train import train
     from ..train.config import load_config, overrides_from_args
+    from ..train.optim import check_optimizer_type
+    from ..train.plugins import allow_plugins, plugins_allowed
 
+    if args.allow_plugins:
+        allow_plugins()  # in the environment: the trainer's checks read it, and child processes
+    plugins_allowed()  # a malformed FFID_ALLOW_PLUGINS is refused before anything else
     cfg = load_config(args.config, overrides_from_args(args))
+    check_optimizer_type(cfg.optimizer_type)  # before the model is loaded (model_type: first step)
     train(cfg)
     return 0

@@ -599,12 +599,11 @@ class FfidHandle(nn.Module):
     def pin_grad_paths(self, chosen: Mapping[str, str]) -> None:
         """Force the gradient path of each named weight (e.g. ``grad_paths()`` of an earlier run).
 
-        The paths are exact but round differently, so a run resumed in another process matches
-        the uninterrupted one bit for bit only if every weight takes the path it took there; with
-        ``FFID_RATES_CACHE=off`` each process measures its own cost model and may choose
-        otherwise. ``auto``'s choice for a weight does not depend on the call's token count (both
-        costs are linear in it), so one path per weight reproduces every call. Pinned paths win
-        over ``grad_path=`` and ``FFID_GRAD_PATH``; all or nothing.
+        The paths are exact but round differently. ``auto`` is a fixed rule of shapes, dtype and
+        device type, so a resume takes the same paths without this; it serves states written by
+        older ffid, whose timed cost model could choose otherwise in another process, and runs
+        that must repeat forced paths. Pinned paths win over ``grad_path=`` and
+        ``FFID_GRAD_PATH``; all or nothing.
         """
         unknown = [n for n in chosen if n not in self._slots]
         if unknown:
@@ -688,8 +687,8 @@ def attach(
     which checks it and handles NaN/inf gradients per ``on_nonfinite`` (``raise``/``skip``/``warn``).
 
     ``grad_path`` forces how the selected weight gradients are computed (``"sampled"``,
-    ``"dense"``, ``"chunked"``; default: ``FFID_GRAD_PATH`` or ``"auto"``, the cheaper per call by
-    a cost model measured once per device; see :mod:`ffid.engine.paths`).
+    ``"dense"``, ``"chunked"``; default: ``FFID_GRAD_PATH`` or ``"auto"``, a fixed rule from the
+    weight's shape, dtype and device type; see :mod:`ffid.engine.paths`).
 
     Raises :class:`~ffid.errors.AttachError` when the model is already attached and
     :class:`~ffid.errors.MismatchError` when the selection was planned for another model; the

@@ -68,12 +68,11 @@ def sampled_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str |
 
     ``a`` is ``[N, rows]`` and ``b`` is ``[N, cols]``, in the compute dtype. Accumulation is
     fp32, as a matmul under autocast would do. ``path`` (see :mod:`ffid.engine.paths`) is
-    chosen per call when not given (``pattern.grad_path`` forces one); the one used is kept in
-    ``pattern.last_path`` for reports.
+    chosen per call when not given (``pattern.grad_path`` forces one); the one that really ran
+    is kept in ``pattern.last_path`` for reports and resume states.
     """
     if path is None:
-        path = paths.choose(pattern, a.shape[0], a.dtype, a.device, pattern.grad_path)
-    pattern.last_path = path
+        path = paths.choose(pattern, a.dtype, a.device, pattern.grad_path)
     return paths.selected_grad(pattern, a, b, path)
 
 

@@ -1,4 +1,4 @@
-"""Exact gradient paths for the selected entries of a matmul weight, and the per-call choice.
+"""Exact gradient paths for the selected entries of a matmul weight, and the fixed rule between them.
 
 The proxy gradient of a matmul-path weight ``W`` (``[R, C]`` as stored) is the selected entries
 of ``a^T @ b`` with ``a`` ``[N, R]`` and ``b`` ``[N, C]`` (``gy`` and ``x`` for a Linear, the
@@ -22,24 +22,18 @@ compute dtype where the device has no fp32-output matmul, exactly as full finetu
 gradient under autocast does). Whole-tensor picks use one dense fp32 product (their gradient
 is the proxy's size anyway).
 
-The choice (``auto``) is per call, from a cost model whose three rates (seconds per dense
-multiply-add, per sampled multiply-add, per converted element) are measured once per device,
-dtype and thread count by a ~0.1 s probe (:func:`rates`), cached in the process and in
-``~/.cache/ffid/grad_rates.json`` (``FFID_RATES_CACHE=<file>`` or ``off``), so a machine keeps
-making the same choice run after run. ``dense`` is replaced by ``chunked`` when the product
+The choice (``auto``) is a fixed rule from the weight's shape, the selected count, the compute
+dtype and the device type (:func:`auto_path`), so a layer's path, and with it the bits of its
+gradient, never depends on timing, load, thread count or any cache: the same inputs give the same
+path on every machine of a device type. ``dense`` is replaced by ``chunked`` when the product
 would exceed :data:`DENSE_MAX_BYTES`. A path can always be forced: ``attach(...,
 grad_path="dense")`` or the environment variable ``FFID_GRAD_PATH`` (the attach option wins).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import time
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -49,7 +43,6 @@ from .pattern import Pattern
 PATHS = ("sampled", "dense", "chunked")
 CHOICES = ("auto", *PATHS)
 ENV_PATH = "FFID_GRAD_PATH"
-ENV_CACHE = "FFID_RATES_CACHE"
 
 # Transient bounds; ffid.estimate.ENGINE mirrors them (tested), without importing torch.
 DENSE_MAX_BYTES = 256 * 2**20  # auto: a dense product above this runs chunked
@@ -77,159 +70,54 @@ def requested(forced: str | None) -> str:
     return env
 
 
-# -- the cost model -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rates:
-    """Seconds per unit of work on one device and compute dtype (see :func:`rates`)."""
-
-    dense: float  # per multiply-add of an [N, R]^T @ [N, C] product in the compute dtype
-    sampled: float  # per multiply-add of the SDDMM (selected element x token)
-    convert: float  # per element converted to fp32 and transposed for the SDDMM
-
-    def dense_cost(self, n: int, rows: int, cols: int) -> float:
-        return n * rows * cols * self.dense
-
-    def sampled_cost(
-        self, n: int, rows: int, cols: int, count: int, dtype: torch.dtype, device_type: str = "cpu"
-    ) -> float:
-        # a^T is always copied (contiguous fp32); b too on the CPU, whose kernel would make b^T
-        # contiguous itself (:func:`sampled` hands it b^T converted), elsewhere when not fp32
-        b_copied = device_type == "cpu" or dtype != torch.float32
-        copied = n * rows + (n * cols if b_copied else 0)
-        return n * count * self.sampled + copied * self.convert
+# -- the fixed rule ----------------------------------------------------------------------------
+# What one sampled multiply-add and one element converted to fp32 for the SDDMM cost, counted in
+# dense multiply-adds of the compute dtype: (sampled, convert) per device type and dtype class.
+# Fixed numbers, not measurements, so that the path depends on nothing but the call's inputs (a
+# timed probe made the bits depend on the machine's load). The CPU pair is the geometric middle
+# of two measured CPUs, one with bf16 instructions and one without (a bf16 product costs 1/4 of
+# fp32's on one and 4x on the other), used for every dtype; the accelerator pairs (not measured:
+# no GPU was lent) make tensor-core products win except at tiny ``ff``. docs/engine.md has the
+# measurements.
+AUTO_WEIGHTS: dict[tuple[str, str], tuple[int, int]] = {
+    ("cpu", "fp32"): (8, 64),
+    ("cpu", "16-bit"): (8, 64),
+    ("default", "fp32"): (128, 64),
+    ("default", "16-bit"): (1024, 512),
+}
 
 
-_RATES: dict[str, Rates] = {}
+def auto_weights(dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """``(sampled, convert)`` of :data:`AUTO_WEIGHTS` for a compute dtype and device type."""
+    kind = "16-bit" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+    return AUTO_WEIGHTS[("cpu" if device_type == "cpu" else "default", kind)]
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}:{platform.machine()}:{platform.processor() or '-'}:{os.cpu_count()}"
+def auto_path(rows: int, cols: int, count: int, dtype: torch.dtype, device_type: str) -> str:
+    """The path ``auto`` takes for a ``[rows, cols]`` weight with ``count`` selected entries.
 
-
-def _key(device: torch.device, dtype: torch.dtype) -> str:
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
-    # "rates 2": the sampled rate without the kernel's own copy of b^T (measured apart since)
-    return f"rates 2|torch {torch.__version__}|{_device_name(device)}|{dtype}|threads {threads}"
-
-
-def _cache_file() -> Path | None:
-    env = os.environ.get(ENV_CACHE, "")
-    if env.lower() == "off":
-        return None
-    if env:
-        return Path(env)
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "ffid" / "grad_rates.json"
-
-
-def _read_cache(path: Path | None) -> dict[str, dict]:
-    if path is None or not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def rates(device: torch.device | str, dtype: torch.dtype, *, measure: bool = False) -> Rates:
-    """The cost model's rates for ``device`` and ``dtype``: cached, else probed once.
-
-    ``measure=True`` probes again (and replaces the cached entry).
+    Per token the dense product costs ``rows x cols`` multiply-adds; the SDDMM ``count`` sampled
+    ones plus converting a token's operands (``a`` always; ``b`` too on the CPU, whose kernel
+    wants it transposed, and elsewhere when it is not fp32). Both are linear in the token count,
+    so the choice does not depend on it: one path per weight, dtype and device type. Integer
+    arithmetic, so there is no rounding at the boundary either.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = _key(device, dtype)
-    if not measure:
-        found = _RATES.get(key)
-        if found is not None:
-            return found
-        stored = _read_cache(_cache_file()).get(key)
-        if stored is not None:
-            try:
-                found = Rates(**stored)
-            except TypeError:
-                found = None
-            if found is not None:
-                _RATES[key] = found
-                return found
-    found = _probe(device, dtype)
-    _RATES[key] = found
-    path = _cache_file()
-    if path is not None:
-        try:
-            data = _read_cache(path)
-            data[key] = asdict(found)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            pass  # read-only home: the in-process cache still holds
-    return found
+    sampled, convert = auto_weights(dtype, device_type)
+    b_copied = device_type == "cpu" or dtype != torch.float32
+    copied = rows + (cols if b_copied else 0)
+    if sampled * count + convert * copied < rows * cols:
+        return "sampled"
+    return "dense" if rows * cols * 4 <= DENSE_MAX_BYTES else "chunked"
 
 
-def set_rates(device: torch.device | str, dtype: torch.dtype, value: Rates) -> None:
-    """Use ``value`` for ``device``/``dtype`` in this process (tests, or rates measured elsewhere)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    _RATES[_key(device, dtype)] = value
-
-
-def _timed(fn, device: torch.device, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
-    """Best of ``repeat`` runs: wall time on an accelerator, process CPU time on the CPU (on a
-    shared machine wall time measures the neighbours; CPU time the work)."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    fn()  # warm-up (allocations, kernel selection)
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = clock()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, clock() - t0)
-    return max(best, 1e-9)
-
-
-def _probe(device: torch.device, dtype: torch.dtype) -> Rates:
-    """Time the three kinds of work at a mid-size shape (about 0.1 s on a CPU core)."""
-    big = device.type != "cpu"
-    n, r, c = (4096, 1024, 1024) if big else (1024, 256, 512)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, r, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, c, generator=g).to(device=device, dtype=dtype)
-    count = r * c // 50  # 2 %
-    flat = torch.randperm(r * c, generator=g)[:count].sort().values
-    pattern = Pattern(lambda: flat, count, r * c, False).matrix(r, c)
-    pattern.crow(device)
-    t_dense = _timed(lambda: _mm(a.t(), b), device)
-    at, bf = _operands(a, b)  # as :func:`sampled` passes them
-    col = pattern.flat(device) % c
-    t_sampled = _timed(lambda: _sddmm(pattern, col, at, bf, None), device)
-    t_convert = _timed(lambda: _converted_t(a), device)
-    return Rates(dense=t_dense / (n * r * c), sampled=t_sampled / (n * count), convert=t_convert / (n * r))
-
-
-def choose(pattern: Pattern, n: int, dtype: torch.dtype, device: torch.device, forced: str | None) -> str:
-    """The path for one call: forced (attach option / env), else the cheaper by :func:`rates`."""
+def choose(pattern: Pattern, dtype: torch.dtype, device: torch.device, forced: str | None) -> str:
+    """The path for one call: forced (attach option / env), else :func:`auto_path`."""
     path = requested(forced)
     if pattern.whole:
         return "dense"
     if path != "auto":
         return path
-    r = rates(device, dtype)
-    rows, cols = pattern.rows, pattern.cols
-    dense = r.dense_cost(n, rows, cols)
-    sampled = r.sampled_cost(n, rows, cols, pattern.count, dtype, device.type)
-    if dense >= sampled:
-        return "sampled"
-    return "dense" if rows * cols * 4 <= DENSE_MAX_BYTES else "chunked"
+    return auto_path(pattern.rows, pattern.cols, pattern.count, dtype, device.type)
 
 
 # -- the paths ----------------------------------------------------------------------------------
@@ -298,28 +186,13 @@ def sampled(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     step = max(64, budget // (4 * (pattern.rows + pattern.cols)))
     values = None
     col = pattern.flat(a.device) % pattern.cols  # transient, as the CSR pattern's column indices
-    try:
-        for s in range(0, n, step):
-            at, bc = _operands(a[s : s + step], b[s : s + step])
-            values = _sddmm(pattern, col, at, bc, values)
-            del at, bc
-    except (RuntimeError, NotImplementedError):  # SDDMM missing on this device/build
-        return _gather_dot(pattern, a, b)
+    for s in range(0, n, step):
+        at, bc = _operands(a[s : s + step], b[s : s + step])
+        values = _sddmm(pattern, col, at, bc, values)
+        del at, bc
     if values is None:
         return torch.zeros(pattern.count, dtype=torch.float32, device=a.device)
     return values
-
-
-def _gather_dot(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    flat = pattern.flat(a.device).long()
-    rows, cols = flat // pattern.cols, flat % pattern.cols
-    out = torch.empty(pattern.count, dtype=torch.float32, device=a.device)
-    at, bt = a.t(), b.t()
-    for s in range(0, pattern.count, chunk):
-        e = min(pattern.count, s + chunk)
-        prod = at.index_select(0, rows[s:e]).float() * bt.index_select(0, cols[s:e]).float()
-        out[s:e] = prod.sum(1)
-    return out
 
 
 def dense(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -349,13 +222,54 @@ def chunked(pattern: Pattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 RUN = {"sampled": sampled, "dense": dense, "chunked": chunked}
 
 
+_WARNED: set[str] = set()  # device types whose missing SDDMM was reported (once per process)
+
+
+# How allocators word a failed allocation (CUDA's is a torch.OutOfMemoryError; the CPU's a plain
+# RuntimeError from DefaultCPUAllocator).
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(w in text for w in _OOM_WORDS)
+
+
 def selected_grad(pattern: Pattern, a: torch.Tensor, b: torch.Tensor, path: str) -> torch.Tensor:
-    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order."""
+    """fp32 vector of ``(a^T @ b)[r, c]`` for the selected ``(r, c)``, in selection order.
+
+    ``pattern.last_path`` is set to the path that really ran: where the SDDMM kernel is missing
+    (a device or build without sparse CSR support) ``sampled`` runs ``chunked`` instead, with a
+    warning, and says so. That depends on the build, not on load, so the bits stay fixed. An
+    out-of-memory error is raised as it is: falling back would make the bits depend on how much
+    memory happened to be free.
+    """
     if pattern.whole:
+        pattern.last_path = "dense"
         return dense(pattern, a, b)
     # The CSR row pointers (rows + 1 ints) are built whatever the path, so that what the engine
     # holds does not depend on the choice (the estimate counts them; chunked uses them too).
     pattern.crow(a.device)
+    if path == "sampled":
+        try:
+            out = sampled(pattern, a, b)
+        except (RuntimeError, NotImplementedError) as exc:
+            if _out_of_memory(exc):
+                raise
+            if a.device.type not in _WARNED:
+                _WARNED.add(a.device.type)
+                why = " ".join(str(exc).split())[:200]
+                warnings.warn(
+                    f"ffid: the sampled gradient path failed on {a.device.type} ({why}); those "
+                    f"weights run the chunked path instead (handle.grad_paths() says which; "
+                    f"{ENV_PATH}=chunked avoids the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            path, out = "chunked", chunked(pattern, a, b)
+        pattern.last_path = path
+        return out
+    pattern.last_path = path
     return RUN[path](pattern, a, b)
 
 

@@ -1,8 +1,8 @@
 """The selected positions of one tensor, as the engine keeps them on each compute device.
 
 Kept apart from :mod:`ffid.engine.kernels` (which uses patterns in the matmul autograd Function)
-and :mod:`ffid.engine.paths` (which computes a pattern's gradient and times the paths on a probe
-pattern): both need the class, so it sits below both.
+and :mod:`ffid.engine.paths` (which computes a pattern's gradient): both need the class, so it
+sits below both.
 """
 
 from __future__ import annotations

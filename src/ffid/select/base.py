@@ -21,12 +21,17 @@ from ..selection import Selection
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a selector: an integer with a lower bound (every option so far is one)."""
+    """One option of a selector: a bounded integer (every option so far is one).
+
+    ``maximum`` keeps absurd values out before any work starts: planning and the capacity search
+    walk the layout, so a value such as ``--slots 100000000`` ran for hours instead of failing.
+    """
 
     name: str
     default: int
     minimum: int
     help: str
+    maximum: int | None = None
 
     def parse(self, value: Any, flag: str | None = None) -> int:
         """``value`` as a valid integer, or a one-line :class:`ConfigError` naming the option as
@@ -44,6 +49,11 @@ class Option:
             ) from None
         if number < self.minimum:
             raise ConfigError(f"{flag} {value!r} must be at least {self.minimum} ({self.help})")
+        if self.maximum is not None and number > self.maximum:
+            raise ConfigError(
+                f"{flag} {number} is too large: give at most {self.maximum:,} ({self.help}; "
+                f"the default is {self.default})"
+            )
         return number
 
 

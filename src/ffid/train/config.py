@@ -68,7 +68,7 @@ class TrainConfig:
     # -- model and data ------------------------------------------------------------------------
     model_type: str = _key(
         "what to train: wan, causal-lm, a task registered under the ffid.tasks entry point (demo), or "
-        "a dotted path 'pkg.module:factory' returning a Task",
+        "a dotted path 'pkg.module:factory' returning a Task (runs its code: needs --allow_plugins)",
         "wan",
         trajectory=True,
     )
@@ -193,7 +193,10 @@ class TrainConfig:
     )
     # -- optimisation --------------------------------------------------------------------------
     optimizer_type: str = _key(
-        "AdamW, AdamW8bit, Adafactor, SGD, or a dotted path to an optimizer class", "AdamW", trajectory=True
+        "AdamW, AdamW8bit, Adafactor, SGD, or a dotted path to an optimizer class (outside "
+        "torch.optim it runs code: needs --allow_plugins)",
+        "AdamW",
+        trajectory=True,
     )
     optimizer_args: list[str] = _key(
         "extra optimizer arguments as k=v (e.g. weight_decay=0.01)", factory=list, trajectory=True

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError, did_you_mean
 from .config import TrainConfig, parse_kv_list
+from .plugins import check_plugin
 
 BUILTIN_OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "SGD", "Adam", "Lion8bit", "PagedAdamW8bit")
 
@@ -41,10 +42,13 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
                 "optimizer_type Adafactor needs transformers; pip install transformers"
             ) from None
         return Adafactor
-    if "." in name:
+    if "." in name or ":" in name:
+        check_optimizer_type(name)
         module_name, _, attr = name.replace(":", ".").rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module_name), attr)
+            # torch's own optimizers are read from the already imported torch.optim
+            module = torch.optim if module_name == "torch.optim" else importlib.import_module(module_name)
+            cls = getattr(module, attr)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(
                 f"optimizer_type {name!r} cannot be imported ({exc}); give 'package.module.Class'"
@@ -57,6 +61,18 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         "choose one of: "
         f"{', '.join(BUILTIN_OPTIMIZERS)} or a dotted path such as torch.optim.RAdam"
     )
+
+
+def check_optimizer_type(name: str) -> None:
+    """Refuse a dotted ``optimizer_type`` outside ``torch.optim`` without the plugin opt-in
+    (:mod:`ffid.train.plugins`): importing it runs code the config names. Needs no import, so
+    ``ffid train`` calls it before loading anything."""
+    if "." not in name and ":" not in name:
+        return
+    module_name, _, attr = name.replace(":", ".").rpartition(".")
+    if module_name == "torch.optim" and attr.isidentifier():
+        return
+    check_plugin("optimizer_type", name)
 
 
 def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -103,4 +119,4 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
         raise ConfigError(f"lr_scheduler {name!r}: {exc}") from None
 
 
-__all__ = ["BUILTIN_OPTIMIZERS", "build_optimizer", "build_scheduler"]
+__all__ = ["BUILTIN_OPTIMIZERS", "build_optimizer", "build_scheduler", "check_optimizer_type"]

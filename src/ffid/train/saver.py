@@ -54,7 +54,7 @@ class CheckpointSaver:
             self.saved.append(path)
         if with_state:
             folder = self.out / f"{self.output_name}-step{position.step:08d}-state"
-            # every process's RNG and gradient paths (each may have measured its own cost model)
+            # every process's RNG and gradient paths (each may have forced its own)
             mine = [(rng_state(self.generator), self.handle.grad_paths())]
             gathered = acc.gather_for_metrics(mine) if acc.num_processes > 1 else mine
             rngs = [rng for rng, _ in gathered]

@@ -2,8 +2,9 @@
 
 A state holds everything that decides what the next step computes: the trained values (the
 engine's proxies), optimizer and scheduler state, every RNG the run draws from, the data
-position, the step, the loss history and the gradient path each weight took (the engine's paths
-are exact but round differently, so a resume pins them: ``grad_paths`` in ``state.json``). It
+position, the step, the loss history and the gradient path each weight took (``grad_paths`` in
+``state.json``: the engine's ``auto`` rule is fixed, so a resume takes the same paths anyway;
+pinning them keeps states written by older ffid, whose choice was timed, resuming exactly). It
 also records the config hash, the selection fingerprint and the model manifest fingerprint, so a
 state from another run is refused.
 """
@@ -101,8 +102,8 @@ def save_state(
     """Write a state folder atomically (temp folder, then rename); returns ``folder``.
 
     ``grad_paths`` (rank -> ``handle.grad_paths()`` of that process) is stored so that a resume
-    takes the same path per weight on every process (``handle.pin_grad_paths``), whatever its own
-    cost model would choose; :func:`grad_paths_of` reads it back.
+    takes the same path per weight on every process (``handle.pin_grad_paths``) even where a
+    path was forced; :func:`grad_paths_of` reads it back.
     """
     from safetensors.torch import save_file
 

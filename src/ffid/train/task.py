@@ -9,7 +9,9 @@ are batched and what the loss is. Built-in tasks: ``wan`` (flow matching on cach
 Other tasks plug in without touching the trainer, in one of two ways:
 
 - ``model_type = "package.module:factory"`` names a module attribute (a Task class, instance or
-  factory; a bare module must expose ``make_task()`` or ``TASK``);
+  factory; a bare module must expose ``make_task()`` or ``TASK``). That imports and runs code a
+  config file names, so it needs the user's opt-in (``ffid train --allow_plugins`` or
+  ``FFID_ALLOW_PLUGINS=1``, :mod:`ffid.train.plugins`);
 - a distribution declares an entry point in the ``ffid.tasks`` group, e.g. in ``pyproject.toml``::
 
       [project.entry-points."ffid.tasks"]
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import ConfigError, did_you_mean
+from .plugins import check_plugin
 
 if TYPE_CHECKING:
     import torch
@@ -137,10 +140,12 @@ def check_task_args(task: object, task_args: dict[str, Any]) -> None:
 
 
 def get_task(model_type: str) -> Task:
-    """The task for ``model_type``: a built-in name or ``"package.module:attribute"``."""
+    """The task for ``model_type``: a built-in name, an entry-point name or
+    ``"package.module:attribute"`` (the last only with the plugin opt-in)."""
     if model_type in TASKS:
         return TASKS[model_type]()
     if ":" in model_type or (model_type.count(".") and not Path(model_type).exists()):
+        check_plugin("model_type", model_type)  # before anything is imported
         module_name, _, attr = model_type.partition(":")
         try:
             module = importlib.import_module(module_name)
