@@ -28,7 +28,16 @@ from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick
 from .base import Option, Selector
-from .spread import _GOLDEN, _check_id, _coprime_multiplier, _floor_digits, apportion, target_count
+from .spread import (
+    _GOLDEN,
+    MAX_SEED,
+    MAX_SLOTS,
+    _check_id,
+    _coprime_multiplier,
+    _floor_digits,
+    apportion,
+    target_count,
+)
 
 DEFAULT_SLOTS = 16
 
@@ -114,6 +123,12 @@ def select_rows(
     layouts = [RowSlot.build(n, manifest[n].shape, ffid, slots, seed) for n in mats]
     caps = [s.capacity for s in layouts]
     capacity = sum(c * s.cols for c, s in zip(caps, layouts, strict=True))
+    if capacity == 0:
+        rows = max(s.rows for s in layouts)
+        raise CapacityError(
+            f"id {ffid} of the {slots}-slot rows layout holds no row here: the matrices have at most "
+            f"{rows} rows, fewer than the slots; use at most --slots {rows}"
+        )
     if k > capacity:
         raise CapacityError(
             f"--ff {ff} asks for {k:,} elements but id {ffid} of the {slots}-slot rows layout holds "
@@ -160,8 +175,8 @@ class RowsSelector(Selector):
     whole_rows = True
     help = f"whole rows of every 2-D weight (what projection trains); {DEFAULT_SLOTS} disjoint ids by default"
     options = (
-        Option("slots", DEFAULT_SLOTS, 1, "the number of disjoint ids in the layout"),
-        Option("seed", 0, 0, "the layout seed; other seeds give unrelated layouts"),
+        Option("slots", DEFAULT_SLOTS, 1, "the number of disjoint ids in the layout", MAX_SLOTS),
+        Option("seed", 0, 0, "the layout seed; other seeds give unrelated layouts", MAX_SEED),
     )
 
     def ids(self, options: Mapping[str, int]) -> int:
