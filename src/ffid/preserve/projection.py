@@ -442,9 +442,16 @@ class Projector:
         )
         s = self.stats
         if s is not None:
+            sampled = [g.rank / g.width for g in self._groups if not g.exact]
+            exact = [g.rank / g.width for g in self._groups if g.exact]
+
+            def spread(xs: list[float]) -> str:
+                return f"{sum(xs) / len(xs):.0%} ({min(xs):.0%}-{max(xs):.0%})" if xs else "-"
+
             line += (
                 f"\n  projection: {s.trained} tensors ({s.trained_rows:,} rows) in {s.groups} input groups "
-                f"({s.exact_groups} exact, text side); bases {s.basis_bytes / 2**20:.1f} MiB; "
+                f"({s.exact_groups} exact, text side); protected rank / width: sampled {spread(sampled)}, "
+                f"text {spread(exact)}; bases {s.basis_bytes / 2**20:.1f} MiB; "
                 f"{s.rows_without_room:,} trained rows have no free direction"
             )
         return line
