@@ -101,15 +101,20 @@ def stack_config(args: argparse.Namespace, seed: int, work: Path) -> StackConfig
     return cfg
 
 
-def projection_config(cfg: StackConfig) -> tuple[StackConfig | None, str | None]:
-    """``cfg`` with projection preservation, or ``None`` and why it cannot be had here."""
+def projection_config(
+    cfg: StackConfig, overrides: dict[str, Any] | None = None
+) -> tuple[StackConfig | None, str | None]:
+    """``cfg`` with projection preservation, or ``None`` and why it cannot be had here.
+    ``overrides``: DemoConfig's projection fields (``projection_ff``, ``projection_lr``,
+    ``preserve_energy``) where the run departs from the recipe."""
     if "preserve_method" not in {f.name for f in fields(cfg)}:
         return None, (
             "skipped: this checkout's DemoConfig has no preserve_method field (projection preservation "
             "not landed); `--methods preserved` runs the preservation loss instead"
         )
     # the field's own recipe (selector, ff, lr) comes with it: DemoConfig picks it, not this bench
-    pcfg = replace(cfg, **{"preserve_method": "projection"})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    pcfg = replace(cfg, **{"preserve_method": "projection", **given})
     pcfg.validate()
     return pcfg, None
 
@@ -168,7 +173,15 @@ def run_method(ctx: Context, method: str) -> dict[str, Any]:
 
     mcfg = replace(cfg, output_dir=str(ctx.work / method))
     if method == "projection":
-        pcfg, note = projection_config(mcfg)
+        a = ctx.args
+        pcfg, note = projection_config(
+            mcfg,
+            {
+                "projection_ff": a.projection_ff,
+                "projection_lr": a.projection_lr,
+                "preserve_energy": a.preserve_energy,
+            },
+        )
         if pcfg is None:
             ctx.log(f"  {METHODS[method]}: {note}")
             return {"skipped": note}
@@ -204,7 +217,13 @@ def run_method(ctx: Context, method: str) -> dict[str, Any]:
     if method == "parallel":
         # base + every delta in memory is what `ffid merge` writes (the demo checks it bit for bit)
         stage("merged", model_with_deltas(ctx.base_path, deltas), range(1, len(chars) + 1), 0.0)
-    return {"stages": stages, "recipe": {k: getattr(mcfg, k) for k in ("selector", "ff", "learning_rate")}}
+    preserving = method in ("projection", "preserved")
+    recipe = (
+        mcfg.preserved_recipe()
+        if preserving
+        else {k: getattr(mcfg, k) for k in ("selector", "ff", "learning_rate")}
+    )
+    return {"stages": stages, "recipe": {**recipe, "trainable": infos[0]["trainable"]}}
 
 
 def run_seed(
@@ -282,6 +301,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="training steps per character (default the demo's)"
     )
     ap.add_argument("--width", type=int, choices=(64, 128, 256), default=None, help="the demo model's dim")
+    ap.add_argument("--projection-ff", type=float, default=None, help="projection's budget (default: recipe)")
+    ap.add_argument("--projection-lr", type=float, default=None, help="projection's rate (default: recipe)")
+    ap.add_argument(
+        "--preserve-energy", type=float, default=None, help="projection's energy share (default: recipe)"
+    )
     ap.add_argument("--quick", action="store_true", help="CI smoke: tiny model, a few steps")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval")
     ap.add_argument("--lora-lr", type=float, default=LORA_LR)

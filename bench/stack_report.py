@@ -267,6 +267,9 @@ def render(payload: dict[str, Any], elapsed: float) -> str:
             if "stages" not in run:
                 lines.append(run.get("skipped", "not run"))
                 continue
+            if run.get("recipe"):
+                shown = ", ".join(f"{k} {v}" for k, v in run["recipe"].items())
+                lines += [f"Recipe: {shown}.", ""]
             lines.append(matrix(record, m))
             if run.get("checks"):
                 lines.append("")
