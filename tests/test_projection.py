@@ -236,3 +236,26 @@ def test_resume_rebuilds_the_same_bases_and_repeats_the_run(base: Path, tmp_path
 
     a, b = load_file(str(whole.final)), load_file(str(resumed.final))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_with_projection_merges_disjoint_rows(tmp_path: Path) -> None:
+    """Under projection every demo run trains the recipe's rows (character1 too), so the two ids
+    stay disjoint in one layout and the merged file is exactly base + both deltas."""
+    from ffid.demo.run import run_demo
+
+    cfg = quick_config(
+        output_dir=str(tmp_path / "demo"),
+        preserve_method="projection",
+        character2_mode="preserved",
+        pretrain_steps=4,
+        steps=3,
+        samples=2,
+        sample_steps=2,
+        progress=False,
+    ).validate()
+    result = run_demo(cfg)
+    report = result.report
+    assert report["summary"]["merged_equals_deltas"] is True
+    first, second = report["characters"]["character1"], report["characters"]["character2"]
+    assert first["preserved"] and second["preserved"]  # character1 is projected off the base classes
+    assert first["fingerprint"] != second["fingerprint"] and first["trainable"] == second["trainable"]

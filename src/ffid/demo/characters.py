@@ -47,8 +47,8 @@ def train_character(
         caption_dropout=0.0,
     )
     out = Path(cfg.output_dir) / run_name
-    # a preserved run takes its method's recipe (projection: its own selection, budget and rate)
-    recipe = cfg.preserved_recipe() if preserve else {}
+    # the method's recipe (projection: its own selection, budget and rate, for every run)
+    recipe = cfg.run_recipe(preserve)
     tcfg = config_from_mapping(
         {
             "model_type": "demo",

@@ -131,18 +131,27 @@ class DemoConfig:
     def preserved_recipe(self) -> dict[str, Any]:
         """``ffid train`` keys of a preserved run: the loss method keeps the demo's selection and
         rate; projection trains whole rows of the blocks' Linears at its own budget and rate."""
+        return self.run_recipe(preserve=True)
+
+    def run_recipe(self, preserve: bool) -> dict[str, Any]:
+        """``ffid train`` keys of a character run. With ``preserve_method = 'projection'`` every
+        run (preserved or not, character1 too) trains projection's rows, so that the runs' ids
+        stay disjoint in one layout and their deltas merge; only preserved runs project."""
         if self.preserve_method != "projection":
             return {"ff": self.ff, "selector": self.selector, "learning_rate": self.learning_rate}
         r = PROJECTION_RECIPE
-        return {
+        recipe: dict[str, Any] = {
             "ff": self.projection_ff if self.projection_ff is not None else r["ff"],
             "selector": ROW_SELECTOR,
             "selector_args": {"slots": r["slots"]},
             "include": [r["include"]],
             "learning_rate": self.projection_lr if self.projection_lr is not None else r["learning_rate"],
-            "preserve_method": "projection",
-            "preserve_energy": self.preserve_energy if self.preserve_energy is not None else r["energy"],
         }
+        if preserve:
+            recipe["preserve_method"] = "projection"
+            energy = self.preserve_energy
+            recipe["preserve_energy"] = energy if energy is not None else r["energy"]
+        return recipe
 
     @property
     def character2_variants(self) -> list[str]:

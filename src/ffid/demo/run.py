@@ -140,7 +140,13 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     base = judging.stage("base", "pretrained base", model_with_deltas(base_path, []))
 
     log(f"[bold]3a[/] teaching character1 (digit {cfg.character1}) into --ffid {cfg.ffid1}")
-    run1 = _timed(train_character, cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data)
+    # Under projection character1 is projected too: off the base classes' and the empty prompt's
+    # inputs (the loss method leaves character1 unpreserved, as the seed's recipe does).
+    first_preserved = cfg.preserve_method == "projection"
+    run1 = _timed(
+        train_character, cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data, None, None,
+        first_preserved,
+    )
     stage1 = judging.stage(
         "character1", f"base + character1 (ffid {cfg.ffid1})", model_with_deltas(base_path, [run1.delta])
     )
@@ -216,13 +222,18 @@ def _announce(cfg: DemoConfig, out: Path, log: Log) -> int:
     probe = build_model(cfg.spec, seed=cfg.seed)
     total = param_count(probe)
     weight_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
-    trainable = round(cfg.ff * total)
+    recipe = cfg.run_recipe(preserve=False)
+    trainable = round(recipe["ff"] * total)
+    how = ""
+    if cfg.preserve_method == "projection":
+        how = f" (projection's recipe: whole rows of the blocks' Linears, lr {recipe['learning_rate']:g})"
     log(
         f"[bold]ffid demo[/]: tiny Wan DiT (diffusers WanTransformer3DModel, {cfg.spec.layers} blocks, "
         f"dim {cfg.spec.dim}) on scikit-learn's real handwritten digits, {cfg.spec.image_size}x"
         f"{cfg.spec.image_size} as 1-frame videos\n"
         f"  model params {total:,} ({format_bytes(weight_bytes)}); each character trains "
-        f"--ff {cfg.ff} = ~{trainable:,} weights ({cfg.ff:.2%}) with selector {cfg.selector}, "
+        f"--ff {recipe['ff']} = ~{trainable:,} weights ({recipe['ff']:.2%}) with selector "
+        f"{recipe['selector']}{how}, "
         f"ids {cfg.ffid1} and {cfg.ffid2}\n"
         f"  character1 = digit {cfg.character1}, character2 = digit {cfg.character2} (both held out of "
         f"pretraining); seed {cfg.seed}, {cfg.threads} threads; {peak_memory(torch.device('cpu'))}\n"
