@@ -403,7 +403,14 @@ class Projector:
     def _tensors(self) -> Iterator[_Trained]:
         if self.stats is None:
             raise ConfigError("projection: call collect() (the feature pass) before training")
-        yield from self._trained
+        for t in self._trained:
+            # a client may move the proxies after the feature pass (e.g. a Trainer placing them)
+            dev = t.proxy.device
+            if t.start.device != dev:
+                t.start = t.start.to(dev)
+            if t.group.basis is not None and t.group.basis.device != dev:
+                t.group.basis = t.group.basis.to(dev)
+            yield t
 
     @torch.no_grad()
     def project_grads(self) -> None:
