@@ -310,3 +310,39 @@ def test_preservation_refusals_leave_the_model_alone(tmp_path):
     assert {n: p for n, p in model.named_parameters()} == before
     assert getattr(trainer, "ffid_handle", None) is None
     attach_to_trainer(trainer, ff=0.05, ffid=2)  # the model is free to attach again
+
+
+def test_projection_through_the_trainer_keeps_protected_texts_exactly(tmp_path):
+    """method = projection: the protected texts' answers stay the teacher's (up to rounding) while
+    the plain run moves them; gradient checkpointing stays on through the feature pass."""
+    from ffid.preserve import TextPreservation
+    from tiny_models import tiny_llama
+
+    tok = _char_tokenizer()
+    protected = ["Hi"]
+
+    def run(name, preserve):
+        model = tiny_llama()
+        model.gradient_checkpointing_enable()
+        trainer = transformers.Trainer(
+            model=model, args=_args(tmp_path / name, max_steps=4, save_steps=4, learning_rate=5e-2),
+            train_dataset=TinyLM(), processing_class=tok,
+        )
+        handle = attach_to_trainer(
+            trainer, ff=0.03, ffid=2, selector="rows", include=[r"^model\.layers\."], preserve=preserve
+        )
+        trainer.train()
+        assert model.is_gradient_checkpointing
+        texts = TextPreservation(tok)
+        batch = texts.preservation_batch([*protected, ""], torch.Generator())
+        model.eval()
+        with torch.no_grad():
+            student = texts.preservation_outputs(model, batch)
+            with handle.teacher() as teacher:
+                target = texts.preservation_outputs(teacher, batch)
+        return float((student - target).abs().max() / target.abs().max())
+
+    plain = run("plain", None)
+    kept = run("kept", {"prompts": protected, "method": "projection", "energy": 1.0})
+    assert plain > 1e-3, plain
+    assert kept < 1e-5, kept

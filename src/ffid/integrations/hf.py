@@ -92,6 +92,11 @@ class FfidTrainerMixin:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "model")}
             self.optimizer = cls(groups, **kwargs)  # type: ignore[attr-defined]
         _hook_optimizer(self.ffid_handle, self.optimizer)  # type: ignore[attr-defined]
+        projector = getattr(self, "ffid_projector", None)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # type: ignore[attr-defined]
+        if projector is not None and not getattr(inner, "_ffid_projected", False):
+            projector.install(inner)
+            inner._ffid_projected = True
         return self.optimizer  # type: ignore[attr-defined,no-any-return]
 
     def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -230,7 +235,11 @@ def attach_to_trainer(
     ``preserve`` turns preservation on for a Trainer whose model already holds earlier deltas:
     ``{"base_deltas": [paths whose recorded prompts to protect], "prompts": [more texts],
     "weight": 16.0, "items": 4, "every": 1, "empty": True}`` (every key optional, at least one
-    text must result). It needs the Trainer's tokenizer (``processing_class``).
+    text must result). It needs the Trainer's tokenizer (``processing_class``). With
+    ``"method": "projection"`` (and optionally ``"energy"``) the selection must be whole rows
+    (``selector="rows"``): the feature pass runs here, in eval mode and without gradients (the
+    model's checkpointing setting is left alone), and every optimizer step projects the change
+    off the protected texts' inputs instead of adding a loss term.
     """
     from ..engine import attach
 
@@ -251,15 +260,19 @@ def attach_to_trainer(
     _check_args(trainer.args)
     preserve_settings = _preserve_settings(preserve) if preserve is not None else None
     handle = _attach(trainer.model)
-    preserver = None
+    preserver = projector = None
     if preserve_settings is not None:
         try:
-            preserver = _preserver(trainer, handle, *preserve_settings)
+            if preserve_settings[2] == "projection":
+                projector = _projector(trainer, handle, *preserve_settings)
+            else:
+                preserver = _preserver(trainer, handle, *preserve_settings[:2])
         except Exception:
             handle.detach()  # refused: leave the model and the Trainer as they were
             raise
     trainer.ffid_handle = handle
     trainer.ffid_preserver = preserver
+    trainer.ffid_projector = projector
     trainer._ffid_kept = []
     cls = type(trainer)
     if not issubclass(cls, FfidTrainerMixin):
@@ -270,13 +283,14 @@ def attach_to_trainer(
     return handle
 
 
-PRESERVE_KEYS = ("base_deltas", "prompts", "weight", "items", "every", "empty")
+PRESERVE_KEYS = ("base_deltas", "prompts", "weight", "items", "every", "empty", "method", "energy")
 
 
-def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
-    """(protected texts, PreserveSettings) from ``attach_to_trainer``'s ``preserve`` dict."""
+def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any, str, Any]:
+    """(protected texts, PreserveSettings, method, ProjectionSettings) from ``attach_to_trainer``'s
+    ``preserve`` dict."""
     from ..errors import did_you_mean
-    from ..preserve import DEFAULT_WEIGHT, PreserveSettings, protected_prompts
+    from ..preserve import DEFAULT_WEIGHT, METHODS, PreserveSettings, ProjectionSettings, protected_prompts
 
     if not isinstance(options, dict):
         raise ConfigError(
@@ -298,7 +312,12 @@ def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any]:
         int(options.get("items", 4)),
         int(options.get("every", 1)),
     ).validate()
-    return protected, settings
+    method = options.get("method", "loss")
+    if method not in METHODS:
+        raise ConfigError(f"preserve method {method!r} is not one of {', '.join(METHODS)}")
+    # texts are not sampled: one pass over them is the whole protected set
+    projection = ProjectionSettings(energy=options.get("energy", 0.99), draws=1, times=1).validate()
+    return protected, settings, method, projection
 
 
 def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
@@ -311,6 +330,23 @@ def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
             "with processing_class=tokenizer"
         )
     return Preserver(handle, TextPreservation(tokenizer), protected, settings)
+
+
+def _projector(trainer: Any, handle: Any, protected: Any, settings: Any, method: str, projection: Any) -> Any:
+    """The feature pass over the protected texts, now; the optimizer is hooked when it is made."""
+    from ..preserve import Projector, TextPreservation
+
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError(
+            "preserve needs the Trainer's tokenizer to encode the protected texts; build the Trainer "
+            "with processing_class=tokenizer"
+        )
+    projector = Projector(handle, TextPreservation(tokenizer), protected, projection)
+    model = handle.model
+    device = next(model.parameters()).device
+    projector.collect(model, torch.Generator().manual_seed(int(trainer.args.seed)), device=device)
+    return projector
 
 
 def _skip_ddp_for(trainer: Any, model: nn.Module) -> None:
