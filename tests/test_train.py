@@ -276,7 +276,16 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.Capt
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["wan21-t2v-14b.toml", "llm-causal.toml", "demo-model.toml", "demo-projection-1.toml", "demo-projection-2.toml"])
+EXAMPLES = [
+    "wan21-t2v-14b.toml",
+    "llm-causal.toml",
+    "demo-model.toml",
+    "demo-projection-1.toml",
+    "demo-projection-2.toml",
+]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_configs_are_valid(name: str) -> None:
     path = Path(__file__).resolve().parents[1] / "examples" / name
     cfg = load_config(path)
