@@ -67,7 +67,7 @@ def apply_delta(
 
     multiplier = require_finite_scalar(multiplier, "multiplier")
     if not isinstance(delta, Delta):
-        delta = load_delta(delta)
+        delta = load_delta(delta, base=model)  # an implicit-index delta rebuilds its positions here
     targets = _module_tensors(model)
     resolver = NameResolver(targets, delta.info.naming)
     plan: list[tuple[DeltaTensor, torch.Tensor]] = []

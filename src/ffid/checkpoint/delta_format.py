@@ -22,12 +22,14 @@ from ..dtypes import (
     index_code,
 )
 from ..errors import ConfigError, ModelFileError
+from .implicit import FORMAT_VERSION_IMPLICIT, KEY_SELECTION, SelectionRecord, parse_record
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_NAME = "ffid-delta"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # explicit indices; "2" (implicit indices) is described in .implicit
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_IMPLICIT)
 INDEX_SUFFIX = ".ffid_index"
 VALUE_SUFFIX = ".ffid_value"
 # Value codes a delta may store (fp8 cannot hold trained values faithfully and most readers cannot
@@ -120,7 +122,8 @@ class DeltaTensor:
 
     name: str
     shape: tuple[int, ...]
-    indices: torch.Tensor  # int64, sorted, unique
+    # int64, sorted, unique; None only on the way into an implicit-index file, which rebuilds them
+    indices: torch.Tensor | None
     values: torch.Tensor  # flat, float (fp32 unless saved otherwise)
 
     @property
@@ -129,7 +132,7 @@ class DeltaTensor:
 
     @property
     def count(self) -> int:
-        return int(self.indices.numel())
+        return int(self.values.numel() if self.indices is None else self.indices.numel())
 
     @property
     def whole(self) -> bool:
@@ -154,6 +157,13 @@ class DeltaInfo:
     selected: int
     total_params: int | None
     source: str
+    # Format 2 only: what rebuilds the positions (None for format 1, which stores them).
+    selection_record: SelectionRecord | None = None
+
+    @property
+    def implicit(self) -> bool:
+        """True for a format 2 delta: values only, positions rebuilt from the base's shapes."""
+        return self.selection_record is not None
 
     @property
     def base_digest(self) -> str:
@@ -167,11 +177,12 @@ def parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
             "written by save_delta or `ffid extract`, or use `ffid inspect` to see what it is"
         )
     version = meta.get(KEY_FORMAT_VERSION, "")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise ModelFileError(
-            f"{path} uses ffid delta format version {version!r}, this ffid {__version__} reads version "
-            f"{FORMAT_VERSION}; upgrade ffid"
+            f"{path} uses ffid delta format version {version!r}, this ffid {__version__} reads versions "
+            f"{' and '.join(FORMAT_VERSIONS)}; upgrade ffid"
         )
+    record = parse_record(path, meta.get(KEY_SELECTION)) if version == FORMAT_VERSION_IMPLICIT else None
     try:
         params = json.loads(meta.get(KEY_PARAMS) or "{}")
         fp_json = json.loads(meta.get(KEY_BASE_FP) or "{}")
@@ -200,6 +211,7 @@ def parse_info(path: Path, meta: Mapping[str, str]) -> DeltaInfo:
         selected=selected,
         total_params=total,
         source=meta.get(KEY_SOURCE, ""),
+        selection_record=record,
     )
 
 
@@ -239,13 +251,15 @@ def training_metadata(
 
 
 def delta_entries(
-    name: str, shape: tuple[int, ...], count: int, value_code: str
+    name: str, shape: tuple[int, ...], count: int, value_code: str, implicit: bool = False
 ) -> list[tuple[str, str, tuple[int, ...]]]:
     """The stored tensors ``(key, dtype code, shape)`` of one touched tensor: its flat indices in
-    the smallest integer type that fits the tensor (none when trained whole) and its values (in
-    the tensor's own shape when trained whole)."""
+    the smallest integer type that fits the tensor (none when trained whole, or ``implicit``: format
+    2 rebuilds them) and its values (in the tensor's own shape when trained whole)."""
     if count == math.prod(shape):
         return [(name + VALUE_SUFFIX, value_code, tuple(shape))]
+    if implicit:
+        return [(name + VALUE_SUFFIX, value_code, (count,))]
     return [
         (name + INDEX_SUFFIX, index_code(math.prod(shape)), (count,)),
         (name + VALUE_SUFFIX, value_code, (count,)),
@@ -268,6 +282,7 @@ def delta_metadata(
     source: str,
     metadata: Mapping[str, Any] | None,
     architecture: str | None,
+    record: SelectionRecord | None = None,
 ) -> dict[str, str]:
     """The string metadata of a delta file titled ``title`` (its file stem): the format's keys,
     the ``ss_*``/``modelspec.*`` keys, then ``metadata`` (reserved keys refused)."""
@@ -280,7 +295,7 @@ def delta_metadata(
     meta.update(
         {
             KEY_FORMAT: FORMAT_NAME,
-            KEY_FORMAT_VERSION: FORMAT_VERSION,
+            KEY_FORMAT_VERSION: FORMAT_VERSION if record is None else FORMAT_VERSION_IMPLICIT,
             KEY_VERSION: __version__,
             KEY_SELECTOR: selector,
             KEY_PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
@@ -298,8 +313,10 @@ def delta_metadata(
             KEY_SOURCE: source,
         }
     )
+    if record is not None:
+        meta[KEY_SELECTION] = record.to_json()
     for k, v in (metadata or {}).items():
-        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED):
+        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED, KEY_SELECTION):
             raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     return meta

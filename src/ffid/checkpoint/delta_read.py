@@ -14,7 +14,7 @@ from ..dtypes import (
     is_float_code,
     numpy_storage,
 )
-from ..errors import ModelFileError
+from ..errors import ConfigError, ModelFileError
 from ..selection import Explicit, Selection, TensorPick, Whole
 from .delta_format import INDEX_SUFFIX, VALUE_SUFFIX, DeltaInfo, DeltaTensor, parse_info
 from .stio import (
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 class DeltaFile:
     """A delta file opened lazily: header and metadata parsed, tensors read one at a time on demand."""
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], base: Any | None = None):
         self.path = Path(path)
+        self._selection: Selection | None = None  # format 2: the positions, once rebuilt (bind)
         self.file = SafetensorsFile(self.path)
         self.metadata = dict(self.file.metadata)
         self.info = parse_info(self.path, self.metadata)
@@ -43,7 +44,7 @@ class DeltaFile:
                     raise ModelFileError(
                         f"{self.path}: {key!r} holds {e.dtype}, values must be floats; re-save it"
                     )
-            elif key.endswith(INDEX_SUFFIX):
+            elif key.endswith(INDEX_SUFFIX) and not self.info.implicit:
                 if e.dtype not in NUMPY_INT:
                     raise ModelFileError(
                         f"{self.path}: {key!r} holds {e.dtype}, indices must be integers; re-save it"
@@ -62,6 +63,53 @@ class DeltaFile:
             )
         for name in self.names:
             self._check_layout(name)
+        if self.info.selection_record is not None:
+            self._check_counts()
+            if base is not None:
+                self.bind(base)
+
+    def _check_counts(self) -> None:
+        """Format 2: the recorded counts name exactly the stored tensors, match their value counts
+        and add up to ``ffid.selected`` (else the header or the value block is damaged)."""
+        record = self.info.selection_record
+        assert record is not None
+        why = None
+        if set(record.counts) != set(self.names):
+            odd = sorted(set(record.counts) ^ set(self.names))[0]
+            if odd in record.counts:
+                why = f"its selection records tensor {odd!r}, which the file does not store"
+            else:
+                why = f"the file stores tensor {odd!r}, which its selection does not record"
+        elif record.selected != self.info.selected:
+            total = self.info.selected
+            why = f"the per-tensor counts add up to {record.selected:,}, not ffid.selected = {total:,}"
+        else:
+            for n in self.names:
+                if self.count(n) != record.counts[n]:
+                    why = f"tensor {n!r} stores {self.count(n):,} values, its selection records "
+                    why += f"{record.counts[n]:,}"
+                    break
+        if why:
+            raise ModelFileError(f"{self.path} is a damaged implicit-index delta ({why}); re-save it")
+
+    @property
+    def implicit(self) -> bool:
+        """True for format 2: the positions are rebuilt from the base (:meth:`bind`), not stored."""
+        return self.info.implicit
+
+    def bind(self, base: Any) -> Selection | None:
+        """Rebuild the positions of a format 2 delta from ``base`` (a Checkpoint, module, manifest,
+        state dict or path) and check them; nothing to do for format 1. Returns the selection."""
+        from .implicit import base_manifest, rebuild
+
+        record = self.info.selection_record
+        if record is None:
+            return None
+        if self._selection is None:
+            shapes = {n: self.shape(n) for n in self.names}
+            manifest = base_manifest(base, self.info.naming)
+            self._selection = rebuild(self.path, record, shapes, manifest)
+        return self._selection
 
     def _check_layout(self, name: str) -> None:
         """Index and value tensors shaped and typed as the format says (docs/delta-format.md)."""
@@ -76,7 +124,7 @@ class DeltaFile:
             why = f"its value tensor has shape {list(ventry.shape)}, it must be 1-D like the index"
         elif ientry is not None and ientry.numel != ventry.numel:
             why = f"it has {ientry.numel} indices but {ventry.numel} values"
-        elif ientry is None and ventry.shape != shape:
+        elif ientry is None and ventry.shape != shape and not (self.info.implicit and len(ventry.shape) == 1):
             why = f"its whole-tensor values have shape {list(ventry.shape)}, the base tensor {list(shape)}"
         else:
             return
@@ -111,6 +159,8 @@ class DeltaFile:
 
     def read_index_elements(self, name: str, entries: np.ndarray) -> np.ndarray:
         """``read_indices(name)[entries]`` without reading the whole index tensor (a few preads)."""
+        if self.implicit:
+            return self._read_indices(name)[entries]
         ientry = self.file.entries.get(name + INDEX_SUFFIX)
         if ientry is None:
             return entries.astype(np.int64)
@@ -129,6 +179,14 @@ class DeltaFile:
             numel *= d
         ientry = self.file.entries.get(name + INDEX_SUFFIX)
         ventry = self.file.entries[name + VALUE_SUFFIX]
+        if self.implicit:
+            if self._selection is None:
+                raise ConfigError(
+                    f"{self.path} stores no positions (an implicit-index delta, format 2): they are rebuilt "
+                    "from the base model, so give the base (DeltaFile(path, base=...), load_delta(path, "
+                    "base=model)) or convert it with `ffid convert --indices explicit --base BASE`"
+                )
+            return self._selection.indices(name).numpy()
         if ientry is None:
             if ventry.numel != numel:
                 raise ModelFileError(
@@ -217,8 +275,12 @@ class Delta:
         return Selection(self.info.selector or "explicit", params, manifest, picks, self.selected)
 
 
-def load_delta(path: str | os.PathLike[str]) -> Delta:
-    """Read a delta file completely: typed tensors (indices, values), metadata and parsed info."""
-    with DeltaFile(path) as df:
+def load_delta(path: str | os.PathLike[str], base: Any | None = None) -> Delta:
+    """Read a delta file completely: typed tensors (indices, values), metadata and parsed info.
+
+    ``base`` (the model, its checkpoint, manifest or state dict) is needed only by an
+    implicit-index delta (format 2), whose positions are rebuilt from the base's shapes.
+    """
+    with DeltaFile(path, base=base) as df:
         tensors = {n: df.read(n) for n in df.names}
         return Delta(df.path, tensors, df.metadata, df.info)

@@ -91,7 +91,9 @@ class RowSlot:
 
     def overlap(self, count: int, other: object, other_count: int) -> int | None:
         if not isinstance(other, RowSlot) or (self.rows, self.cols, self.offset) != (
-            other.rows, other.cols, other.offset,
+            other.rows,
+            other.cols,
+            other.offset,
         ):
             return None
         a, b = count // self.cols, other_count // other.cols

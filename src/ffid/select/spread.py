@@ -141,7 +141,10 @@ class SpreadSlot:
         if not isinstance(other, SpreadSlot):
             return None
         same_layout = (self.numel, self.rows, self.cols, self.offset) == (
-            other.numel, other.rows, other.cols, other.offset,
+            other.numel,
+            other.rows,
+            other.cols,
+            other.offset,
         )
         if not same_layout:
             return None
