@@ -9,7 +9,8 @@ values: sizes do not depend on them), and reports:
   the written file's size);
 - the wall time to rebuild every index from the preset's shapes as a merge does (plan, check
   counts and fingerprint, then each tensor's indices one at a time), and the peak RSS growth
-  while doing it, against the bytes of the int64 indices produced, in a fresh child process.
+  while doing it (VmHWM after a reset, Linux), against the bytes of the int64 indices produced,
+  in a fresh child process.
 
 ``--fraction F`` rebuilds only the first F of the tensors (by name) and scales the time, for
 machines where the whole rebuild takes too long; the report says so.
@@ -30,12 +31,20 @@ import time
 from pathlib import Path
 
 REBUILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from ffid.checkpoint import DeltaFile
 path, preset, fraction = sys.argv[1], sys.argv[2], float(sys.argv[3])
-import torch  # imported before the baseline: its own memory is not the rebuild's
+import torch, ffid.select  # imported before the baseline: their own memory is not the rebuild's
 torch.set_num_threads(2)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+    f.write("5")
+rss0 = status("VmRSS")
 t0 = time.perf_counter()
 with DeltaFile(path, base=preset) as df:
     t1 = time.perf_counter()
@@ -44,9 +53,8 @@ with DeltaFile(path, base=preset) as df:
     for n in names:
         produced += df.read_indices_np(n).nbytes
     t2 = time.perf_counter()
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"plan_s": t1 - t0, "indices_s": t2 - t1, "tensors": len(names),
-                  "index_bytes": produced, "peak_rss_growth": (rss1 - rss0) * 1024}))
+                  "index_bytes": produced, "peak_rss_growth": status("VmHWM") - rss0}))
 """
 
 
