@@ -222,3 +222,48 @@ def test_value_block_holds_values_in_selection_order(tmp_path):
     with safe_open(str(path), "pt") as f:
         for n in sel:
             assert torch.equal(f.get_tensor(n + ".ffid_value").reshape(-1), trained[n].to(torch.float32))
+
+
+def test_engine_handle_saves_implicit_and_hf_resume_reads_it(tmp_path):
+    from ffid.engine import attach
+    from ffid.integrations.hf import load_delta_into
+
+    model = tiny_wan()
+    handle = attach(model, ff=0.05, ffid=1)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.add_(0.01)
+    path = tmp_path / "h.safetensors"
+    handle.save_delta(path, indices="implicit")
+    trained = handle.trained_values()
+    handle.detach()
+    fresh = attach(tiny_wan(), ff=0.05, ffid=1)
+    assert load_delta_into(fresh, path) == sum(t.numel() for t in trained.values())
+    got = fresh.trained_values()
+    assert all(torch.equal(got[n], trained[n]) for n in trained)  # fp32 model: F32 values, exact
+
+
+def test_inspect_reports_implicit_layout(tmp_path, capsys):
+    _, implicit = _pair(tiny_wan(), tmp_path)
+    assert main(["inspect", str(implicit), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["indices"] == "implicit" and report["layout"] == "spread/1" and report["format_version"] == "2"
+    )
+
+
+def test_explicit_positions_that_are_not_the_selection_stay_explicit(tmp_path, capsys):
+    model = tiny_wan()
+    base = tmp_path / "base.safetensors"
+    save_state(model, base)
+    explicit, _ = _pair(model, tmp_path)
+    edited = tmp_path / "edited.safetensors"
+    # The same header with another selection id recorded: its positions are not id 2's.
+    _rewrite_header(explicit, edited, lambda m: m.update(
+        {"ffid.params": m["ffid.params"].replace('"ffid": 1', '"ffid": 2'), "ffid.ffid": "2"}
+    ))  # fmt: skip
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", str(edited), "--indices", "implicit", "--base", str(base), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "keep --indices explicit" in err, err
+    assert not out.exists()
