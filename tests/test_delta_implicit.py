@@ -158,12 +158,16 @@ def bad_setup(tmp_path):
     save_state(model, base)
     other = tmp_path / "other.safetensors"
     save_state(tiny_wan(layers=3), other)
+    wider = tiny_wan()  # the same names, one touched tensor of another size
+    wider.blocks[0].ffn.net[2].weight = torch.nn.Parameter(torch.zeros(32, 48))
+    save_state(wider, tmp_path / "wider.safetensors")
     _, implicit = _pair(model, tmp_path)
     return tmp_path, base, other, implicit
 
 
 CASES = {
-    "other shapes": (None, "other", "another model"),
+    "other model": (None, "other", "another model"),
+    "other shapes": (None, "wider", "another model size"),
     "unknown planner version": (_edit_record("layout", "spread/99"), "base", "cannot rebuild"),
     "counts do not add up": (_edit_record("counts", None), "base", "damaged"),
     "fingerprint mismatch": (_edit_record("fingerprint", "0123456789abcdef"), "base", "fingerprint"),
@@ -184,11 +188,11 @@ def test_bad_implicit_input_is_one_line_exit_2_nothing_written(bad_setup, case, 
         _rewrite_header(implicit, delta, change)
     before = sorted(p.name for p in tmp.iterdir())
     out = tmp / "out.safetensors"
+    onto = {"base": base, "other": other, "wider": tmp / "wider.safetensors"}[target]
     commands = [
-        ["merge", str(base if target == "base" else other), str(delta), "-o", str(out), "-q"],
-        ["convert", str(delta), "--indices", "explicit", "--base", str(base if target == "base" else other),
-         "-o", str(out)],
-    ]  # fmt: skip
+        ["merge", str(onto), str(delta), "-o", str(out), "-q"],
+        ["convert", str(delta), "--indices", "explicit", "--base", str(onto), "-o", str(out)],
+    ]
     for argv in commands:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
