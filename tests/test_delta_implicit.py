@@ -271,3 +271,15 @@ def test_explicit_positions_that_are_not_the_selection_stay_explicit(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "keep --indices explicit" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_delta_file_size_predicts_implicit_files_exactly(tmp_path, dtype):
+    from ffid.checkpoint import delta_file_size
+
+    model = tiny_wan().to(DTYPES[dtype])
+    sel = ffid.plan(model, 0.05, 1)
+    path = tmp_path / "size.safetensors"
+    written = save_delta(StandInHandle(model, sel), path, indices="implicit", architecture="arch")
+    predicted = delta_file_size(sel, title="size", architecture="arch", indices="implicit")
+    assert written == path.stat().st_size == predicted
