@@ -15,6 +15,11 @@ values: sizes do not depend on them), and reports:
 ``--fraction F`` rebuilds only the first F of the tensors (by name) and scales the time, for
 machines where the whole rebuild takes too long; the report says so.
 
+``--merge-layers L`` also times ``ffid merge`` (child processes, peak RSS from ``/usr/bin/time``)
+of a bf16 base with the Wan 2.1 1.3B layout cut to L blocks (``bench/merge.py``'s builder) with
+the explicit and the implicit delta of the same ff 0.01 run, alternately, three times each, and
+checks that the two merged files are identical.
+
     python bench/delta_size.py                    # Wan 2.2 14B, ff 0.01
     python bench/delta_size.py --preset wan2.1-t2v-1.3b --ff 0.05
 """
@@ -65,7 +70,10 @@ def main() -> int:
     ap.add_argument("--ffid", type=int, default=1)
     ap.add_argument("--fraction", type=float, default=1.0, help="share of tensors whose indices are rebuilt")
     ap.add_argument("--workdir", default=None, help="folder for the delta (default: a temp folder)")
+    ap.add_argument("--merge-layers", type=int, default=None, help="also time merges on this many blocks")
     args = ap.parse_args()
+    if args.merge_layers:
+        print(json.dumps(time_merges(args.merge_layers, args.workdir), indent=2))
 
     import torch
 
@@ -135,6 +143,40 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def time_merges(layers: int, workdir: str | None) -> dict[str, object]:
+    """``ffid merge`` wall time and peak RSS with an explicit and an implicit delta of one run."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from merge import _FileHandle, build_base  # bench/merge.py: the same base and stand-in run
+
+    from ffid.checkpoint import save_delta
+
+    runs: dict[str, list[tuple[float, int]]] = {"explicit": [], "implicit": []}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        d = Path(tmp)
+        base = d / "base.safetensors"
+        size, _ = build_base(base, layers)
+        handle = _FileHandle(base, 0.01, 1)
+        for kind in runs:
+            save_delta(handle, d / f"{kind}.safetensors", indices=kind)
+        for _ in range(3):
+            for kind in runs:
+                cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "ffid", "merge", str(base)]
+                cmd += [str(d / f"{kind}.safetensors"), "-o", str(d / f"m-{kind}.safetensors"), "-q"]
+                t0 = time.perf_counter()
+                child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs[kind].append((time.perf_counter() - t0, int(child.stderr.split()[-1]) * 1024))
+        same = (d / "m-explicit.safetensors").read_bytes() == (d / "m-implicit.safetensors").read_bytes()
+        sizes = {k: (d / f"{k}.safetensors").stat().st_size for k in runs}
+    return {
+        "base_bytes": size,
+        "delta_bytes": sizes,
+        "best_wall_s": {k: min(w for w, _ in v) for k, v in runs.items()},
+        "wall_s": {k: [round(w, 2) for w, _ in v] for k, v in runs.items()},
+        "peak_rss": {k: max(r for _, r in v) for k, v in runs.items()},
+        "merged_identical": same,
+    }
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ class DeltaFile:
                     "from the base model, so give the base (DeltaFile(path, base=...), load_delta(path, "
                     "base=model)) or convert it with `ffid convert --indices explicit --base BASE`"
                 )
-            return self._selection.indices(name).numpy()
+            return self._selection[name].indices_np()
         if ientry is None:
             if ventry.numel != numel:
                 raise ModelFileError(

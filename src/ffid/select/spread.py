@@ -126,10 +126,15 @@ class SpreadSlot:
         return row.mul_(self.cols).add_(col)
 
     def indices(self, count: int):  # type: ignore[no-untyped-def]
-        """The sorted flat indices of this id's first ``count`` ranks: :meth:`elements` of them,
-        computed without a division per element (see :meth:`_segment`)."""
+        """:meth:`indices_np` as a torch tensor (sharing its memory)."""
         import torch
 
+        return torch.from_numpy(self.indices_np(count))
+
+    def indices_np(self, count: int) -> np.ndarray:
+        """The sorted flat indices of this id's first ``count`` ranks: :meth:`elements` of them,
+        computed without a division per element (see :meth:`_segment`) and without torch, so that
+        ``ffid merge`` rebuilding an implicit-index delta stays as light as with a stored index."""
         if count > self.capacity:
             raise CapacityError(f"asked for {count} elements from a slot holding {self.capacity}")
         start = (self.lo + self.offset) % self.numel if self.numel else 0
@@ -142,7 +147,7 @@ class SpreadSlot:
         del parts
         # numpy sorts in place; torch.sort would also allocate an int64 permutation (8 more bytes each).
         out.sort()
-        return torch.from_numpy(out)
+        return out
 
     def _segment(self, a: int, b: int) -> np.ndarray:
         """Elements of the rotated ranks ``a .. b-1`` (``0 <= a <= b <= numel``), in no order.
