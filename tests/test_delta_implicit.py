@@ -283,3 +283,24 @@ def test_delta_file_size_predicts_implicit_files_exactly(tmp_path, dtype):
     written = save_delta(StandInHandle(model, sel), path, indices="implicit", architecture="arch")
     predicted = delta_file_size(sel, title="size", architecture="arch", indices="implicit")
     assert written == path.stat().st_size == predicted
+
+
+@pytest.mark.parametrize(
+    ("selector", "options"),
+    [("compat-v2", {}), ("rows", {"slots": 8}), ("spread", {"include": [r"^blocks\.1\."], "seed": 3})],
+)
+def test_every_selector_and_include_round_trips(tmp_path, selector, options):
+    model = tiny_wan().to(torch.bfloat16)
+    base = tmp_path / "base.safetensors"
+    save_state(model, base)
+    ff = {"compat-v2": 0.2, "rows": 0.05}.get(selector, 0.02)
+    sel = ffid.plan(model, ff, 1, selector, **options)
+    handle = StandInHandle(model, sel)
+    e, i = tmp_path / "e.safetensors", tmp_path / "i.safetensors"
+    save_delta(handle, e)
+    save_delta(handle, i, indices="implicit")
+    merge_checkpoint(base, [e], tmp_path / "me.safetensors")
+    merge_checkpoint(base, [i], tmp_path / "mi.safetensors")
+    assert (tmp_path / "me.safetensors").read_bytes() == (tmp_path / "mi.safetensors").read_bytes()
+    with DeltaFile(i, base=base) as df:
+        assert df.bind(base).fingerprint == sel.fingerprint
