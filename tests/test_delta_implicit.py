@@ -304,3 +304,18 @@ def test_every_selector_and_include_round_trips(tmp_path, selector, options):
     assert (tmp_path / "me.safetensors").read_bytes() == (tmp_path / "mi.safetensors").read_bytes()
     with DeltaFile(i, base=base) as df:
         assert df.bind(base).fingerprint == sel.fingerprint
+
+
+def test_convert_refuses_its_input_as_output_and_a_folder(tmp_path, capsys):
+    model = tiny_wan()
+    base = tmp_path / "base.safetensors"
+    save_state(model, base)
+    explicit, _ = _pair(model, tmp_path)
+    before = explicit.read_bytes()
+    for out in (explicit, tmp_path):
+        argv = ["convert", str(explicit), "--indices", "implicit", "--base", str(base), "-o", str(out)]
+        assert main(argv) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert explicit.read_bytes() == before
+    assert main(["convert", str(explicit), "--indices", "implicit", "--value_dtype", "fp8", "-o", "x"]) == 2
+    assert "--value_dtype" in capsys.readouterr().err
