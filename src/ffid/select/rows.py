@@ -73,6 +73,13 @@ class RowSlot:
         """The sorted row numbers of this id's first ``nrows`` rows (int64 tensor)."""
         import torch
 
+        if torch.compiler.is_compiling():
+            # Inside a torch.compile region dynamo traces torch ops, not numpy: the same map in torch.
+            if nrows > self.capacity:
+                raise CapacityError(f"asked for {nrows} rows from a slot holding {self.capacity}")
+            ranks = torch.arange(self.lo, self.lo + nrows, dtype=torch.int64)
+            rows = ranks.add_(self.offset).remainder_(self.rows).mul_(self.mult).remainder_(self.rows)
+            return rows.sort().values if self.rows > 1 else rows.zero_()
         return torch.from_numpy(self._row_ids_np(nrows))
 
     def _row_ids_np(self, nrows: int) -> np.ndarray:
@@ -93,6 +100,11 @@ class RowSlot:
         """:meth:`indices_np` as a torch tensor (sharing its memory)."""
         import torch
 
+        if torch.compiler.is_compiling():  # see row_ids: torch ops only while dynamo traces
+            if count % self.cols:
+                raise CapacityError(f"{count} elements are not whole rows of {self.cols}")
+            rows = self.row_ids(count // self.cols)
+            return (rows[:, None] * self.cols + torch.arange(self.cols, dtype=torch.int64)).reshape(-1)
         return torch.from_numpy(self.indices_np(count))
 
     def indices_np(self, count: int) -> np.ndarray:

@@ -129,6 +129,14 @@ class SpreadSlot:
         """:meth:`indices_np` as a torch tensor (sharing its memory)."""
         import torch
 
+        if torch.compiler.is_compiling():
+            # The engine may first need them inside a torch.compile region, where dynamo traces
+            # torch ops but not numpy's masked in-place subtraction: the torch map, same indices.
+            if count > self.capacity:
+                raise CapacityError(f"asked for {count} elements from a slot holding {self.capacity}")
+            out = self.elements(torch.arange(self.lo, self.lo + count, dtype=torch.int64))
+            out.numpy().sort()
+            return out
         return torch.from_numpy(self.indices_np(count))
 
     def indices_np(self, count: int) -> np.ndarray:
