@@ -100,3 +100,29 @@ def test_layout_pin(key):
 def test_every_index_of_a_small_plan_is_pinned(selector):
     sel = ffid.plan("wan2.1-t2v-1.3b", 0.001, 0, selector)
     assert _digest(sel, list(sel)) == FULL[selector]
+
+
+def test_the_torch_map_used_while_compiling_gives_the_same_indices(monkeypatch):
+    """Outside torch.compile, spread and rows evaluate their maps in numpy (fast, no torch import
+    needed); while dynamo traces, in torch. Both must give identical indices."""
+    import random
+
+    import torch
+
+    from ffid.select.rows import RowSlot
+    from ffid.select.spread import SpreadSlot
+
+    rng = random.Random(7)
+    cases = []
+    for i in range(300):
+        shape = tuple(rng.choice([1, 2, 3, 7, 16, 33, 100]) for _ in range(rng.choice([1, 2, 2, 3])))
+        slots = rng.choice([1, 2, 5, 16])
+        slot = SpreadSlot.build(f"t{i}", shape, rng.randrange(slots), slots, rng.randrange(3))
+        cases.append((slot, rng.randint(0, slot.capacity)))
+        if len(shape) == 2:
+            rows = RowSlot.build(f"t{i}", shape, rng.randrange(slots), slots, rng.randrange(3))
+            cases.append((rows, rng.randint(0, rows.capacity) * rows.cols))
+    fast = [slot.indices(count) for slot, count in cases]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for (slot, count), want in zip(cases, fast, strict=True):
+        assert torch.equal(slot.indices(count), want), (slot, count)
