@@ -64,9 +64,13 @@ class DeltaFile:
         for name in self.names:
             self._check_layout(name)
         if self.info.selection_record is not None:
-            self._check_counts()
-            if base is not None:
-                self.bind(base)
+            try:
+                self._check_counts()
+                if base is not None:
+                    self.bind(base)
+            except BaseException:
+                self.close()  # refused: the caller never gets the object to close it
+                raise
 
     def _check_counts(self) -> None:
         """Format 2: the recorded counts name exactly the stored tensors, match their value counts
