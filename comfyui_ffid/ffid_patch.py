@@ -38,6 +38,7 @@ from comfy.weight_adapter.base import WeightAdapterBase
 from ffid.checkpoint import DeltaFile
 from ffid.checkpoint.delta import sample_positions, values_hash
 from ffid.checkpoint.namemap import NameResolver
+from ffid.errors import FfidError
 
 log = logging.getLogger("ffid.comfyui")
 
@@ -223,6 +224,13 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
     fp8_unverified: list[str] = []
     with DeltaFile(path) as df:
         metadata = dict(df.metadata)
+        if df.implicit:
+            # An implicit-index delta (format 2) stores values only: ffid's planner rebuilds the
+            # positions from the loaded model's names and shapes, and refuses another model.
+            try:
+                df.bind({canon: sd[key] for canon, key in keys.items()})
+            except FfidError as exc:
+                raise DeltaMismatch(f"ffid delta {name} does not fit this model: {exc}") from None
         resolver = NameResolver(keys, df.info.naming)
         for tname in df.names:
             target = resolver.resolve(tname)

@@ -43,6 +43,8 @@ def seeds(tmp_path_factory):
     save_delta(
         StandInHandle(model, ffid.plan(model, 0.05, 2)), tmp / "delta_bf16.safetensors", save_dtype="bf16"
     )
+    implicit = tmp / "delta_implicit.safetensors"
+    save_delta(StandInHandle(model, ffid.plan(model, 0.05, 3)), implicit, indices="implicit")
     return tmp
 
 
@@ -234,7 +236,9 @@ def test_fuzz_mutated_bases_against_plan_inspect_merge_extract(seeds, tmp_path, 
         )
 
 
-@pytest.mark.parametrize("which", ["delta.safetensors", "delta_bf16.safetensors"])
+@pytest.mark.parametrize(
+    "which", ["delta.safetensors", "delta_bf16.safetensors", "delta_implicit.safetensors"]
+)
 def test_fuzz_mutated_deltas_against_merge_inspect_and_apply_delta(seeds, tmp_path, capsys, which):
     rng = random.Random(1303 + len(which))
     blob = (seeds / which).read_bytes()
@@ -268,6 +272,25 @@ def test_fuzz_delta_metadata_against_merge_and_apply_delta(seeds, tmp_path, caps
             )
         d = case / "d.safetensors"
         save_file(t, str(d), metadata=m)
+        merge_and_apply(capsys, seeds, d, out)
+
+
+def test_fuzz_implicit_selection_record_against_merge_and_apply_delta(seeds, tmp_path, capsys):
+    """Every field of an implicit delta's ``ffid.selection`` replaced by junk: refused in one line."""
+    from safetensors import safe_open
+
+    rng = random.Random(1306)
+    with safe_open(str(seeds / "delta_implicit.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        meta = f.metadata()
+    record = json.loads(meta["ffid.selection"])
+    for i in range(CASES):
+        case, out = _case_dir(tmp_path, i)
+        r = dict(record)
+        key = rng.choice(sorted(r))
+        r[key] = rng.choice([None, "", 0, -1, 1e300, "spread/1", [], {}, {"x": 1}, _rand_value(rng)])
+        d = case / "d.safetensors"
+        save_file(tensors, str(d), metadata={**meta, "ffid.selection": json.dumps(r)})
         merge_and_apply(capsys, seeds, d, out)
 
 

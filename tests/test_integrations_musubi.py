@@ -320,6 +320,25 @@ def test_network_weights_continue_from_delta(tmp_path):
     assert any(not torch.equal(third.unwrapped.handle.trained_values()[n], trained[n]) for n in trained)
 
 
+def test_network_weights_from_an_implicit_delta_and_base_weights_refusing_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from ffid.checkpoint.convert import convert_delta
+    from ffid.errors import ModelFileError
+
+    first = run_training(_args(tmp_path, max_train_steps=2))
+    trained = first.unwrapped.handle.trained_values()
+    implicit = tmp_path / "implicit.safetensors"
+    convert_delta(tmp_path / "ffid-test.safetensors", implicit, indices="implicit", base=tiny_wan_original())
+    # --network_weights opens the file itself: positions rebuilt from the run's own selection
+    second = run_training(_args(network_weights=str(implicit), max_train_steps=0))
+    got = second.unwrapped.handle.trained_values()
+    assert all(torch.equal(got[n], trained[n]) for n in trained)
+    # --base_weights gets the tensors without the metadata: refused, naming the conversion
+    with pytest.raises(ModelFileError, match="ffid convert"):
+        musubi._delta_from_weights(load_file(str(implicit)), tiny_wan_original())
+
+
 def test_network_weights_of_another_selection_is_refused(tmp_path):
     run_training(_args(tmp_path, max_train_steps=1))
     with pytest.raises(MismatchError, match="same network_args"):

@@ -20,7 +20,12 @@ from .selection import Selection, TensorPick, overlap
 # Checkpoint functions import torch; load them on first use so `import ffid` stays light.
 _CHECKPOINT_EXPORTS = (
     "apply_delta",
-    "attach", "extract_delta", "load_delta", "merge_checkpoint", "save_delta", "save_full",
+    "attach",
+    "extract_delta",
+    "load_delta",
+    "merge_checkpoint",
+    "save_delta",
+    "save_full",
 )
 
 

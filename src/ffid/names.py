@@ -100,11 +100,9 @@ def near_misses(pattern: str, names: Iterable[str], limit: int = 5) -> list[str]
     components = sorted({c for n in names for c in n.split(".") if not c.isdigit()})
     close = difflib.get_close_matches(plain, components, n=limit, cutoff=0.5)
     if len(close) < limit:
-        close += [
-            n
-            for n in difflib.get_close_matches(plain, names, n=limit, cutoff=0.4)
-            if n not in close
-        ][: limit - len(close)]
+        close += [n for n in difflib.get_close_matches(plain, names, n=limit, cutoff=0.4) if n not in close][
+            : limit - len(close)
+        ]
     return close
 
 
@@ -153,4 +151,3 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-

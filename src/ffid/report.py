@@ -217,9 +217,7 @@ def report_dict(sel: Selection, tolerance: float = FLAG_TOLERANCE) -> dict[str, 
         "schema": REPORT_SCHEMA,
         "summary": summarize(sel).to_dict(),
         "blocks": [r.to_dict() for r in block_rows(sel, tolerance)],
-        "tensors": {
-            n: {"shape": list(p.shape), "count": p.count, "whole": p.whole} for n, p in sel.items()
-        },
+        "tensors": {n: {"shape": list(p.shape), "count": p.count, "whole": p.whole} for n, p in sel.items()},
     }
 
 
@@ -413,9 +411,7 @@ def render_overlap_rich(mat: OverlapMatrix, console: Any = None) -> None:
     for lb in mat.labels:
         table.add_column(lb.removeprefix("ffid "), justify="right", no_wrap=True)
     for i, lb in enumerate(mat.labels):
-        cells = [
-            "-" if i == j else (f"[red]{c:,}[/red]" if c else "0") for j, c in enumerate(mat.counts[i])
-        ]
+        cells = ["-" if i == j else (f"[red]{c:,}[/red]" if c else "0") for j, c in enumerate(mat.counts[i])]
         table.add_row(lb, f"{mat.counts[i][i]:,}", *cells)
     console.print(table)
     console.print(_overlap_verdict(mat), style="green" if mat.disjoint else "red bold", highlight=False)

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from .errors import MismatchError
 from .manifest import Manifest
 
@@ -42,6 +44,9 @@ class Whole:
         import torch
 
         return torch.arange(count, dtype=torch.int64)
+
+    def indices_np(self, count: int) -> np.ndarray:
+        return np.arange(count, dtype=np.int64)
 
     def key(self) -> str:
         return "whole"
@@ -84,6 +89,12 @@ class TensorPick:
     def indices(self) -> torch.Tensor:
         """Sorted int64 flat indices into ``tensor.reshape(-1)`` (CPU), O(count) time and memory."""
         return self.source.indices(self.count)
+
+    def indices_np(self) -> np.ndarray:
+        """:meth:`indices` as an int64 numpy array, without importing torch where the recipe can
+        (spread, rows, whole tensors): what file tools such as ``ffid merge`` use."""
+        fast = getattr(self.source, "indices_np", None)
+        return fast(self.count) if fast is not None else self.source.indices(self.count).numpy()
 
 
 class Selection(Mapping[str, TensorPick]):

@@ -25,6 +25,7 @@ from ..selection import Explicit, Selection, TensorPick
 from .atomic import refuse_overwrite
 from .delta import DeltaTensor, TensorFingerprint, sample_positions, values_hash, write_delta
 from .files import Checkpoint
+from .implicit import check_indices
 from .namemap import NameResolver, detect_naming
 from .stio import one_thread, require_finite
 
@@ -64,18 +65,28 @@ def extract_delta(
     selection: Selection | None = None,
     threshold: float | None = None,
     outside: str = "error",
-    save_dtype: torch.dtype | str = torch.float32,
+    save_dtype: torch.dtype | str | None = None,
     metadata: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    indices: str = "explicit",
 ) -> ExtractResult:
-    """Write the delta that turns ``base`` into ``tuned`` (see the module docstring)."""
+    """Write the delta that turns ``base`` into ``tuned`` (see the module docstring).
+
+    ``indices="implicit"`` (format 2, values only) needs a ``selection``; ``save_dtype`` defaults
+    to fp32 for explicit files and to the base's dtype for implicit ones.
+    """
     if outside not in OUTSIDE_CHOICES:
         raise ConfigError(f"outside={outside!r}; choose one of {', '.join(OUTSIDE_CHOICES)}")
     if threshold is not None and (threshold != threshold or threshold < 0):
         raise ConfigError(f"--threshold {threshold} must be a number >= 0 (0 keeps every change)")
     if selection is not None and threshold is not None:
         raise ConfigError("give either a selection (--ff/--ffid) or --threshold, not both")
-    value_dtype = parse_dtype(save_dtype) or torch.float32
+    if check_indices(indices) == "implicit" and selection is None:
+        raise ConfigError(
+            "--indices implicit needs a selection (--ff/--ffid): an unrestricted extract has no rule to "
+            "rebuild its positions; use --indices explicit"
+        )
+    value_dtype = parse_dtype(save_dtype)
     out = Path(out)
     with one_thread(), Checkpoint(base) as bk, Checkpoint(tuned) as tk:
         if out.is_dir():
@@ -200,6 +211,8 @@ def extract_delta(
             source="extract",
             metadata=metadata,
             save_dtype=value_dtype,
+            indices=indices,
+            selection=sel,
         )
     return ExtractResult(
         out, len(tensors), sum(d.count for d in tensors), differing, outside_n, first_outside, size, warnings

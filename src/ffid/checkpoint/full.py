@@ -13,7 +13,7 @@ from .._version import __version__
 from ..dtypes import dtype_code, parse_dtype
 from ..errors import AttachError, ConfigError
 from ..names import canonical_name
-from .delta import _preset_for, training_metadata
+from .delta_format import preset_for, training_metadata
 from .stio import write_safetensors_stream
 
 
@@ -62,7 +62,7 @@ def save_full(
     meta = training_metadata(
         selector=sel.selector,
         params=sel.params,
-        architecture=architecture or _preset_for(sel.manifest.fingerprint) or type(model).__name__,
+        architecture=architecture or preset_for(sel.manifest.fingerprint) or type(model).__name__,
         title=os.path.splitext(os.path.basename(os.fspath(path)))[0],
         suffix="ffid-full",
     )

@@ -18,7 +18,6 @@ from .stio import SafetensorsFile
 TRAINING_PREFIXES = ("ss_", "modelspec.")
 
 
-
 def _json_list(raw: str | None) -> list[str] | None:
     """A metadata value holding a JSON list of strings, or None when absent or not such a list."""
     if not raw:
@@ -28,6 +27,7 @@ def _json_list(raw: str | None) -> list[str] | None:
     except ValueError:
         return None
     return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
 
 def _block_label(finder: BlockFinder, name: str, groups: set[str]) -> str:
     key = finder(name)
@@ -60,6 +60,8 @@ def inspect_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "path": str(df.path),
             "file_bytes": df.path.stat().st_size,
             "format_version": info.format_version,
+            "indices": "implicit" if info.implicit else "explicit",
+            "layout": info.selection_record.layout if info.selection_record else None,
             "ffid_version": info.ffid_version,
             "source": info.source,
             "selector": info.selector,
@@ -159,7 +161,8 @@ def format_inspect(report: dict[str, Any]) -> str:
             f"  params     {report['params']}",
             f"  selected   {report['selected']:,} elements in {report['tensors']} tensors{frac}"
             + (f", {report['whole_tensors']} whole" if report["whole_tensors"] else ""),
-            f"  values     {report['value_dtype']}, naming {report['naming']}",
+            f"  values     {report['value_dtype']}, naming {report['naming']}, indices {report['indices']}"
+            + (f" (rebuilt by layout {report['layout']})" if report["layout"] else ""),
             f"  selection fingerprint {report['selection_fingerprint']}",
             f"  base fingerprint      {report['base_fingerprint']} (manifest "
             f"{report['base_manifest_fingerprint']})",

@@ -438,6 +438,8 @@ def merge_checkpoint(
             for target in [*shard_out.values(), *([index_out] if index_out else [])]:
                 refuse_overwrite(target, inputs)
                 check_target(target)  # a FIFO/device index would only be found after the shards
+            for d in dfs:
+                d.bind(ck)  # implicit-index deltas rebuild their positions from the base's shapes
             patches, renamed = _check_delta_against_base(ck, dfs, mults, verify)
             overlap, first = _count_overlap(ck, patches)
             if overlap and not allow_overlap:

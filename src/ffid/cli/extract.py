@@ -42,11 +42,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --ff/--ffid: what a change outside the selection does (default: error)",
     )
     p.add_argument(
+        "--value_dtype",
+        "--value-dtype",
         "--save_precision",
         "--save-precision",
         dest="save_precision",
-        default="fp32",
-        help="dtype of the stored values: fp32 (default, exact for bf16/fp16/fp32 models), bf16, fp16",
+        default=None,
+        help=(
+            "dtype of the stored values: fp32, bf16, fp16 (default: fp32 with explicit indices, the base's "
+            "dtype with implicit ones; both exact at strength 1 into that base)"
+        ),
+    )
+    p.add_argument(
+        "--indices",
+        choices=("explicit", "implicit"),
+        default="explicit",
+        help=(
+            "explicit (format 1, default): store every position; implicit (format 2, needs --ff/--ffid): "
+            "values only, positions rebuilt from the base (about 4x smaller in bf16)"
+        ),
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -82,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             outside=args.outside,
             save_dtype=args.save_precision,
             progress=bar,
+            indices=args.indices,
         )
     for w in result.warnings:
         print(f"ffid extract: warning: {w}", file=sys.stderr)

@@ -73,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         manifest = load_manifest(args.model, args.block_pattern)
         if args.json:
-            print_json({"source": manifest.source, "total_params": manifest.total_params,
-                        "tensors": report.manifest_rows(manifest)})
+            print_json(
+                {
+                    "source": manifest.source,
+                    "total_params": manifest.total_params,
+                    "tensors": report.manifest_rows(manifest),
+                }
+            )
         else:
             sys.stdout.write(report.render_manifest_plain(manifest))
         return 0

@@ -103,7 +103,6 @@ def train_character(
     return result.final, result.losses, info
 
 
-
 def train_character2(
     cfg: DemoConfig, variant: str, base_path: Path, delta1: Path, data: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[Path, list[float], dict[str, Any]]:
@@ -122,6 +121,7 @@ def train_character2(
         run_name=f"character2-{variant}",
         preserve=variant == "preserved",
     )
+
 
 def model_with_deltas(base_path: Path, deltas: list[Path]) -> torch.nn.Module:
     """The base with deltas written in (what a user gets by loading base + delta files)."""

@@ -191,7 +191,8 @@ def load_delta_into(handle: Any, path: str | os.PathLike[str]) -> int:
         raise ModelFileError(
             f"{path} does not exist; resume from a checkpoint folder written while ffid was attached"
         )
-    delta = load_delta(path)
+    # An implicit-index delta rebuilds its positions from the model the handle was planned on.
+    delta = load_delta(path, base=handle.selection.manifest)
     if delta.info.selection_fingerprint != handle.selection.fingerprint:
         raise MismatchError(
             f"{path} holds selection {delta.info.selection_fingerprint} but the trainer trains "

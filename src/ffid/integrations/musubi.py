@@ -311,8 +311,8 @@ class FfidNetwork(nn.Module):
         from ..checkpoint.delta import load_delta, sample_positions, values_hash
 
         handle = self._require_handle("load_weights")
-        delta = load_delta(file)
         sel = handle.selection
+        delta = load_delta(file, base=sel.manifest)  # implicit-index deltas rebuild positions from it
         if delta.info.selection_fingerprint != sel.fingerprint:
             raise MismatchError(
                 f"{file} was trained on selection {delta.info.selection_fingerprint or '?'} "
@@ -529,6 +529,14 @@ def _delta_from_weights(weights: Mapping[str, torch.Tensor], model: nn.Module) -
         numel = targets[target].numel()
         values = weights[name + VALUE_SUFFIX].reshape(-1)
         idx = weights.get(name + INDEX_SUFFIX)
+        if idx is None and values.numel() != numel:
+            # musubi hands over the tensors without the file's metadata, which an implicit-index
+            # delta (format 2) needs to rebuild its positions.
+            raise ModelFileError(
+                f"delta tensor {name!r} stores {values.numel()} values but no positions: an implicit-index "
+                "delta (format 2), which musubi's loader cannot rebuild; convert it first with `ffid convert "
+                "DELTA --indices explicit -o DELTA_EXPLICIT` (add --base DIT for a non-preset model)"
+            )
         indices = torch.arange(numel, dtype=torch.int64) if idx is None else idx.reshape(-1).to(torch.int64)
         if indices.numel() != values.numel() or (indices.numel() and int(indices.max()) >= numel):
             raise MismatchError(

@@ -36,7 +36,6 @@ class Protected:
         return self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
 
 
-
 def _string_list(raw: str | None, key: str, path: Path) -> list[str]:
     if not raw:
         return []

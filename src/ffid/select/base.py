@@ -68,6 +68,10 @@ class Selector:
     help: str = ""
     options: tuple[Option, ...] = ()
     whole_rows: bool = False  # every selection is whole rows of 2-D tensors (projection can use it)
+    # Version of the rule that turns (shapes, options, ff, ffid) into positions. Delta files without
+    # indices (format 2) record it and are rebuilt only by the same version, so a released layout
+    # never changes: a different rule is a new version (tests/test_layout_pins.py pins each one).
+    layout_version: int = 1
 
     def parse_options(
         self, given: Mapping[str, Any], flag: Callable[[str], str] | None = None
@@ -120,6 +124,11 @@ class Selector:
         different layouts are not disjoint.
         """
         return None
+
+    @property
+    def layout(self) -> str:
+        """``spread/1``: the selector and the version of its layout rule, as delta files record it."""
+        return f"{self.name}/{self.layout_version}"
 
     def describe(self, options: Mapping[str, int]) -> str:
         """``spread slots=16 seed=0``: the selector and its options, for logs and errors."""

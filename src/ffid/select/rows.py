@@ -24,6 +24,8 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick
@@ -71,27 +73,55 @@ class RowSlot:
         """The sorted row numbers of this id's first ``nrows`` rows (int64 tensor)."""
         import torch
 
+        if torch.compiler.is_compiling():
+            # Inside a torch.compile region dynamo traces torch ops, not numpy: the same map in torch.
+            if nrows > self.capacity:
+                raise CapacityError(f"asked for {nrows} rows from a slot holding {self.capacity}")
+            ranks = torch.arange(self.lo, self.lo + nrows, dtype=torch.int64)
+            rows = ranks.add_(self.offset).remainder_(self.rows).mul_(self.mult).remainder_(self.rows)
+            return rows.sort().values if self.rows > 1 else rows.zero_()
+        return torch.from_numpy(self._row_ids_np(nrows))
+
+    def _row_ids_np(self, nrows: int) -> np.ndarray:
+        # numpy, not torch: an implicit-index delta is rebuilt by `ffid merge`, which needs no torch.
         if nrows > self.capacity:
             raise CapacityError(f"asked for {nrows} rows from a slot holding {self.capacity}")
-        ranks = torch.arange(self.lo, self.lo + nrows, dtype=torch.int64)
-        rows = ranks.add_(self.offset).remainder_(self.rows).mul_(self.mult).remainder_(self.rows)
-        return rows.sort().values if self.rows > 1 else rows.zero_()
+        if self.rows <= 1:
+            return np.zeros(nrows, dtype=np.int64)
+        rows = np.arange(self.lo, self.lo + nrows, dtype=np.int64)
+        rows += self.offset
+        rows %= self.rows
+        rows *= self.mult
+        rows %= self.rows
+        rows.sort()
+        return rows
 
     def indices(self, count: int):  # type: ignore[no-untyped-def]
-        """Sorted flat indices: whole rows, each ``cols`` consecutive positions."""
+        """:meth:`indices_np` as a torch tensor (sharing its memory)."""
         import torch
 
+        if torch.compiler.is_compiling():  # see row_ids: torch ops only while dynamo traces
+            if count % self.cols:
+                raise CapacityError(f"{count} elements are not whole rows of {self.cols}")
+            rows = self.row_ids(count // self.cols)
+            return (rows[:, None] * self.cols + torch.arange(self.cols, dtype=torch.int64)).reshape(-1)
+        return torch.from_numpy(self.indices_np(count))
+
+    def indices_np(self, count: int) -> np.ndarray:
+        """Sorted flat indices: whole rows, each ``cols`` consecutive positions."""
         if count % self.cols:
             raise CapacityError(f"{count} elements are not whole rows of {self.cols}")
-        rows = self.row_ids(count // self.cols)
-        return (rows[:, None] * self.cols + torch.arange(self.cols, dtype=torch.int64)).reshape(-1)
+        rows = self._row_ids_np(count // self.cols)
+        return (rows[:, None] * self.cols + np.arange(self.cols, dtype=np.int64)).reshape(-1)
 
     def key(self) -> str:
         return f"rows:{self.offset}:{self.lo}"
 
     def overlap(self, count: int, other: object, other_count: int) -> int | None:
         if not isinstance(other, RowSlot) or (self.rows, self.cols, self.offset) != (
-            other.rows, other.cols, other.offset,
+            other.rows,
+            other.cols,
+            other.offset,
         ):
             return None
         a, b = count // self.cols, other_count // other.cols
