@@ -568,3 +568,36 @@ def test_cache_is_per_model_and_overlaps_are_counted(files, caplog):
     with caplog.at_level("WARNING", logger="ffid.comfyui"):
         node.load_delta(once, "char1.safetensors", 1.0)
     assert f"shares {total} positions" in caplog.text
+
+
+def test_implicit_delta_equals_merge_and_explicit(work, files):
+    """A format 2 delta (values only, positions rebuilt by ffid's planner from the loaded model's
+    shapes) patches exactly what `ffid merge` writes, and what its explicit twin patches."""
+    import ffid
+    from ffid.checkpoint.extract import extract_delta
+
+    base_file = files["bases"]["bf16"]
+    sd = load_file(str(base_file))
+    sel = ffid.plan(base_file, ff=0.02, ffid=3)
+    g = torch.Generator().manual_seed(5)
+    tuned = {}
+    for name, t in sd.items():
+        t = t.clone()
+        if name in sel:
+            flat = t.view(-1)
+            idx = sel.indices(name)
+            flat[idx] = (flat[idx].float() + torch.randn(idx.numel(), generator=g) * 0.05).to(t.dtype)
+        tuned[name] = t
+    tuned_file = work / "tuned_implicit_bf16.safetensors"
+    save_file(tuned, str(tuned_file))
+    loras = work / "loras"
+    implicit = extract_delta(
+        base_file, tuned_file, loras / "implicit.safetensors", selection=sel, indices="implicit"
+    ).path
+    explicit = extract_delta(base_file, tuned_file, loras / "explicit.safetensors", selection=sel).path
+    want, out_want = _loaded_state(_load(_merged(work, base_file, [implicit], [1.0])))
+    got, out_got = _loaded_state(_apply(_load(base_file), implicit, 1.0))
+    _assert_same(got, want, "implicit delta vs ffid merge")
+    twin, _ = _loaded_state(_apply(_load(base_file), explicit, 1.0))
+    _assert_same(got, twin, "implicit vs explicit delta")
+    assert torch.equal(out_got, out_want)
