@@ -259,3 +259,16 @@ def test_demo_with_projection_merges_disjoint_rows(tmp_path: Path) -> None:
     first, second = report["characters"]["character1"], report["characters"]["character2"]
     assert first["preserved"] and second["preserved"]  # character1 is projected off the base classes
     assert first["fingerprint"] != second["fingerprint"] and first["trainable"] == second["trainable"]
+
+
+def test_ffid_train_writes_implicit_deltas(base: Path, tmp_path: Path) -> None:
+    """delta_indices = implicit: values only, 4x smaller, applying exactly like explicit ones."""
+    from ffid.checkpoint import DeltaFile
+
+    explicit = run(tmp_path / "e", base, "character1", 7, 1, max_train_steps=2)
+    implicit = run(tmp_path / "i", base, "character1", 7, 1, max_train_steps=2, delta_indices="implicit")
+    assert DeltaFile(implicit.final).implicit and not DeltaFile(explicit.final).implicit
+    assert implicit.final.stat().st_size < explicit.final.stat().st_size
+    a, b = with_deltas(base, [explicit.final]), with_deltas(base, [implicit.final])
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)

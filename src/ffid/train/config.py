@@ -226,6 +226,13 @@ class TrainConfig:
     save_precision: str = _key(
         "dtype of the saved full checkpoint (deltas keep fp32 values)", "bf16", choices=SAVE_PRECISION
     )
+    delta_indices: str = _key(
+        "delta format: 'explicit' (format 1: positions and fp32 values) or 'implicit' (format 2: values "
+        "in the model's dtype only, positions rebuilt from the base's shapes; 4x smaller, read by ffid "
+        "only; docs/delta-format.md)",
+        "explicit",
+        choices=("explicit", "implicit"),
+    )
     save_full: bool = _key("also save the full model with the trained values at the end", False)
     logging_dir: str | None = _key("TensorBoard folder (default {output_dir}/logs; 'none' disables)")
     sample_every_n_steps: int | None = _key("call the task's sample() every N steps into {output_dir}/sample")

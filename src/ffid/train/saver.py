@@ -30,11 +30,13 @@ class CheckpointSaver:
         scheduler: Any,
         generator: torch.Generator,
         metadata: Callable[[int, int], dict[str, str]],
+        indices: str = "explicit",
     ):
         self.out, self.output_name = out, output_name
         self.accelerator, self.handle, self.identity = accelerator, handle, identity
         self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
         self.metadata = metadata
+        self.indices = indices  # delta format: explicit (1) or implicit (2)
         self.main = accelerator.is_main_process
         self.saved: list[Path] = []  # deltas written, oldest first
         self.state_path: Path | None = None  # the newest state folder
@@ -50,7 +52,9 @@ class CheckpointSaver:
         acc.wait_for_everyone()
         if self.main:
             path = self.out / f"{stem}.safetensors"
-            self.handle.save_delta(path, metadata=self.metadata(position.step, position.epoch))
+            self.handle.save_delta(
+                path, metadata=self.metadata(position.step, position.epoch), indices=self.indices
+            )
             self.saved.append(path)
         if with_state:
             folder = self.out / f"{self.output_name}-step{position.step:08d}-state"

@@ -263,6 +263,7 @@ class TrainRecipe:
             scheduler=self.scheduler,
             generator=self.generator,
             metadata=lambda step, epoch: delta_metadata(cfg, task, self.sel, step, epoch, self.prompts),
+            indices=cfg.delta_indices,
         )
 
     # -- the loop ----------------------------------------------------------------------------------
