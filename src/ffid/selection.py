@@ -15,12 +15,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
 from .errors import MismatchError
 from .manifest import Manifest
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -46,6 +45,7 @@ class Whole:
         return torch.arange(count, dtype=torch.int64)
 
     def indices_np(self, count: int) -> np.ndarray:
+        import numpy as np
         return np.arange(count, dtype=np.int64)
 
     def key(self) -> str:

@@ -23,8 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
@@ -40,6 +39,9 @@ from .spread import (
     apportion,
     target_count,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_SLOTS = 16
 
@@ -84,6 +86,7 @@ class RowSlot:
 
     def _row_ids_np(self, nrows: int) -> np.ndarray:
         # numpy, not torch: an implicit-index delta is rebuilt by `ffid merge`, which needs no torch.
+        import numpy as np
         if nrows > self.capacity:
             raise CapacityError(f"asked for {nrows} rows from a slot holding {self.capacity}")
         if self.rows <= 1:
@@ -109,6 +112,7 @@ class RowSlot:
 
     def indices_np(self, count: int) -> np.ndarray:
         """Sorted flat indices: whole rows, each ``cols`` consecutive positions."""
+        import numpy as np
         if count % self.cols:
             raise CapacityError(f"{count} elements are not whole rows of {self.cols}")
         rows = self._row_ids_np(count // self.cols)

@@ -31,13 +31,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from heapq import heapify, heappop, heappush
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick
 from .base import Option, Selector
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_SLOTS = 16
 # Bounds of the options. Looking for a layout that fits takes time linear in slots (about 2.2 s
@@ -143,6 +145,7 @@ class SpreadSlot:
         """The sorted flat indices of this id's first ``count`` ranks: :meth:`elements` of them,
         computed without a division per element (see :meth:`_segment`) and without torch, so that
         ``ffid merge`` rebuilding an implicit-index delta stays as light as with a stored index."""
+        import numpy as np
         if count > self.capacity:
             raise CapacityError(f"asked for {count} elements from a slot holding {self.capacity}")
         start = (self.lo + self.offset) % self.numel if self.numel else 0
@@ -166,6 +169,7 @@ class SpreadSlot:
         and each element costs an add, a compare and two table reads. Integer division per element
         made rebuilding a 14B model's indices (an implicit-index delta) take about a minute.
         """
+        import numpy as np
         rows, cols = self.rows, self.cols
         if b <= a:
             return np.empty(0, dtype=np.int64)
