@@ -25,15 +25,21 @@ GIB = 2**30
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically: a temporary file in the same folder, fsync, rename, so a
-    part killed mid-write leaves the previous complete file."""
+    """Write ``data`` as JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=1, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically: a temporary file in the same folder, fsync, rename, so a part
+    killed mid-write leaves the previous complete file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the report is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -59,7 +65,9 @@ def machine() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
+                capture_output=True,
+                text=True,
+                timeout=20,
             )
             info["driver"] = out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
@@ -116,8 +124,11 @@ class Part:
             free_memory()
         self.data["cases"].append(row)
         self.save()
-        print(f"[{self.name}] {name}: {row['status']}" + (f" {row.get('error', '')}" if row["status"] != "ok" else ""),
-              flush=True)
+        print(
+            f"[{self.name}] {name}: {row['status']}"
+            + (f" {row.get('error', '')}" if row["status"] != "ok" else ""),
+            flush=True,
+        )
         return row
 
     def finish(self, **extra: Any) -> None:

@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kit  # noqa: E402
-import wan  # noqa: E402
+import kit
+import wan
 
 FF = 0.01
 VARIANTS = ("floor", "full", "lora", "ffid")
@@ -117,7 +117,10 @@ def extrapolate(part: kit.Part, blocks: tuple[int, int], layers: int) -> list[di
     b1, b2 = blocks
     for ckpt in (False, True):
         for v in VARIANTS:
-            a, b = by.get(f"14b-width-{b1}b-{v}-ckpt{int(ckpt)}"), by.get(f"14b-width-{b2}b-{v}-ckpt{int(ckpt)}")
+            a, b = (
+                by.get(f"14b-width-{b1}b-{v}-ckpt{int(ckpt)}"),
+                by.get(f"14b-width-{b2}b-{v}-ckpt{int(ckpt)}"),
+            )
             if not (a and b):
                 continue
             row: dict[str, Any] = {"variant": v, "checkpointing": ckpt, "blocks": layers}
@@ -149,10 +152,15 @@ def main() -> None:
     for ckpt in (False, True):
         for b, cfg in width:
             for v in VARIANTS:
-                part.case(f"14b-width-{b}b-{v}-ckpt{int(ckpt)}", lambda c=cfg, v=v, k=ckpt: run_case(c, clip, v, k, steps))
+                part.case(
+                    f"14b-width-{b}b-{v}-ckpt{int(ckpt)}",
+                    lambda c=cfg, v=v, k=ckpt: run_case(c, clip, v, k, steps),
+                )
     for ckpt in (False, True):
         for v in VARIANTS:
-            part.case(f"1.3b-whole-{v}-ckpt{int(ckpt)}", lambda v=v, k=ckpt: run_case(small, clip, v, k, steps))
+            part.case(
+                f"1.3b-whole-{v}-ckpt{int(ckpt)}", lambda v=v, k=ckpt: run_case(small, clip, v, k, steps)
+            )
     import torch
 
     with torch.device("meta"):
@@ -163,14 +171,22 @@ def main() -> None:
         f"14b-width-{blocks[1]}b": estimate_for(meta, video),
         "14b-40-blocks": estimate_for(preset or wan.WanDiT(wan.config("wan2.1-t2v-14b", 3, **_toy())), video),
     }
-    part.finish(extrapolated=extrapolate(part, blocks, full_layers if not args.dry_run else 3), estimates=estimates,
-                ff=FF)
+    part.finish(
+        extrapolated=extrapolate(part, blocks, full_layers if not args.dry_run else 3),
+        estimates=estimates,
+        ff=FF,
+    )
 
 
 def _toy() -> dict[str, int]:
     t = wan.TOY
-    return {"dim": t.dim, "ffn_dim": t.ffn_dim, "num_heads": t.num_heads, "text_dim": t.text_dim,
-            "freq_dim": t.freq_dim}
+    return {
+        "dim": t.dim,
+        "ffn_dim": t.ffn_dim,
+        "num_heads": t.num_heads,
+        "text_dim": t.text_dim,
+        "freq_dim": t.freq_dim,
+    }
 
 
 if __name__ == "__main__":

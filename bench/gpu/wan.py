@@ -79,7 +79,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.norm3 = nn.LayerNorm(d, eps=1e-6)  # cross_attn_norm: the one norm with weights
-        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.ffn = nn.Sequential(
+            nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d)
+        )
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,9 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch, stride=cfg.patch)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -144,11 +148,22 @@ def config(name: str, layers: int | None = None, **override: int) -> WanConfig:
     return WanConfig(**fields)
 
 
-TOY = WanConfig("toy Wan for the dry run", dim=64, ffn_dim=128, num_layers=2, num_heads=2, in_dim=16, out_dim=16,
-                text_dim=32, freq_dim=16)
+TOY = WanConfig(
+    "toy Wan for the dry run",
+    dim=64,
+    ffn_dim=128,
+    num_layers=2,
+    num_heads=2,
+    in_dim=16,
+    out_dim=16,
+    text_dim=32,
+    freq_dim=16,
+)
 
 
-def build(cfg: WanConfig, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> WanDiT:
+def build(
+    cfg: WanConfig, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> WanDiT:
     """The model with random weights, made on ``device`` directly (a 14B model initialised on the
     CPU would take minutes): built on the meta device, then filled there."""
     with torch.device("meta"):
