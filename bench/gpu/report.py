@@ -117,7 +117,8 @@ def markdown(rep: dict[str, Any]) -> str:
                 ]
         elif name == "14b":
             lines += [
-                f"Parameters {_fmt(p.get('params'))}, built in {p.get('build_s')} s; clip {_fmt(p.get('clip'))}.",
+                f"Parameters {_fmt(p.get('params'))}, built in {p.get('build_s')} s; "
+                f"clip {_fmt(p.get('clip'))}.",
                 "",
                 "Swap plans from `ffid estimate` (+1 GiB context): "
                 + "; ".join(f"{k}: {_fmt(v)}" for k, v in (p.get("swap_plans") or {}).items()),
