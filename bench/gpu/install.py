@@ -81,8 +81,11 @@ def main() -> int:
             continue
         names = top_level(w)
         have = [n for n in names if importlib.util.find_spec(n) is not None]
-        print(f"{w.name}: {'in the image (' + ', '.join(have) + ')' if have else 'installing'}", flush=True)
-        if not have:
+        # installed unless every package it brings is already importable (a partial match, e.g.
+        # pytest's small top-level `py` module present without pytest, still needs the wheel)
+        present = bool(names) and len(have) == len(names)
+        print(f"{w.name}: {'in the image' if present else 'installing'}", flush=True)
+        if not present:
             missing.append(w)
     install(missing, target)
     if importlib.util.find_spec("diffusers") is not None:
