@@ -85,12 +85,15 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        m = (self.modulation + e).chunk(6, dim=1)  # e: [B, 6, dim], Wan's time modulation
+        # As the original Wan block: modulation and the residual stream in fp32 (so checkpointing
+        # keeps fp32 block inputs, as ffid estimate assumes), the Linears under autocast.
+        m = (self.modulation.float() + e.float()).chunk(6, dim=1)  # e: [B, 6, dim], time modulation
+        x = x.float()
         y = self.self_attn(self.norm1(x) * (1 + m[1]) + m[0])
-        x = x + y * m[2]
-        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + y.float() * m[2]
+        x = x + self.cross_attn(self.norm3(x), context).float()
         y = self.ffn(self.norm2(x) * (1 + m[4]) + m[3])
-        return x + y * m[5]
+        return x + y.float() * m[5]
 
 
 class Head(nn.Module):
@@ -168,7 +171,8 @@ def build(
     CPU would take minutes): built on the meta device, then filled there."""
     with torch.device("meta"):
         model = WanDiT(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    # dtype first (free on meta), so the device never holds an fp32 copy (57 GB for 14B)
+    model = model.to(dtype).to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
