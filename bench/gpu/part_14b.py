@@ -69,39 +69,41 @@ def run(model: Any, data: dict, ff: float | None, swap: int, steps: int, lora_k:
     from ffid.train.swap import attach_block_swap
 
     dev = data["latents"].device
-    handle = ffid.attach(model, ff=ff, ffid=1) if ff is not None else None
-    if handle is not None:
-        opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
-        trainable = handle.selection.selected
-    else:
-        rank = wan.lora_rank(model, lora_k)
-        params = wan.add_lora(model, rank)
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        trainable = sum(p.numel() for p in params)
+    # Swap first, then attach with the compute device, in the order ffid train sets them up.
     swapper = attach_block_swap(model, swap, dev)
-    t0 = time.perf_counter()
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = model(data["latents"], data["t"], data["text"])
-        torch.nn.functional.mse_loss(out.float(), data["target"]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if swapper is not None:
-            swapper.settle()
-
+    handle = None
     try:
+        if ff is not None:
+            handle = ffid.attach(model, ff=ff, ffid=1, device=dev)
+            opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
+            trainable = handle.selection.selected
+        else:
+            rank = wan.lora_rank(model, lora_k)
+            params = wan.add_lora(model, rank)
+            opt = torch.optim.AdamW(params, lr=1e-5)
+            trainable = sum(p.numel() for p in params)
+
+        def step() -> None:
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                out = model(data["latents"], data["t"], data["text"])
+            torch.nn.functional.mse_loss(out.float(), data["target"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if swapper is not None:
+                swapper.settle()
+
+        t0 = time.perf_counter()
         out = kit.timed_steps(step, steps)
-    finally:
+        out.update(trainable=trainable, blocks_to_swap=swap, wall_s=round(time.perf_counter() - t0, 2))
         if swapper is not None:
-            out_moves = swapper.moves
+            out["block_moves_per_step"] = round(swapper.moves / (steps + 1), 1)  # warm-up step included
+        return out
+    finally:
+        # the model is reused by the next case: undo swap and attach even when this one failed
+        if swapper is not None:
             swapper.remove(dev)
         if handle is not None:
             handle.detach()
-    out.update(trainable=trainable, blocks_to_swap=swap, wall_s=round(time.perf_counter() - t0, 2))
-    if swapper is not None:
-        out["block_moves_per_step"] = round(out_moves / (steps + 1), 1)
-    return out
 
 
 def main() -> None:
