@@ -17,6 +17,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/ffid-gpu.XXXXXX")"
 LOG="$OUT/gpu-log.txt"
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
+TEE=$!
 START=$(date +%s)
 echo "ffid GPU kit ${DRY:-(full run)}: $(date -u +%FT%TZ), work folder $WORK, out $OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -45,3 +46,6 @@ for spec in $PARTS; do
 done
 "$PY" bench/gpu/report.py --work "$WORK" --out "$OUT" $DRY
 echo "done in $(( $(date +%s) - START )) s"
+# The files in $OUT are collected when this script exits: let tee write the log's last lines first.
+exec 1>&- 2>&-
+wait "$TEE"
