@@ -56,6 +56,11 @@ def test_dry_run_writes_a_report_with_every_part(tmp_path: Path) -> None:
         assert all(c["status"] == "ok" for c in part["cases"]), name
     tests = {c["case"]: c for c in rep["parts"]["tests"]["cases"]}
     assert tests["matrix-on-device"]["passed"] > 0
+    shapes = rep["parts"]["shapes"]
+    assert set(shapes["estimates"]) == {"width", "14b", "1.3b"}
+    assert all(e["gpu_total_gib"] > 0 for e in shapes["estimates"].values())
+    assert [r["variant"] for r in shapes["extrapolated"]] == ["floor", "full", "lora", "ffid"] * 2
+    assert len(shapes["against_estimate"]) == 3
     big = rep["parts"]["14b"]
     swapped = [c for c in big["cases"] if c["blocks_to_swap"]]
     assert swapped and all(c["block_moves_per_step"] > 0 for c in swapped)  # the swap code ran

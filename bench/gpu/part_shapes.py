@@ -147,6 +147,19 @@ def main() -> None:
         small = wan.config("wan2.1-t2v-1.3b")
         steps, blocks = 2, (1, 3)
     part.data["clip"] = {"tokens": clip.tokens, "text_tokens": clip.text_len, "video": video}
+    part.data["ff"] = FF
+    # The estimates first (a second or two), so that a part killed later still has them.
+    import torch
+
+    with torch.device("meta"):
+        models = {"width": wan.WanDiT(width[-1][1]), "1.3b": wan.WanDiT(small)}
+    fourteen = wan.WanDiT(wan.config("wan2.1-t2v-14b", 3, **_toy())) if args.dry_run else "wan2.1-t2v-14b"
+    part.data["estimates"] = {
+        "width": estimate_for(models["width"].to(torch.bfloat16), video),
+        "14b": estimate_for(fourteen, video),
+        "1.3b": estimate_for(models["1.3b"].to(torch.bfloat16), video),
+    }
+    part.save()
     # The biggest runs first would be the first to be skipped when time is short; the 14B-width
     # pairs come first because the 40-block extrapolation needs both block counts.
     for ckpt in (False, True):
@@ -161,21 +174,37 @@ def main() -> None:
             part.case(
                 f"1.3b-whole-{v}-ckpt{int(ckpt)}", lambda v=v, k=ckpt: run_case(small, clip, v, k, steps)
             )
-    import torch
-
-    with torch.device("meta"):
-        meta = wan.WanDiT(width[-1][1]).to(torch.bfloat16)
-    preset = None if args.dry_run else "wan2.1-t2v-14b"
-    full_layers = 40
-    estimates = {
-        f"14b-width-{blocks[1]}b": estimate_for(meta, video),
-        "14b-40-blocks": estimate_for(preset or wan.WanDiT(wan.config("wan2.1-t2v-14b", 3, **_toy())), video),
-    }
+    layers = 3 if args.dry_run else 40
     part.finish(
-        extrapolated=extrapolate(part, blocks, full_layers if not args.dry_run else 3),
-        estimates=estimates,
-        ff=FF,
+        extrapolated=extrapolate(part, blocks, layers),
+        against_estimate=against_estimate(part, blocks, layers, small.num_layers),
     )
+
+
+def against_estimate(
+    part: kit.Part, blocks: tuple[int, int], layers: int, small: int
+) -> list[dict[str, Any]]:
+    """ffid at ff 0.01 with checkpointing (what the estimate's activation term assumes): measured
+    peak next to the estimate's GPU total for the same model and clip."""
+    by = {c["case"]: c for c in part.data["cases"] if c["status"] == "ok"}
+    ext = {(r["variant"], r["checkpointing"]): r for r in part.data.get("extrapolated") or []}
+    est = part.data["estimates"]
+    rows = [
+        (f"14B width, {blocks[1]} blocks", by.get(f"14b-width-{blocks[1]}b-ffid-ckpt1", {}), est["width"]),
+        (f"14B, {layers} blocks (extrapolated)", ext.get(("ffid", True), {}), est["14b"]),
+        (f"1.3B, {small} blocks", by.get("1.3b-whole-ffid-ckpt1", {}), est["1.3b"]),
+    ]
+    out = []
+    for run, got, e in rows:
+        row: dict[str, Any] = {
+            "run": run,
+            "measured_peak_gib": got.get("peak_gib"),
+            "estimate_gib": e.get("gpu_total_gib"),
+        }
+        if row["measured_peak_gib"] and row["estimate_gib"]:
+            row["estimate_over_measured"] = round(row["estimate_gib"] / row["measured_peak_gib"], 3)
+        out.append(row)
+    return out
 
 
 def _toy() -> dict[str, int]:

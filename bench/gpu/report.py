@@ -108,11 +108,22 @@ def markdown(rep: dict[str, Any]) -> str:
                         "peak_gib_per_block",
                     ],
                 )
+            if p.get("against_estimate"):
+                lines += ["", "ffid ff 0.01 with checkpointing, measured peak against `ffid estimate`:", ""]
+                lines += _table(
+                    p["against_estimate"],
+                    ["run", "measured_peak_gib", "estimate_gib", "estimate_over_measured"],
+                )
+            names = {
+                "width": "14B width, the larger block count",
+                "14b": "wan2.1-t2v-14b, 40 blocks",
+                "1.3b": "1.3B",
+            }
             for key, est in (p.get("estimates") or {}).items():
                 lines += [
                     "",
-                    f"`ffid estimate` ({key}, ff {p.get('ff')}, AdamW, bf16, activations rough, "
-                    f"assume checkpointing): GPU total {est['gpu_total_gib']} GiB; "
+                    f"`ffid estimate` ({names.get(key, key)}, ff {p.get('ff')}, AdamW, bf16; its rough "
+                    f"activations assume checkpointing): GPU total {est['gpu_total_gib']} GiB; "
                     f"parts: {_fmt(est['parts_gib'])}.",
                 ]
         elif name == "14b":
