@@ -35,17 +35,22 @@ CLAIMS = {
 }
 
 
+def estimate_gib(model: Any, ff: float, swap: int, video: tuple[int, int, int] | None) -> float:
+    """``ffid estimate``'s GPU total (activations included when the clip is given) + the context."""
+    from ffid.estimate import estimate
+
+    kw: dict[str, Any] = {"video_size": list(video[:2]), "frames": video[2]} if video else {}
+    est = estimate(model, ff, ffid=1, base_dtype="bf16", blocks_to_swap=swap, **kw)[0]
+    return est.gpu_total / kit.GIB + CONTEXT_GIB
+
+
 def swap_that_fits(
     model: Any, ff: float, budget_gib: float, video: tuple[int, int, int] | None
 ) -> dict[str, Any]:
     """The fewest swapped blocks whose estimate (activations included) fits ``budget_gib``."""
-    from ffid.estimate import estimate
-
-    kw: dict[str, Any] = {"video_size": list(video[:2]), "frames": video[2]} if video else {}
 
     def total(n: int) -> float:
-        est = estimate(model, ff, ffid=1, base_dtype="bf16", blocks_to_swap=n, **kw)[0]
-        return est.gpu_total / kit.GIB + CONTEXT_GIB
+        return estimate_gib(model, ff, n, video)
 
     # The estimate falls as blocks are swapped: bisect for the fewest that fit (a few estimates
     # of 0.1-0.5 s each instead of one per block count).
@@ -61,7 +66,9 @@ def swap_that_fits(
     return {"blocks_to_swap": lo, "estimate_gib": round(total(lo), 3), "fits": True}
 
 
-def run(model: Any, data: dict, ff: float | None, swap: int, steps: int, lora_k: int = 0) -> dict[str, Any]:
+def run(
+    model: Any, data: dict, ff: float | None, swap: int, steps: int, lora_k: int = 0, video: Any = None
+) -> dict[str, Any]:
     """Train ``model`` for a few steps as ffid at ``ff`` (or LoRA with ``lora_k`` trainable)."""
     import torch
 
@@ -73,6 +80,7 @@ def run(model: Any, data: dict, ff: float | None, swap: int, steps: int, lora_k:
     swapper = attach_block_swap(model, swap, dev)
     handle = None
     try:
+        est = estimate_gib(model, ff, swap, video) if ff is not None else None
         if ff is not None:
             handle = ffid.attach(model, ff=ff, ffid=1, device=dev)
             opt = handle.guard(torch.optim.AdamW(handle.parameters(), lr=1e-5))
@@ -95,6 +103,8 @@ def run(model: Any, data: dict, ff: float | None, swap: int, steps: int, lora_k:
         t0 = time.perf_counter()
         out = kit.timed_steps(step, steps)
         out.update(trainable=trainable, blocks_to_swap=swap, wall_s=round(time.perf_counter() - t0, 2))
+        if est is not None:
+            out["estimate_plus_context_gib"] = round(est, 3)
         if swapper is not None:
             out["block_moves_per_step"] = round(swapper.moves / (steps + 1), 1)  # warm-up step included
         return out
@@ -155,8 +165,8 @@ def main() -> None:
     part.data["swap_plans"] = plans
     for who in ("ours", "seed"):
         ff, n = CLAIMS[who]["ff"], plans[who]["blocks_to_swap"]
-        part.case(f"ff{ff:g}-swap{n}", lambda ff=ff, n=n: run(model, data, ff, n, steps))
-        part.case(f"ff{ff:g}-noswap", lambda ff=ff: run(model, data, ff, 0, steps))
+        part.case(f"ff{ff:g}-swap{n}", lambda ff=ff, n=n: run(model, data, ff, n, steps, video=video))
+        part.case(f"ff{ff:g}-noswap", lambda ff=ff: run(model, data, ff, 0, steps, video=video))
     k = __import__("ffid").plan(model, 0.01, 1, "spread").selected
     part.case("lora-matched-ff0.01-noswap", lambda: run(model, data, None, 0, steps, lora_k=k))
     part.finish(verdicts=verdicts(part))

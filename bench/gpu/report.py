@@ -145,6 +145,7 @@ def markdown(rep: dict[str, Any]) -> str:
                     "block_moves_per_step",
                     "step_s",
                     "peak_gib",
+                    "estimate_plus_context_gib",
                 ],
             )
             if p.get("verdicts"):
