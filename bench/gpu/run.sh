@@ -32,9 +32,9 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
 # part, soft budget (s: no new case starts after it), hard limit (s: the process is killed).
-# Hard limits add up to 520 s, so with installing and the report the run stays under the
+# Hard limits add up to 515 s, so with installing and the report the run stays under the
 # device tool's 600 s per command even if every part hangs.
-PARTS="tests:80:100 shapes:140:180 14b:120:170 paths:50:70"
+PARTS="tests:70:90 shapes:130:170 14b:150:190 paths:45:65"
 if [ -n "$DRY" ]; then PARTS="tests:60:90 shapes:60:90 14b:60:90 paths:30:60"; fi
 for spec in $PARTS; do
     IFS=: read -r name soft hard <<< "$spec"
