@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,9 @@ def main() -> None:
     for name, pargs, env in runs:
 
         def run(pargs: list[str] = pargs, env: dict[str, str] = env, name: str = name) -> dict[str, Any]:
-            return pytest_run(args.work, name, pargs, env, timeout=max(30.0, args.budget / 2))
+            return pytest_run(
+                args.work, name, pargs, env, timeout=max(20.0, args.budget - (time.monotonic() - part.start))
+            )
 
         part.case(name, run)
     part.finish(device=device)
