@@ -19,6 +19,7 @@ gradient path, the path only where a selection has partial tensors: whole tensor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,21 @@ from ffid.selection import Selection
 from tiny_models import TinyMLPConv, lm_inputs, tiny_gpt2, tiny_llama, tiny_mlp, tiny_wan, tiny_wan_inputs
 
 Batch = dict[str, torch.Tensor]
+
+# The device the device-aware matrix tests run on: ``cpu`` unless ``FFID_TEST_DEVICE`` names
+# another (``cuda``), so the same invariants can be checked on a GPU (bench/gpu/run.sh) while CPU
+# CI stays as it is.
+DEVICE = torch.device(os.environ.get("FFID_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    # cuDNN convolutions default to TF32, which would make full finetuning's reference gradient
+    # of the patch conv differ from the engine's fp32 one by far more than rounding.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def to_device(batch: Batch) -> Batch:
+    """``batch`` on :data:`DEVICE`."""
+    return {k: v.to(DEVICE) for k, v in batch.items()}
 
 
 # -- models ------------------------------------------------------------------------------------------

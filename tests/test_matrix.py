@@ -23,7 +23,19 @@ from ffid import attach, plan
 from ffid.checkpoint import apply_delta, load_delta
 from ffid.engine import paths
 from ffid.names import canonical_name
-from matrix import CASES, GRAD_PATHS, MODELS, ROUTES, loss_of, make, masks, path_cases, snapshot
+from matrix import (
+    CASES,
+    DEVICE,
+    GRAD_PATHS,
+    MODELS,
+    ROUTES,
+    loss_of,
+    make,
+    masks,
+    path_cases,
+    snapshot,
+    to_device,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,27 +88,29 @@ def _full_ft_masked_sgd(model, sel, batch, lr):
     grads = {canonical_name(n): p.grad.clone() for n, p in ref.named_parameters()}
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            p -= lr * p.grad * mk[name]
+            p -= lr * p.grad * mk[name].to(p.device)
     return ref, grads
 
 
 @pytest.mark.parametrize(("model_key", "sel_key", "grad_path"), path_cases())
 def test_sgd_step_equals_masked_full_finetuning(model_key, sel_key, grad_path):
+    # On DEVICE (FFID_TEST_DEVICE, default cpu), so bench/gpu/run.sh checks the same on CUDA.
     model, sel, batch = make(model_key, sel_key)
+    model.to(DEVICE)
     lr = 0.5
-    ref, ref_grads = _full_ft_masked_sgd(model, sel, batch(1), lr)
+    ref, ref_grads = _full_ft_masked_sgd(model, sel, to_device(batch(1)), lr)
     handle = attach(model, sel, grad_path=grad_path)
     opt = torch.optim.SGD(handle.parameters(), lr=lr)
-    loss_of(model, batch(1)).backward()
+    loss_of(model, to_device(batch(1))).backward()
     for n, p in handle.proxies():
-        want = ref_grads[n].reshape(-1)[sel.indices(n)]
+        want = ref_grads[n].reshape(-1)[sel.indices(n).to(DEVICE)]
         torch.testing.assert_close(p.grad.reshape(-1), want, rtol=1e-5, atol=2e-6, msg=n)
     opt.step()
     got = dict(handle.effective_state())
     want = {canonical_name(k): v for k, v in ref.state_dict().items()}
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k].to(DEVICE), want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
@@ -108,19 +122,22 @@ def test_every_path_matches_the_dense_gradient(path: str, route: str, bf16: bool
     # several row blocks at these sizes.
     monkeypatch.setattr(paths, "SAMPLED_CHUNK_BYTES", {"cpu": 64 * 4 * 100, "default": 64 * 4 * 100})
     monkeypatch.setattr(paths, "DENSE_BLOCK_BYTES", 7 * 4 * 48)
+    # On DEVICE (FFID_TEST_DEVICE, default cpu): on CUDA the dense paths use tensor cores and
+    # the sampled path the CUDA SDDMM, so this is the check bench/gpu/run.sh runs there.
     model, x = ROUTES[route]()
+    model, x = model.to(DEVICE), x.to(DEVICE)
     sel = plan(model, 0.05, 1, "spread")
 
     def run(m: torch.nn.Module) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             out = m(x)
-        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
         (out.float() * w).sum().backward()
 
     ref = copy.deepcopy(model)
     run(ref)
     grads = dict(ref.named_parameters())
-    want = {n: grads[n].grad.reshape(-1)[sel.indices(n)].float() for n in sel}
+    want = {n: grads[n].grad.reshape(-1)[sel.indices(n).to(DEVICE)].float() for n in sel}
     m = copy.deepcopy(model)
     handle = attach(m, sel, grad_path=path)
     run(m)
