@@ -18,10 +18,9 @@ def trained_prompts(task: Task, dataset: Any) -> list[str]:
     return [p for p in fn(dataset) if p] if callable(fn) else []
 
 
-def make_preserver(
-    cfg: TrainConfig, task: Task, handle: Any, dataset: Any
-) -> tuple[Preserver | Projector | None, str]:
-    """The run's :class:`Preserver` or :class:`Projector` (or None) and a line for the summary.
+def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple[Preserver | None, str]:
+    """The run's loss-method :class:`Preserver` (or None) and a line for the start-up summary;
+    ``preserve_method = 'projection'`` is made by :func:`make_projector` instead.
 
     ``preserve = auto`` turns it on for runs on top of ``base_deltas``; every bad setting is
     refused here, before anything is written.
