@@ -21,18 +21,16 @@ dense one. This selector therefore trains whole rows:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..selection import Selection, TensorPick
-from .base import Option, Selector
 from .spread import (
     _GOLDEN,
-    MAX_SEED,
-    MAX_SLOTS,
+    DEFAULT_SLOTS,
+    SlottedSelector,
     _check_id,
     _coprime_multiplier,
     _floor_digits,
@@ -43,7 +41,6 @@ from .spread import (
 if TYPE_CHECKING:
     import numpy as np
 
-DEFAULT_SLOTS = 16
 
 
 @dataclass(frozen=True)
@@ -202,40 +199,17 @@ def rows_capacity(
     return out
 
 
-class RowsSelector(Selector):
+class RowsSelector(SlottedSelector):
     """``rows``: whole rows of every matrix, in a layout of disjoint slots (for projection)."""
 
     name = "rows"
     whole_rows = True
     help = f"whole rows of every 2-D weight (what projection trains); {DEFAULT_SLOTS} disjoint ids by default"
-    options = (
-        Option("slots", DEFAULT_SLOTS, 1, "the number of disjoint ids in the layout", MAX_SLOTS),
-        Option("seed", 0, 0, "the layout seed; other seeds give unrelated layouts", MAX_SEED),
-    )
 
-    def ids(self, options: Mapping[str, int]) -> int:
-        return int(options["slots"])
-
-    def check_ffid(self, ffid: int, options: Mapping[str, int]) -> None:
-        _check_id(ffid, self.ids(options))
-
-    def select(
-        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], options: Mapping[str, int]
+    def _plan(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], slots: int, seed: int
     ) -> Selection:
-        return select_rows(
-            manifest, ff=ff, ffid=ffid, names=names, slots=int(options["slots"]), seed=int(options["seed"])
-        )
+        return select_rows(manifest, ff=ff, ffid=ffid, names=names, slots=slots, seed=seed)
 
-    def capacity(
-        self, manifest: Manifest, names: list[str], ffid: int, options: Mapping[str, int]
-    ) -> int | None:
-        return rows_capacity(manifest, names, ffid, int(options["slots"]), int(options["seed"]))
-
-    def fitting_options(
-        self, manifest: Manifest, names: list[str], ff: float, ffid: int, options: Mapping[str, int]
-    ) -> dict[str, int] | None:
-        k = target_count(ff, manifest.total_params)
-        for slots in range(int(options["slots"]) - 1, ffid, -1):
-            if rows_capacity(manifest, names, ffid, slots, int(options["seed"])) >= k:
-                return {**options, "slots": slots}
-        return None
+    def _capacity(self, manifest: Manifest, names: list[str], ffid: int, slots: int, seed: int) -> int:
+        return rows_capacity(manifest, names, ffid, slots, seed)

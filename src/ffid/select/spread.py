@@ -349,15 +349,26 @@ def spread_capacity(
     )
 
 
-class SpreadSelector(Selector):
-    """``spread``: an exact element budget from every tensor, in a layout of disjoint slots."""
+class SlottedSelector(Selector):
+    """A layout of ``slots`` disjoint ids under a layout seed, the frame ``spread`` and ``rows``
+    share: subclasses give :meth:`_plan` and :meth:`_capacity`, everything else is here."""
 
-    name = "spread"
-    help = f"exact element budget from every tensor; {DEFAULT_SLOTS} disjoint ids by default"
     options = (
         Option("slots", DEFAULT_SLOTS, 1, "the number of disjoint ids in the layout", MAX_SLOTS),
         Option("seed", 0, 0, "the layout seed; other seeds give unrelated layouts", MAX_SEED),
     )
+
+    def _plan(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], slots: int, seed: int
+    ) -> Selection:
+        raise NotImplementedError
+
+    def _capacity(self, manifest: Manifest, names: list[str], ffid: int, slots: int, seed: int) -> int:
+        raise NotImplementedError
+
+    def _most_fitting_slots(self, ff: float, options: Mapping[str, int]) -> int:
+        """The largest slot count :meth:`fitting_options` tries (fewer slots: more per id)."""
+        return int(options["slots"]) - 1
 
     def ids(self, options: Mapping[str, int]) -> int:
         return int(options["slots"])
@@ -368,21 +379,39 @@ class SpreadSelector(Selector):
     def select(
         self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], options: Mapping[str, int]
     ) -> Selection:
-        return select_spread(
+        return self._plan(
             manifest, ff=ff, ffid=ffid, names=names, slots=int(options["slots"]), seed=int(options["seed"])
         )
 
     def capacity(
         self, manifest: Manifest, names: list[str], ffid: int, options: Mapping[str, int]
     ) -> int | None:
-        return spread_capacity(manifest, names, ffid, int(options["slots"]), int(options["seed"]))
+        return self._capacity(manifest, names, ffid, int(options["slots"]), int(options["seed"]))
 
     def fitting_options(
         self, manifest: Manifest, names: list[str], ff: float, ffid: int, options: Mapping[str, int]
     ) -> dict[str, int] | None:
         k = target_count(ff, manifest.total_params)
-        for slots in range(min(int(options["slots"]) - 1, int(1 / ff)), ffid, -1):
-            fitting = {**options, "slots": slots}
-            if spread_capacity(manifest, names, ffid, slots, int(options["seed"])) >= k:
-                return fitting
+        for slots in range(self._most_fitting_slots(ff, options), ffid, -1):
+            if self._capacity(manifest, names, ffid, slots, int(options["seed"])) >= k:
+                return {**options, "slots": slots}
         return None
+
+
+class SpreadSelector(SlottedSelector):
+    """``spread``: an exact element budget from every tensor, in a layout of disjoint slots."""
+
+    name = "spread"
+    help = f"exact element budget from every tensor; {DEFAULT_SLOTS} disjoint ids by default"
+
+    def _plan(
+        self, manifest: Manifest, *, ff: float, ffid: int, names: list[str], slots: int, seed: int
+    ) -> Selection:
+        return select_spread(manifest, ff=ff, ffid=ffid, names=names, slots=slots, seed=seed)
+
+    def _capacity(self, manifest: Manifest, names: list[str], ffid: int, slots: int, seed: int) -> int:
+        return spread_capacity(manifest, names, ffid, slots, seed)
+
+    def _most_fitting_slots(self, ff: float, options: Mapping[str, int]) -> int:
+        # an id of more than 1/ff slots holds about N * (1/slots) < ff * N: not worth planning
+        return min(int(options["slots"]) - 1, int(1 / ff))
