@@ -321,8 +321,9 @@ def _preserve_settings(options: dict[str, Any]) -> tuple[Any, Any, str, Any]:
     return protected, settings, method, projection
 
 
-def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
-    from ..preserve import Preserver, TextPreservation
+def _texts(trainer: Any) -> Any:
+    """The protected texts' encoder for either method: the Trainer's tokenizer, or a refusal."""
+    from ..preserve import TextPreservation
 
     tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
     if tokenizer is None or not callable(tokenizer):
@@ -330,20 +331,20 @@ def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
             "preserve needs the Trainer's tokenizer to encode the protected texts; build the Trainer "
             "with processing_class=tokenizer"
         )
-    return Preserver(handle, TextPreservation(tokenizer), protected, settings)
+    return TextPreservation(tokenizer)
+
+
+def _preserver(trainer: Any, handle: Any, protected: Any, settings: Any) -> Any:
+    from ..preserve import Preserver
+
+    return Preserver(handle, _texts(trainer), protected, settings)
 
 
 def _projector(trainer: Any, handle: Any, protected: Any, settings: Any, method: str, projection: Any) -> Any:
     """The feature pass over the protected texts, now; the optimizer is hooked when it is made."""
-    from ..preserve import Projector, TextPreservation
+    from ..preserve import Projector
 
-    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
-    if tokenizer is None or not callable(tokenizer):
-        raise ConfigError(
-            "preserve needs the Trainer's tokenizer to encode the protected texts; build the Trainer "
-            "with processing_class=tokenizer"
-        )
-    projector = Projector(handle, TextPreservation(tokenizer), protected, projection)
+    projector = Projector(handle, _texts(trainer), protected, projection)
     model = handle.model
     device = next(model.parameters()).device
     projector.collect(model, torch.Generator().manual_seed(int(trainer.args.seed)), device=device)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import ConfigError
-from .prompts import Protected
+from .prompts import Protected, describe_protected
 
 if TYPE_CHECKING:
     from torch import nn
@@ -253,9 +253,7 @@ class Preserver:
     def describe(self) -> str:
         """One summary line: weight, items, cadence and the prompts protected (with sources)."""
         s = self.settings
-        shown = ", ".join(f"{p.label!r} ({p.source})" for p in self.protected[:6])
-        more = f" and {len(self.protected) - 6} more" if len(self.protected) > 6 else ""
         return (
             f"  preservation: weight {s.weight}, {s.items} protected inputs every {s.every} step(s), "
-            f"teacher = base + earlier deltas; protecting {len(self.protected)} prompt(s): {shown}{more}"
+            f"teacher = base + earlier deltas; {describe_protected(self.protected)}"
         )

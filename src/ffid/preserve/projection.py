@@ -42,7 +42,7 @@ import torch
 from ..errors import ConfigError
 from ..names import canonical_name
 from ..select import ROW_SELECTOR, get_selector
-from .prompts import Protected
+from .prompts import Protected, describe_protected
 
 if TYPE_CHECKING:
     from torch import nn
@@ -243,6 +243,7 @@ class Projector:
                     f"preserve_method = 'projection' can only protect rows of Linear weights, and "
                     f"{name!r} is not one; exclude it (exclude = [...])"
                 )
+            # a selection named after a row selector can still come from a file (explicit indices)
             idx = pick.indices()
             cols = pick.shape[1]
             rows = idx[::cols] // cols if idx.numel() else idx
@@ -438,14 +439,11 @@ class Projector:
 
     def describe(self) -> str:
         """One summary line: prompts, bases, and rows that cannot move."""
-        shown = ", ".join(f"{p.label!r} ({p.source})" for p in self.protected[:6])
-        more = f" and {len(self.protected) - 6} more" if len(self.protected) > 6 else ""
         drawn = callable(getattr(self.task, "projection_batches", None))
         source = "the model's own drawings" if drawn else "pure-noise latents (the task draws nothing)"
         line = (
             f"  preservation: projection (energy {self.settings.energy}, {self.settings.draws} x "
-            f"{self.settings.times} inputs per prompt from {source}); protecting {len(self.protected)} "
-            f"prompt(s): {shown}{more}"
+            f"{self.settings.times} inputs per prompt from {source}); {describe_protected(self.protected)}"
         )
         s = self.stats
         if s is not None:

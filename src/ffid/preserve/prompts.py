@@ -110,3 +110,10 @@ def protected_prompts(
     if empty:
         out.setdefault("", Protected("", "empty"))
     return list(out.values())
+
+
+def describe_protected(protected: Sequence[Protected], shown: int = 6) -> str:
+    """``protecting N prompt(s): 'a' (source), ...``: the log line both methods print."""
+    listed = ", ".join(f"{p.label!r} ({p.source})" for p in protected[:shown])
+    more = f" and {len(protected) - shown} more" if len(protected) > shown else ""
+    return f"protecting {len(protected)} prompt(s): {listed}{more}"

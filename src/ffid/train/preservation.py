@@ -18,6 +18,15 @@ def trained_prompts(task: Task, dataset: Any) -> list[str]:
     return [p for p in fn(dataset) if p] if callable(fn) else []
 
 
+def _off_line(cfg: TrainConfig) -> str | None:
+    """The summary line of a run without preservation, or None when it preserves (either method):
+    ``preserve = auto`` turns it on for runs on top of ``base_deltas``."""
+    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
+        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
+        return f"  preservation: off ({why})"
+    return None
+
+
 def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> tuple[Preserver | None, str]:
     """The run's loss-method :class:`Preserver` (or None) and a line for the start-up summary;
     ``preserve_method = 'projection'`` is made by :func:`make_projector` instead.
@@ -25,9 +34,9 @@ def make_preserver(cfg: TrainConfig, task: Task, handle: Any, dataset: Any) -> t
     ``preserve = auto`` turns it on for runs on top of ``base_deltas``; every bad setting is
     refused here, before anything is written.
     """
-    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
-        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
-        return None, f"  preservation: off ({why})"
+    off = _off_line(cfg)
+    if off:
+        return None, off
     if cfg.preserve_method == "projection":
         return None, ""  # made by make_projector once the optimizer exists
     if not isinstance(task, Preservable):
@@ -76,9 +85,9 @@ def make_projector(
 
     The feature pass draws from a generator of its own, seeded by the run's seed, so the training
     stream is the same with and without it and a resumed run rebuilds the same bases."""
-    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
-        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
-        return None, f"  preservation: off ({why})"
+    off = _off_line(cfg)
+    if off:
+        return None, off
     if cfg.preserve_method != "projection":
         return None, ""
     protected, notes = _protected(cfg, task, dataset)
