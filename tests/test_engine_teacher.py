@@ -111,3 +111,25 @@ def test_teacher_nests_and_refuses_after_merge_or_detach():
     handle.detach()
     with pytest.raises(TrainingError, match="detached"), handle.teacher():
         pass
+
+
+def test_teacher_reads_an_fp8_base_outside_autocast():
+    """musubi's --fp8_base stores Linear weights in fp8, and Wan runs its time embedding in a
+    float32 region: the teacher widens the fp8 base to the input's dtype as training does,
+    where the layer's own forward would multiply float32 by fp8 and fail."""
+    import ffid
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    for m in model:
+        m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    base = [m.weight.data.float().clone() for m in model]
+    sel = ffid.plan(model, ff=0.25, ffid=1, selector="rows", slots=2)
+    handle = attach(model, sel)
+    x = torch.randn(3, 8)
+    with handle.teacher() as teacher:
+        got = teacher(x)
+    want = torch.nn.functional.linear(
+        torch.nn.functional.linear(x, base[0], model[0].bias), base[1], model[1].bias
+    )
+    assert torch.equal(got, want)

@@ -207,6 +207,8 @@ def nonfinite(values: Any) -> int:
         return 0
     import torch
 
+    if values.element_size() == 1:  # fp8 (musubi's --fp8_base): torch has no isfinite for it;
+        values = values.to(torch.float16)  # fp16 holds every fp8 value, NaN and inf included
     return int(values.numel() - torch.isfinite(values).sum())
 
 

@@ -50,6 +50,22 @@ def _getter(module: nn.Module, attr: str = "weight") -> Any:
     return lambda: module._parameters[attr]
 
 
+def _base_matmul(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The layer's own forward on its base weight; an fp8 base (musubi's ``--fp8_base``) is first
+    widened to the input's dtype, as the trained path does, because regions the model runs
+    outside autocast (Wan's float32 time embedding) would otherwise multiply fp8 by float32."""
+    w = module.weight  # in base reads: the base, as the class forward would read it
+    if w is None or w.element_size() != 1 or not w.is_floating_point() or x.dtype == w.dtype:
+        return type(module).forward(module, x)  # type: ignore[no-any-return]
+    bias = getattr(module, "bias", None)
+    b = bias.to(x.dtype) if bias is not None else None
+    w = w.to(x.dtype)
+    if transposed:  # transformers' Conv1D: W is [in, out]
+        y = x @ w
+        return y + b if b is not None else y
+    return torch.nn.functional.linear(x, w, b)
+
+
 def matmul_forward(
     handle: Any,
     module: nn.Module,
@@ -60,7 +76,7 @@ def matmul_forward(
     transposed: bool,
 ) -> torch.Tensor:
     if handle._base_reads:  # the class forward reads module.weight, which is then the base
-        return type(module).forward(module, x)  # type: ignore[no-any-return]
+        return _base_matmul(module, x, transposed)
     # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
     rows, cols = module._parameters["weight"].shape  # the base: module.weight is the effective copy
     in_f, out_f = (rows, cols) if transposed else (cols, rows)

@@ -26,8 +26,14 @@ original checkpoint for ComfyUI or musubi inference.
                     ``auto`` (musubi's ``--save_precision``, fp32 by default)
 ``preserve_cache``  preservation (see :mod:`ffid.preserve`): musubi text-encoder cache folders of
                     the earlier characters, ``;``-separated; their captions are the protected prompts
-``preserve_*``      ``preserve_prompts`` (captions to take, default all), ``preserve_weight`` (16),
-                    ``preserve_items`` (1 per training forward), ``preserve_every`` (1)
+``preserve_method`` ``loss`` (default: a preservation loss, two extra forwards per step, refused
+                    under block swap) or ``projection`` (needs ``selector=rows``; one feature pass,
+                    then each step's change is kept off the protected prompts' inputs; works with
+                    ``--blocks_to_swap``, fp8, accumulation and resume)
+``preserve_*``      ``preserve_prompts`` (captions to take, default all); loss: ``preserve_weight``
+                    (16), ``preserve_items`` (1 per forward), ``preserve_every`` (1); projection:
+                    ``preserve_energy`` (0.99), ``preserve_draws`` (4), ``preserve_times`` (2),
+                    ``preserve_steps`` (10)
 ==================  ================================================================================
 """
 
@@ -35,130 +41,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..dtypes import torch_dtype, train_names
-from ..errors import AttachError, ConfigError, MismatchError, TrainingError, did_you_mean
-from ..preserve import DEFAULT_WEIGHT, PreserveSettings
-from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings, selector_options
+from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ._common import refuse_sharding
+from .musubi_args import NETWORK_ARGS, MusubiConfig, parse_network_args  # noqa: F401 (the module's API)
 from .musubi_weights import _delta_from_weights
 
 logger = logging.getLogger(__name__)
-
-# network_args keys -> what they mean (for the error listing them).
-NETWORK_ARGS = {
-    "ff": "fraction to train, e.g. ff=0.01",
-    "ffid": "selection id, e.g. ffid=1",
-    "selector": "the selection algorithm: " + ", ".join(SELECTORS),
-    **{name: f"{', '.join(owners)}: {opt.help}" for name, (opt, owners) in selector_options().items()},
-    "include": "regexes separated by ';'",
-    "exclude": "regexes separated by ';'",
-    "block_pattern": "regex with one group for the block number",
-    "save_dtype": "fp32, bf16, fp16 or auto",
-    "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';'",
-    "preserve_prompts": "captions to protect from those caches, separated by ';' (default: all)",
-    "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=16",
-    "preserve_items": "protected inputs per step, e.g. preserve_items=1",
-    "preserve_every": "preserve on every N-th training forward",
-}
-PATTERN_SEPARATOR = ";"
-_SAVE_DTYPES: dict[str, torch.dtype | None] = {
-    **{name: torch_dtype(code) for name, code in train_names().items()},
-    "auto": None,
-}
-
-
-@dataclass
-class MusubiConfig:
-    """The parsed ``--network_args``."""
-
-    selection: SelectionSettings
-    save_dtype: torch.dtype | None = torch.float32  # None: musubi's dtype
-    # preservation (on when preserve_cache is given): see ffid.integrations.musubi_preserve
-    preserve_cache: list[str] = field(default_factory=list)
-    preserve_prompts: list[str] = field(default_factory=list)
-    preserve: PreserveSettings = field(default_factory=lambda: PreserveSettings(items=1))
-
-
-def _patterns(text: str) -> list[str]:
-    return [p.strip() for p in text.split(PATTERN_SEPARATOR) if p.strip()]
-
-
-def _int_arg(key: str, value: str) -> int:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f'network_args {key}={value!r} is not an integer; write e.g. "{key}=16"') from None
-
-
-def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
-    """Turn musubi's ``--network_args`` (a dict of strings) into a :class:`MusubiConfig`.
-
-    Raises :class:`~ffid.errors.ConfigError` naming the bad key or value and the fix.
-    """
-    args = {str(k).strip(): v for k, v in kwargs.items() if v is not None}
-    unknown = [k for k in args if k not in NETWORK_ARGS]
-    if unknown:
-        raise ConfigError(
-            f"unknown network_args key {unknown[0]!r}; {did_you_mean(unknown[0], NETWORK_ARGS)}"
-            "ffid.integrations.musubi takes: " + ", ".join(NETWORK_ARGS)
-        )
-    for key in ("ff", "ffid"):
-        if key not in args:
-            raise ConfigError(
-                f'network_args needs {key}=...; add --network_args "ff=0.01" "ffid=1" '
-                "(fraction of the model to train, and which disjoint selection)"
-            )
-    save_text = str(args.get("save_dtype", "fp32")).strip().lower()
-    if save_text not in _SAVE_DTYPES:
-        raise ConfigError(f"network_args save_dtype={save_text!r} is unknown; use fp32, bf16, fp16 or auto")
-    option_names = selector_options()
-    selection = SelectionSettings.create(
-        str(args["ff"]).strip(),
-        str(args["ffid"]).strip(),
-        str(args.get("selector", DEFAULT_SELECTOR)).strip(),
-        include=_patterns(str(args.get("include", ""))),
-        exclude=_patterns(str(args.get("exclude", ""))),
-        block_pattern=str(args["block_pattern"]).strip() if args.get("block_pattern") else None,
-        option_flag=lambda name: f"network_args {name}",
-        **{k: str(v).strip() for k, v in args.items() if k in option_names},
-    )
-    return MusubiConfig(selection=selection, save_dtype=_SAVE_DTYPES[save_text], **_preserve_args(args))
-
-
-def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The preserve_* network_args, checked; they need preserve_cache to mean anything."""
-    keys = [k for k in args if k.startswith("preserve_")]
-    if not keys:
-        return {}
-    if "preserve_cache" not in args:
-        raise ConfigError(
-            f"network_args {keys[0]}= needs preserve_cache=FOLDER (the earlier character's musubi "
-            "cache_directory, whose text encodings are the prompts to protect)"
-        )
-    try:
-        weight = float(str(args.get("preserve_weight", DEFAULT_WEIGHT)).strip())
-    except ValueError:
-        raise ConfigError(
-            f"network_args preserve_weight={args['preserve_weight']!r} is not a number; write e.g. "
-            '"preserve_weight=16"'
-        ) from None
-    settings = PreserveSettings(
-        weight,
-        _int_arg("preserve_items", args.get("preserve_items", "1")),
-        _int_arg("preserve_every", args.get("preserve_every", "1")),
-    ).validate()
-    return {
-        "preserve_cache": _patterns(str(args["preserve_cache"])),
-        "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
-        "preserve": settings,
-    }
-
 
 def _architecture_suffixed(arch: str) -> str:
     """``wan2.1-t2v-14b/lora`` -> ``wan2.1-t2v-14b/ffid-delta``: a delta is not a LoRA."""
@@ -190,7 +83,13 @@ class FfidNetwork(nn.Module):
         self._base_on_device: dict[str, torch.Tensor] | None = None
         self._pending_weights: dict[str, torch.Tensor] | None = None  # create_arch_network_from_weights
         self.args_seen: dict[str, Any] = {}
-        self.preservation: Any = None  # MusubiPreservation when preserve_cache is given
+        self.preservation: Any = None  # MusubiPreservation / MusubiProjection with preserve_cache
+        if config is not None and config.preserve_method == "projection":
+            from .musubi_projection import empty_record
+
+            # the first training call's latent shape, saved with --save_state so that a resumed
+            # run rebuilds the same bases (see musubi_projection)
+            self.register_buffer("ffid_projection_record", empty_record())
         if selection is None and unet is not None and config is not None:
             self.selection = self._plan(unet)
 
@@ -228,16 +127,20 @@ class FfidNetwork(nn.Module):
                 "--min_timestep 875 --max_timestep 1000, low noise: 0 and 875, for t2v-A14B; i2v-A14B's "
                 "boundary is 900)"
             )
-        if self.config is not None and self.config.preserve_cache:
-            if getattr(args, "blocks_to_swap", 0):
+        if self.config is not None and self.config.preserving:
+            projection = self.config.preserve_method == "projection"
+            if getattr(args, "blocks_to_swap", 0) and not projection:
                 raise ConfigError(
-                    "ffid preservation runs extra DiT forwards inside each training step, which musubi's "
-                    "block swap does not schedule; drop --blocks_to_swap or the preserve_* network_args"
+                    "ffid's preservation loss runs extra DiT forwards inside each training step, which "
+                    "musubi's block swap does not schedule; protect by projection instead (network_args "
+                    "preserve_method=projection selector=rows: one feature pass, no extra forward per step), "
+                    "or drop --blocks_to_swap"
                 )
             self._preserve_seed = int(getattr(args, "seed", None) or 0)
             # musubi's accelerator divides the loss by the accumulation steps; the term tied to
             # the output gets the same scale
             self._preserve_scale = 1.0 / max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
+            self._flow_shift = float(getattr(args, "discrete_flow_shift", None) or 3.0)
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
                 "--fp8_scaled stores the DiT's Linear weights with per-tensor scales that ffid cannot train "
@@ -267,29 +170,54 @@ class FfidNetwork(nn.Module):
                 self.selection = self._plan(unet)
         self.handle = attach(unet, self.selection)
         logger.info("%s", self.handle.describe())
-        if self.config is not None and self.config.preserve_cache:
+        if self.config is not None and self.config.preserving:
             self._install_preservation(unet)
 
     def _install_preservation(self, unet: nn.Module) -> None:
-        from .musubi_preserve import MusubiPreservation, read_encodings
+        from .musubi_inputs import read_encodings
 
         c = self.config
         assert c is not None
         try:
             encodings = read_encodings(c.preserve_cache, c.preserve_prompts or None)
-            self.preservation = MusubiPreservation(
-                self.handle,
-                encodings,
-                c.preserve,
-                seed=getattr(self, "_preserve_seed", 0),
-                grad_scale=getattr(self, "_preserve_scale", 1.0),
-            )
+            if c.preserve_method == "projection":
+                from .musubi_projection import MusubiProjection
+
+                self.preservation = MusubiProjection(
+                    self.handle,
+                    encodings,
+                    c.projection,
+                    self.ffid_projection_record,
+                    seed=getattr(self, "_preserve_seed", 0),
+                    shift=getattr(self, "_flow_shift", 3.0),
+                )
+            else:
+                from .musubi_preserve import MusubiPreservation
+
+                self.preservation = MusubiPreservation(
+                    self.handle,
+                    encodings,
+                    c.preserve,
+                    seed=getattr(self, "_preserve_seed", 0),
+                    grad_scale=getattr(self, "_preserve_scale", 1.0),
+                )
         except Exception:
             self.handle.detach()  # refused: the DiT is left as it was
             self.handle = None
             raise
         self.preservation.install(unet)
         shown = ", ".join(repr(p) for p in list(encodings)[:4]) + (" ..." if len(encodings) > 4 else "")
+        if c.preserve_method == "projection":
+            logger.info(
+                "ffid preservation: projection (energy %s, %d drawing(s) x %d time(s) per prompt, feature "
+                "pass at the first training step); protecting %d prompt(s): %s",
+                c.projection.energy,
+                c.projection.draws,
+                c.projection.times,
+                len(encodings),
+                shown,
+            )
+            return
         logger.info(
             "ffid preservation: weight %s, %d protected input(s) every %d forward(s), teacher = the DiT as "
             "loaded (base + --base_weights); protecting %d prompt(s): %s",

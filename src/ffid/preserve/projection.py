@@ -306,8 +306,10 @@ class Projector:
                 seen[name] = x
                 if leader[name] != name:
                     return
-                flat = x.detach().reshape(-1, x.shape[-1]).to(device="cpu", dtype=torch.float64)
-                gram = flat.T @ flat
+                # float64 where the input is (a 14B layer's input is too big to move to the CPU
+                # each time); only the width x width product goes to the CPU
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                gram = (flat.T @ flat).cpu()
                 grams[name] = grams[name] + gram if name in grams else gram
 
             return pre
