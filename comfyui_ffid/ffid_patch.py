@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 import comfy.model_patcher
+import comfy.utils
 import torch
 from comfy.patcher_extension import CallbacksMP
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -296,11 +297,20 @@ def infer_file_dtype(patcher) -> torch.dtype:
 
 
 def model_keys(patcher) -> dict[str, str]:
-    """Canonical tensor name (as in a delta) -> ComfyUI key, for the diffusion model's weights."""
+    """Canonical tensor name (as in a delta) -> ComfyUI key, for the diffusion model's weights.
+
+    Only keys the model holds a tensor for: ComfyUI-GGUF adds a stand-in ``<layer>.temp.weight`` to
+    its state dict (room to dequantize the largest layer, for ComfyUI's memory estimate).
+    """
     out = {}
     for key in patcher.model.state_dict():
-        if key.startswith(MODEL_PREFIX):
-            out[key[len(MODEL_PREFIX) :]] = key
+        if not key.startswith(MODEL_PREFIX):
+            continue
+        try:
+            comfy.utils.get_attr(patcher.model, key)
+        except AttributeError:
+            continue
+        out[key[len(MODEL_PREFIX) :]] = key
     return out
 
 
