@@ -22,6 +22,12 @@ Two places where ComfyUI's loader needs help:
 - fp8 weights are rounded stochastically by ComfyUI after patching (``comfy.float``), seeded by
   the key: exact equality with a merged file is impossible there, and the base fingerprint
   (computed on the bf16/fp32 base) cannot be checked against fp8 values.
+
+GGUF models (ComfyUI-GGUF) keep quantized weights as raw blocks and apply the patches to the
+dequantized weight at every cast, so the same patch works there; shapes are read from the held
+tensors, because ComfyUI-GGUF's state dict has raw-shaped meta stand-ins (and a fake
+``temp.weight``). Newer ComfyUI rebuilds adapters as ``type(a)(a.loaded_keys, weights)``: the patch
+keeps all its state in ``weights``. Bypass mode cannot express a delta and is refused.
 """
 
 from __future__ import annotations
