@@ -22,15 +22,23 @@ Two places where ComfyUI's loader needs help:
 - fp8 weights are rounded stochastically by ComfyUI after patching (``comfy.float``), seeded by
   the key: exact equality with a merged file is impossible there, and the base fingerprint
   (computed on the bf16/fp32 base) cannot be checked against fp8 values.
+
+GGUF models (ComfyUI-GGUF) keep quantized weights as raw blocks and apply the patches to the
+dequantized weight at every cast, so the same patch works there; shapes are read from the held
+tensors, because ComfyUI-GGUF's state dict has raw-shaped meta stand-ins (and a fake
+``temp.weight``). Newer ComfyUI rebuilds adapters as ``type(a)(a.loaded_keys, weights)``: the patch
+keeps all its state in ``weights``. Bypass mode cannot express a delta and is refused.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
 import comfy.model_patcher
+import comfy.utils
 import torch
 from comfy.patcher_extension import CallbacksMP
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -53,30 +61,102 @@ FILE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 _SAMPLE = 4096  # elements per tensor looked at to tell which dtype the model file held
 
 
+BYPASS_REFUSAL = (
+    "ComfyUI's bypass mode cannot apply an ffid delta: it sets single weights to trained values, which "
+    "needs the base weight that bypass mode never reads; load the delta with 'Load ffid delta (model only)' "
+    "instead, which patches the weights as they are cast for compute (GGUF, fp8 and offloaded models too)"
+)
+
+
+def _check_weights(weights, source: str) -> None:
+    """Refuse a malformed ``weights`` tuple in one line (a rebuild by other code that changed it)."""
+    if not isinstance(weights, (tuple, list)) or len(weights) != 5:
+        raise TypeError(
+            f"ffid delta {source}: an FfidDeltaPatch needs weights (indices or None, values, shape, "
+            f"file dtype, source), got {type(weights).__name__} {str(weights)[:60]}"
+        )
+    indices, values, shape, file_dtype, _src = weights
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 1:
+        got = str(values)[:50]
+        raise TypeError(f"ffid delta {source}: the values must be a flat float tensor, got {got}")
+    if indices is not None:
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+            kind = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise TypeError(
+                f"ffid delta {source}: its positions became {kind}, not integers (ComfyUI's bypass mode "
+                f"casts adapter tensors to the layer dtype); {BYPASS_REFUSAL}"
+            )
+        if indices.shape != values.shape:
+            raise ValueError(
+                f"ffid delta {source}: {indices.numel()} positions but {values.numel()} values; read the "
+                "file again"
+            )
+    if not isinstance(file_dtype, torch.dtype) or not all(isinstance(d, int) for d in shape):
+        raise TypeError(
+            f"ffid delta {source}: shape {shape!r} and file dtype {file_dtype!r} must be ints and a dtype"
+        )
+
+
 class FfidDeltaPatch(WeightAdapterBase):
-    """One tensor of an ffid delta: flat indices (None for a whole tensor) and trained values."""
+    """One tensor of an ffid delta: flat indices (None for a whole tensor) and trained values.
+
+    All its state is in ``weights`` = ``(indices | None, values, shape, file_dtype, source)``, and it
+    is built as ``FfidDeltaPatch(loaded_keys, weights)``: newer ComfyUI releases rebuild every
+    adapter as ``type(adapter)(adapter.loaded_keys, weights)`` when they prefetch its tensors to the
+    compute device (``comfy.lora.prefetch_prepared_value``), passing non-tensor items through.
+    """
 
     name = "ffid_delta"
 
-    def __init__(
-        self,
+    def __init__(self, loaded_keys: set[str], weights: tuple):
+        source = weights[4] if isinstance(weights, (tuple, list)) and len(weights) == 5 else "?"
+        _check_weights(weights, str(source))
+        self.loaded_keys = loaded_keys
+        self._weights = tuple(weights)
+
+    @classmethod
+    def create(
+        cls,
         indices: torch.Tensor | None,
         values: torch.Tensor,
         shape: tuple[int, ...],
         file_dtype: torch.dtype,
         source: str,
-    ):
-        self.indices = indices  # narrowest signed int that holds the positions, or None (whole tensor)
-        self.values = values  # flat, in the delta's stored dtype
-        self.shape = tuple(shape)
-        self.file_dtype = file_dtype
-        self.source = source
-        self.loaded_keys: set[str] = set()
-        self.weights = [t for t in (indices, values) if t is not None]
+    ) -> FfidDeltaPatch:
+        """A patch for one tensor of ``shape``; ``indices`` in the narrowest signed int, or None (whole)."""
+        return cls(set(), (indices, values, tuple(int(d) for d in shape), file_dtype, source))
+
+    @property
+    def weights(self) -> tuple:
+        return self._weights
+
+    @weights.setter
+    def weights(self, new) -> None:
+        # ComfyUI's bypass mode assigns moved (and maybe recast) tensors here before it runs a layer
+        _check_weights(new, self.source)
+        self._weights = tuple(new)
+
+    indices = property(lambda self: self._weights[0], doc="Flat positions, or None for the whole tensor.")
+    values = property(lambda self: self._weights[1], doc="Trained values, flat, in the delta's dtype.")
+    target_shape = property(lambda self: self._weights[2], doc="Shape of the model tensor it patches.")
+    file_dtype = property(lambda self: self._weights[3], doc="Dtype of the model file (results round to it).")
+    source = property(lambda self: self._weights[4], doc="The delta's file name, for messages.")
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights)
+        return sum(t.numel() * t.element_size() for t in self._weights[:2] if t is not None)
+
+    def calculate_shape(self, key: str) -> None:
+        """Newer ComfyUI asks adapters for the weight shape they produce: a delta never reshapes."""
+        return None
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Bypass mode's additive term: refused, see :data:`BYPASS_REFUSAL`."""
+        raise RuntimeError(f"ffid delta {self.source}: {BYPASS_REFUSAL}")
+
+    def bypass_forward(self, org_forward, x, *args, **kwargs):
+        """Bypass mode's forward: refused, see :data:`BYPASS_REFUSAL`."""
+        raise RuntimeError(f"ffid delta {self.source}: {BYPASS_REFUSAL}")
 
     def calculate_weight(
         self,
@@ -89,11 +169,11 @@ class FfidDeltaPatch(WeightAdapterBase):
         intermediate_dtype=torch.float32,
         original_weight=None,
     ):
-        if offset is not None or tuple(weight.shape) != self.shape:
+        if offset is not None or tuple(weight.shape) != self.target_shape:
             log.warning(
                 "ffid: %s: cannot patch %s (%s of shape %s, the delta's tensor is %s); left unchanged",
                 self.source, key, "a slice" if offset is not None else "a weight",
-                tuple(weight.shape), self.shape,
+                tuple(weight.shape), self.target_shape,
             )  # fmt: skip
             return None
         if strength == 0.0:
@@ -146,6 +226,21 @@ def _narrow_index(idx: torch.Tensor, numel: int) -> torch.Tensor:
     return idx
 
 
+def is_gguf_quantized(t) -> bool:
+    """A ComfyUI-GGUF ``GGMLTensor`` that holds quantized blocks (Q8_0, Q4_K, BF16, ...).
+
+    Its storage is the file's raw bytes and its ``shape`` the logical one; the layer dequantizes it
+    and applies the patches at every forward. F32/F16 GGUF tensors are plain float tensors.
+    """
+    return hasattr(t, "tensor_type") and hasattr(t, "tensor_shape") and not t.is_floating_point()
+
+
+def held_weight(patcher, key: str):
+    """The tensor ComfyUI holds for ``key`` (not the state dict's, which ComfyUI-GGUF replaces with
+    raw-shaped meta tensors for quantized layers)."""
+    return comfy.model_patcher.get_key_weight(patcher.model, key)[0]
+
+
 def original_weight(patcher, key: str) -> torch.Tensor:
     """The unpatched weight of ``key`` as ComfyUI holds it (the backup while another clone is loaded),
     dequantized (scaled fp8) when the layer converts its weight."""
@@ -156,6 +251,12 @@ def original_weight(patcher, key: str) -> torch.Tensor:
     if convert_func is not None:
         weight = convert_func(weight.to(torch.float32, copy=True), inplace=True)
     return weight
+
+
+def _as_float(t):
+    """``t`` as the planner of an implicit delta should see it: a GGUF-quantized tensor becomes a meta
+    float tensor of its logical shape (its storage is raw bytes, which the planner would skip)."""
+    return torch.empty(tuple(t.shape), dtype=torch.float32, device="meta") if is_gguf_quantized(t) else t
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +271,9 @@ def infer_file_dtype(patcher) -> torch.dtype:
     ComfyUI may hold a bf16 file's weights in fp32 (on CPU by default, and Wan's
     ``patch_embedding`` always), so the held dtype does not say what a merged file would hold. A
     bf16 or fp16 file leaves every value exactly representable in that dtype; a trained fp32 file
-    does not. fp8 weights (and their scales) are not looked at. Ties go to bf16.
+    does not. fp8 weights (and their scales) and GGUF-quantized weights are not looked at; a GGUF
+    file's F32 tensors (norms, biases, modulation) hold the values of the file it was made from.
+    Ties go to bf16.
     """
     fits = {torch.bfloat16: True, torch.float16: True}
     seen = False
@@ -178,6 +281,7 @@ def infer_file_dtype(patcher) -> torch.dtype:
         if (
             not key.startswith(MODEL_PREFIX)  # not the sampler's sigmas and the like
             or not t.is_floating_point()
+            or t.device.type == "meta"  # ComfyUI-GGUF's stand-ins for quantized layers
             or t.dtype in FP8_DTYPES
             or key.endswith(("scale_weight", "scale_input"))
         ):
@@ -199,11 +303,20 @@ def infer_file_dtype(patcher) -> torch.dtype:
 
 
 def model_keys(patcher) -> dict[str, str]:
-    """Canonical tensor name (as in a delta) -> ComfyUI key, for the diffusion model's weights."""
+    """Canonical tensor name (as in a delta) -> ComfyUI key, for the diffusion model's weights.
+
+    Only keys the model holds a tensor for: ComfyUI-GGUF adds a stand-in ``<layer>.temp.weight`` to
+    its state dict (room to dequantize the largest layer, for ComfyUI's memory estimate).
+    """
     out = {}
     for key in patcher.model.state_dict():
-        if key.startswith(MODEL_PREFIX):
-            out[key[len(MODEL_PREFIX) :]] = key
+        if not key.startswith(MODEL_PREFIX):
+            continue
+        try:
+            comfy.utils.get_attr(patcher.model, key)
+        except AttributeError:
+            continue
+        out[key[len(MODEL_PREFIX) :]] = key
     return out
 
 
@@ -211,24 +324,25 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
     """Read ``path`` into patches for ``patcher``'s model, checking names, shapes and base values.
 
     Raises :class:`DeltaMismatch` with one plain sentence when the delta is for another model. With
-    fp8 (or scaled fp8) weights the base values cannot be compared exactly; a mismatch there only
-    adds a note.
+    fp8 (or scaled fp8) or GGUF-quantized weights the base values cannot be compared exactly; a
+    mismatch there only adds a note.
     """
     path = os.fspath(path)
     name = os.path.basename(path)
     keys = model_keys(patcher)
-    sd = patcher.model.state_dict()
+    held_by_key = {key: held_weight(patcher, key) for key in keys.values()}
     patches: dict[str, FfidDeltaPatch] = {}
     notes: list[str] = []
     renamed = 0
     fp8_unverified: list[str] = []
+    gguf_unverified: list[str] = []
     with DeltaFile(path) as df:
         metadata = dict(df.metadata)
         if df.implicit:
             # An implicit-index delta (format 2) stores values only: ffid's planner rebuilds the
             # positions from the loaded model's names and shapes, and refuses another model.
             try:
-                df.bind({canon: sd[key] for canon, key in keys.items()})
+                df.bind({canon: _as_float(held_by_key[key]) for canon, key in keys.items()})
             except FfidError as exc:
                 raise DeltaMismatch(f"ffid delta {name} does not fit this model: {exc}") from None
         resolver = NameResolver(keys, df.info.naming)
@@ -241,17 +355,20 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
                 )
             renamed += target != tname
             key = keys[target]
-            held = sd[key]
+            held = held_by_key[key]
+            quantized = is_gguf_quantized(held)
             shape = df.shape(tname)
             if tuple(held.shape) != tuple(shape):
                 raise DeltaMismatch(
                     f"ffid delta {name} does not fit this model: {target!r} is {list(held.shape)} here but "
                     f"{list(shape)} in the delta; it was made for another model size"
                 )
-            if not held.is_floating_point():
+            if not held.is_floating_point() and not quantized:
                 raise DeltaMismatch(f"ffid delta {name} changes {target!r}, which is not a float tensor here")
             idx = df.read_indices(tname)
-            if verify:
+            if verify and quantized:
+                gguf_unverified.append(target)  # lossy blocks: the file's values are gone
+            elif verify:
                 w = original_weight(patcher, key)
                 got = values_hash(w.reshape(-1)[idx[sample_positions(idx.numel())].to(w.device)])
                 if got != df.info.base_fingerprint[tname].hash:
@@ -263,9 +380,9 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
                             "values at the trained positions (first mismatching tensor); load the base model "
                             "it was trained on, or set verify to 'off' if you are sure"
                         )
-            numel = held.numel()
+            numel = math.prod(shape)
             whole = idx.numel() == numel  # sorted, unique, in range: every position, in order
-            patches[key] = FfidDeltaPatch(
+            patches[key] = FfidDeltaPatch.create(
                 None if whole else _narrow_index(idx, numel),
                 df.read_values(tname).reshape(-1).clone(),
                 tuple(shape),
@@ -278,6 +395,12 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
             f"base fingerprint not checked exactly for {len(fp8_unverified)} fp8 tensor(s) (first "
             f"{fp8_unverified[0]!r}): the fingerprint hashes the bf16/fp32 base values, which fp8 storage "
             "rounds away; names and shapes match"
+        )
+    if gguf_unverified:
+        notes.append(
+            f"base fingerprint not checked exactly for {len(gguf_unverified)} GGUF-quantized tensor(s) "
+            f"(first {gguf_unverified[0]!r}): the fingerprint hashes the bf16/fp32 base values, which "
+            "quantization rounds away; names and shapes match, and the file's F32 tensors are checked exactly"
         )
     return LoadedDelta(path, patches, metadata, os.path.getsize(path), renamed, notes)
 
@@ -344,7 +467,9 @@ __all__ = [
     "FfidDeltaPatch",
     "LoadedDelta",
     "add_delta",
+    "held_weight",
     "infer_file_dtype",
+    "is_gguf_quantized",
     "overlap_count",
     "patch_skipped_on_load",
     "read_delta",

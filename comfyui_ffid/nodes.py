@@ -83,7 +83,7 @@ class FfidLoadDeltaModelOnly:
                     {
                         "default": "on",
                         "tooltip": "Check the delta's base fingerprint against the model (refuses a delta "
-                        "made for another base). fp8 weights cannot be checked exactly.",
+                        "made for another base). fp8 and GGUF-quantized weights cannot be checked exactly.",
                     },
                 ),
                 "file_dtype": (

@@ -1,4 +1,4 @@
-"""``.ci/run`` fails closed: in CI the real ComfyUI and musubi-tuner suites cannot be skipped.
+"""``.ci/run`` fails closed: in CI the real ComfyUI, ComfyUI-GGUF and musubi-tuner suites cannot be skipped.
 
 Their sources live in ``../shared/third_party``; when it was missing or moved, their tests
 skipped and CI was green. Here the script runs in a scratch layout with a stand-in ``python``
@@ -39,14 +39,20 @@ def _run_ci(root: Path, env_ci: str | None) -> tuple[subprocess.CompletedProcess
 def test_ci_fails_when_the_real_clients_are_missing(tmp_path: Path) -> None:
     proc, calls = _run_ci(tmp_path, "true")
     assert proc.returncode == 1, proc.stderr
-    assert "lacks comfyui musubi-tuner" in proc.stderr and "does not skip them" in proc.stderr
+    assert "lacks comfyui musubi-tuner comfyui-gguf" in proc.stderr and "does not skip them" in proc.stderr
     assert not calls.exists(), calls.read_text()  # refused before installing anything
 
 
 def test_ci_names_the_one_that_is_missing(tmp_path: Path) -> None:
-    comfy = tmp_path / "work" / "shared" / "third_party" / "comfyui" / "comfy"
-    comfy.mkdir(parents=True)
-    (comfy / "model_patcher.py").write_text("")
-    proc, calls = _run_ci(tmp_path, "true")
-    assert proc.returncode == 1 and "lacks musubi-tuner (" in proc.stderr, proc.stderr
-    assert not calls.exists()
+    present = {"comfyui": "comfy/model_patcher.py", "comfyui-gguf": "nodes.py"}
+    for n, (have, lacks) in enumerate(
+        [(["comfyui"], "musubi-tuner comfyui-gguf ("), (list(present), "musubi-tuner (")]
+    ):
+        root = tmp_path / str(n)
+        for folder in have:
+            marker = root / "work" / "shared" / "third_party" / folder / present[folder]
+            marker.parent.mkdir(parents=True)
+            marker.write_text("")
+        proc, calls = _run_ci(root, "true")
+        assert proc.returncode == 1 and f"lacks {lacks}" in proc.stderr, proc.stderr
+        assert not calls.exists()

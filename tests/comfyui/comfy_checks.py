@@ -17,17 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-COMFY = Path(os.environ["FFID_COMFYUI_DIR"])
-sys.path[:0] = [str(HERE / "stubs"), str(COMFY), str(REPO / "src"), str(REPO)]
+# comfy_env sets ComfyUI's import path and --cpu: it must be imported before any comfy module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_env
 
-import comfy.options  # noqa: E402
-
-comfy.options.enable_args_parsing(False)
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
+REPO = comfy_env.REPO
 
 import comfy.float  # noqa: E402
 import comfy.model_management  # noqa: E402
@@ -37,22 +31,13 @@ import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from comfy.ldm.wan.model import WanModel  # noqa: E402
+from comfy_env import PICKED, assert_same, make_delta, tiny_wan_fp32  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ffid.checkpoint import merge_checkpoint  # noqa: E402
-from ffid.checkpoint.delta import (  # noqa: E402
-    DeltaTensor,
-    TensorFingerprint,
-    sample_positions,
-    values_hash,
-    write_delta,
-)
-from ffid.checkpoint.namemap import map_name  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "diffusion_model."
-PICKED: dict[str, dict[str, torch.Tensor]] = {}  # delta file name -> tensor name -> positions
 
 
 # -- fixtures: files ------------------------------------------------------------------------------
@@ -70,97 +55,33 @@ def work(tmp_path_factory):
     return root
 
 
-def _tiny_wan_fp32(seed: int) -> dict[str, torch.Tensor]:
-    with torch.inference_mode(False):
-        m = WanModel(
-            dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096, in_dim=16, out_dim=16,
-            operations=comfy.ops.disable_weight_init,
-        )  # fmt: skip
-        g = torch.Generator().manual_seed(seed)
-        out = {}
-        for k, v in m.state_dict().items():
-            scale = 0.5 if "modulation" in k else 0.05
-            t = torch.randn(v.shape, generator=g) * scale
-            if k.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
-                t = 1.0 + t
-            # A few values too small for fp16's normal range, as trained bf16 weights have: they make
-            # the file dtype unambiguous (bf16 values that fp16 cannot hold exactly).
-            t.view(-1)[::97] *= 1e-3
-            out[k] = t.contiguous()
-        return out
-
-
 def _save_base(path: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> Path:
     save_file({k: v.to(dtype) for k, v in sd.items()}, str(path))
-    return path
-
-
-def _make_delta(
-    path: Path,
-    base: dict[str, torch.Tensor],
-    seed: int,
-    frac: float = 0.05,
-    avoid: dict[str, torch.Tensor] | None = None,
-    whole: tuple[str, ...] = (),
-    naming: str = "wan",
-    metadata: dict | None = None,
-    ffid_id: int = 1,
-) -> Path:
-    """A delta over every tensor of ``base`` (modulation included), at random positions that avoid
-    ``avoid``'s; values are trained-looking fp32 (not representable in bf16/fp16)."""
-    g = torch.Generator().manual_seed(seed)
-    tensors, fps, picked = [], {}, {}
-    for name, b in base.items():
-        flat = b.reshape(-1)
-        n = flat.numel()
-        if name in whole:
-            idx = torch.arange(n)
-        else:
-            free = torch.ones(n, dtype=torch.bool)
-            if avoid is not None and name in avoid:
-                free[avoid[name]] = False
-            cand = free.nonzero().reshape(-1)
-            k = max(1, int(n * frac))
-            idx = cand[torch.randperm(cand.numel(), generator=g)[:k]].sort().values
-        picked[name] = idx
-        vals = flat[idx].to(torch.float32) + torch.randn(idx.numel(), generator=g) * 0.02
-        out_name = map_name(name, "wan", naming) if naming == "diffusers" else name
-        tensors.append(DeltaTensor(out_name, tuple(b.shape), idx, vals))
-        fps[out_name] = TensorFingerprint(
-            tuple(b.shape), values_hash(flat[idx[sample_positions(idx.numel())]])
-        )
-    write_delta(
-        path, tensors, selector="spread", params={"ff": frac, "ffid": ffid_id, "seed": 0},
-        selection_fingerprint="0" * 16, base_fingerprint=fps, base_manifest_fingerprint="0" * 16,
-        naming=naming, total_params=sum(t.numel() for t in base.values()), source="train",
-        metadata=metadata,
-    )  # fmt: skip
-    PICKED[path.name] = picked
     return path
 
 
 @pytest.fixture(scope="session")
 def files(work):
     """Base files (bf16/fp16/fp32 of one model), a bf16 base of another model, and deltas."""
-    sd = _tiny_wan_fp32(0)
+    sd = tiny_wan_fp32(0)
     bases = {d: _save_base(work / f"base_{d}.safetensors", sd, dt) for d, dt in DTYPES.items()}
-    other = _save_base(work / "other_bf16.safetensors", _tiny_wan_fp32(1), torch.bfloat16)
+    other = _save_base(work / "other_bf16.safetensors", tiny_wan_fp32(1), torch.bfloat16)
     base_bf16 = load_file(str(bases["bf16"]))
     loras = work / "loras"
-    d1 = _make_delta(
+    d1 = make_delta(
         loras / "char1.safetensors", base_bf16, seed=10,
         metadata={"ffid.trigger_words": ["zqx woman"], "ffid.prompts": ["a zqx woman walking"]},
     )  # fmt: skip
-    d2 = _make_delta(loras / "char2.safetensors", base_bf16, seed=11, avoid=PICKED[d1.name], ffid_id=2)
-    dw = _make_delta(
+    d2 = make_delta(loras / "char2.safetensors", base_bf16, seed=11, avoid=PICKED[d1.name], ffid_id=2)
+    dw = make_delta(
         loras / "whole.safetensors", base_bf16, seed=12,
         whole=("blocks.0.self_attn.q.weight", "blocks.1.modulation", "head.head.bias"),
     )  # fmt: skip
-    dd = _make_delta(loras / "char1_diffusers.safetensors", base_bf16, seed=10, naming="diffusers")
+    dd = make_delta(loras / "char1_diffusers.safetensors", base_bf16, seed=10, naming="diffusers")
     # the same character trained from the fp16 and fp32 files of the model (fingerprints differ)
     by_dtype = {"bf16": d1}
     for d in ("fp16", "fp32"):
-        by_dtype[d] = _make_delta(loras / f"char1_{d}.safetensors", load_file(str(bases[d])), seed=10)
+        by_dtype[d] = make_delta(loras / f"char1_{d}.safetensors", load_file(str(bases[d])), seed=10)
     return {
         "sd": sd, "bases": bases, "other": other, "d1": d1, "d2": d2, "whole": dw, "diffusers": dd,
         "by_dtype": by_dtype,
@@ -208,22 +129,6 @@ def _weights(patcher) -> dict[str, torch.Tensor]:
     return out
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).contiguous().view(torch.uint8)
-
-
-def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
-    """Bit for bit: same keys, dtypes, shapes and bytes."""
-    assert got.keys() == want.keys(), what
-    bad = [
-        k
-        for k in got
-        if (got[k].dtype, got[k].shape) != (want[k].dtype, want[k].shape)
-        or not torch.equal(_bits(got[k]), _bits(want[k]))
-    ]
-    assert not bad, f"{what}: {len(bad)} tensors differ, first {bad[0]}"
-
-
 def _forward(patcher) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 16, 1, 4, 4, generator=g)
@@ -251,12 +156,12 @@ def test_full_load_equals_merge_and_unpatch_restores(work, files, dtype, strengt
     patched = _apply(base, delta, strength)
     want, out_want = _loaded_state(_load(_merged(work, base_file, [delta], [strength])))
     got, out_got = _loaded_state(patched)
-    _assert_same(got, want, f"{dtype} strength {strength} vs ffid merge")
+    assert_same(got, want, f"{dtype} strength {strength} vs ffid merge")
     assert torch.equal(out_got, out_want)
     assert not torch.equal(got["blocks.0.modulation"], before["blocks.0.modulation"])  # the skipped key
     # unpatched: the base, bit for bit (weights and one forward)
     after = _weights(patched)
-    _assert_same(after, before, "after unpatch")
+    assert_same(after, before, "after unpatch")
     assert torch.equal(_loaded_state(base)[1], out_before)
 
 
@@ -267,7 +172,7 @@ def test_chained_deltas_equal_merge_of_both(work, files):
     chained = _apply(_apply(base, files["d1"], 1.0), files["d2"], 0.3)
     want, out_want = _loaded_state(_load(_merged(work, base_file, [files["d1"], files["d2"]], [1.0, 0.3])))
     got, out_got = _loaded_state(chained)
-    _assert_same(got, want, "two chained deltas vs ffid merge of both")
+    assert_same(got, want, "two chained deltas vs ffid merge of both")
     assert torch.equal(out_got, out_want)
 
 
@@ -277,11 +182,11 @@ def test_whole_tensors_diffusers_naming_and_int64_indices(work, files):
     # compat-v2 style whole tensors
     got, _ = _loaded_state(_apply(base, files["whole"], 0.5))
     want, _ = _loaded_state(_load(_merged(work, base_file, [files["whole"]], [0.5])))
-    _assert_same(got, want, "whole-tensor delta")
+    assert_same(got, want, "whole-tensor delta")
     # the same delta in diffusers naming gives the same weights
     want1, _ = _loaded_state(_load(_merged(work, base_file, [files["d1"]], [1.0])))
     got_d, _ = _loaded_state(_apply(base, files["diffusers"], 1.0))
-    _assert_same(got_d, want1, "diffusers-named delta")
+    assert_same(got_d, want1, "diffusers-named delta")
     # every index width: the file has U8, U16 and U32 indices; rewrite them all as I64
     from safetensors import safe_open
 
@@ -297,7 +202,7 @@ def test_whole_tensors_diffusers_naming_and_int64_indices(work, files):
         meta,
     )
     got64, _ = _loaded_state(_apply(base, wide, 1.0))
-    _assert_same(got64, want1, "I64 indices")
+    assert_same(got64, want1, "I64 indices")
 
 
 def test_lowvram_and_partial_unload_reload(work, files):
@@ -311,17 +216,17 @@ def test_lowvram_and_partial_unload_reload(work, files):
     patched.patch_model(device_to=cpu, lowvram_model_memory=budget)
     try:
         assert patched.model.model_lowvram and patched.model.lowvram_patch_counter > 0
-        _assert_same(_weights(patched), want, "lowvram")
+        assert_same(_weights(patched), want, "lowvram")
         assert torch.equal(_forward(patched), out_want)
         freed = patched.partially_unload(cpu, memory_to_free=patched.model_size() // 4)
         assert freed > 0
-        _assert_same(_weights(patched), want, "after partial unload")
+        assert_same(_weights(patched), want, "after partial unload")
         patched.partially_load(cpu, extra_memory=patched.model_size())
-        _assert_same(_weights(patched), want, "after partial reload")
+        assert_same(_weights(patched), want, "after partial reload")
         assert torch.equal(_forward(patched), out_want)
     finally:
         patched.unpatch_model(cpu)
-    _assert_same(_weights(base), before, "after lowvram unpatch")
+    assert_same(_weights(base), before, "after lowvram unpatch")
 
 
 def test_model_switching_through_comfy_model_management(work, files):
@@ -341,10 +246,10 @@ def test_model_switching_through_comfy_model_management(work, files):
             (full, want_full, "strength 1 again"),
         ]:
             mm.load_models_gpu([patcher])
-            _assert_same(_weights(patcher), want, f"switched to {what}")
+            assert_same(_weights(patcher), want, f"switched to {what}")
     finally:
         mm.unload_all_models()
-    _assert_same(_weights(base), before, "after unload_all_models")
+    assert_same(_weights(base), before, "after unload_all_models")
 
 
 def test_fp8_e4m3fn(work, files):
@@ -377,7 +282,7 @@ def test_fp8_e4m3fn(work, files):
         )
         assert torch.equal(w.view(torch.uint8), want.view(torch.uint8)), k
     assert exact > 0
-    _assert_same(_weights(base), before, "fp8 after unpatch")
+    assert_same(_weights(base), before, "fp8 after unpatch")
     # lowvram: the weight is cast for compute first and patched there, with no fp8 rounding after:
     # the trained positions hold the merged file's values, the others the fp8 base (upcast).
     patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
@@ -391,7 +296,7 @@ def test_fp8_e4m3fn(work, files):
         assert torch.equal(w.reshape(-1), want)
     finally:
         patched.unpatch_model(torch.device("cpu"))
-    _assert_same(_weights(base), before, "fp8 after lowvram unpatch")
+    assert_same(_weights(base), before, "fp8 after lowvram unpatch")
 
 
 def _scaled_fp8_file(work: Path, base_file: Path) -> Path:
@@ -432,7 +337,7 @@ def test_scaled_fp8(work, files):
     )
     assert torch.equal(got[key].view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(got["blocks.0.modulation"], merged_sd["blocks.0.modulation"].float())
-    _assert_same(_weights(base), before, "scaled fp8 after unpatch")
+    assert_same(_weights(base), before, "scaled fp8 after unpatch")
 
 
 def test_delta_for_another_base_is_refused_in_one_line(files):
@@ -597,7 +502,7 @@ def test_implicit_delta_equals_merge_and_explicit(work, files):
     explicit = extract_delta(base_file, tuned_file, loras / "explicit.safetensors", selection=sel).path
     want, out_want = _loaded_state(_load(_merged(work, base_file, [implicit], [1.0])))
     got, out_got = _loaded_state(_apply(_load(base_file), implicit, 1.0))
-    _assert_same(got, want, "implicit delta vs ffid merge")
+    assert_same(got, want, "implicit delta vs ffid merge")
     twin, _ = _loaded_state(_apply(_load(base_file), explicit, 1.0))
-    _assert_same(got, twin, "implicit vs explicit delta")
+    assert_same(got, twin, "implicit vs explicit delta")
     assert torch.equal(out_got, out_want)
