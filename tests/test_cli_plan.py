@@ -200,3 +200,21 @@ def test_real_process_exit_code_and_debug_traceback():
     debug = [sys.executable, "-m", "ffid", "--debug", *cmd[3:]]
     res = subprocess.run(debug, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" in res.stderr
+
+
+def test_plan_of_a_row_selection_prints_the_projection_costs(capsys):
+    """Under ``--selector rows`` (what preserve_method = 'projection' trains) the plan adds the
+    bases' memory bound and the feature pass's work at the seed's 480x832, 81 frames."""
+    argv = [P14, "--ff", "0.01", "--ffid", "1", "--selector", "rows", "--include", r"^blocks\."]
+    rc, out, _ = run(capsys, "plan", *argv)
+    assert rc == 0
+    assert "Projection bases (preserve_method = 'projection'): at most 31.82 GiB fp32 over 400" in out
+    assert "Feature pass (32,760 tokens/video): 96 DiT forwards" in out and "not timed" in out
+    rc, out, _ = run(capsys, "plan", *argv, "--json")
+    data = json.loads(out)
+    fp = data["feature_pass"]
+    assert fp["tokens"] == 21 * 30 * 52 and fp["forwards"] == 2 * 4 * (10 + 2) and fp["inputs"] == 16
+    # one float64 Gram per trained matrix, width x width: 9 of width 5120 and 1 of 13824 per block
+    assert fp["gram_bytes"] == 40 * (9 * 5120**2 + 13824**2) * 8
+    rc, out, _ = run(capsys, "plan", P14, "--ff", "0.01", "--ffid", "1")
+    assert "Feature pass" not in out and "Projection bases" not in out  # spread: no projection

@@ -589,7 +589,8 @@ def test_preservation_refusals(tmp_path, extra, message):
 
 def test_preservation_refuses_block_swap(tmp_path):
     cache = _te_cache(tmp_path / "cache", ["a photo of character1"])
-    with pytest.raises(ConfigError, match="preserve_method=projection selector=rows.*or drop --blocks_to_swap"):
+    fix = r"preserve_method=projection selector=rows.*or drop --blocks_to_swap"
+    with pytest.raises(ConfigError, match=fix):
         run_training(
             _args(network_args=["ff=0.05", "ffid=2", f"preserve_cache={cache}"], blocks_to_swap=1)
         )

@@ -205,3 +205,17 @@ def test_fp8_linear_weights_with_swap_change_no_bit(world):
     assert all(torch.equal(va[n], vb[n]) for n in va)
     starts = {t.name: t.start for t in a.unwrapped.preservation.projector._trained}
     assert any(not torch.equal(va[n].view_as(starts[n]), starts[n]) for n in starts)
+
+
+def test_block_swap_moves_as_many_blocks_per_step_as_a_plain_run(world):
+    """Projection adds no forward to a step: over steps 3-4 the swapped blocks move as often as
+    in an unprotected run (the feature pass moves them once, before the first step)."""
+
+    def swaps(steps: int, protect: bool) -> int:
+        net = [*PROJ, f"preserve_cache={world['cache']}", *SMALL_PASS] if protect else PROJ[:4]
+        args = default_args(network_args=net, max_train_steps=steps, learning_rate=3e-2, blocks_to_swap=2)
+        return run_training(args, transformer=_model(world)).swaps
+
+    per_two_plain = swaps(4, False) - swaps(2, False)
+    per_two_protected = swaps(4, True) - swaps(2, True)
+    assert per_two_plain > 0 and per_two_protected == per_two_plain

@@ -13,6 +13,12 @@ from ..presets import PRESETS
 from ..select import get_selector
 from ._selection import add_selection_arguments, settings_from_args
 
+# The feature pass `ffid plan` estimates for a Wan DiT under a row selection: the seed's video
+# (480x832, 81 frames) and two protected prompts (character 1's caption and one more).
+PROJECTION_VIDEO = (480, 832)
+PROJECTION_FRAMES = 81
+PROJECTION_PROMPTS = 2
+
 MODEL_HELP = (
     "a .safetensors file, a *.safetensors.index.json, a diffusers/transformers model folder, "
     f"or a preset: {', '.join(sorted(PRESETS))} (only headers are read)"
@@ -88,15 +94,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         path = report.plot_coverage([sel], args.plot)
         print(f"wrote {path}", file=sys.stderr)
-    bases = None
+    bases = cost = None
     if get_selector(sel.selector).whole_rows:  # what preserve_method = 'projection' trains
         from ..estimate.projection import projection_memory
 
         bases = projection_memory(sel)
+        cost = _feature_pass(sel, args)
     if args.json:
         data = report.report_dict(sel)
         if bases is not None:
             data["projection_bases"] = dataclasses.asdict(bases)
+        if cost is not None:
+            data["feature_pass"] = dataclasses.asdict(cost)
         print_json(data)
         return 0
     if args.plain:
@@ -105,4 +114,19 @@ def run(args: argparse.Namespace) -> int:
         report.render_rich(sel)
     if bases is not None:
         print(bases.line())
+    if cost is not None:
+        print(cost.line())
     return 0
+
+
+def _feature_pass(sel: Any, args: argparse.Namespace) -> Any:
+    """The projection method's feature pass for a Wan DiT, at the seed's 480x832, 81 frames."""
+    from ..estimate.projection import feature_pass_cost
+    from ..models import load_manifest
+    from ..presets.wan import wan_shape, wan_tokens
+
+    shape = wan_shape(load_manifest(args.model, args.block_pattern))
+    if shape is None:
+        return None
+    h, w = PROJECTION_VIDEO
+    return feature_pass_cost(sel, shape, wan_tokens(shape, h, w, PROJECTION_FRAMES), PROJECTION_PROMPTS)

@@ -9,8 +9,10 @@ at run time; the figures here count one per trained matrix, so they are upper bo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from ..presets.wan import WanShape
 from ..selection import Selection
 
 # The protected rank as a share of the width. The bound takes the worst case (half the width,
@@ -46,4 +48,80 @@ def projection_memory(sel: Selection, share: float = 0.2) -> ProjectionMemory:
         bound_bytes=sum(w * (w // 2) * 4 for w in widths),
         share=share,
         typical_bytes=sum(w * int(w * part) * 4 for w in widths),
+    )
+
+
+# Spec-sheet dense throughputs (TFLOP/s) of two reference cards, and the share of them a DiT
+# forward and a large float64 product reach in practice. Estimates, not measurements: the
+# feature pass has not been timed on a GPU yet (docs/gpu.md).
+CARDS = {"H100 SXM": (989.0, 67.0), "RTX 4090": (165.0, 1.3)}  # (bf16, fp64)
+EFFICIENCY = 0.4
+TEXT_TOKENS = 512  # Wan's padded text length
+
+
+@dataclass(frozen=True)
+class FeaturePassCost:
+    """Work of the projection method's feature pass for a Wan DiT (see ffid.preserve.projection)."""
+
+    tokens: int  # per video
+    forwards: int  # DiT forwards: drawings' sampler steps + the re-noised inputs
+    forward_flops: float  # one forward
+    gram_flops: float  # the float64 Gram products of one protected input, all trained layers
+    gram_bytes: int  # float64 Gram matrices held while collecting (one per trained matrix)
+    inputs: int  # protected inputs folded into the Grams
+
+    def seconds(self, bf16_tflops: float, fp64_tflops: float) -> float:
+        rate = EFFICIENCY * 1e12
+        return (
+            self.forwards * self.forward_flops / (bf16_tflops * rate)
+            + self.inputs * self.gram_flops / (fp64_tflops * rate)
+        )
+
+    def line(self) -> str:
+        times = ", ".join(f"{name} ~{self.seconds(*r) / 60:.0f} min" for name, r in CARDS.items())
+        return (
+            f"Feature pass ({self.tokens:,} tokens/video): {self.forwards} DiT forwards "
+            f"({self.forward_flops / 1e15:.2f} PFLOP each) + float64 Grams of {self.inputs} inputs "
+            f"({self.gram_flops / 1e15:.2f} PFLOP each), Grams {self.gram_bytes / 2**30:.1f} GiB in CPU "
+            f"memory while collecting; at {EFFICIENCY:.0%} of spec throughput: {times} (estimate, "
+            "not timed)"
+        )
+
+
+def feature_pass_cost(
+    sel: Selection,
+    shape: WanShape,
+    tokens: int,
+    prompts: int,
+    draws: int = 4,
+    times: int = 2,
+    sample_steps: int = 10,
+) -> FeaturePassCost:
+    """The feature pass of ``prompts`` protected prompts for a Wan DiT of ``shape`` at ``tokens``
+    per video, training ``sel`` (whole rows)."""
+    d, f, n = shape.dim, shape.ffn, shape.layers
+    per_block = 2 * tokens * (6 * d * d + 2 * d * f) + 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
+    gram = 0.0
+    held = 0
+    for name, pick in sel.items():
+        if len(pick.shape) != 2:
+            continue
+        width = pick.shape[1]
+        if re.search(r"cross_attn\.(k|v)\.|text_embedding", name):
+            rows_read = TEXT_TOKENS  # the text side reads the encodings, not the video
+        elif "time_" in name:
+            rows_read = 1
+        else:
+            rows_read = tokens
+        # one Gram per trained matrix: layers reading one input share it at run time (a bound)
+        gram += 2 * rows_read * width * width
+        held += width * width * 8
+    inputs = prompts * draws * times
+    return FeaturePassCost(
+        tokens=tokens,
+        forwards=prompts * draws * (sample_steps + times),
+        forward_flops=per_block * n,
+        gram_flops=gram,
+        gram_bytes=held,
+        inputs=inputs,
     )
