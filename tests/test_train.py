@@ -282,6 +282,8 @@ EXAMPLES = [
     "demo-model.toml",
     "demo-projection-1.toml",
     "demo-projection-2.toml",
+    "wan22-projection-1.toml",
+    "wan22-projection-2.toml",
 ]
 
 
