@@ -26,9 +26,10 @@ import numpy as np
 
 from ..dtypes import DTYPE_BYTES, NUMPY_FAST, dtype_code, is_float_code, numpy_storage, parse_dtype
 from ..errors import ConfigError, MismatchError
-from .atomic import FileSet, atomic_write, check_free_space, check_target, refuse_overwrite
+from .atomic import atomic_write, check_free_space, check_target, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
+from .fileset import FileSet
 from .namemap import NameResolver
 from .stio import (
     SafetensorsFile,
@@ -457,7 +458,7 @@ def merge_checkpoint(
             outputs: list[Path] = []
             # A sharded output is switched as a set (see FileSet): shards are finished as temps first.
             with contextlib.ExitStack() as stack:
-                pending = stack.enter_context(FileSet(index_out)) if index_out is not None else None
+                pending = stack.enter_context(FileSet(index_out, inputs)) if index_out is not None else None
                 for sf in ck.shards:
                     canon = {e.key: n for n, e in sf.by_canonical.items()}
                     size, nt, ne = _write_shard(
@@ -488,7 +489,7 @@ def merge_checkpoint(
                             for loc in ck.tensors.values()
                             for e in [loc.entry]
                         )
-                    written += pending.commit((json.dumps(index, indent=2) + "\n").encode())
+                    written += pending.commit(index)
                     outputs.insert(0, index_out)
         finally:
             for d in dfs:
