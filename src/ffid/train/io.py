@@ -39,6 +39,53 @@ def make_output_dir(folder: Path) -> None:
         ) from None
 
 
+# The longest name the trainer makes of ``output_name``: ``{name}-step00000000.safetensors`` (25
+# more bytes) inside a temp name ``.{file}.{pid}.{random}.ffid-tmp`` (30 more with a 10-digit pid).
+_NAME_OVERHEAD = 25 + 30
+
+
+def _nearest_existing(folder: Path) -> Path:
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def check_output_dir(folder: Path, output_name: str) -> None:
+    """Refuse, before anything is written, an output folder that could not take this run's files.
+
+    Each folder name and the longest file name the run makes must fit the filesystem's limit, and
+    the folder (or, while it does not exist, the nearest folder above it) must be a writable
+    folder. A refusal late in the run would otherwise leave the folders made on the way.
+    """
+    base = _nearest_existing(folder)
+    try:
+        name_max = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for part in folder.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(
+                f"output_dir {str(folder)!r} has a folder name of {len(os.fsencode(part))} bytes, over this "
+                f"filesystem's limit of {name_max}; choose a shorter output_dir"
+            )
+    room = name_max - _NAME_OVERHEAD
+    if len(os.fsencode(output_name)) > room:
+        raise ConfigError(
+            f"output_name {output_name[:40]!r}... is {len(os.fsencode(output_name))} bytes; the files "
+            f"made of it need {_NAME_OVERHEAD} more and this filesystem allows {name_max}: use at most "
+            f"{room} bytes"
+        )
+    if not base.is_dir():
+        where = "an existing file" if base == folder else f"inside {str(base)!r}, an existing file"
+        raise ConfigError(f"output_dir {str(folder)!r} is {where}, not a folder; name a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir {str(folder)!r} cannot be written ({str(base)!r} is not writable); choose another "
+            "folder or fix its permissions"
+        )
+
+
 STATE_TEMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 # ``.{final}.{pid}.{random}.old``: tempfile's random part has no dots, the final name may.
@@ -120,6 +167,7 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 __all__ = [
     "atomic_write_bytes",
+    "check_output_dir",
     "commit_dir",
     "make_output_dir",
     "recover_dir",
