@@ -2,8 +2,9 @@
 
 Read it top to bottom. :meth:`TrainRecipe.setup` runs the named set-up steps in an order chosen
 so that bad input never writes anything: check the config, open the data, read the resume state,
-build the model, attach the selection, make the optimizer, load the resume state, and only then
-create ``output_dir``. :meth:`TrainRecipe.run` is the loop. The task (``wan``, ``causal-lm``, a
+build the model, attach the selection, make the optimizer, load the resume state. ``output_dir``
+and the config copy are written only with the first saved delta, so a run stopped before it (a
+NaN at step 1) writes nothing either. :meth:`TrainRecipe.run` is the loop. The task (``wan``, ``causal-lm``, a
 plug-in such as the demo's) gives model, data and loss and never sees this file; accelerate gives
 device, autocast and processes; :class:`~ffid.train.saver.CheckpointSaver` writes outputs.
 """
