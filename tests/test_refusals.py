@@ -169,3 +169,37 @@ def test_extract_across_dtypes_with_a_threshold_still_works(wan, tmp_path):
     assert not out.exists()
     res = extract_delta(wan / "base.safetensors", wan / "base16.safetensors", out, threshold=1e-6)
     assert res.elements > 0 and out.is_file()
+
+
+# terminal escapes in messages ----------------------------------------------------------------
+
+ESC = "\x1b[2J\x1b]0;pwned\x07\u202e"
+
+
+@pytest.mark.parametrize(
+    "field", ["manifest_fingerprint", "selection_fingerprint", "trajectory_keys", "world_size", "format"]
+)
+def test_a_crafted_state_prints_no_terminal_escape(tmp_path, field):
+    """A value read from a crafted ``state.json`` reaches the resume error escaped (\\x1b shown)."""
+    train(cfg_for(tmp_path, save_state=True, max_train_steps=2, logging_dir=None), task=TinyTask())
+    state = tmp_path / "out" / "run-step00000002-state"
+    meta = json.loads((state / "state.json").read_text())
+    meta[field] = ESC
+    if field == "trajectory_keys":  # its keys are quoted when the config hash differs
+        meta["config_hash"], meta[field] = "other", {ESC: 1}
+    (state / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(FfidError) as info:
+        train(cfg_for(tmp_path, resume=str(state), max_train_steps=4, logging_dir=None), task=TinyTask())
+    text = str(info.value)
+    assert "\\x1b[2J" in text and not any(c in text for c in "\x1b\x07\u202e"), text
+
+
+def test_every_ffid_error_escapes_what_it_quotes(capsys):
+    """The rule is in the base class: no raise site can forget it, the CLI line included."""
+    from ffid import errors
+
+    for cls in (errors.ConfigError, errors.ModelFileError, errors.MissingFileError, errors.MismatchError,
+                errors.TrainingError, errors.AttachError, errors.CapacityError):  # fmt: skip
+        assert str(cls(f"name {ESC} here")) == "name \\x1b[2J\\x1b]0;pwned\\x07\\u202e here"
+    rc, err = run_cli(capsys, "inspect", f"/nonexistent/{ESC}.safetensors")
+    assert rc == 2 and "\x1b" not in err and "\\x1b[2J" in err
