@@ -203,3 +203,24 @@ def test_every_ffid_error_escapes_what_it_quotes(capsys):
         assert str(cls(f"name {ESC} here")) == "name \\x1b[2J\\x1b]0;pwned\\x07\\u202e here"
     rc, err = run_cli(capsys, "inspect", f"/nonexistent/{ESC}.safetensors")
     assert rc == 2 and "\x1b" not in err and "\\x1b[2J" in err
+
+
+# NaN/inf in caches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["latents", "text_embeds"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_ffid_cache_refuses_nonfinite_latents_and_writes_nothing(tmp_path, capsys, bad, value):
+    from safetensors.torch import save_file
+
+    lat, txt = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 32)
+    {"latents": lat, "text_embeds": txt}[bad][2].view(-1)[5] = value  # the last item: none may be written
+    save_file({"latents": lat}, str(tmp_path / "lat.safetensors"))
+    save_file({"text_embeds": txt}, str(tmp_path / "txt.safetensors"))
+    out = tmp_path / "cache"
+    rc, err = run_cli(
+        capsys, "cache", "--latents", str(tmp_path / "lat.safetensors"),
+        "--text_embeds", str(tmp_path / "txt.safetensors"), "--output_dir", str(out),
+    )  # fmt: skip
+    assert rc == 2 and f"{bad} of item_000002.safetensors hold 1 NaN/inf" in err, err
+    assert not out.exists()
