@@ -283,9 +283,8 @@ def _train(folder: Path) -> None:
     """Train the tiny task with saves (deltas, states, config, losses) every 2 of 4 steps."""
     from tests.test_train import TinyTask, cfg_for
 
-    from ffid.train import train, trainer
+    from ffid.train import train
 
-    trainer.plot_losses = _plot  # in this test process and its children only
     train(cfg_for(folder, save_state=True, save_every_n_steps=2, max_train_steps=4), task=TinyTask())
 
 
@@ -315,6 +314,9 @@ def _outputs(out: Path) -> dict[str, object]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_kill_during_training_saves_leaves_complete_outputs(tmp_path, monkeypatch):
+    from ffid.train import trainer
+
+    monkeypatch.setattr(trainer, "plot_losses", _plot)  # forked children inherit it
     first = tmp_path / "first"
     _train(first)
     done = _outputs(first / "out")
