@@ -183,17 +183,30 @@ class FfidDeltaPatch(WeightAdapterBase):
         dev = weight.device
         vals = self.values.to(dev, torch.float32)
         idx = slice(None) if self.indices is None else self.indices.to(dev, torch.int64)
-        if strength == 1.0:
-            new = vals
-        else:  # ffid.checkpoint.delta.blend, term for term: the same fp32 operations as `ffid merge`
-            base = flat[idx].to(torch.float32)
-            new = base + strength * (vals - base)
-        if self.file_dtype != torch.float32:
-            new = new.to(self.file_dtype)  # what the merged file would hold
-        flat[idx] = new.to(weight.dtype)
+        new = self.result(flat[idx], vals, strength).to(weight.dtype)
+        if not _all_finite(new):
+            # add_delta checked the unpatched weights; another patch applied first can still push
+            # values out of range, and NaN/inf weights must never reach sampling
+            raise DeltaMismatch(
+                f"ffid: {self.source} at strength {strength} would write NaN/inf into {key} "
+                f"({weight.dtype}); lower the strength or load the patches in another order"
+            )
+        flat[idx] = new
         if work is not weight:
             weight.copy_(work)
         return weight
+
+
+    def result(self, base: torch.Tensor, vals: torch.Tensor, strength: float) -> torch.Tensor:
+        """The patched values at the stored positions, rounded to the file dtype, as ``ffid merge``."""
+        if strength == 1.0:
+            new = vals
+        else:  # ffid.checkpoint.delta.blend, term for term: the same fp32 operations as `ffid merge`
+            base = base.to(torch.float32)
+            new = base + strength * (vals - base)
+        if self.file_dtype != torch.float32:
+            new = new.to(self.file_dtype)  # what the merged file would hold
+        return new
 
 
 @dataclass
@@ -430,8 +443,49 @@ def patch_skipped_on_load(patcher, device_to, lowvram_model_memory, force_patch_
         patcher.patch_weight_to_device(key, device_to=None)
 
 
+def check_strength(strength: float) -> float:
+    """``strength`` as a float, or :class:`DeltaMismatch` when it is NaN or infinite."""
+    value = float(strength)
+    if not math.isfinite(value):
+        raise DeltaMismatch(f"ffid: strength {strength} is not a finite number; use a value such as 1.0")
+    return value
+
+
+def nonfinite_key(patcher, loaded: LoadedDelta, strength: float) -> str | None:
+    """The first key whose patched values would be NaN/inf in the dtype ComfyUI holds it in.
+
+    Checked like ``ffid merge`` checks its output: a strength that overflows the file dtype (4 on
+    fp16 weights near its range) or delta values beyond it (1e5 into fp16) are refused before any
+    weight is patched. fp8 has no inf: an overflow there becomes NaN and is caught the same way.
+    """
+    for key, p in loaded.patches.items():
+        w = original_weight(patcher, key).reshape(-1)
+        idx = slice(None) if p.indices is None else p.indices.to(w.device, torch.int64)
+        new = p.result(w[idx], p.values.to(w.device, torch.float32), strength)
+        held = comfy.model_patcher.get_key_weight(patcher.model, key)[0].dtype
+        # fp8 is filled by ComfyUI's own (scaled, stochastic) rounding: the file dtype is checked
+        if not _all_finite(new if held in FP8_DTYPES else new.to(held)):
+            return key
+    return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # torch has no isfinite for fp8; its overflow is NaN, which survives the cast to fp32
+    return bool(torch.isfinite(t.float() if t.dtype in FP8_DTYPES else t).all())
+
+
 def add_delta(patcher, loaded: LoadedDelta, strength: float):
-    """A clone of ``patcher`` with ``loaded`` added at ``strength`` (``ffid merge --multiplier``)."""
+    """A clone of ``patcher`` with ``loaded`` added at ``strength`` (``ffid merge --multiplier``).
+
+    Refuses (:class:`DeltaMismatch`) a non-finite strength and a result that would hold NaN/inf.
+    """
+    strength = check_strength(strength)
+    bad = nonfinite_key(patcher, loaded, strength)
+    if bad is not None:
+        raise DeltaMismatch(
+            f"ffid delta {os.path.basename(loaded.path)} at strength {strength} would make {bad!r} hold "
+            "NaN/inf (beyond the range of its dtype); lower the strength"
+        )
     clone = patcher.clone()
     added = clone.add_patches(dict(loaded.patches), strength)
     if len(added) != len(loaded.patches):  # pragma: no cover - names were resolved against this model
@@ -467,9 +521,11 @@ __all__ = [
     "FfidDeltaPatch",
     "LoadedDelta",
     "add_delta",
+    "check_strength",
     "held_weight",
     "infer_file_dtype",
     "is_gguf_quantized",
+    "nonfinite_key",
     "overlap_count",
     "patch_skipped_on_load",
     "read_delta",

@@ -14,6 +14,7 @@ from .ffid_patch import (
     DeltaMismatch,
     LoadedDelta,
     add_delta,
+    check_strength,
     infer_file_dtype,
     overlap_count,
     read_delta,
@@ -98,6 +99,10 @@ class FfidLoadDeltaModelOnly:
         }
 
     def load_delta(self, model, delta_name, strength, verify="on", file_dtype="auto"):
+        try:
+            strength = check_strength(strength)
+        except DeltaMismatch as exc:
+            raise ValueError(str(exc)) from None
         if strength == 0:
             return (model,)
         path = _delta_path(delta_name)
@@ -124,6 +129,10 @@ class FfidLoadDeltaModelOnly:
             )
         for note in loaded.notes:
             log.warning("ffid: %s: %s", delta_name, note)
+        try:
+            patched = add_delta(model, loaded, strength)
+        except DeltaMismatch as exc:
+            raise ValueError(str(exc)) from None
         log.info(
             "ffid: %s at strength %s: %d tensors, %.1f MiB held (file %.1f MiB), results rounded to %s",
             delta_name,
@@ -133,7 +142,7 @@ class FfidLoadDeltaModelOnly:
             loaded.file_bytes / 2**20,
             str(fdt).replace("torch.", ""),
         )
-        return (add_delta(model, loaded, strength),)
+        return (patched,)
 
 
 def _pretty(value: str) -> str:

@@ -348,6 +348,9 @@ def test_a_non_regular_output_is_refused(tmp_path, wan, capsys):
 def test_a_read_only_output_folder_is_one_line(tmp_path, wan, capsys, monkeypatch):
     import tempfile
 
+    tuned = tmp_path / "tuned.safetensors"  # differs from the base: an empty delta is refused anyway
+    merge_checkpoint(wan / "base.safetensors", [wan / "d.safetensors"], tuned)
+
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
@@ -358,9 +361,7 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, wan, capsys, monkeypatc
         capsys, "merge", str(wan / "base.safetensors"), str(wan / "d.safetensors"), "-o", str(out), "-q"
     )
     assert rc == 2 and "not writable" in err
-    rc, err = run_cli(
-        capsys, "extract", str(wan / "base.safetensors"), str(wan / "base.safetensors"), "-o", str(out), "-q"
-    )
+    rc, err = run_cli(capsys, "extract", str(wan / "base.safetensors"), str(tuned), "-o", str(out), "-q")
     assert rc == 2 and "not writable" in err
     rc, err = run_cli(
         capsys, "plan", "wan2.1-t2v-1.3b", "--ff", "0.01", "--ffid", "1", "--plot", str(tmp_path / "p.png")

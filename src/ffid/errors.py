@@ -1,8 +1,11 @@
 """The exceptions ffid raises.
 
 Every message says what is wrong, why it matters and how to fix it, in one line, so the CLI can
-print it as is. Subclasses also derive from the closest built-in exception so that callers who
-catch ``ValueError`` or ``FileNotFoundError`` keep working.
+print it as is. Messages quote text read from files (tensor names, fingerprints, metadata), so
+every message is made :func:`printable` when the error is made: a crafted file cannot send
+terminal escapes through an error, whichever code raised it. Subclasses also derive from the
+closest built-in exception so that callers who catch ``ValueError`` or ``FileNotFoundError``
+keep working.
 """
 
 from __future__ import annotations
@@ -10,8 +13,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control, format and separator characters escaped.
+
+    Escape sequences (``\\x1b[...``, the one-byte CSI ``\\x9b``), newlines, carriage returns and
+    bidi overrides from a file's metadata would otherwise move the cursor, recolour or fake
+    output lines; they are shown as ``\\xNN`` / ``\\uNNNN`` instead.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class FfidError(Exception):
-    """Base class of every error ffid raises on purpose (bad input, bad files, misuse)."""
+    """Base class of every error ffid raises on purpose (bad input, bad files, misuse).
+
+    String arguments are made :func:`printable`, so no message carries raw control characters.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(printable(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(FfidError, ValueError):

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import ConfigError, printable  # noqa: F401 - re-exported: names.printable
 
 # Prefixes added by wrappers or by checkpoint formats, never part of the model's own naming.
 # Order matters only for readability: stripping repeats until none applies.
@@ -139,15 +139,3 @@ def filter_names(
             "(`ffid plan MODEL --list` prints every tensor name)"
         )
     return kept
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print on a terminal: control, format and separator characters escaped.
-
-    Escape sequences (``\\x1b[...``, the one-byte CSI ``\\x9b``), newlines, carriage returns and
-    bidi overrides from a file's metadata would otherwise move the cursor, recolour or fake
-    output lines; they are shown as ``\\xNN`` / ``\\uNNNN`` instead.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -35,6 +35,13 @@ from comfy_env import PICKED, assert_same, make_delta, tiny_wan_fp32  # noqa: E4
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from ffid.checkpoint import merge_checkpoint  # noqa: E402
+from ffid.checkpoint.delta import (  # noqa: E402
+    DeltaTensor,
+    TensorFingerprint,
+    sample_positions,
+    values_hash,
+    write_delta,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREFIX = "diffusion_model."
@@ -506,3 +513,43 @@ def test_implicit_delta_equals_merge_and_explicit(work, files):
     twin, _ = _loaded_state(_apply(_load(base_file), explicit, 1.0))
     assert_same(got, twin, "implicit vs explicit delta")
     assert torch.equal(out_got, out_want)
+
+
+def _delta_of_values(path: Path, base: dict[str, torch.Tensor], name: str, value: float) -> Path:
+    """A delta setting 8 positions of one tensor to ``value`` (a finite fp32 number)."""
+    flat = base[name].reshape(-1)
+    idx = torch.arange(0, 8 * 13, 13)
+    fp = TensorFingerprint(tuple(base[name].shape), values_hash(flat[idx[sample_positions(8)]]))
+    write_delta(
+        path, [DeltaTensor(name, tuple(base[name].shape), idx, torch.full((8,), value))],
+        selector="spread", params={"ff": 0.01, "ffid": 9, "seed": 0}, selection_fingerprint="0" * 16,
+        base_fingerprint={name: fp},
+        base_manifest_fingerprint="0" * 16, naming="wan", total_params=sum(t.numel() for t in base.values()),
+        source="train",
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_strength_is_refused(files, strength):
+    base = _load(files["bases"]["bf16"])
+    with pytest.raises(ValueError, match="not a finite number"):
+        _apply(base, files["d1"], strength)
+    assert not base.patches
+
+
+@pytest.mark.parametrize("value,strength", [(2e4, 4.0), (1e5, 1.0), (-1e5, 1.0)])
+def test_a_result_beyond_the_fp16_range_is_refused(work, files, value, strength):
+    """At strength 4 a value of 2e4 becomes 8e4, past fp16's 65504; 1e5 is past it at strength 1:
+    patching would write inf into the weights, so nothing is patched (``ffid merge`` refuses too)."""
+    name = "blocks.0.self_attn.q.weight"
+    fp16 = load_file(str(files["bases"]["fp16"]))
+    delta = _delta_of_values(work / "loras" / f"big_{value}_{strength}.safetensors", fp16, name, value)
+    for held in (None, torch.float16):  # as ComfyUI chooses (fp32 on CPU) and held in fp16
+        base = _load(files["bases"]["fp16"], held)
+        with pytest.raises(ValueError, match=f"{name}.*NaN/inf"):
+            _apply(base, delta, strength)
+        assert not base.patches
+    fine = _apply(_load(files["bases"]["fp16"]), delta, 1.0 if abs(value) < 65504 else 0.5)
+    got, _ = _loaded_state(fine)
+    assert torch.isfinite(got[name]).all()

@@ -18,9 +18,12 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    from .fileset import FileSet
 
 TEMP_SUFFIX = ".ffid-tmp"
 # Headroom kept free beyond the file itself, so writing never fills the disk to the last byte.
@@ -140,7 +143,8 @@ def refuse_overwrite(target: Path, inputs: Iterable[Path]) -> None:
             )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and removals in ``folder`` durable (best effort where a filesystem refuses)."""
     # A rename is durable only once the folder entry is on disk; some filesystems refuse O_RDONLY dirs.
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -226,7 +230,7 @@ def atomic_write(
             pending.add(tmp, target)
         else:
             os.replace(tmp, target)
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException as exc:
         f.close()
         with contextlib.suppress(FileNotFoundError):
@@ -246,43 +250,3 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> int:
         while view:
             view = view[f.write(view) :]
     return len(data)
-
-
-class FileSet:
-    """Several files that make one output (shards plus their index), switched as a set.
-
-    Each file is written completely to its own temp (``atomic_write(..., pending=set)``); nothing
-    is renamed until :meth:`commit`, which first removes the old index (the file that makes
-    the set readable), then renames every finished temp over its target, then writes the new
-    index. A writer killed before the commit leaves the old set untouched (plus temps that the
-    next write removes); killed during it, the set has no index and is refused as incomplete;
-    after it, the new set is complete. Never a new shard beside an old one under an index.
-    Use as a context manager: leaving it without :meth:`commit` removes the temps.
-    """
-
-    def __init__(self, index: Path):
-        self.index = Path(index)
-        self.files: list[tuple[Path, Path]] = []
-
-    def add(self, tmp: Path, target: Path) -> None:
-        self.files.append((tmp, target))
-
-    def commit(self, index_data: bytes) -> int:
-        """Switch to the new set; returns the bytes of the index written."""
-        with contextlib.suppress(FileNotFoundError):
-            self.index.unlink()
-        _fsync_dir(self.index.parent)
-        for tmp, target in self.files:
-            os.replace(tmp, target)
-        self.files = []
-        _fsync_dir(self.index.parent)
-        return write_bytes_atomic(self.index, index_data)
-
-    def __enter__(self) -> FileSet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for tmp, _ in self.files:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        self.files = []

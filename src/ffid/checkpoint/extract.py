@@ -10,6 +10,7 @@ such a delta would silently not reproduce the tuned model.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -77,8 +78,11 @@ def extract_delta(
     """
     if outside not in OUTSIDE_CHOICES:
         raise ConfigError(f"outside={outside!r}; choose one of {', '.join(OUTSIDE_CHOICES)}")
-    if threshold is not None and (threshold != threshold or threshold < 0):
-        raise ConfigError(f"--threshold {threshold} must be a number >= 0 (0 keeps every change)")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise ConfigError(
+            f"--threshold {threshold} must be a finite number >= 0 (0 keeps every change; inf would keep "
+            "none)"
+        )
     if selection is not None and threshold is not None:
         raise ConfigError("give either a selection (--ff/--ffid) or --threshold, not both")
     if check_indices(indices) == "implicit" and selection is None:
@@ -111,6 +115,17 @@ def extract_delta(
                     f"tensor {name!r} is {list(loc.entry.shape)} in base but {list(tloc.entry.shape)} "
                     "in tuned (first "
                     "mismatching tensor); compare checkpoints of the same model"
+                )
+            if (
+                threshold is None
+                and loc.entry.dtype != tloc.entry.dtype
+                and is_float_code(loc.entry.dtype)
+                and is_float_code(tloc.entry.dtype)
+            ):
+                raise MismatchError(
+                    f"tensor {name!r} is {loc.entry.dtype} in base but {tloc.entry.dtype} in tuned (first "
+                    "such tensor); every position would differ by rounding alone: extract from a tuned "
+                    "checkpoint saved in the base's dtype, or pass --threshold T to keep only larger changes"
                 )
             pairs.append((name, loc, tloc))
             used.add(tname)
@@ -181,6 +196,12 @@ def extract_delta(
                     + ": check --ff/--ffid/--selector, or pass --outside warn to drop them"
                 )
             warnings.append(msg)
+        if differing == 0 and outside_n == 0:  # (changes only outside, with "warn": the user chose)
+            what = "" if threshold is None else f" by more than --threshold {threshold}"
+            raise MismatchError(
+                f"no position differs{what} between base {bk.path.name} and tuned {tk.path.name}; the "
+                "delta would be empty: check that TUNED is the finetuned checkpoint"
+            )
         manifest = Manifest(
             [
                 TensorInfo(n, loc.entry.shape, loc.entry.dtype, loc.entry.key)

@@ -26,9 +26,10 @@ import numpy as np
 
 from ..dtypes import DTYPE_BYTES, NUMPY_FAST, dtype_code, is_float_code, numpy_storage, parse_dtype
 from ..errors import ConfigError, MismatchError
-from .atomic import FileSet, atomic_write, check_free_space, check_target, refuse_overwrite
+from .atomic import atomic_write, check_free_space, check_target, refuse_overwrite
 from .delta import DeltaFile, blend, sample_positions_np, values_hash
 from .files import Checkpoint
+from .fileset import FileSet
 from .namemap import NameResolver
 from .stio import (
     SafetensorsFile,
@@ -88,6 +89,12 @@ def _output_paths(base: Checkpoint, out: Path) -> tuple[Path | None, dict[str, P
             "an index: name a new folder in an existing one, or an existing folder, with -o"
         )
     return folder / index_name, {s.path.name: folder / s.path.name for s in base.shards}
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if nothing is in it (the folder a refused merge made for its output)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _check_delta_against_base(
@@ -451,13 +458,16 @@ def merge_checkpoint(
                 # Each shard checks its own size; check the whole set first so no shard is written in vain.
                 folder = next(iter(shard_out.values())).parent
                 check_free_space(folder if folder.exists() else folder.parent, sum(s.size for s in ck.shards))
+            made = index_out is not None and not index_out.parent.exists()
             if index_out is not None:
                 index_out.parent.mkdir(exist_ok=True)
             written = tensors = elements = 0
             outputs: list[Path] = []
             # A sharded output is switched as a set (see FileSet): shards are finished as temps first.
             with contextlib.ExitStack() as stack:
-                pending = stack.enter_context(FileSet(index_out)) if index_out is not None else None
+                if made and index_out is not None:  # refused while writing (an overflow): no empty folder
+                    stack.callback(_remove_if_empty, index_out.parent)
+                pending = stack.enter_context(FileSet(index_out, inputs)) if index_out is not None else None
                 for sf in ck.shards:
                     canon = {e.key: n for n, e in sf.by_canonical.items()}
                     size, nt, ne = _write_shard(
@@ -477,18 +487,18 @@ def merge_checkpoint(
                 if index_out is not None and pending is not None:
                     assert ck.index is not None
                     index = json.loads(json.dumps(ck.index))
-                    if out_dtype is not None:
-                        index.setdefault("metadata", {})["total_size"] = sum(
-                            e.numel
-                            * (
-                                DTYPE_BYTES[dtype_code(out_dtype)]
-                                if is_float_code(e.dtype)
-                                else DTYPE_BYTES[e.dtype]
-                            )
-                            for loc in ck.tensors.values()
-                            for e in [loc.entry]
+                    # Counted, never copied: the base's value is unchecked input (it may be absurd).
+                    index.setdefault("metadata", {})["total_size"] = sum(
+                        e.numel
+                        * (
+                            DTYPE_BYTES[dtype_code(out_dtype)]
+                            if out_dtype is not None and is_float_code(e.dtype)
+                            else DTYPE_BYTES[e.dtype]
                         )
-                    written += pending.commit((json.dumps(index, indent=2) + "\n").encode())
+                        for loc in ck.tensors.values()
+                        for e in [loc.entry]
+                    )
+                    written += pending.commit(index)
                     outputs.insert(0, index_out)
         finally:
             for d in dfs:

@@ -52,9 +52,14 @@ CONVERT_BLOCK_BYTES = 512 * 2**10  # sampled, CPU: fp32 block of a 16-bit operan
 
 
 def check_path(path: str | None) -> str | None:
-    """``path`` if it is one of :data:`CHOICES` (or None), else a :class:`ConfigError`."""
+    """``path`` if it is one of :data:`CHOICES` (or None), else a :class:`ConfigError`.
+
+    Without ``path`` the environment's ``FFID_GRAD_PATH`` is checked too: attach calls this, so a
+    bad value is refused before a run writes anything, not at its first backward.
+    """
     if path is not None and path not in CHOICES:
         raise ConfigError(f"grad_path={path!r} is not one of {', '.join(CHOICES)}")
+    requested(path)
     return path
 
 

@@ -38,16 +38,10 @@ from .io import atomic_write_bytes
 CACHE_FORMAT = "ffid-latent-cache/1"
 
 
-def write_item(
-    path: str | Path,
-    latents: torch.Tensor,
-    text_embeds: torch.Tensor,
-    caption: str = "",
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write one cache item atomically; ``latents`` ``[C, F, H, W]``, ``text_embeds`` ``[L, D]``."""
-    from safetensors.torch import save
-
+def _checked(
+    path: str | Path, latents: torch.Tensor, text_embeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latents`` as ``[C, F, H, W]`` and ``text_embeds``, refused when misshapen or not finite."""
     if latents.ndim == 3:  # an image latent [C, H, W] is a one-frame video
         latents = latents.unsqueeze(1)
     if latents.ndim != 4:
@@ -56,6 +50,31 @@ def write_item(
         )
     if text_embeds.ndim != 2:
         raise ConfigError(f"text_embeds of {path} have shape {tuple(text_embeds.shape)}; expected [L, D]")
+    for what, t in (("latents", latents), ("text_embeds", text_embeds)):
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ConfigError(
+                    f"{what} of {path} hold {bad} NaN/inf value(s); training on them gives a NaN loss: "
+                    "encode that item again (a VAE in fp16 can overflow; try bf16 or fp32)"
+                )
+    return latents, text_embeds
+
+
+def write_item(
+    path: str | Path,
+    latents: torch.Tensor,
+    text_embeds: torch.Tensor,
+    caption: str = "",
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write one cache item atomically; ``latents`` ``[C, F, H, W]``, ``text_embeds`` ``[L, D]``.
+
+    Misshapen tensors and NaN/inf values are refused before anything is written.
+    """
+    from safetensors.torch import save
+
+    latents, text_embeds = _checked(path, latents, text_embeds)
     meta = {"format": CACHE_FORMAT, "caption": caption, **{k: str(v) for k, v in (metadata or {}).items()}}
     data = save(
         {
@@ -76,7 +95,11 @@ def write_cache(
     captions: Sequence[str] | None = None,
     prefix: str = "item",
 ) -> list[Path]:
-    """Write items ``{prefix}_{i:06d}.safetensors`` from stacked tensors or lists of them."""
+    """Write items ``{prefix}_{i:06d}.safetensors`` from stacked tensors or lists of them.
+
+    Every item is checked before the first is written: a refused cache writes no file and no
+    folder (a half-written cache would train on the items before the bad one only).
+    """
     lat, txt = list(latents), list(text_embeds)
     if len(lat) != len(txt):
         raise ConfigError(f"{len(lat)} latents but {len(txt)} text embeddings; give one embedding per item")
@@ -87,9 +110,12 @@ def write_cache(
     if not lat:
         raise ConfigError("no items to cache; the latents are empty")
     out = Path(out_dir)
+    paths = [out / f"{prefix}_{i:06d}.safetensors" for i in range(len(lat))]
+    for path, a, b in zip(paths, lat, txt, strict=True):
+        _checked(path.name, a, b)
     return [
-        write_item(out / f"{prefix}_{i:06d}.safetensors", a, b, captions[i] if captions else "")
-        for i, (a, b) in enumerate(zip(lat, txt, strict=True))
+        write_item(path, a, b, captions[i] if captions else "")
+        for i, (path, a, b) in enumerate(zip(paths, lat, txt, strict=True))
     ]
 
 

@@ -70,16 +70,18 @@ class TrainMonitor:
                 dynamic_ncols=True,
                 disable=not sys.stderr.isatty() and os.environ.get("FFID_FORCE_BAR") != "1",
             )
-        if enabled and logging_dir:
+        # The writer makes its folder when created: it waits for the first step, so a run refused
+        # before training leaves no folder behind.
+        self.logging_dir = logging_dir if enabled else None
+        if self.logging_dir:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import torch.utils.tensorboard  # noqa: F401 - checked now, used at the first step
             except ImportError:
                 print(
                     "ffid train: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)",
                     file=sys.stderr,
                 )
-            else:
-                self.writer = SummaryWriter(logging_dir)
+                self.logging_dir = None
 
     @property
     def average(self) -> float:
@@ -99,6 +101,10 @@ class TrainMonitor:
             if "preserve/distance" in extra:
                 post["keep"] = f"{extra['preserve/distance']:.3g}"
             self.bar.set_postfix(post, refresh=False)
+        if self.writer is None and self.logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.logging_dir)
         if self.writer is not None:
             self.writer.add_scalar("loss/current", loss, step)
             self.writer.add_scalar("loss/average", self.average, step)

@@ -15,7 +15,8 @@ class CheckpointSaver:
     """Saves deltas (``{stem}.safetensors``) and states (``{name}-stepNNNNNNNN-state``) of one run.
 
     Every process must call :meth:`save` (the state gathers each process's RNG); only the main
-    process writes. ``metadata(step, epoch)`` gives the keys stored in each delta.
+    process writes. ``metadata(step, epoch)`` gives the keys stored in each delta;
+    ``before_first()`` makes the output folder (nothing is written before a save).
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class CheckpointSaver:
         generator: torch.Generator,
         metadata: Callable[[int, int], dict[str, str]],
         indices: str = "explicit",
+        before_first: Callable[[], None] | None = None,
     ):
         self.out, self.output_name = out, output_name
         self.accelerator, self.handle, self.identity = accelerator, handle, identity
@@ -40,6 +42,7 @@ class CheckpointSaver:
         self.main = accelerator.is_main_process
         self.saved: list[Path] = []  # deltas written, oldest first
         self.state_path: Path | None = None  # the newest state folder
+        self.before_first = before_first  # run once, by the main process, before the first write
 
     @property
     def last(self) -> Path | None:
@@ -51,6 +54,9 @@ class CheckpointSaver:
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.main:
+            if self.before_first is not None:
+                self.before_first()
+                self.before_first = None
             path = self.out / f"{stem}.safetensors"
             self.handle.save_delta(
                 path, metadata=self.metadata(position.step, position.epoch), indices=self.indices

@@ -21,7 +21,7 @@ import torch
 
 from .._version import __version__
 from ..errors import MismatchError, MissingFileError, ModelFileError
-from .io import commit_dir, temp_dir_for
+from .io import commit_dir, recover_dir, recover_dirs, temp_dir_for
 
 STATE_FORMAT = "ffid-train-state/1"
 
@@ -148,6 +148,7 @@ def save_state(
 def read_state_meta(folder: Path) -> dict[str, Any]:
     """The ``state.json`` of a state folder, checked for format."""
     path = folder / "state.json"
+    recover_dir(folder)  # a save killed mid-switch left it aside, complete
     if not folder.is_dir():
         raise MissingFileError(
             f"resume folder {str(folder)!r} does not exist; give a '*-state' folder "
@@ -265,6 +266,7 @@ def _load_tensors_only(path: Path, device: torch.device | str) -> Any:
 def latest_state(output_dir: Path, output_name: str) -> Path | None:
     """The state folder with the highest step in ``output_dir`` for ``output_name``."""
     best: tuple[int, Path] | None = None
+    recover_dirs(output_dir)  # states a killed save left aside count too
     for folder in output_dir.glob(f"{output_name}*-state"):
         try:
             step = int(json.loads((folder / "state.json").read_text())["step"])

@@ -2,8 +2,9 @@
 
 Read it top to bottom. :meth:`TrainRecipe.setup` runs the named set-up steps in an order chosen
 so that bad input never writes anything: check the config, open the data, read the resume state,
-build the model, attach the selection, make the optimizer, load the resume state, and only then
-create ``output_dir``. :meth:`TrainRecipe.run` is the loop. The task (``wan``, ``causal-lm``, a
+build the model, attach the selection, make the optimizer, load the resume state. ``output_dir``
+and the config copy are written only with the first saved delta, so a run stopped before it (a
+NaN at step 1) writes nothing either. :meth:`TrainRecipe.run` is the loop. The task (``wan``, ``causal-lm``, a
 plug-in such as the demo's) gives model, data and loss and never sees this file; accelerate gives
 device, autocast and processes; :class:`~ffid.train.saver.CheckpointSaver` writes outputs.
 """
@@ -24,7 +25,7 @@ from ..dtypes import train_dtype
 from ..errors import ConfigError, FfidError, ModelFileError, TrainingError
 from .config import TrainConfig
 from .data import BatchOrder, move_to
-from .io import make_output_dir
+from .io import check_output_dir, make_output_dir
 from .monitor import TrainMonitor, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
 from .preservation import make_preserver, make_projector, trained_prompts
@@ -92,6 +93,7 @@ class TrainRecipe:
         """Check every key once; the selection settings are the ones ``ffid plan`` would use."""
         cfg = self.cfg
         cfg.validate()
+        check_output_dir(Path(cfg.output_dir), cfg.output_name)
         self.selection_settings = cfg.selection()
         self.task = self.task if self.task is not None else get_task(cfg.model_type)
         check_task_args(self.task, cfg.task_args)
@@ -217,7 +219,11 @@ class TrainRecipe:
         self.losses = list(meta["losses"])[: self.position.step]
 
     def setup_outputs(self) -> None:
-        """Now that nothing can be refused: ``output_dir``, the config copy, logging, the saver."""
+        """Logging and the saver; ``output_dir`` and the config copy wait for the first save.
+
+        A run refused or stopped before its first save (a NaN at step 1) writes nothing, so it
+        never overwrites an earlier run's ``-config.json`` and ``-loss.json`` in the same folder.
+        """
         cfg, task, acc = self.cfg, self.task, self.accelerator
         assert task is not None
         self.optimizer = acc.prepare_optimizer(self.optimizer, device_placement=False)
@@ -226,9 +232,6 @@ class TrainRecipe:
         logging_dir = (
             None if (cfg.logging_dir or "").lower() == "none" else (cfg.logging_dir or str(self.out / "logs"))
         )
-        if self.main:
-            make_output_dir(self.out)
-            write_json(self.out / f"{cfg.output_name}-config.json", cfg.to_dict())
         self.monitor = TrainMonitor(
             self.total,
             self.position.step,
@@ -264,7 +267,13 @@ class TrainRecipe:
             generator=self.generator,
             metadata=lambda step, epoch: delta_metadata(cfg, task, self.sel, step, epoch, self.prompts),
             indices=cfg.delta_indices,
+            before_first=self._start_outputs,
         )
+
+    def _start_outputs(self) -> None:
+        """Create ``output_dir`` and write the config copy (main process, before the first save)."""
+        make_output_dir(self.out)
+        write_json(self.out / f"{self.cfg.output_name}-config.json", self.cfg.to_dict())
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -273,6 +282,7 @@ class TrainRecipe:
         assert task is not None and self.model is not None
         batches = self.order.iterate(self.position.epoch, self.position.index)
         pos = self.position  # where the next micro-batch comes from, and the optimizer steps done
+        finished = False
         try:
             while pos.step < self.total:
                 step_loss, epoch_done, pos = self._accumulate(batches, pos)
@@ -306,16 +316,22 @@ class TrainRecipe:
                     saver.save(f"{cfg.output_name}-{pos.epoch:06d}", pos, self.monitor.losses, cfg.save_state)
                 if cfg.sample_every_n_steps and pos.step % cfg.sample_every_n_steps == 0:
                     self._sample(pos.step)
+            finished = True
         finally:
             self.monitor.close()
-            if self.main:
-                plot_losses(
-                    self.monitor.losses,
-                    self.out / f"{cfg.output_name}-loss.png",
-                    f"{cfg.output_name}: {task.name}",
-                )
-                write_json(self.out / f"{cfg.output_name}-loss.json", {"losses": self.monitor.losses})
+            if not finished and self.saver.saved:  # stopped: the losses up to the last save
+                self._write_losses()
         return self._finish(pos)
+
+    def _write_losses(self) -> None:
+        """The loss curve and ``-loss.json`` (main process; only next to a saved delta)."""
+        cfg, task = self.cfg, self.task
+        assert task is not None
+        if not self.main:
+            return
+        title = f"{cfg.output_name}: {task.name}"
+        plot_losses(self.monitor.losses, self.out / f"{cfg.output_name}-loss.png", title)
+        write_json(self.out / f"{cfg.output_name}-loss.json", {"losses": self.monitor.losses})
 
     def _accumulate(self, batches: Any, pos: Position) -> tuple[float, bool, Position]:
         """Forward and backward ``gradient_accumulation_steps`` micro-batches; the mean loss."""
@@ -390,6 +406,7 @@ class TrainRecipe:
         if self.swapper is not None:
             self.swapper.remove(self.device)
         self.saver.save(cfg.output_name, pos, self.monitor.losses, cfg.save_state)
+        self._write_losses()
         full = None
         if cfg.save_full and self.main:
             full = self.out / f"{cfg.output_name}-full.safetensors"
