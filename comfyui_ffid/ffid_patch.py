@@ -459,7 +459,10 @@ def nonfinite_key(patcher, loaded: LoadedDelta, strength: float) -> str | None:
     weight is patched. fp8 has no inf: an overflow there becomes NaN and is caught the same way.
     """
     for key, p in loaded.patches.items():
-        w = original_weight(patcher, key).reshape(-1)
+        w = original_weight(patcher, key)
+        if is_gguf_quantized(w):
+            continue  # raw blocks until the layer dequantizes them: checked then, as the patch applies
+        w = w.reshape(-1)
         idx = slice(None) if p.indices is None else p.indices.to(w.device, torch.int64)
         new = p.result(w[idx], p.values.to(w.device, torch.float32), strength)
         held = comfy.model_patcher.get_key_weight(patcher.model, key)[0].dtype
