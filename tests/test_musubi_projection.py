@@ -12,21 +12,10 @@ import torch
 
 from ffid.errors import ConfigError
 from musubi_harness import TinyWanModel, default_args, make_batches, run_training, tiny_wan_original
+from test_integrations_musubi import _te_cache
 
 PROJ = ["ff=0.04", "ffid=2", "selector=rows", "include=^blocks\\.", "preserve_method=projection"]
 SMALL_PASS = ["preserve_draws=2", "preserve_steps=4"]  # a quick feature pass
-
-
-def _te_cache(folder, captions, dim=16):
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(5)
-    for i, caption in enumerate(captions):
-        text = torch.randn(5, dim, generator=g).to(torch.bfloat16)
-        path = str(folder / f"item{i}_wan_te.safetensors")
-        save_file({"varlen_t5_bf16": text}, path, {"caption1": caption})
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
 from ..preserve import mse_per_item
+from ..preserve.drawing import renoise
 from .data import DIGIT_WORDS, Concept, encode_prompt, load_digit_images
 from .model import ModelSpec, build_model, flow_matching_loss, predict, sample
 
@@ -262,9 +263,7 @@ class DemoTask:
         out = []
         for _ in range(settings.times):
             t = torch.rand(len(todo), generator=generator)
-            noise = torch.randn(drawn.shape, generator=generator)
-            tt = t.view(-1, *([1] * (drawn.dim() - 1)))
-            out.append({"x": (1 - tt) * drawn + tt * noise, "t": t, "text": text})
+            out.append({"x": renoise(drawn, t, generator), "t": t, "text": text})
         return out
 
     def preservation_outputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -49,6 +49,7 @@ from torch import nn
 from ..errors import AttachError, ConfigError, MismatchError, TrainingError
 from ._common import refuse_sharding
 from .musubi_args import NETWORK_ARGS, MusubiConfig, parse_network_args  # noqa: F401 (the module's API)
+from .musubi_projection import DEFAULT_SHIFT
 from .musubi_weights import _delta_from_weights
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class FfidNetwork(nn.Module):
             # musubi's accelerator divides the loss by the accumulation steps; the term tied to
             # the output gets the same scale
             self._preserve_scale = 1.0 / max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-            self._flow_shift = float(getattr(args, "discrete_flow_shift", None) or 3.0)
+            self._flow_shift = float(getattr(args, "discrete_flow_shift", None) or DEFAULT_SHIFT)
         if getattr(args, "fp8_scaled", False):
             raise ConfigError(
                 "--fp8_scaled stores the DiT's Linear weights with per-tensor scales that ffid cannot train "
@@ -189,7 +190,7 @@ class FfidNetwork(nn.Module):
                     c.projection,
                     self.ffid_projection_record,
                     seed=getattr(self, "_preserve_seed", 0),
-                    shift=getattr(self, "_flow_shift", 3.0),
+                    shift=getattr(self, "_flow_shift", DEFAULT_SHIFT),
                 )
             else:
                 from .musubi_preserve import MusubiPreservation
