@@ -27,6 +27,7 @@ draws the same inputs as the uninterrupted one, whatever its first batch is.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,13 +86,14 @@ class MusubiProjection(MusubiInputs):
         super().__init__(encodings)
         protected = [Protected(p, "preserve_cache") for p in encodings]
         self.projector = Projector(handle, self, protected, settings)
-        self.handle = handle
         self.record = record  # the network's state buffer: the first call's latent shape
         self.seed = seed
         self.shift = shift
         self._busy = False
         self._hooks: list[Any] = []
-        self._ours: dict[int, bool] = {}  # id(optimizer) -> holds this network's values
+        # optimizer -> whether it holds this network's values; weak, so a later optimizer at a
+        # freed one's address is asked afresh
+        self._ours: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
 
     # -- hooks ----------------------------------------------------------------------------------
     def install(self, dit: nn.Module) -> None:
@@ -144,11 +146,10 @@ class MusubiProjection(MusubiInputs):
                 dit.switch_block_swap_for_training()
 
     def _holds_ours(self, optimizer: torch.optim.Optimizer) -> bool:
-        key = id(optimizer)
-        if key not in self._ours:
-            mine = {id(p) for p in self.handle.parameters()}
-            self._ours[key] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
-        return self._ours[key]
+        if optimizer not in self._ours:
+            mine = {id(p) for p in self.projector.handle.parameters()}
+            self._ours[optimizer] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
+        return self._ours[optimizer]
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.projector.settings.project_grad and self._holds_ours(optimizer):
