@@ -3,11 +3,68 @@ bf16 proxies are stepped in fp32 and rounded back stochastically."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from ..errors import TrainingError
+
+
+class HandleChecks:
+    """The NaN/inf checks of :class:`~ffid.engine.handle.FfidHandle` (a mixin: they read its proxies)."""
+
+    on_nonfinite: str
+    proxies: Any
+    parameters: Any
+
+    def nonfinite(self, grads: bool = True) -> list[str]:
+        """Names of the tensors whose proxy gradients (or values, ``grads=False``) hold NaN/inf."""
+        tensors = []
+        names = []
+        for n, p in self.proxies():
+            t = p.grad if grads else p.detach()
+            if t is not None:
+                tensors.append(torch.isfinite(t).all())
+                names.append(n)
+        if not tensors:
+            return []
+        ok = torch.stack([t.to("cpu") for t in tensors])  # one sync per device, not per tensor
+        if bool(ok.all()):
+            return []
+        return [n for n, good in zip(names, ok.tolist(), strict=False) if not good]
+
+    def check_finite(self, on_nonfinite: str | None = None) -> bool:
+        """Check the proxy gradients before an optimizer step.
+
+        ``"raise"`` (default from :func:`attach`): :class:`TrainingError` naming the tensors.
+        ``"skip"`` / ``"warn"``: drop every proxy gradient (so the optimizer step does nothing),
+        warn (``"warn"``) and return False. Returns True when all gradients are finite.
+        """
+        mode = on_nonfinite or self.on_nonfinite
+        bad = self.nonfinite()
+        if not bad:
+            return True
+        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if mode == "raise":
+            raise TrainingError(
+                f"NaN/inf gradient in {listed}; lower the learning rate, use bf16 instead of fp16, or "
+                "attach with on_nonfinite='skip' to skip such steps"
+            )
+        for p in self.parameters():
+            p.grad = None
+        if mode == "warn":
+            warnings.warn(f"ffid: NaN/inf gradient in {listed}; step skipped", RuntimeWarning, stacklevel=2)
+        return False
+
+    def _require_finite(self, what: str) -> None:
+        bad = self.nonfinite(grads=False)
+        if bad:
+            raise TrainingError(
+                f"refusing {what}: trained values of {', '.join(bad[:5])} hold NaN/inf; "
+                "resume from an earlier "
+                "checkpoint with a lower learning rate"
+            )
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

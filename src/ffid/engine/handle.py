@@ -32,24 +32,26 @@ the same Parameter objects keeps working; index tensors are cached per compute d
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import AttachError, ConfigError, MismatchError, TrainingError
+from ..errors import ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
 from ..select import SelectionSettings
 from ..selection import Selection
 from . import guard as _guard
 from . import paths, routes
-from .kernels import FP8_DTYPES, Pattern
+from .guard import HandleChecks
+from .kernels import FP8_DTYPES
 from .reads import READS_KEY, EffectiveTensor, original_class, read_class
+from .reporting import HandleReport
+from .scaled import quantize_at, scale_at
+from .slots import Slot, resolve, scatter_
 
 # Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
@@ -58,52 +60,7 @@ FINGERPRINT_KEY = "ffid_fingerprint"
 ON_NONFINITE = ("raise", "skip", "warn")
 
 
-def escape(name: str) -> str:
-    """Proxy parameter name for a canonical tensor name (``.`` is not allowed in parameter names)."""
-    return name.replace(".", "/")
-
-
-def _scatter_(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """``flat[idx] = values`` in ``flat``'s dtype; 1-byte floats are written through a uint8 view
-    because index_put is not implemented for them on every device."""
-    values = values.to(device=flat.device, dtype=flat.dtype)
-    if flat.dtype in FP8_DTYPES:
-        flat.view(torch.uint8)[idx] = values.view(torch.uint8)
-    else:
-        flat[idx] = values
-
-
-@dataclass
-class _Owner:
-    module: nn.Module
-    attr: str
-    path: str  # module path in the model, for messages
-    route: str = (
-        "generic"  # "linear", "conv1d", "patch-conv", "generic", "in-forward" (bias of a patched module)
-    )
-
-
-@dataclass
-class _Slot:
-    name: str  # canonical name
-    key: str  # proxy parameter name
-    param: nn.Parameter  # the base parameter (never replaced)
-    pattern: Pattern  # the selected positions (compact, per compute device; none on the host)
-    owners: list[_Owner] = field(default_factory=list)
-
-    @property
-    def whole(self) -> bool:
-        return self.pattern.whole
-
-    @property
-    def count(self) -> int:
-        return self.pattern.count
-
-    def idx_on(self, device: torch.device, cache: bool = True) -> torch.Tensor:
-        return self.pattern.flat(device, cache=cache)
-
-
-class FfidHandle(nn.Module):
+class FfidHandle(HandleChecks, HandleReport, nn.Module):
     """The trainable side of an attached model: one fp32 proxy per touched tensor.
 
     Made by :func:`attach`; see that function for what is changed on the model. The handle is an
@@ -135,8 +92,8 @@ class FfidHandle(nn.Module):
         self.selection = selection
         self.on_nonfinite = on_nonfinite
         self.proxy_dtype = proxy_dtype
-        self._slots: dict[str, _Slot] = {}
-        self._aliases: dict[str, _Slot] = {}  # every canonical name of a touched Parameter (tied ones too)
+        self._slots: dict[str, Slot] = {}
+        self._aliases: dict[str, Slot] = {}  # every canonical name of a touched Parameter (tied ones too)
         self._patched_forwards: list[
             tuple[nn.Module, Any]
         ] = []  # (module, previous instance forward or None)
@@ -145,102 +102,27 @@ class FfidHandle(nn.Module):
         # ignored): the one switch a "teacher" (base model) forward needs.
         self._base_reads = False
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
-        self._base_snapshot: dict[str, torch.Tensor] | None = None
+        self._base_snapshot: dict[str, torch.Tensor] | None = None  # set by merge()
+        self._base_known: dict[str, torch.Tensor] = {}  # set_base_values(): the file's values
         self._attached = False
         self._sr_hooks: list[Any] = []
 
-        slots = self._resolve(model, selection)  # validates everything before touching the model
+        # validates everything before touching the model
+        slots, self._aliases = resolve(model, selection, self.grad_path, _ATTACHED)
         fp = bytes.fromhex(selection.fingerprint)
         self.register_buffer(FINGERPRINT_KEY, torch.tensor(list(fp), dtype=torch.uint8))
         for slot in slots:
             base = slot.param.detach()
             dev = torch.device(device) if device is not None else base.device
-            if slot.whole:
+            if slot.whole and slot.scaled is None:
                 values = base.reshape(-1).to(torch.float32, copy=True)
-            else:
-                values = base.reshape(-1)[slot.idx_on(base.device, cache=False)].to(torch.float32)
+            else:  # the values the model computes with: fp8 x scale for a scaled weight
+                values = slot.values(base)
             self.register_parameter(slot.key, nn.Parameter(values.to(device=dev, dtype=proxy_dtype)))
             self._slots[slot.name] = slot
         self._install(model, freeze)
 
     # -- construction ------------------------------------------------------------------------
-    def _resolve(self, model: nn.Module, selection: Selection) -> list[_Slot]:
-        by_param: dict[int, list[tuple[str, nn.Parameter]]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            by_param.setdefault(id(p), []).append((name, p))
-        canon: dict[str, nn.Parameter] = {}
-        first: dict[int, str] = {}
-        for pid, names in by_param.items():
-            first[pid] = canonical_name(names[0][0])
-            for n, p in names:
-                canon[canonical_name(n)] = p
-
-        missing = [n for n in selection if n not in canon]
-        if missing:
-            raise MismatchError(
-                f"the selection names {len(missing)} tensor(s) the model does not have "
-                f"(first: {missing[0]!r}); "
-                f"it was planned for another model (selection {selection.fingerprint}): plan it on this model"
-            )
-        seen: dict[int, str] = {}
-        slots = []
-        for name, pick in selection.items():
-            p = canon[name]
-            if tuple(p.shape) != tuple(pick.shape):
-                raise MismatchError(
-                    f"tensor {name!r} has shape {tuple(p.shape)} in the model but {tuple(pick.shape)} in the "
-                    f"selection; it was planned for another model: plan it on this model"
-                )
-            if id(p) in seen:
-                raise MismatchError(
-                    f"the selection picks both {seen[id(p)]!r} and {name!r}, which are the same tied tensor; "
-                    "plan on the model itself (tied tensors are listed once)"
-                )
-            if p.device.type == "meta":
-                raise AttachError(
-                    f"tensor {name!r} is on the meta device (no values); load the weights before attaching"
-                )
-            if not p.dtype.is_floating_point:
-                raise MismatchError(
-                    f"tensor {name!r} is {p.dtype}, not a floating-point weight; it cannot be trained"
-                )
-            seen[id(p)] = name
-            # Checked once here, then dropped: the indices are regenerated from the selection
-            # where they are needed, so no int64 host copy lives for the whole run.
-            flat = pick.indices()
-            if flat.numel() != pick.count or (flat.numel() and int(flat[-1]) >= p.numel()):
-                raise MismatchError(f"selection indices of {name!r} do not fit its {p.numel()} elements")
-            del flat
-            pattern = Pattern(pick.indices, pick.count, p.numel(), pick.whole)
-            pattern.grad_path = self.grad_path
-            slots.append(_Slot(name, escape(name), p, pattern))
-
-        # Owners: every (module, attr) holding a touched Parameter; tied weights have several.
-        wanted = {id(s.param): s for s in slots}
-        for path, module in model.named_modules(remove_duplicate=False):
-            for attr, p in module._parameters.items():
-                if p is not None and id(p) in wanted:
-                    slot = wanted[id(p)]
-                    if any(o.module is module and o.attr == attr for o in slot.owners):
-                        continue
-                    if module in _ATTACHED:
-                        raise AttachError(
-                            f"{path or type(model).__name__} is already attached to an ffid handle; call "
-                            "handle.detach() on the first one before attaching again"
-                        )
-                    if hasattr(module, "scale_weight"):
-                        raise AttachError(
-                            f"{path}.{attr} is a scaled fp8 weight (scale_weight); ffid cannot train it yet: "
-                            "load the model in bf16, or exclude the tensor from the selection "
-                            "(ffid CLI: --exclude REGEX; musubi: --network_args exclude=REGEX)"
-                        )
-                    slot.owners.append(_Owner(module, attr, f"{path}.{attr}" if path else attr))
-        for s in slots:
-            for n, _ in by_param[id(s.param)]:
-                self._aliases[canonical_name(n)] = s
-            if not s.owners:
-                raise AttachError(f"tensor {s.name!r} is not owned by any module of the model; cannot attach")
-        return slots
 
     def _install(self, model: nn.Module, freeze: bool) -> None:
         if freeze:
@@ -248,14 +130,14 @@ class FfidHandle(nn.Module):
                 self._requires_grad.append((p, p.requires_grad))
                 p.requires_grad_(False)
         # Modules whose weight takes the matmul path: their bias (if touched) is handled inside.
-        patched: dict[int, tuple[nn.Module, str, _Slot]] = {}
+        patched: dict[int, tuple[nn.Module, str, Slot]] = {}
         for slot in self._slots.values():
             for o in slot.owners:
                 route = routes.matmul_route(o.module, o.attr)
                 if route != "generic":
                     o.route = route
                     patched[id(o.module)] = (o.module, route, slot)
-        bias_of: dict[int, _Slot] = {}
+        bias_of: dict[int, Slot] = {}
         for slot in self._slots.values():
             for o in slot.owners:
                 if o.route == "generic" and id(o.module) in patched and o.attr == "bias":
@@ -293,20 +175,27 @@ class FfidHandle(nn.Module):
                 self._read_modules.append(module)
 
     # -- forward paths -----------------------------------------------------------------------
-    def _proxy(self, slot: _Slot) -> torch.Tensor:
+    def _proxy(self, slot: Slot) -> torch.Tensor:
         return self._parameters[slot.key]  # type: ignore[return-value]
 
-    def _effective(self, slot: _Slot, base: torch.Tensor) -> torch.Tensor:
+    def _effective(self, slot: Slot, base: torch.Tensor) -> torch.Tensor:
         """Differentiable full tensor: ``base`` with the selected positions = proxy (generic path)."""
         proxy = self._proxy(slot)
         dtype = torch.float32 if base.dtype in FP8_DTYPES else base.dtype
+        if slot.scaled is not None:
+            # the stored (fp8-domain) tensor: whoever reads it multiplies by the scale, as
+            # musubi's forward does, and gets the trained value at the selected positions
+            idx = slot.idx_on(base.device)
+            scale = scale_at(slot.scale(), idx, base.shape[-1])
+            flat = base.detach().reshape(-1).to(dtype)
+            return flat.index_put((idx,), proxy.to(device=base.device, dtype=dtype) / scale).view(base.shape)
         if slot.whole:
             return proxy.to(device=base.device, dtype=dtype).view(base.shape)
         flat = base.detach().reshape(-1).to(dtype)
         values = proxy.to(device=base.device, dtype=dtype)
         return flat.index_put((slot.idx_on(base.device),), values).view(base.shape)
 
-    def _read(self, slot: _Slot, base: torch.Tensor) -> torch.Tensor:
+    def _read(self, slot: Slot, base: torch.Tensor) -> torch.Tensor:
         """What ``module.<attr>`` returns for a touched tensor: the effective tensor (or the base
         while ``_base_reads`` is set)."""
         if self._base_reads:
@@ -315,13 +204,13 @@ class FfidHandle(nn.Module):
         eff._ffid_base = base
         return eff
 
-    def _bias(self, module: nn.Module, bias_slot: _Slot | None) -> torch.Tensor | None:
+    def _bias(self, module: nn.Module, bias_slot: Slot | None) -> torch.Tensor | None:
         b = module._parameters.get("bias")
         if b is None or bias_slot is None or self._base_reads:
             return b
         return self._effective(bias_slot, b)
 
-    def _pattern(self, slot: _Slot, rows: int, cols: int) -> Pattern:
+    def _pattern(self, slot: Slot, rows: int, cols: int) -> Any:
         return slot.pattern.matrix(rows, cols)
 
     @contextlib.contextmanager
@@ -381,13 +270,28 @@ class FfidHandle(nn.Module):
         """Canonical name -> the base values at the selected positions (fp32 CPU) as when attached."""
         if self._base_snapshot is not None:
             return {n: t.clone() for n, t in self._base_snapshot.items()}
-        out = {}
-        for name, slot in self._slots.items():
-            base = slot.param.detach()
-            out[name] = base.reshape(-1)[slot.idx_on(base.device, cache=False)].to(
-                device="cpu", dtype=torch.float32
+        known = self._base_known
+        return {
+            name: known[name].clone() if name in known else slot.values(slot.param.detach())
+            for name, slot in self._slots.items()
+        }
+
+    def set_base_values(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Take ``values`` (at the selected positions) as this run's base and starting values.
+
+        For a model that holds its weights less precisely than the checkpoint file they came
+        from (musubi's ``--fp8_scaled`` keeps an fp8 copy of a bf16 file): the proxies start
+        from the file's values, and deltas are fingerprinted against them, so a delta is exact
+        against the file users merge into. Tensors not named keep the model's values. Call it
+        before training (it overwrites the proxies of the named tensors).
+        """
+        if self._base_snapshot is not None:
+            raise TrainingError(
+                "handle.set_base_values() after handle.merge(): the base was already replaced"
             )
-        return out
+        self.load_values(values)  # checks names and sizes, all or nothing
+        for n, v in values.items():
+            self._base_known[n] = v.reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
 
     def effective_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(canonical key, CPU tensor)`` for every model state-dict entry, trained values applied.
@@ -402,9 +306,14 @@ class FfidHandle(nn.Module):
             if slot is None:
                 yield name, t.detach().to(device="cpu", dtype=target)
                 continue
+            if slot.scaled is not None:
+                raise ConfigError(
+                    f"{name} is a scaled fp8 weight (musubi's --fp8_scaled): a whole-model save would write "
+                    "fp8 values without their scales; save the delta and `ffid merge` it into the bf16 file"
+                )
             out = t.detach().to(device="cpu", dtype=target, copy=True)
             values = self._parameters[slot.key].detach().cpu()  # type: ignore[union-attr]
-            _scatter_(out.view(-1), slot.idx_on(out.device, cache=False), values)
+            scatter_(out.view(-1), slot.idx_on(out.device, cache=False), values)
             yield name, out
 
     def load_values(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -450,7 +359,10 @@ class FfidHandle(nn.Module):
             for slot in self._slots.values():
                 base = slot.param.data
                 idx = slot.idx_on(base.device, cache=False)
-                _scatter_(base.view(-1), idx, self._parameters[slot.key].detach())  # type: ignore[union-attr]
+                values = self._parameters[slot.key].detach()
+                if slot.scaled is not None:  # into the fp8 domain with the weight's own scale
+                    values = quantize_at(values.to(base.device), slot.scale(), idx, base.shape[-1])
+                scatter_(base.view(-1), idx, values)  # type: ignore[arg-type]
 
     def detach(self) -> None:
         """Undo :func:`attach`: forwards restored, ``requires_grad`` flags restored.
@@ -520,55 +432,6 @@ class FfidHandle(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    # -- safety --------------------------------------------------------------------------------
-    def nonfinite(self, grads: bool = True) -> list[str]:
-        """Names of the tensors whose proxy gradients (or values, ``grads=False``) hold NaN/inf."""
-        tensors = []
-        names = []
-        for n, p in self.proxies():
-            t = p.grad if grads else p.detach()
-            if t is not None:
-                tensors.append(torch.isfinite(t).all())
-                names.append(n)
-        if not tensors:
-            return []
-        ok = torch.stack([t.to("cpu") for t in tensors])  # one sync per device, not per tensor
-        if bool(ok.all()):
-            return []
-        return [n for n, good in zip(names, ok.tolist(), strict=False) if not good]
-
-    def check_finite(self, on_nonfinite: str | None = None) -> bool:
-        """Check the proxy gradients before an optimizer step.
-
-        ``"raise"`` (default from :func:`attach`): :class:`TrainingError` naming the tensors.
-        ``"skip"`` / ``"warn"``: drop every proxy gradient (so the optimizer step does nothing),
-        warn (``"warn"``) and return False. Returns True when all gradients are finite.
-        """
-        mode = on_nonfinite or self.on_nonfinite
-        bad = self.nonfinite()
-        if not bad:
-            return True
-        listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        if mode == "raise":
-            raise TrainingError(
-                f"NaN/inf gradient in {listed}; lower the learning rate, use bf16 instead of fp16, or "
-                "attach with on_nonfinite='skip' to skip such steps"
-            )
-        for p in self.parameters():
-            p.grad = None
-        if mode == "warn":
-            warnings.warn(f"ffid: NaN/inf gradient in {listed}; step skipped", RuntimeWarning, stacklevel=2)
-        return False
-
-    def _require_finite(self, what: str) -> None:
-        bad = self.nonfinite(grads=False)
-        if bad:
-            raise TrainingError(
-                f"refusing {what}: trained values of {', '.join(bad[:5])} hold NaN/inf; "
-                "resume from an earlier "
-                "checkpoint with a lower learning rate"
-            )
-
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise :class:`TrainingError` if ``optimizer`` holds model weights or misses proxies."""
         _guard.check_optimizer(self, optimizer)
@@ -577,73 +440,6 @@ class FfidHandle(nn.Module):
         """Check ``optimizer`` and hook it: NaN/inf gradients are handled per ``on_nonfinite`` before
         every step, and bf16 proxies are stepped in fp32 and stochastically rounded back."""
         return _guard.guard(self, optimizer)
-
-    # -- reporting -----------------------------------------------------------------------------
-    def routes(self) -> dict[str, int]:
-        """How many tensor uses take each path.
-
-        Paths: ``linear``, ``conv1d``, ``patch-conv``, ``generic``, ``in-forward`` (a bias handled
-        by its module's matmul path).
-        """
-        counts: dict[str, int] = {}
-        for slot in self._slots.values():
-            for o in slot.owners:
-                counts[o.route] = counts.get(o.route, 0) + 1
-        return counts
-
-    def grad_paths(self) -> dict[str, str]:
-        """Canonical name -> the gradient path (``sampled``/``dense``/``chunked``, see
-        :mod:`ffid.engine.paths`) the last backward used for each matmul-path weight."""
-        return {n: s.pattern.last_path for n, s in self._slots.items() if s.pattern.last_path is not None}
-
-    def pin_grad_paths(self, chosen: Mapping[str, str]) -> None:
-        """Force the gradient path of each named weight (e.g. ``grad_paths()`` of an earlier run).
-
-        The paths are exact but round differently. ``auto`` is a fixed rule of shapes, dtype and
-        device type, so a resume takes the same paths without this; it serves states written by
-        older ffid, whose timed cost model could choose otherwise in another process, and runs
-        that must repeat forced paths. Pinned paths win over ``grad_path=`` and
-        ``FFID_GRAD_PATH``; all or nothing.
-        """
-        unknown = [n for n in chosen if n not in self._slots]
-        if unknown:
-            raise MismatchError(
-                f"grad paths given for {len(unknown)} tensor(s) this selection does not train (first: "
-                f"{unknown[0]!r}); they come from a run of another selection than "
-                f"{self.selection.fingerprint}"
-            )
-        for n, path in chosen.items():
-            if path not in paths.PATHS:
-                raise ConfigError(f"grad path {path!r} for {n!r} is not one of {', '.join(paths.PATHS)}")
-        for n, path in chosen.items():
-            self._slots[n].pattern.grad_path = path
-
-    def describe(self) -> str:
-        """A plain summary of what training and attaching change."""
-        sel = self.selection
-        n = sel.selected
-        dev = sorted({str(p.device) for p in self.parameters()}) or ["-"]
-        r = self.routes()
-        generic = sorted({o.path for s in self._slots.values() for o in s.owners if o.route == "generic"})
-        lines = [
-            f"ffid {sel.selector} {sel.describe_params()} (selection {sel.fingerprint}) "
-            f"on {type(self.model).__name__}:",
-            f"  trains {n:,} of {sel.total_params:,} parameters ({n / max(1, sel.total_params):.4%}) "
-            f"in {len(self._slots)} tensors",
-            f"  proxies: {len(self._slots)} {str(self.proxy_dtype).replace('torch.', '')} tensors "
-            f"on {', '.join(dev)} "
-            f"({n * self.proxy_dtype.itemsize / 2**20:.2f} MiB); the optimizer must get handle.parameters()",
-            "  changes to the model (undone by handle.detach()):",
-            "    - requires_grad=False on every model parameter; base weights are never left modified "
-            "(handle.merge() writes the trained values)",
-            f"    - forward replaced (sparse-gradient matmul path) on {r.get('linear', 0)} Linear, "
-            f"{r.get('conv1d', 0)} Conv1D and {r.get('patch-conv', 0)} patch-conv modules",
-            f"    - every read of a touched tensor (module.<name>, from any code path) returns the effective "
-            f"tensor: {len(self._read_modules)} modules get a same-named subclass with read properties; "
-            f"{len(generic)} tensors are used only through such reads (generic path)"
-            + (f": {', '.join(generic[:4])}{' ...' if len(generic) > 4 else ''}" if generic else ""),
-        ]
-        return "\n".join(lines)
 
     def extra_repr(self) -> str:
         sel = self.selection

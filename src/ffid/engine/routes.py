@@ -1,7 +1,9 @@
 """The matmul path: which touched weights take it (their *route*) and the forwards that replace
 their modules' ``forward`` while attached (step 4 of :mod:`ffid.engine.handle`'s docstring).
 
-Routes: ``linear`` (``nn.Linear``), ``conv1d`` (transformers' GPT-2 ``Conv1D``), ``patch-conv``
+Routes: ``linear`` (``nn.Linear``), ``scaled-linear`` (an ``nn.Linear`` whose fp8 weight
+musubi-tuner's ``--fp8_scaled`` scales, see :mod:`ffid.engine.scaled`), ``conv1d``
+(transformers' GPT-2 ``Conv1D``), ``patch-conv``
 (a conv whose stride equals its kernel, e.g. Wan's patch embedding), ``generic`` (every other use,
 served by the effective-tensor reads of :mod:`ffid.engine.reads`) and ``in-forward`` (a bias
 handled inside its module's matmul path). To add a route: detect it in :func:`matmul_route`,
@@ -18,10 +20,15 @@ import torch
 from torch import nn
 
 from .kernels import SelectedMatmul, activation_sources
+from .scaled import dequantize, scale_of
 
 
 def matmul_route(module: nn.Module, attr: str) -> str:
     """Which path a touched weight of ``module`` takes (see the module docstring)."""
+    if scale_of(module, attr) is not None:
+        # musubi's scaled-fp8 forward (an instance attribute) is replaced by the same product
+        # with the proxies swapped in; the handle puts musubi's back on detach
+        return "scaled-linear"
     if attr != "weight" or "forward" in module.__dict__:
         return "generic"  # someone else already patched this forward: respect it via the generic path
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
@@ -50,6 +57,11 @@ def _getter(module: nn.Module, attr: str = "weight") -> Any:
     return lambda: module._parameters[attr]
 
 
+def _scaled_getter(module: nn.Module) -> Any:
+    # read at call time, like _getter: block swap moves the fp8 weight between devices
+    return lambda: dequantize(module._parameters["weight"], module._buffers["scale_weight"])
+
+
 def _base_matmul(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor:
     """The layer's own forward on its base weight; an fp8 base (musubi's ``--fp8_base``) is first
     widened to the input's dtype, as the trained path does, because regions the model runs
@@ -74,8 +86,11 @@ def matmul_forward(
     x: torch.Tensor,
     *,
     transposed: bool,
+    getter: Any = None,
 ) -> torch.Tensor:
     if handle._base_reads:  # the class forward reads module.weight, which is then the base
+        if getter is not None:  # a scaled weight: musubi's own product on the base
+            return torch.nn.functional.linear(x, getter(), module._parameters.get("bias"))
         return _base_matmul(module, x, transposed)
     # nn.Linear stores W as [out, in] (y = x W^T); transformers' Conv1D as [in, out] (y = x W).
     rows, cols = module._parameters["weight"].shape  # the base: module.weight is the effective copy
@@ -85,7 +100,7 @@ def matmul_forward(
         x.reshape(-1, in_f),
         handle._proxy(slot),
         handle._bias(module, bias_slot),
-        _getter(module),
+        getter if getter is not None else _getter(module),
         handle._pattern(slot, rows, cols),
         transposed,
         activation_sources(x),  # read before the reshape hides the producing op
@@ -133,6 +148,12 @@ def linear_forward(
     return matmul_forward(handle, module, slot, bias_slot, x, transposed=False)
 
 
+def scaled_linear_forward(
+    handle: Any, module: nn.Module, slot: Any, bias_slot: Any | None, x: torch.Tensor
+) -> torch.Tensor:
+    return matmul_forward(handle, module, slot, bias_slot, x, transposed=False, getter=_scaled_getter(module))
+
+
 def conv1d_forward(
     handle: Any, module: nn.Module, slot: Any, bias_slot: Any | None, x: torch.Tensor
 ) -> torch.Tensor:
@@ -140,4 +161,9 @@ def conv1d_forward(
 
 
 # route -> forward(handle, module, slot, bias_slot, x)
-FORWARDS = {"linear": linear_forward, "conv1d": conv1d_forward, "patch-conv": patch_forward}
+FORWARDS = {
+    "linear": linear_forward,
+    "scaled-linear": scaled_linear_forward,
+    "conv1d": conv1d_forward,
+    "patch-conv": patch_forward,
+}
