@@ -459,15 +459,16 @@ def test_nan_trained_values_stop_the_run():
         net.on_step_start()
 
 
-def test_two_expert_training_is_refused():
+def test_two_expert_and_h2d_only_training_are_refused():
     import argparse
 
     net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
     with pytest.raises(ConfigError, match="each expert in its own run"):
         net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
-    with pytest.raises(ConfigError, match="drop --fp8_scaled") as err:
-        net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))
-    assert "--exclude" not in str(err.value)  # not a musubi flag
+    with pytest.raises(ConfigError, match="drop --block_swap_h2d_only") as err:
+        net.prepare_network(argparse.Namespace(block_swap_h2d_only=True, blocks_to_swap=2))
+    assert "--blocks_to_swap" in str(err.value)
+    net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))  # trained, not refused
 
 
 def test_prepare_network_is_found_on_the_module():

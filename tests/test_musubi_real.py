@@ -158,12 +158,23 @@ def scenarios(root: Path) -> list[Scenario]:
             steps=2,  # musubi counts the resumed run's steps from 0, as the resume scenario does
             after="proj",
         ),
+        # character 2 on musubi's scaled-fp8 DiT (--fp8_scaled: block Linears in fp8 with per-block
+        # scales) with block swap, checkpointing and bf16 autocast, character 1 merged in by ffid
+        Scenario(
+            "fp8_scaled",
+            [
+                *("--mixed_precision", "bf16", "--optimizer_type", "AdamW", "--gradient_checkpointing"),
+                *("--fp8_base", "--fp8_scaled", "--blocks_to_swap", "1"),
+                *("--base_weights", str(plain / "plain.safetensors")),
+            ],
+            network_args=["ffid=2"],
+            launcher=["--cpu-swap"],
+        ),
         # runs that ffid must refuse, through musubi's own calls
         Scenario(
             "refusals",
             expect_errors=[
                 ["--dit_high_noise", str(root / "dit.safetensors"), "--timestep_boundary", "500"],
-                ["--fp8_base", "--fp8_scaled"],
                 ["--blocks_to_swap", "1", "--network_args", f"ff={FF}", "ffid=2", f"preserve_cache={cache}"],
                 # the pretended distributed states stay in accelerate's shared state: last
                 ["--pretend", "FSDP"],
@@ -296,45 +307,65 @@ def test_network_weights_bf16_adamw8bit_and_scale_weight_norms(runs):
         assert float(update.norm()) <= 0.05 * (1 + 1e-5), n  # --scale_weight_norms 0.05
 
 
-def test_second_id_on_top_merged_and_loaded_by_musubi(runs, tmp_path):
-    run = runs["on_top"]
-    run.check()
-    assert "merged" in run.log and "all weights merged" in run.log  # --base_weights went through ffid
-    first, second = runs["plain"].delta(), run.delta()
-    for n in set(first.tensors) & set(second.tensors):
-        overlap = set(first.tensors[n].indices.tolist()) & set(second.tensors[n].indices.tolist())
-        assert not overlap, n  # ids never touch the same weight
-    root = run.out.parent
+def _merge_and_diff(root: Path, deltas: list[Path], tmp_path: Path) -> tuple[dict, dict]:
+    """``ffid merge`` the deltas into the tiny DiT; load both files with musubi's own Wan loader.
+    Returns (per tensor: the flat positions that differ, the merged file's tensors)."""
     merged = tmp_path / "merged.safetensors"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ffid",
-        "merge",
-        str(root / "dit.safetensors"),
-        str(runs["plain"].out / "plain.safetensors"),
-        str(run.out / "on_top.safetensors"),
-        "-o",
-        str(merged),
-        "-q",
-    ]
-    subprocess.run(cmd, check=True, timeout=TIMEOUT)
+    cmd = [sys.executable, "-m", "ffid", "merge", str(root / "dit.safetensors"), *map(str, deltas)]
+    subprocess.run([*cmd, "-o", str(merged), "-q"], check=True, timeout=TIMEOUT)
     changed_file = tmp_path / "changed.safetensors"
     argv = ["diff", str(root / "dit.safetensors"), str(merged), str(changed_file)]
     code, log = _launch(argv, tmp_path / "diff.log")
     assert code == 0, log[-4000:]
-    changed = load_file(changed_file)
+    return load_file(changed_file), load_file(merged)
+
+
+def _check_merged(runs, run: Run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Character 1 and ``run`` (character 2 on top) merged: the file differs from the base exactly
+    at the deltas' positions, and holds their values there (the tiny DiT is fp32: exact)."""
+    first, second = runs["plain"].delta(), run.delta()
+    for n in set(first.tensors) & set(second.tensors):
+        overlap = set(first.tensors[n].indices.tolist()) & set(second.tensors[n].indices.tolist())
+        assert not overlap, n  # ids never touch the same weight
+    paths = [runs["plain"].out / "plain.safetensors", run.out / f"{run.scenario.name}.safetensors"]
+    changed, merged_sd = _merge_and_diff(run.out.parent, paths, tmp_path)
     want: dict[str, list[torch.Tensor]] = {}
     for d in (first, second):
         for n, t in d.tensors.items():
             want.setdefault(n, []).append(t.indices)
     assert changed.keys() == want.keys()
-    merged_sd = load_file(merged)
     for n, parts in want.items():
         assert torch.equal(changed[n], torch.cat(parts).sort().values), n  # exactly the deltas' positions
     for d in (first, second):
         for n, v in d.values().items():
-            assert torch.equal(merged_sd[n].reshape(-1)[d.tensors[n].indices], v), n  # fp32 base: exact
+            assert torch.equal(merged_sd[n].reshape(-1)[d.tensors[n].indices], v), n
+
+
+def test_second_id_on_top_merged_and_loaded_by_musubi(runs, tmp_path):
+    run = runs["on_top"]
+    run.check()
+    assert "merged" in run.log and "all weights merged" in run.log  # --base_weights went through ffid
+    _check_merged(runs, run, tmp_path)
+
+
+def test_fp8_scaled_with_block_swap_merges_exactly_into_the_file(runs, tmp_path):
+    """--fp8_scaled: trained through musubi's scaled-fp8 Linears, under block swap; the trained
+    elements start from the file's values, so ``ffid merge`` (which checks the delta's base
+    fingerprint against the file) accepts it and the merged file holds its values exactly."""
+    run = runs["fp8_scaled"]
+    run.check()
+    assert "Number of monkey-patched Linear layers" in run.log  # musubi's scaled fp8 is on
+    m = re.search(r"ffid: --fp8_scaled: (\d+) trained tensors start from", run.log)
+    assert m and int(m.group(1)) > 10, run.log[-3000:]
+    assert "scaled-fp8 Linear" in run.log and "Block swap enabled" in run.log
+    assert int(re.search(r"FFID_TEST_SWAPS=(\d+)", run.log).group(1)) > 0  # type: ignore[union-attr]
+    d = run.delta()
+    base = load_file(run.out.parent / "dit.safetensors")
+    moved = [
+        n for n, v in d.values().items() if not torch.equal(v, base[n].reshape(-1)[d.tensors[n].indices])
+    ]
+    assert any(".self_attn." in n or ".ffn." in n for n in moved)  # scaled weights trained
+    _check_merged(runs, run, tmp_path)
 
 
 def test_preservation_runs_inside_musubi(runs):
@@ -356,10 +387,9 @@ def test_refusals_fire_through_musubi(runs):
     run = runs["refusals"]
     run.check()
     results = dict(re.findall(r"FFID_TEST_RESULT\[(\d)\]=(.*)", run.log))
-    assert len(results) == 5, run.log[-4000:]
-    high, fp8, _swap, fsdp, deepspeed = (results[str(i)] for i in range(5))
+    assert len(results) == 4, run.log[-4000:]
+    high, _swap, fsdp, deepspeed = (results[str(i)] for i in range(4))
     assert high.startswith("ConfigError") and "each expert in its own run" in high
-    assert fp8.startswith("ConfigError") and "drop --fp8_scaled" in fp8 and "--exclude" not in fp8
     assert fsdp.startswith("ConfigError") and "FSDP" in fsdp
     assert deepspeed.startswith("ConfigError") and "DeepSpeed" in deepspeed
     assert not (run.out).exists()  # nothing trained or saved
@@ -401,5 +431,5 @@ def test_projection_resume_repeats_the_uninterrupted_run(runs):
 
 def test_loss_method_under_block_swap_names_projection(runs):
     run = runs["refusals"]
-    result = dict(re.findall(r"FFID_TEST_RESULT\[(\d)\]=(.*)", run.log))["2"]
+    result = dict(re.findall(r"FFID_TEST_RESULT\[(\d)\]=(.*)", run.log))["1"]
     assert result.startswith("ConfigError") and "preserve_method=projection" in result

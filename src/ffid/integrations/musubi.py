@@ -142,12 +142,15 @@ class FfidNetwork(nn.Module):
             # the output gets the same scale
             self._preserve_scale = 1.0 / max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
             self._flow_shift = float(getattr(args, "discrete_flow_shift", None) or DEFAULT_SHIFT)
-        if getattr(args, "fp8_scaled", False):
+        if getattr(args, "block_swap_h2d_only", False) and getattr(args, "blocks_to_swap", 0):
             raise ConfigError(
-                "--fp8_scaled stores the DiT's Linear weights with per-tensor scales that ffid cannot train "
-                "yet; drop --fp8_scaled (keep --fp8_base for plain fp8 weights, or train a bf16 DiT with "
-                "--blocks_to_swap to fit)"
+                "--block_swap_h2d_only rebinds each streamed Linear weight to a GPU ring buffer by assigning "
+                "the object module.weight returns, which for a weight ffid trains is a computed tensor, not "
+                "the Parameter, so musubi's rebinding fails; drop --block_swap_h2d_only and keep "
+                "--blocks_to_swap (musubi's default swap, which ffid supports)"
             )
+        # --fp8_scaled: the trained elements start from this file's values (see musubi_fp8)
+        self._dit_path = getattr(args, "dit", None)
 
     def apply_to(
         self, text_encoders: Any, unet: nn.Module, apply_text_encoder: bool = False, apply_unet: bool = True
@@ -170,6 +173,15 @@ class FfidNetwork(nn.Module):
             else:
                 self.selection = self._plan(unet)
         self.handle = attach(unet, self.selection)
+        if self.handle.scaled_names():
+            from .musubi_fp8 import start_from_file
+
+            try:
+                start_from_file(self.handle, getattr(self, "_dit_path", None))
+            except Exception:
+                self.handle.detach()  # refused: the DiT is left as it was
+                self.handle = None
+                raise
         logger.info("%s", self.handle.describe())
         if self.config is not None and self.config.preserving:
             self._install_preservation(unet)
@@ -295,8 +307,6 @@ class FfidNetwork(nn.Module):
         musubi hands over the file's tensors without its metadata, so the base fingerprint cannot
         be checked here; ``ffid merge`` / :func:`ffid.checkpoint.apply_delta` check it.
         """
-        from ..checkpoint.delta import apply_delta
-
         weights = weights_sd if weights_sd is not None else self._pending_weights
         if weights is None:
             if self.handle is None:
@@ -306,7 +316,9 @@ class FfidNetwork(nn.Module):
             self.handle.merge()
             return
         delta = _delta_from_weights(weights, unet)
-        apply_delta(unet, delta, self.multiplier, verify=False)
+        from .musubi_fp8 import merge_scaled
+
+        merge_scaled(unet, delta, self.multiplier)  # apply_delta, and scaled fp8 weights (--fp8_scaled)
         logger.info(
             "ffid: merged %s values in %d tensors (multiplier %s)",
             f"{delta.selected:,}",
@@ -468,7 +480,7 @@ create_network = create_arch_network  # the name LyCORIS-style loaders try
 
 def prepare_network(network: FfidNetwork, args: Any) -> None:
     """Run ``network.prepare_network(args)`` (the refusals of FSDP/DeepSpeed, ``--dit_high_noise``
-    and ``--fp8_scaled``).
+    and ``--block_swap_h2d_only``; the ``--dit`` path ``--fp8_scaled`` reads).
 
     musubi-tuner 0.3.4 calls ``network.prepare_network(args)`` only when the *module* has an
     attribute of that name (``hasattr(network_module, "prepare_network")``): this function is that
