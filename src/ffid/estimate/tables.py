@@ -79,10 +79,10 @@ def _fit_lines(estimates: Sequence[Estimate]) -> list[str]:
             ]
         )
     left_out = any("activations" not in e.gpu for e, _ in fits)
+    caveat = "; activations NOT included, give --video_size/--frames or --activations-gb" if left_out else ""
     return [
         "",
-        f"On a {human_bytes(budget)} card ({human_bytes(CONTEXT_BYTES)} kept for the CUDA context"
-        f"{'; activations NOT included, give --video_size/--frames or --activations-gb' if left_out else ''}):",
+        f"On a {human_bytes(budget)} card ({human_bytes(CONTEXT_BYTES)} kept for the CUDA context{caveat}):",
         *_table(rows, {1, 2, 3, 4}),
     ]
 
