@@ -21,8 +21,7 @@ def _float_option(value: str | None, flag: str) -> float | None:
 
 
 def register(subparsers: Any) -> None:
-    from ..dtypes import BASE_DTYPES
-    from ..estimate import OPTIMIZERS
+    from ..estimate import ESTIMATE_BASES, OPTIMIZERS
 
     p = subparsers.add_parser(
         "estimate",
@@ -54,8 +53,42 @@ def register(subparsers: Any) -> None:
         "--base_dtype",
         dest="base_dtype",
         metavar="DT",
-        help=f"dtype the base weights are held in: {', '.join(BASE_DTYPES)} (default: as stored in the file; "
-        "fp8 is musubi's --fp8_base: the whole model in float8_e4m3fn)",
+        help=f"dtype the base weights are held in: {', '.join(ESTIMATE_BASES)} (default: as stored in the "
+        "file; fp8 is musubi's --fp8_base: the whole model in float8_e4m3fn; fp8-scaled is "
+        "--fp8_base --fp8_scaled)",
+    )
+    p.add_argument(
+        "--fp8_scaled",
+        "--fp8-scaled",
+        dest="fp8_scaled",
+        action="store_true",
+        help="musubi's --fp8_scaled: block Linear weights in fp8 with bf16 scales per 64 columns "
+        "(same as --base-dtype fp8-scaled)",
+    )
+    p.add_argument(
+        "--dit_high_noise",
+        "--dit-high-noise",
+        dest="dit_high_noise",
+        metavar="PATH",
+        nargs="?",
+        const="",
+        help="Wan 2.2 A14B: train both experts in one run, as musubi's --dit_high_noise; the "
+        "high-noise expert's file is optional (its header is checked to match MODEL)",
+    )
+    p.add_argument(
+        "--offload_inactive_dit",
+        "--offload-inactive-dit",
+        dest="offload_inactive_dit",
+        action="store_true",
+        help="with --dit_high_noise and no block swap: keep the inactive expert in host RAM",
+    )
+    p.add_argument(
+        "--gpu-gb",
+        "--gpu_gb",
+        dest="gpu_gb",
+        metavar="GIB",
+        help="the card's memory in GiB (e.g. 24): also print the fewest --blocks_to_swap that fit it, "
+        "with 1 GiB kept for the CUDA context",
     )
     p.add_argument(
         "--blocks_to_swap",
@@ -107,6 +140,14 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..estimate import estimate, format_estimates
 
+    base_dtype = args.base_dtype
+    if args.fp8_scaled:
+        if base_dtype is not None and base_dtype.lower().replace("_", "-") not in ("fp8", "fp8-scaled"):
+            raise ConfigError(
+                f"--fp8_scaled with --base-dtype {base_dtype}: fp8_scaled is an fp8 base; drop --base-dtype"
+            )
+        base_dtype = "fp8-scaled"
+    high = args.dit_high_noise
     video_size = None
     if args.video_size is not None:
         video_size = [int_option(v, "--video_size", 1) for v in args.video_size]
@@ -119,13 +160,17 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         block_pattern=args.block_pattern,
         optimizer=args.optimizer,
-        base_dtype=args.base_dtype,
+        base_dtype=base_dtype,
         blocks_to_swap=int_option(args.blocks_to_swap, "--blocks_to_swap", 0) or 0,
         activations_gb=_float_option(args.activations_gb, "--activations-gb"),
         video_size=video_size,  # type: ignore[arg-type]
         frames=int_option(args.frames, "--frames", 1),
         batch_size=int_option(args.batch_size, "--batch_size", 1) or 1,
         grad_path=args.grad_path,
+        experts=1 if high is None else 2,
+        dit_high_noise=high or None,
+        offload_inactive_dit=args.offload_inactive_dit,
+        gpu_gb=_float_option(args.gpu_gb, "--gpu-gb"),
         **selector_options(args),
     )
     if args.json:

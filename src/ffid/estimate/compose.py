@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,20 +12,22 @@ from ..errors import CapacityError, ConfigError
 from ..manifest import Manifest
 from ..select import SelectionSettings, check_ff
 from ..selection import Selection
-from .activations import NOT_INCLUDED, activation_bytes, tokens_per_call
-from .base import check_base_dtype, compute_dtype_of, place_base
+from .activations import NOT_INCLUDED, GiB, activation_bytes, tokens_per_call
+from .base import FP8_SCALED, check_base_dtype, check_fp8_scaled, compute_dtype_of, place_base
 from .disk import delta_file_bytes
 from .engine import (
     ENGINE,
     GRAD_PATHS,
     EngineLayout,
+    dequant_kept_bytes,
     grad_path_bytes,
     index_bytes,
     touched_tensors,
     workspace_bytes,
 )
+from .experts import check_experts, place_inactive_expert
 from .optimizer import check_optimizer
-from .result import Estimate, use_case
+from .result import CONTEXT_BYTES, Estimate, Fit, use_case
 
 
 def estimate_selection(
@@ -39,17 +42,25 @@ def estimate_selection(
     batch_size: int = 1,
     engine: EngineLayout = ENGINE,
     grad_path: str = "auto",
+    experts: int = 1,
+    offload_inactive_dit: bool = False,
 ) -> Estimate:
     """Memory needs of training ``selection`` (see :mod:`ffid.estimate` for the parts).
 
     ``grad_path`` is the engine's proxy-gradient path (``auto``, ``sampled``, ``dense``,
     ``chunked``; see ``ffid.engine.paths``): its transient counts in the workspace.
+    ``experts=2`` is a Wan 2.2 A14B run of both experts (musubi's ``--dit_high_noise``, see
+    :mod:`ffid.estimate.experts`): the same selection in each, one set of proxies and optimizer
+    state per expert.
     """
     if grad_path not in GRAD_PATHS:
         raise ConfigError(f"--grad_path {grad_path!r} is not one of {', '.join(GRAD_PATHS)}")
     opt = check_optimizer(optimizer)
     base_dtype = check_base_dtype(base_dtype)
+    experts = check_experts(experts, offload_inactive_dit, int(blocks_to_swap))
     manifest = selection.manifest
+    if base_dtype == FP8_SCALED:
+        check_fp8_scaled(manifest)
     compute = compute_dtype_of(manifest, base_dtype)
     base = place_base(manifest, base_dtype, int(blocks_to_swap))
     counts = [p.count for p in selection.values()]
@@ -60,15 +71,23 @@ def estimate_selection(
     gpu = {
         "base_resident": base.resident,
         "swap_in_flight": base.in_flight,
-        "proxies": k * engine.proxy_bytes,
+        "proxies": experts * k * engine.proxy_bytes,
         "indices": index_bytes(touched, engine),
-        "gradients": k * engine.grad_bytes,
-        "optimizer": opt.state_bytes(counts),
+        "gradients": experts * k * engine.grad_bytes,
+        "optimizer": opt.state_bytes(counts * experts),
         "workspace": workspace_bytes(touched, manifest, base_dtype, compute, engine),
         "grad_path": grad_path_bytes(touched, grad_path, tokens, engine),
     }
     not_included: list[str] = []
     notes: list[str] = []
+    if base_dtype == FP8_SCALED:
+        gpu["dequant_kept"] = dequant_kept_bytes(touched, manifest, base_dtype, compute)
+        notes.append(
+            "fp8-scaled (musubi --fp8_base --fp8_scaled): block Linear weights in float8_e4m3fn with "
+            f"{compute.lower()} scales per 64 input columns, the rest as stored; each matmul dequantizes "
+            "its weight to a transient (workspace), and autograd keeps the untrained ones of the block "
+            "being rebuilt (dequant kept)"
+        )
     activations = activation_bytes(
         manifest, activations_gb, video_size, frames, batch_size, DTYPE_BYTES[compute], notes
     )
@@ -78,13 +97,33 @@ def estimate_selection(
         gpu["activations"] = activations
     not_included.append("CUDA context and allocator fragmentation (typically 0.3-1 GiB)")
 
-    host = {
-        "swapped_blocks": base.parked,
-        "load_peak": sum(t.nbytes for t in manifest),
-    }
+    # musubi holds the state dict once while loading: as stored, or already quantized (fp8-scaled
+    # quantizes tensor by tensor as it reads the file)
+    load_one = base.model if base_dtype == FP8_SCALED else sum(t.nbytes for t in manifest)
+    host = {"swapped_blocks": base.parked, "load_peak": load_one}
     notes.append(
         "host peak assumes the whole state dict is in RAM once while loading (musubi-tuner does this)"
     )
+    if experts == 2:
+        other = place_inactive_expert(base, load_one, offload_inactive_dit)
+        gpu["inactive_expert"] = other.gpu
+        host["inactive_expert"] = other.host
+        if other.switch:
+            host["expert_switch"] = other.switch
+        host["load_peak"] = other.load_peak
+        notes.append(
+            "two experts (--dit_high_noise): the inactive expert's weights sit where musubi puts them "
+            + (
+                "(its own block swap: non-swapped blocks on the GPU, swapped ones on the host)"
+                if base.parked
+                else "(host RAM; each switch moves the active one there first)"
+                if offload_inactive_dit
+                else "(on the GPU; --offload_inactive_dit or --blocks_to_swap moves it)"
+            )
+            + "; proxies, gradients and optimizer state once per expert, indices once (same positions); "
+            "gradients of the inactive expert are freed by zero_grad(set_to_none) unless a gradient "
+            "accumulation step spans both experts, so that part is an upper bound; one delta per expert"
+        )
     if base.parked and opt.name == "adamw8bit":
         notes.append(
             "adamw8bit with block swap: proxies and their state stay on the GPU, so bitsandbytes works"
@@ -107,11 +146,49 @@ def estimate_selection(
         blocks_to_swap=int(blocks_to_swap),
         gpu=gpu,
         host=host,
-        delta_file_bytes=delta_file_bytes(selection),
+        delta_file_bytes=experts * delta_file_bytes(selection),
         hint=use_case(ff),
         not_included=not_included,
         notes=notes,
+        experts=experts,
     )
+
+
+def fit_blocks_to_swap(selection: Selection, budget_bytes: int, **options: Any) -> Fit:
+    """The fewest ``blocks_to_swap`` whose GPU total plus :data:`CONTEXT_BYTES` fits
+    ``budget_bytes`` (``options`` as for :func:`estimate_selection`, ``blocks_to_swap`` aside).
+
+    The GPU total falls as blocks are swapped (from 2 swapped blocks on, each more frees a block),
+    so a bisection over ``1..n-1`` after trying 0 finds it in a few estimates; when even ``n - 1``
+    does not fit, that setting is returned with ``fits=False``.
+    """
+    options.pop("blocks_to_swap", None)
+    offload = bool(options.pop("offload_inactive_dit", False))
+
+    def est(n: int) -> Estimate:
+        # musubi refuses --offload_inactive_dit with block swap: it applies to 0 swapped blocks only
+        return estimate_selection(
+            selection, blocks_to_swap=n, offload_inactive_dit=offload and not n, **options
+        )
+
+    def fits(e: Estimate) -> bool:
+        return e.gpu_total + CONTEXT_BYTES <= budget_bytes
+
+    first = est(0)
+    if fits(first) or not first.blocks:
+        return Fit(budget_bytes, 0, first.gpu_total, first.host_total, fits(first))
+    lo, hi = 1, first.blocks - 1
+    last = est(hi)
+    if not fits(last):
+        return Fit(budget_bytes, hi, last.gpu_total, last.host_total, False)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(est(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    best = est(lo)
+    return Fit(budget_bytes, lo, best.gpu_total, best.host_total, True)
 
 
 def _plan_for_estimate(manifest: Manifest, settings: SelectionSettings, notes: list[str]) -> Selection:
@@ -156,14 +233,21 @@ def estimate(
     frames: int | None = None,
     batch_size: int = 1,
     grad_path: str = "auto",
+    experts: int = 1,
+    dit_high_noise: Any = None,
+    offload_inactive_dit: bool = False,
+    gpu_gb: float | None = None,
     **selector_options: Any,
 ) -> list[Estimate]:
     """Estimate memory for each ``ff`` of ``ffs`` on ``model`` (module, path, preset or manifest).
 
     The selection is planned exactly as training would plan it (``selector`` and
     ``selector_options`` such as ``slots=``, ``seed=`` as for :func:`ffid.plan`); only names,
-    shapes and dtypes are read. Bad values raise :class:`~ffid.errors.ConfigError` with one line
-    saying how to fix them.
+    shapes and dtypes are read. ``experts=2`` (or ``dit_high_noise``, the high-noise expert's
+    file, checked to have the same tensors) estimates a two-expert Wan 2.2 A14B run;
+    ``base_dtype="fp8-scaled"`` musubi's ``--fp8_scaled``. ``gpu_gb`` adds to each estimate the
+    fewest ``blocks_to_swap`` that fit a card of that many GiB (:func:`fit_blocks_to_swap`). Bad
+    values raise :class:`~ffid.errors.ConfigError` with one line saying how to fix them.
     """
     single = isinstance(ffs, (int, float, str))
     values = [ffs] if single else list(ffs)  # type: ignore[list-item]
@@ -184,7 +268,12 @@ def estimate(
     ]
     check_optimizer(optimizer)
     check_base_dtype(base_dtype)
+    budget = _check_gpu_gb(gpu_gb)
     manifest = settings[0].manifest(model)
+    if dit_high_noise is not None:
+        _check_same_tensors(manifest, settings[0].manifest(dit_high_noise), dit_high_noise)
+        experts = 2
+    check_experts(experts, offload_inactive_dit, int(blocks_to_swap))
     out = []
     for one in settings:
         notes: list[str] = []
@@ -199,7 +288,54 @@ def estimate(
             frames=frames,
             batch_size=batch_size,
             grad_path=grad_path,
+            experts=experts,
+            offload_inactive_dit=offload_inactive_dit,
         )
+        if budget is not None:
+            est.fit = fit_blocks_to_swap(
+                sel,
+                budget,
+                optimizer=optimizer,
+                base_dtype=base_dtype,
+                activations_gb=activations_gb,
+                video_size=video_size,
+                frames=frames,
+                batch_size=batch_size,
+                grad_path=grad_path,
+                experts=experts,
+                offload_inactive_dit=offload_inactive_dit,
+            )
         est.notes[:0] = notes
         out.append(est)
     return out
+
+
+def _check_gpu_gb(gpu_gb: float | None) -> int | None:
+    """``--gpu-gb`` in bytes; a budget that cannot hold even the CUDA context is refused."""
+    if gpu_gb is None:
+        return None
+    try:
+        value = float(gpu_gb)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"--gpu-gb {gpu_gb!r} is not a number; give the card's memory in GiB, e.g. 24"
+        ) from None
+    if not math.isfinite(value) or value * GiB <= CONTEXT_BYTES:
+        raise ConfigError(
+            f"--gpu-gb {gpu_gb!r} must be more than the {CONTEXT_BYTES / GiB:g} GiB kept for the CUDA "
+            "context; give the card's memory in GiB, e.g. 24"
+        )
+    return int(value * GiB)
+
+
+def _check_same_tensors(low: Manifest, high: Manifest, source: Any) -> None:
+    """The two experts of one run must have the same tensor names and shapes."""
+    mine = {t.name: t.shape for t in low}
+    theirs = {t.name: t.shape for t in high}
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))
+        name = diff[0][0] if diff else "?"
+        raise ConfigError(
+            f"--dit_high_noise {str(source)!r} does not have the same tensors as the model "
+            f"(first difference: {name}); give the other expert of the same Wan 2.2 A14B"
+        )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..dtypes import DTYPE_BYTES, device_index_bytes
 from ..manifest import Manifest, TensorInfo
 from ..selection import Selection, TensorPick
-from .base import stored_dtype
+from .base import FP8_SCALED, fp8_scaled_target, stored_dtype
 
 GRAD_PATHS = ("auto", "sampled", "dense", "chunked")
 
@@ -175,7 +175,33 @@ def workspace_bytes(
         # every fp8 Linear, trained or not, is upcast to the compute dtype for its matmul
         fp8 = (t.numel for t in manifest if stored_dtype(t, base_dtype) == "F8_E4M3")
         largest = max(largest, max(fp8, default=0) * cbytes)
+    if base_dtype == FP8_SCALED:
+        # musubi's patched forward of an untrained scaled Linear: weight.to(bf16), then that copy
+        # times the scale, two weight-sized bf16 tensors at once (ffid's own path makes one)
+        fp8 = (t.numel for t in manifest if fp8_scaled_target(t))
+        largest = max(largest, 2 * max(fp8, default=0) * cbytes)
     return largest + kept_copies
+
+
+def dequant_kept_bytes(
+    touched: Sequence[Touched], manifest: Manifest, base_dtype: str | None, compute: str
+) -> int:
+    """fp8-scaled only: the dequantized weights of one block that autograd keeps for backward.
+
+    musubi's patched forward of an untrained scaled Linear passes the dequantized bf16 weight to
+    ``F.linear``, which saves it to compute the input's gradient; with gradient checkpointing one
+    block is rebuilt at a time, so the untrained quantized weights of the largest block are held
+    at once. Weights ffid trains take its own path, which saves no weight (it recomputes it).
+    """
+    if base_dtype != FP8_SCALED:
+        return 0
+    trained = {t.info.name for t in touched if t.matmul}
+    per_block: dict[object, int] = {}
+    for t in manifest:
+        if fp8_scaled_target(t) and t.name not in trained:
+            b = manifest.block_of(t.name)
+            per_block[b] = per_block.get(b, 0) + t.numel * DTYPE_BYTES[compute]
+    return max(per_block.values(), default=0)
 
 
 def grad_path_bytes(

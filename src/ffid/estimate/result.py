@@ -16,6 +16,32 @@ USE_CASES: tuple[tuple[float, str], ...] = (
 )
 
 
+# What a fit (``--gpu-gb``) keeps free for the CUDA context and the allocator's fragmentation,
+# which the estimate itself leaves out (the GPU bench counts the same; docs/gpu.md).
+CONTEXT_BYTES = 1024**3
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The fewest swapped blocks for which a run fits a card (``--gpu-gb``). Sizes are bytes."""
+
+    budget_bytes: int  # the card's memory
+    blocks_to_swap: int  # the fewest that fit, or the most there are when none does
+    gpu_bytes: int  # the estimate's GPU total with that many swapped (context not included)
+    host_bytes: int  # the host RAM peak with that many swapped
+    fits: bool  # gpu_bytes + CONTEXT_BYTES <= budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "context_bytes": CONTEXT_BYTES,
+            "blocks_to_swap": self.blocks_to_swap,
+            "gpu_bytes": self.gpu_bytes,
+            "host_bytes": self.host_bytes,
+            "fits": self.fits,
+        }
+
+
 def use_case(ff: float) -> str:
     """A one-line hint of what a run with this ``ff`` is usually for."""
     for bound, text in USE_CASES:
@@ -47,6 +73,8 @@ class Estimate:
     hint: str
     not_included: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    experts: int = 1  # 2: both Wan 2.2 A14B experts in one run (delta_file_bytes covers both deltas)
+    fit: Fit | None = None  # with --gpu-gb: the fewest blocks_to_swap that fit the card
 
     @property
     def fraction(self) -> float:
@@ -88,4 +116,6 @@ class Estimate:
             "use_case": self.hint,
             "not_included": list(self.not_included),
             "notes": list(self.notes),
+            "experts": self.experts,
+            "fit": None if self.fit is None else self.fit.to_dict(),
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .result import Estimate
+from .result import CONTEXT_BYTES, Estimate
 
 
 def human_bytes(n: int) -> str:
@@ -48,9 +48,43 @@ GPU_LABELS = {
     "optimizer": "optimizer",
     "workspace": "workspace",
     "grad_path": "grad path",
+    "dequant_kept": "dequant kept",
+    "inactive_expert": "other expert",
     "activations": "activations",
 }
-HOST_LABELS = {"swapped_blocks": "swapped blocks", "load_peak": "load peak"}
+HOST_LABELS = {
+    "swapped_blocks": "swapped blocks",
+    "inactive_expert": "other expert",
+    "expert_switch": "expert switch",
+    "load_peak": "load peak",
+}
+
+
+def _fit_lines(estimates: Sequence[Estimate]) -> list[str]:
+    """The ``--gpu-gb`` table: per ff, the fewest --blocks_to_swap that fit the card."""
+    fits = [(e, e.fit) for e in estimates if e.fit is not None]
+    if not fits:
+        return []
+    budget = fits[0][1].budget_bytes
+    rows = [["ff", "fewest --blocks_to_swap", "GPU then", "+ context", "host RAM then", "verdict"]]
+    for e, f in fits:
+        rows.append(
+            [
+                f"{e.ff:g}",
+                str(f.blocks_to_swap),
+                human_bytes(f.gpu_bytes),
+                human_bytes(f.gpu_bytes + CONTEXT_BYTES),
+                human_bytes(f.host_bytes),
+                "fits" if f.fits else f"does not fit even with {f.blocks_to_swap} swapped",
+            ]
+        )
+    left_out = any("activations" not in e.gpu for e, _ in fits)
+    caveat = "; activations NOT included, give --video_size/--frames or --activations-gb" if left_out else ""
+    return [
+        "",
+        f"On a {human_bytes(budget)} card ({human_bytes(CONTEXT_BYTES)} kept for the CUDA context{caveat}):",
+        *_table(rows, {1, 2, 3, 4}),
+    ]
 
 
 def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
@@ -63,6 +97,7 @@ def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
         f"{f', {first.blocks} blocks' if first.blocks else ''}; selector {first.selector}, "
         f"optimizer {first.optimizer}, base {first.base_dtype} (compute {first.compute_dtype.lower()})"
         f"{f', blocks_to_swap {first.blocks_to_swap}' if first.blocks_to_swap else ''}"
+        f"{'; both experts (--dit_high_noise)' if first.experts == 2 else ''}"
     )
     rows = [["ff", "trainable", "% of model", "GPU", "host RAM", "delta file", "use case"]]
     for e in estimates:
@@ -80,14 +115,15 @@ def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
     lines = [head, "", *_table(rows, {1, 2, 3, 4, 5})]
 
     gpu_keys = [k for k in GPU_LABELS if any(k in e.gpu for e in estimates)]
-    brows = [["ff", *(GPU_LABELS[k] for k in gpu_keys), "|", *(HOST_LABELS[k] for k in HOST_LABELS)]]
+    host_keys = [k for k in HOST_LABELS if any(k in e.host for e in estimates)]
+    brows = [["ff", *(GPU_LABELS[k] for k in gpu_keys), "|", *(HOST_LABELS[k] for k in host_keys)]]
     for e in estimates:
         brows.append(
             [
                 f"{e.ff:g}",
                 *(human_bytes(e.gpu.get(k, 0)) for k in gpu_keys),
                 "|",
-                *(human_bytes(e.host[k]) for k in HOST_LABELS),
+                *(human_bytes(e.host.get(k, 0)) for k in host_keys),
             ]
         )
     lines += [
@@ -95,6 +131,7 @@ def format_estimates(estimates: Sequence[Estimate], source: str = "") -> str:
         "GPU parts | host parts:",
         *_table(brows, set(range(1, len(brows[0]))) - {len(gpu_keys) + 1}),
     ]
+    lines += _fit_lines(estimates)
     notes = list(dict.fromkeys(n for e in estimates for n in e.notes))
     missing = list(dict.fromkeys(n for e in estimates for n in e.not_included))
     if missing:
