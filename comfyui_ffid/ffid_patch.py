@@ -44,7 +44,7 @@ from comfy.patcher_extension import CallbacksMP
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ffid.checkpoint import DeltaFile
-from ffid.checkpoint.delta import sample_positions, values_hash
+from ffid.checkpoint.delta import expert_hint, sample_positions, values_hash
 from ffid.checkpoint.namemap import NameResolver
 from ffid.errors import FfidError
 
@@ -195,7 +195,6 @@ class FfidDeltaPatch(WeightAdapterBase):
         if work is not weight:
             weight.copy_(work)
         return weight
-
 
     def result(self, base: torch.Tensor, vals: torch.Tensor, strength: float) -> torch.Tensor:
         """The patched values at the stored positions, rounded to the file dtype, as ``ffid merge``."""
@@ -390,7 +389,8 @@ def read_delta(path: str | os.PathLike[str], patcher, file_dtype: torch.dtype, v
                     else:
                         raise DeltaMismatch(
                             f"ffid delta {name} was not trained from this model: {target!r} holds other base "
-                            "values at the trained positions (first mismatching tensor); load the base model "
+                            "values at the trained positions (first mismatching tensor)"
+                            f"{expert_hint(df.metadata)}; load the base model "
                             "it was trained on, or set verify to 'off' if you are sure"
                         )
             numel = math.prod(shape)

@@ -459,12 +459,16 @@ def test_nan_trained_values_stop_the_run():
         net.on_step_start()
 
 
-def test_two_expert_and_h2d_only_training_are_refused():
+def test_two_experts_with_preservation_and_h2d_only_swap_are_refused():
     import argparse
 
     net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
-    with pytest.raises(ConfigError, match="each expert in its own run"):
-        net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
+    net.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))  # trained, not refused
+    preserving = musubi.create_arch_network(
+        1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1", preserve_cache="/x"
+    )
+    with pytest.raises(ConfigError, match="preservation"):
+        preserving.prepare_network(argparse.Namespace(dit_high_noise="/models/high.safetensors"))
     with pytest.raises(ConfigError, match="drop --block_swap_h2d_only") as err:
         net.prepare_network(argparse.Namespace(block_swap_h2d_only=True, blocks_to_swap=2))
     assert "--blocks_to_swap" in str(err.value)
@@ -477,8 +481,8 @@ def test_prepare_network_is_found_on_the_module():
 
     assert callable(getattr(musubi, "prepare_network", None))
     net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
-    with pytest.raises(ConfigError, match="each expert"):
-        musubi.prepare_network(net, argparse.Namespace(dit_high_noise="/models/high.safetensors"))
+    with pytest.raises(ConfigError, match="drop --block_swap_h2d_only"):
+        musubi.prepare_network(net, argparse.Namespace(block_swap_h2d_only=True, blocks_to_swap=1))
 
 
 @pytest.mark.gpu

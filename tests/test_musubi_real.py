@@ -110,6 +110,7 @@ def scenarios(root: Path) -> list[Scenario]:
     plain = root / "plain"
     cache = root / "cache"
     proj_net = [*PROJ_NET, f"preserve_cache={cache}"]
+    experts = ["--dit_high_noise", str(root / "dit_high.safetensors"), "--timestep_boundary", "500"]
     return [
         # character 1: AdamW, fp32, saved every 2 steps with state
         Scenario("plain", [*FP32_ADAMW, "--save_every_n_steps", "2", "--save_state"], steps=4),
@@ -170,11 +171,31 @@ def scenarios(root: Path) -> list[Scenario]:
             network_args=["ffid=2"],
             launcher=["--cpu-swap"],
         ),
+        # both Wan 2.2 experts in one run (--dit_high_noise): one trained set and one delta each;
+        # then continued from both deltas (--network_weights)
+        Scenario(
+            "experts",
+            [
+                *FP32_ADAMW,
+                *("--dit_high_noise", str(root / "dit_high.safetensors"), "--timestep_boundary", "500"),
+            ],
+            steps=6,
+        ),
+        Scenario(
+            "experts_more",
+            [
+                *FP32_ADAMW,
+                *experts,
+                *("--network_weights", str(root / "experts" / "experts.safetensors")),
+            ],
+            steps=2,
+            after="experts",
+        ),
         # runs that ffid must refuse, through musubi's own calls
         Scenario(
             "refusals",
             expect_errors=[
-                ["--dit_high_noise", str(root / "dit.safetensors"), "--timestep_boundary", "500"],
+                [*experts, "--network_args", f"ff={FF}", "ffid=2", f"preserve_cache={cache}"],
                 ["--blocks_to_swap", "1", "--network_args", f"ff={FF}", "ffid=2", f"preserve_cache={cache}"],
                 # the pretended distributed states stay in accelerate's shared state: last
                 ["--pretend", "FSDP"],
@@ -368,6 +389,42 @@ def test_fp8_scaled_with_block_swap_merges_exactly_into_the_file(runs, tmp_path)
     _check_merged(runs, run, tmp_path)
 
 
+def test_both_experts_one_run_one_delta_each(runs, tmp_path):
+    """--dit_high_noise: each expert trains its own values at the same positions; each delta
+    merges into its own expert's file only (ffid merge refuses the other one, naming the expert)."""
+    run = runs["experts"]
+    run.check()
+    assert "ffid: both Wan 2.2 experts" in run.log
+    assert "switched the DiT to the high_noise expert" in run.log  # musubi used both experts
+    root = run.out.parent
+    low, high = run.delta(), run.delta("experts_high_noise")
+    assert low.metadata["ffid.expert"] == "low_noise" and high.metadata["ffid.expert"] == "high_noise"
+    assert low.metadata["ffid.expert_pair"].split()[0] == high.metadata["ffid.expert_pair"].split()[0]
+    assert low.info.selection_fingerprint == high.info.selection_fingerprint
+    for n in low.tensors:
+        assert torch.equal(low.tensors[n].indices, high.tensors[n].indices), n  # same positions
+    for d, file in ((low, "dit.safetensors"), (high, "dit_high.safetensors")):
+        base = load_file(root / file)
+        moved = [
+            n for n, v in d.values().items() if not torch.equal(v, base[n].reshape(-1)[d.tensors[n].indices])
+        ]
+        assert moved, f"the {d.metadata['ffid.expert']} expert was not trained"
+        merged = tmp_path / f"merged-{file}"
+        cmd = [sys.executable, "-m", "ffid", "merge", str(root / file), str(d.path), "-o", str(merged), "-q"]
+        subprocess.run(cmd, check=True, timeout=TIMEOUT)
+        got = load_file(merged)
+        for n, v in d.values().items():
+            assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), n
+    wrong = [sys.executable, "-m", "ffid", "merge", str(root / "dit.safetensors"), str(high.path)]
+    proc = subprocess.run([*wrong, "-o", str(tmp_path / "wrong.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "high_noise expert" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "wrong.safetensors").exists()
+    more = runs["experts_more"]
+    more.check()
+    assert "high-noise expert from experts_high_noise.safetensors" in more.log
+    assert _equal(more.delta("experts_more_high_noise"), high)  # continued from it and trained on
+
+
 def test_preservation_runs_inside_musubi(runs):
     """Preservation reaches the proxies through musubi's own backward: same data, seed and id as
     ``on_top``, different trained values; still disjoint from character 1."""
@@ -389,7 +446,7 @@ def test_refusals_fire_through_musubi(runs):
     results = dict(re.findall(r"FFID_TEST_RESULT\[(\d)\]=(.*)", run.log))
     assert len(results) == 4, run.log[-4000:]
     high, _swap, fsdp, deepspeed = (results[str(i)] for i in range(4))
-    assert high.startswith("ConfigError") and "each expert in its own run" in high
+    assert high.startswith("ConfigError") and "preservation (preserve_cache=) with both Wan 2.2" in high
     assert fsdp.startswith("ConfigError") and "FSDP" in fsdp
     assert deepspeed.startswith("ConfigError") and "DeepSpeed" in deepspeed
     assert not (run.out).exists()  # nothing trained or saved

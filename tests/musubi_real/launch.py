@@ -158,6 +158,10 @@ def prepare(root: str) -> None:
     os.makedirs(root, exist_ok=True)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(root, "dit.safetensors"))
+    # a second expert for --dit_high_noise: the same shapes, other values everywhere
+    g = torch.Generator().manual_seed(1)
+    high = {k: (v * (1 + 0.2 * torch.randn(v.shape, generator=g))).contiguous() for k, v in sd.items()}
+    save_file(high, os.path.join(root, "dit_high.safetensors"))
 
     images, cache = os.path.join(root, "images"), os.path.join(root, "cache")
     os.makedirs(images, exist_ok=True)

@@ -55,6 +55,8 @@ KEY_VALUE_DTYPE = "ffid.value_dtype"
 KEY_SELECTED = "ffid.selected"
 KEY_TOTAL = "ffid.total_params"
 KEY_SOURCE = "ffid.source"
+# Wan 2.2 two-expert runs (musubi --dit_high_noise): which expert's checkpoint a delta belongs to
+KEY_EXPERT = "ffid.expert"
 # Optional, written by training: what the run taught, so later runs can protect it (ffid.preserve).
 KEY_PROMPTS = "ffid.prompts"  # JSON list of the prompts/captions trained
 KEY_TRIGGER_WORDS = "ffid.trigger_words"  # JSON list of the run's trigger words
@@ -320,3 +322,15 @@ def delta_metadata(
             raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     return meta
+
+
+def expert_hint(metadata: Mapping[str, str]) -> str:
+    """For a mismatch message: which Wan 2.2 expert a delta was trained on, when it says so."""
+    expert = str(metadata.get(KEY_EXPERT, ""))
+    if expert not in ("high_noise", "low_noise"):
+        return ""
+    other = "low_noise" if expert == "high_noise" else "high_noise"
+    return (
+        f" (this delta belongs to Wan 2.2's {expert} expert; its {other} twin goes into the other "
+        "expert's checkpoint)"
+    )

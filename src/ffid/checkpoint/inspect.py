@@ -10,7 +10,7 @@ from typing import Any
 
 from ..dtypes import is_float_code
 from ..names import BlockFinder, printable
-from .delta import FORMAT_NAME, KEY_FORMAT, KEY_PROMPTS, KEY_TRIGGER_WORDS, DeltaFile
+from .delta import FORMAT_NAME, KEY_EXPERT, KEY_FORMAT, KEY_PROMPTS, KEY_TRIGGER_WORDS, DeltaFile
 from .files import Checkpoint
 from .namemap import detect_naming
 from .stio import SafetensorsFile
@@ -64,6 +64,7 @@ def inspect_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "layout": info.selection_record.layout if info.selection_record else None,
             "ffid_version": info.ffid_version,
             "source": info.source,
+            "expert": df.metadata.get(KEY_EXPERT) or None,
             "selector": info.selector,
             "params": info.params,
             "ff": info.ff,
@@ -157,7 +158,8 @@ def format_inspect(report: dict[str, Any]) -> str:
             f"ffid delta {report['path']} ({report['file_bytes']:,} bytes, format "
             f"v{report['format_version']}, "
             f"written by ffid {report['ffid_version'] or '?'} via {report['source'] or '?'})",
-            f"  selector   {report['selector']}  ff={report['ff']}  ffid={report['ffid']}",
+            f"  selector   {report['selector']}  ff={report['ff']}  ffid={report['ffid']}"
+            + (f"  expert={report['expert']} (Wan 2.2)" if report.get("expert") else ""),
             f"  params     {report['params']}",
             f"  selected   {report['selected']:,} elements in {report['tensors']} tensors{frac}"
             + (f", {report['whole_tensors']} whole" if report["whole_tensors"] else ""),

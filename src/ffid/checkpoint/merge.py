@@ -27,7 +27,7 @@ import numpy as np
 from ..dtypes import DTYPE_BYTES, NUMPY_FAST, dtype_code, is_float_code, numpy_storage, parse_dtype
 from ..errors import ConfigError, MismatchError
 from .atomic import atomic_write, check_free_space, check_target, refuse_overwrite
-from .delta import DeltaFile, blend, sample_positions_np, values_hash
+from .delta import DeltaFile, blend, expert_hint, sample_positions_np, values_hash
 from .files import Checkpoint
 from .fileset import FileSet
 from .namemap import NameResolver
@@ -145,8 +145,8 @@ def _check_delta_against_base(
                     raise MismatchError(
                         f"delta {p.delta.path.name} was not made from base {base.path.name}: tensor "
                         f"{target!r} holds "
-                        "other values at the trained positions (first mismatching tensor); merge into "
-                        "the model "
+                        "other values at the trained positions (first mismatching tensor)"
+                        f"{expert_hint(p.delta.metadata)}; merge into the model "
                         "it was trained on, or pass --no-verify if you are sure"
                     )
     return patches, renamed

@@ -104,6 +104,10 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_snapshot: dict[str, torch.Tensor] | None = None  # set by merge()
         self._base_known: dict[str, torch.Tensor] = {}  # set_base_values(): the file's values
+        # use_proxies(): another proxy set (and its base) for the same selection, e.g. the other
+        # expert of a Wan 2.2 two-expert run; None: the handle's own parameters
+        self._active_set: Mapping[str, nn.Parameter] | None = None
+        self._active_base: dict[str, torch.Tensor] | None = None
         self._attached = False
         self._sr_hooks: list[Any] = []
 
@@ -176,6 +180,9 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
 
     # -- forward paths -----------------------------------------------------------------------
     def _proxy(self, slot: Slot) -> torch.Tensor:
+        active = self._active_set
+        if active is not None:
+            return active[slot.key]
         return self._parameters[slot.key]  # type: ignore[return-value]
 
     def _effective(self, slot: Slot, base: torch.Tensor) -> torch.Tensor:
@@ -260,7 +267,7 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
     def proxies(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(canonical name, proxy)`` pairs in selection order."""
         for name, slot in self._slots.items():
-            yield name, self._parameters[slot.key]  # type: ignore[misc]
+            yield name, self._proxy(slot)  # type: ignore[misc]
 
     def trained_values(self) -> dict[str, torch.Tensor]:
         """Canonical name -> fp32 CPU tensor of the current values at ``selection.indices(name)``."""
@@ -270,6 +277,8 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
         """Canonical name -> the base values at the selected positions (fp32 CPU) as when attached."""
         if self._base_snapshot is not None:
             return {n: t.clone() for n, t in self._base_snapshot.items()}
+        if self._active_base is not None:
+            return {n: t.clone() for n, t in self._active_base.items()}
         known = self._base_known
         return {
             name: known[name].clone() if name in known else slot.values(slot.param.detach())
@@ -293,6 +302,36 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
         for n, v in values.items():
             self._base_known[n] = v.reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
 
+    def use_proxies(
+        self, params: Mapping[str, nn.Parameter] | None, base: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Train and read another proxy set of the same selection from now on (``None``: the
+        handle's own).
+
+        ``params`` maps each proxy key (``handle.proxy_keys()``) to a Parameter shaped like the
+        handle's; ``base`` holds that set's base values (what :meth:`base_values` returns while it
+        is active). Forwards, ``proxies()``, saving and loading then use it. Two-expert runs (Wan
+        2.2: one set per expert, same positions) switch with it when the model's weights switch.
+        """
+        if params is None:
+            self._active_set, self._active_base = None, None
+            return
+        for name, slot in self._slots.items():
+            p = params.get(slot.key)
+            own = self._parameters[slot.key]
+            if p is None or own is None or p.shape != own.shape:
+                raise MismatchError(f"the proxy set given to use_proxies() has no fitting proxy for {name!r}")
+        if base is None or set(base) != set(self._slots):
+            raise MismatchError("use_proxies() needs the base values of every trained tensor of the set")
+        self._active_set = dict(params)
+        self._active_base = {
+            n: v.reshape(-1).to(device="cpu", dtype=torch.float32, copy=True) for n, v in base.items()
+        }
+
+    def proxy_keys(self) -> dict[str, str]:
+        """Canonical name -> the key of its proxy (``.`` is not allowed in parameter names)."""
+        return {name: slot.key for name, slot in self._slots.items()}
+
     def effective_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """``(canonical key, CPU tensor)`` for every model state-dict entry, trained values applied.
 
@@ -312,7 +351,7 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
                     "fp8 values without their scales; save the delta and `ffid merge` it into the bf16 file"
                 )
             out = t.detach().to(device="cpu", dtype=target, copy=True)
-            values = self._parameters[slot.key].detach().cpu()  # type: ignore[union-attr]
+            values = self._proxy(slot).detach().cpu()
             scatter_(out.view(-1), slot.idx_on(out.device, cache=False), values)
             yield name, out
 
@@ -332,7 +371,7 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
                 )
         with torch.no_grad():
             for n, v in values.items():
-                p = self._parameters[self._slots[n].key]
+                p = self._proxy(self._slots[n])
                 p.copy_(v.reshape(-1).to(device=p.device, dtype=p.dtype))  # type: ignore[union-attr]
 
     def save_delta(self, path: Any, **kw: Any) -> Any:
@@ -359,7 +398,7 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
             for slot in self._slots.values():
                 base = slot.param.data
                 idx = slot.idx_on(base.device, cache=False)
-                values = self._parameters[slot.key].detach()
+                values = self._proxy(slot).detach()
                 if slot.scaled is not None:  # into the fp8 domain with the weight's own scale
                     values = quantize_at(values.to(base.device), slot.scale(), idx, base.shape[-1])
                 scatter_(base.view(-1), idx, values)  # type: ignore[arg-type]

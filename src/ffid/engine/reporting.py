@@ -37,6 +37,11 @@ class HandleReport:
         """Canonical names of the trained weights stored as scaled fp8 (musubi's ``--fp8_scaled``)."""
         return [n for n, s in self._slots.items() if s.scaled is not None]
 
+    def model_dtype(self, name: str) -> Any:
+        """The dtype the model stores trained tensor ``name`` in (``None`` for an unknown name)."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.param.dtype
+
     def grad_paths(self) -> dict[str, str]:
         """Canonical name -> the gradient path (``sampled``/``dense``/``chunked``, see
         :mod:`ffid.engine.paths`) the last backward used for each matmul-path weight."""

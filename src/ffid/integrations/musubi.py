@@ -54,6 +54,7 @@ from .musubi_weights import _delta_from_weights
 
 logger = logging.getLogger(__name__)
 
+
 def _architecture_suffixed(arch: str) -> str:
     """``wan2.1-t2v-14b/lora`` -> ``wan2.1-t2v-14b/ffid-delta``: a delta is not a LoRA."""
     return arch.rsplit("/", 1)[0] + "/ffid-delta" if "/" in arch else arch + "/ffid-delta"
@@ -119,15 +120,10 @@ class FfidNetwork(nn.Module):
             refuse_sharding(PartialState().distributed_type)
         except ImportError:  # pragma: no cover - musubi always has accelerate
             pass
-        if getattr(args, "dit_high_noise", None):
-            raise ConfigError(
-                "--dit_high_noise trains one network on both Wan 2.2 experts, but ffid's trained values are "
-                "absolute weights and would overwrite both experts' different weights with the same numbers; "
-                "train each expert in its own run: --dit EXPERT without --dit_high_noise, with "
-                "--min_timestep/--max_timestep set to that expert's range (high noise: "
-                "--min_timestep 875 --max_timestep 1000, low noise: 0 and 875, for t2v-A14B; i2v-A14B's "
-                "boundary is 900)"
-            )
+        from .musubi_experts import check_args
+
+        # both Wan 2.2 experts in this run: one proxy set each (see musubi_experts)
+        self._high_noise_path = check_args(args, self.config is not None and self.config.preserving)
         if self.config is not None and self.config.preserving:
             projection = self.config.preserve_method == "projection"
             if getattr(args, "blocks_to_swap", 0) and not projection:
@@ -182,6 +178,21 @@ class FfidNetwork(nn.Module):
                 self.handle.detach()  # refused: the DiT is left as it was
                 self.handle = None
                 raise
+        if getattr(self, "_high_noise_path", None):
+            from .musubi_experts import TwoExperts
+
+            try:
+                self.ffid_high_noise = TwoExperts(self.handle, self._high_noise_path)
+            except Exception:
+                self.handle.detach()
+                self.handle = None
+                raise
+            self.ffid_high_noise.install(unet)
+            logger.info(
+                "ffid: both Wan 2.2 experts, one trained set each (high noise from %s); deltas "
+                "NAME.safetensors (low noise) and NAME_high_noise.safetensors",
+                self._high_noise_path,
+            )
         logger.info("%s", self.handle.describe())
         if self.config is not None and self.config.preserving:
             self._install_preservation(unet)
@@ -248,7 +259,15 @@ class FfidNetwork(nn.Module):
 
     # -- weights ----------------------------------------------------------------------------------
     def load_weights(self, file: str) -> str:
-        """Continue from a delta file (``--network_weights``): the proxies take its trained values."""
+        """Continue from a delta file (``--network_weights``): the proxies take its trained values
+        (both experts' files in a two-expert run)."""
+        self._require_handle("load_weights")
+        experts = getattr(self, "ffid_high_noise", None)
+        if experts is not None:
+            return str(experts.load(file, self._load_one))
+        return self._load_one(file)
+
+    def _load_one(self, file: str) -> str:
         from ..checkpoint.delta import load_delta, sample_positions, values_hash
 
         handle = self._require_handle("load_weights")
@@ -291,6 +310,13 @@ class FfidNetwork(nn.Module):
         save_dtype = self.config.save_dtype if self.config is not None else torch.float32
         if save_dtype is None:
             save_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        experts = getattr(self, "ffid_high_noise", None)
+        if experts is not None:
+            high = experts.save(file, md, save_dtype)
+            logger.info(
+                "ffid: saved deltas %s and %s (%s values each)", file, high, f"{handle.selection.selected:,}"
+            )
+            return
         handle.save_delta(file, metadata=md, save_dtype=save_dtype)
         logger.info("ffid: saved delta %s (%s values)", file, f"{handle.selection.selected:,}")
 
@@ -340,6 +366,9 @@ class FfidNetwork(nn.Module):
         handle = self._require_handle("prepare_optimizer_params")
         self.requires_grad_(True)
         group: dict[str, Any] = {"params": list(handle.parameters())}
+        experts = getattr(self, "ffid_high_noise", None)
+        if experts is not None:
+            group["params"] += list(experts.parameters())
         if unet_lr is not None:
             group["lr"] = unet_lr
         return [group], ["ffid"]
@@ -380,6 +409,11 @@ class FfidNetwork(nn.Module):
         here costs one small reduction per step and keeps a broken run from going on for hours.
         """
         bad = self._require_handle("on_step_start").nonfinite(grads=False)
+        experts = getattr(self, "ffid_high_noise", None)
+        if experts is not None:
+            bad += [
+                f"{n} (high noise)" for n, p in experts.proxies.items() if not bool(torch.isfinite(p).all())
+            ]
         if bad:
             raise TrainingError(
                 f"trained values of {', '.join(bad[:3])} became NaN/inf at the last optimizer step; "
@@ -397,22 +431,26 @@ class FfidNetwork(nn.Module):
         Returns ``(tensors scaled, mean update norm, largest update norm)`` after scaling.
         """
         handle = self._require_handle("apply_max_norm_regularization")
+        experts = getattr(self, "ffid_high_noise", None)
+        sets = experts.sets() if experts is not None else [("", dict(handle.proxies()), None)]
         if self._base_on_device is None:
             self._base_on_device = {}
-            base = handle.base_values()
-            for name, p in handle.proxies():
-                self._base_on_device[name] = base[name].to(p.device)
+            for expert, proxies, base in sets:
+                base = base if base is not None else handle.base_values()
+                for name, p in proxies.items():
+                    self._base_on_device[expert + name] = base[name].to(p.device)
         scaled = 0
         norms = []
-        for name, p in handle.proxies():
-            base = self._base_on_device[name]
-            diff = p - base
-            norm = float(diff.norm())
-            if norm > max_norm:
-                p.copy_(base + diff * (max_norm / norm))
-                norm = max_norm
-                scaled += 1
-            norms.append(norm)
+        for expert, proxies, _ in sets:
+            for name, p in proxies.items():
+                b = self._base_on_device[expert + name]
+                diff = p - b
+                norm = float(diff.norm())
+                if norm > max_norm:
+                    p.copy_(b + diff * (max_norm / norm))
+                    norm = max_norm
+                    scaled += 1
+                norms.append(norm)
         if not norms:
             return 0, 0.0, 0.0
         return scaled, sum(norms) / len(norms), max(norms)
