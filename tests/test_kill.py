@@ -334,3 +334,61 @@ def test_kill_during_training_saves_leaves_complete_outputs(tmp_path, monkeypatc
         assert not [p for p in (work / "out").iterdir() if p.name.startswith(".")], f"event {k}"
         assert _outputs(work / "out") == done
         shutil.rmtree(work)
+
+
+def _cache(folder: Path, value: float, items: int = 3) -> None:
+    """``ffid cache`` itself, from input files; ``value`` tells the versions apart."""
+    from ffid.cli import main
+
+    inputs = folder.parent / f"in-{value}-{items}"
+    inputs.mkdir(exist_ok=True)
+    torch.save(torch.full((items, 4, 1, 2, 2), value), inputs / "lat.pt")
+    torch.save(torch.full((items, 5, 8), value), inputs / "txt.pt")
+    argv = ["cache", "--latents", str(inputs / "lat.pt"), "--text_embeds", str(inputs / "txt.pt")]
+    assert main([*argv, "--output_dir", str(folder)]) == 0
+
+
+def _cache_content(folder: Path) -> list[tuple[str, float]]:
+    from ffid.train.cache import LatentCacheDataset
+
+    ds = LatentCacheDataset(folder)  # puts back a cache a killed switch left aside
+    return [(ds[i]["name"], float(ds[i]["latents"].flatten()[0])) for i in range(len(ds))]
+
+
+def _items(value: float, n: int) -> list[tuple[str, float]]:
+    return [(f"item_{i:06d}.safetensors", value) for i in range(n)]
+
+
+def test_kill_during_ffid_cache_leaves_the_old_or_the_new_cache(tmp_path, monkeypatch):
+    """Killed at any point, `ffid cache` leaves the old cache (4 items) or the new one (3 items),
+    never a mix or a partial one; the next run finishes and leaves no temp or old folder."""
+    counted = tmp_path / "counted" / "cache"
+    counted.parent.mkdir()
+    _cache(counted, 1.0, 4)
+    (counted / "notes.txt").write_text("kept")  # a file of the user's: carried into the new folder
+    n = _count(monkeypatch, _cache, counted, 2.0)
+    for k in range(1, n + 2):
+        folder = tmp_path / f"k{k}" / "cache"
+        folder.parent.mkdir()
+        _cache(folder, 1.0, 4)
+        (folder / "notes.txt").write_text("kept")
+        code = _run_killed(k, _cache, folder, 2.0)
+        assert code == (0 if k == n + 1 else -signal.SIGKILL), f"event {k} of {n}: child exited {code}"
+        assert _cache_content(folder) in (_items(1.0, 4), _items(2.0, 3)), f"event {k}"
+        assert (folder / "notes.txt").read_text() == "kept", f"event {k}"
+        _cache(folder, 3.0)
+        assert _cache_content(folder) == _items(3.0, 3)
+        left = sorted(p.name for p in folder.parent.iterdir() if not p.name.startswith("in-"))
+        assert left == ["cache"], f"event {k}: {left}"
+
+
+def test_kill_during_a_first_ffid_cache_leaves_no_folder_or_the_whole_cache(tmp_path, monkeypatch):
+    counted = tmp_path / "counted" / "cache"
+    counted.parent.mkdir()
+    n = _count(monkeypatch, _cache, counted, 2.0)
+    for k in range(1, n + 2):
+        folder = tmp_path / f"k{k}" / "cache"
+        folder.parent.mkdir()
+        code = _run_killed(k, _cache, folder, 2.0)
+        assert code == (0 if k == n + 1 else -signal.SIGKILL), f"event {k} of {n}: child exited {code}"
+        assert not folder.exists() or _cache_content(folder) == _items(2.0, 3), f"event {k}"

@@ -224,3 +224,102 @@ def test_ffid_cache_refuses_nonfinite_latents_and_writes_nothing(tmp_path, capsy
     )  # fmt: skip
     assert rc == 2 and f"{bad} of item_000002.safetensors hold 1 NaN/inf" in err, err
     assert not out.exists()
+
+
+# zero-size tensors ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def with_empty(tmp_path) -> Path:
+    """A base holding a zero-size tensor, a tuned copy that changed two other positions, and the
+    extracted delta's tensors and metadata, to craft broken deltas from."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base = {"a.weight": torch.randn(8, 8), "empty.weight": torch.zeros(0, 8), "b.bias": torch.randn(8)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["a.weight"][0, 0] += 1
+    tuned["b.bias"][3] -= 1
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    return tmp_path
+
+
+def test_a_zero_size_tensor_is_carried_through_extract_and_merge(with_empty, capsys):
+    from safetensors.torch import load_file
+
+    d = with_empty
+    for extra in ([], ["--ff", "0.05", "--ffid", "1", "--outside", "warn", "--indices", "implicit"]):
+        out, merged = d / "d.safetensors", d / "m.safetensors"
+        rc, err = run_cli(capsys, "extract", str(d / "base.safetensors"), str(d / "tuned.safetensors"),
+                          "-o", str(out), *extra, "-q")  # fmt: skip
+        assert rc == 0, err
+        rc, err = run_cli(capsys, "merge", str(d / "base.safetensors"), str(out), "-o", str(merged), "-q")
+        assert rc == 0, err
+        got = load_file(merged)
+        assert got["empty.weight"].shape == (0, 8)
+        if not extra:  # the whole difference: merging gives the tuned model back
+            tuned = load_file(d / "tuned.safetensors")
+            assert all(torch.equal(got[k], tuned[k]) for k in tuned)
+        out.unlink()
+        merged.unlink()
+
+
+def _crafted(d: Path, entries: dict[str, torch.Tensor], fingerprints: dict | None = None) -> Path:
+    """The unrestricted delta of ``with_empty`` with ``entries`` replacing or adding tensors and
+    ``fingerprints`` added to its base fingerprint."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = d / "full.safetensors"
+    ffid.extract_delta(d / "base.safetensors", d / "tuned.safetensors", src)
+    with safe_open(str(src), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    fps = json.loads(meta["ffid.base_fingerprint"])
+    meta["ffid.base_fingerprint"] = json.dumps({**fps, **(fingerprints or {})})
+    save_file({**tensors, **entries}, d / "bad.safetensors", metadata=meta)
+    return d / "bad.safetensors"
+
+
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("positions-in-empty", "within [0, 0)"),  # a zero-size base tensor cannot take a position
+        ("no-values", "malformed"),  # a zero-size value tensor for one index
+        ("no-positions", "other values"),  # an emptied entry no longer matches its fingerprint
+    ],
+)
+def test_merge_refuses_a_zero_size_delta_entry_and_writes_nothing(with_empty, capsys, case, expect):
+    d = with_empty
+    index, value = torch.uint8, torch.float32  # as the extracted delta stores them (an 8x8 tensor)
+    if case == "positions-in-empty":  # with a fingerprint entry, so the positions are what is checked
+        entries = {"empty.weight.ffid_index": torch.tensor([3], dtype=index),
+                   "empty.weight.ffid_value": torch.ones(1, dtype=value)}  # fmt: skip
+        delta = _crafted(d, entries, {"empty.weight": [[0, 8], "0" * 16]})
+    elif case == "no-values":
+        delta = _crafted(d, {"a.weight.ffid_value": torch.zeros(0, dtype=value)})
+    else:
+        entries = {"a.weight.ffid_index": torch.zeros(0, dtype=index),
+                   "a.weight.ffid_value": torch.zeros(0, dtype=value)}  # fmt: skip
+        delta = _crafted(d, entries)
+    before = _tree(d)
+    rc, err = run_cli(
+        capsys, "merge", str(d / "base.safetensors"), str(delta), "-o", str(d / "m.safetensors"), "-q"
+    )
+    assert rc == 2 and expect in err, err
+    assert _tree(d) == before
+
+
+def test_extract_refuses_a_zero_size_tensor_of_another_shape_and_writes_nothing(with_empty, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d = with_empty
+    tuned = load_file(d / "tuned.safetensors")
+    save_file({**tuned, "empty.weight": torch.zeros(0, 4)}, d / "tuned.safetensors")
+    before = _tree(d)
+    rc, err = run_cli(capsys, "extract", str(d / "base.safetensors"), str(d / "tuned.safetensors"),
+                      "-o", str(d / "x.safetensors"), "-q")  # fmt: skip
+    assert rc == 2 and "'empty.weight' is [0, 8] in base but [0, 4] in tuned" in err, err
+    assert _tree(d) == before

@@ -324,6 +324,43 @@ def test_cache_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "c2").exists()
 
 
+def test_cache_replaces_its_own_items_and_keeps_the_rest(tmp_path: Path) -> None:
+    """A second `ffid cache` into a folder switches the whole folder: this prefix's old items go
+    (a smaller cache leaves none behind), other prefixes and files stay; a link is followed."""
+    from ffid.train.cache import write_cache
+
+    def items(n: int, value: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.full((n, 4, 1, 2, 2), value), torch.full((n, 3, 8), value)
+
+    real = tmp_path / "real"
+    write_cache(real, *items(4, 1.0))
+    write_cache(real, *items(2, 5.0), prefix="other")
+    (real / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    write_cache(link, *items(2, 2.0))
+    assert link.is_symlink()
+    names = sorted(p.name for p in real.iterdir())
+    assert names == [
+        "item_000000.safetensors",
+        "item_000001.safetensors",
+        "notes.txt",
+        "other_000000.safetensors",
+        "other_000001.safetensors",
+    ]
+    values = {it["name"]: float(it["latents"].flatten()[0]) for it in LatentCacheDataset(link)}
+    assert values == {
+        "item_000000.safetensors": 2.0,
+        "item_000001.safetensors": 2.0,
+        "other_000000.safetensors": 5.0,
+        "other_000001.safetensors": 5.0,
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no temp or old folder
+    with pytest.raises(ConfigError, match="prefix"):
+        write_cache(tmp_path / "new", *items(1, 1.0), prefix="../escape")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow  # torchrun, 2 processes: ~40 s on 2 cores
 def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> None:
     """``torchrun -m ffid train`` with 2 CPU processes: one delta, the same curve as one process

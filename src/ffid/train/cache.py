@@ -24,7 +24,9 @@ A musubi-tuner Wan cache folder (``cache_directory`` after its ``wan_cache_laten
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MissingFileError, ModelFileError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, commit_dir, recover_dir, temp_dir_for
 
 CACHE_FORMAT = "ffid-latent-cache/1"
 
@@ -99,6 +101,12 @@ def write_cache(
 
     Every item is checked before the first is written: a refused cache writes no file and no
     folder (a half-written cache would train on the items before the bad one only).
+
+    The folder switches as a whole: the items are written into a temp folder beside it, which
+    then replaces ``out_dir`` by a rename (:func:`ffid.train.io.commit_dir`), so a killed run
+    leaves the old cache or the complete new one. The new folder keeps the old one's other files
+    (items of another prefix included) and drops the old items of this prefix. A run killed
+    between the two renames leaves the old cache aside; readers and the next run put it back.
     """
     lat, txt = list(latents), list(text_embeds)
     if len(lat) != len(txt):
@@ -109,14 +117,53 @@ def write_cache(
         )
     if not lat:
         raise ConfigError("no items to cache; the latents are empty")
-    out = Path(out_dir)
-    paths = [out / f"{prefix}_{i:06d}.safetensors" for i in range(len(lat))]
-    for path, a, b in zip(paths, lat, txt, strict=True):
-        _checked(path.name, a, b)
-    return [
-        write_item(path, a, b, captions[i] if captions else "")
-        for i, (path, a, b) in enumerate(zip(paths, lat, txt, strict=True))
-    ]
+    if not prefix or prefix in (".", "..") or "/" in prefix or os.sep in prefix or "\0" in prefix:
+        raise ConfigError(f"prefix {prefix!r} is not a file name; give a name without '/' such as 'item'")
+    names = [f"{prefix}_{i:06d}.safetensors" for i in range(len(lat))]
+    for name, a, b in zip(names, lat, txt, strict=True):
+        _checked(name, a, b)
+    final = Path(out_dir).resolve()  # a link to a cache folder switches the folder it points to
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output_dir {str(out_dir)!r} is an existing file, not a folder; name a folder")
+    tmp = temp_dir_for(final)  # also puts back a cache a killed switch left aside, and removes dead temps
+    try:
+        if final.is_dir():
+            _carry_over(final, tmp, prefix)
+        for i, (name, a, b) in enumerate(zip(names, lat, txt, strict=True)):
+            write_item(tmp / name, a, b, captions[i] if captions else "")
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [final / name for name in names]
+
+
+def _carry_over(old: Path, new: Path, prefix: str) -> None:
+    """Put into ``new`` everything of the cache folder ``old`` except its ``{prefix}_N`` items.
+
+    Files are hard-linked where the file system allows (items are never changed in place, only
+    replaced), else copied; the old folder itself is left untouched until the switch. Items of
+    another prefix stay, so caches made with several prefixes keep working; this prefix's old
+    items go, so a smaller new cache leaves none of the old ones behind.
+    """
+    mine = re.compile(rf"^{re.escape(prefix)}_\d{{6}}\.safetensors$")
+    for entry in old.iterdir():
+        if mine.match(entry.name):
+            continue
+        dest = new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dest)
+        elif entry.is_dir():
+            shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, dest)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @dataclass(frozen=True)
@@ -230,6 +277,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         if not folder:
             raise ConfigError("dataset is not set; give the cache folder (see `ffid cache --help`)")
         self.folder = Path(folder)
+        recover_dir(self.folder)  # a cache that a killed `ffid cache` left aside
         if not self.folder.exists():
             raise MissingFileError(
                 f"dataset folder {str(self.folder)!r} does not exist; make it with `ffid cache`"
@@ -272,6 +320,7 @@ def text_encodings(folder: str | Path) -> dict[str, tuple[Path, str]]:
     folder of text-encoder caches alone will do. The first file of a caption wins (name order).
     """
     folder = Path(folder)
+    recover_dir(folder)  # a cache that a killed `ffid cache` left aside
     if not folder.is_dir():
         raise MissingFileError(f"cache folder {str(folder)!r} does not exist or is not a folder")
     found: dict[str, tuple[Path, str]] = {}
