@@ -188,7 +188,7 @@ def scenarios(root: Path) -> list[Scenario]:
                 *experts,
                 *("--network_weights", str(root / "experts" / "experts.safetensors")),
             ],
-            steps=2,
+            steps=6,  # the same timesteps as "experts": its fifth step is a high-noise one
             after="experts",
         ),
         # runs that ffid must refuse, through musubi's own calls
@@ -422,6 +422,7 @@ def test_both_experts_one_run_one_delta_each(runs, tmp_path):
     more = runs["experts_more"]
     more.check()
     assert "high-noise expert from experts_high_noise.safetensors" in more.log
+    assert "switched the DiT to the high_noise expert" in more.log
     assert _equal(more.delta("experts_more_high_noise"), high)  # continued from it and trained on
 
 
