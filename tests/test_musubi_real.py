@@ -191,12 +191,22 @@ def scenarios(root: Path) -> list[Scenario]:
             steps=6,  # the same timesteps as "experts": its fifth step is a high-noise one
             after="experts",
         ),
+        # character 2 with both experts on top of the two-expert character 1: musubi merges its
+        # low-noise delta, ffid the high-noise twin when musubi first loads that expert
+        Scenario(
+            "experts_on_top",
+            [*FP32_ADAMW, *experts, "--base_weights", str(root / "experts" / "experts.safetensors")],
+            network_args=["ffid=2"],
+            steps=6,
+            after="experts",
+        ),
         # runs that ffid must refuse, through musubi's own calls
         Scenario(
             "refusals",
             expect_errors=[
                 [*experts, "--network_args", f"ff={FF}", "ffid=2", f"preserve_cache={cache}"],
                 ["--blocks_to_swap", "1", "--network_args", f"ff={FF}", "ffid=2", f"preserve_cache={cache}"],
+                [*experts, "--base_weights", str(plain / "plain.safetensors")],  # one expert's delta
                 # the pretended distributed states stay in accelerate's shared state: last
                 ["--pretend", "FSDP"],
                 ["--pretend", "DEEPSPEED"],
@@ -426,6 +436,36 @@ def test_both_experts_one_run_one_delta_each(runs, tmp_path):
     assert _equal(more.delta("experts_more_high_noise"), high)  # continued from it and trained on
 
 
+def test_both_experts_on_top_of_both_experts(runs, tmp_path):
+    """Character 2 (id 2) with both experts on top of the two-expert character 1: each expert's file
+    takes both characters' deltas of that expert, checked against its own base fingerprints."""
+    run = runs["experts_on_top"]
+    run.check()
+    assert "merged experts_high_noise.safetensors into the high-noise expert" in run.log
+    root = run.out.parent
+    first = runs["experts"].out
+    for file, twin in (("dit.safetensors", ""), ("dit_high.safetensors", "_high_noise")):
+        deltas = [first / f"experts{twin}.safetensors", run.out / f"experts_on_top{twin}.safetensors"]
+        merged = tmp_path / f"both-{file}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "ffid",
+            "merge",
+            str(root / file),
+            *map(str, deltas),
+            "-o",
+            str(merged),
+            "-q",
+        ]
+        subprocess.run(cmd, check=True, timeout=TIMEOUT)  # verifies every delta against this file
+        got = load_file(merged)
+        for path in deltas:
+            d = load_delta(path)
+            for n, v in d.values().items():
+                assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), (path.name, n)
+
+
 def test_preservation_runs_inside_musubi(runs):
     """Preservation reaches the proxies through musubi's own backward: same data, seed and id as
     ``on_top``, different trained values; still disjoint from character 1."""
@@ -445,8 +485,9 @@ def test_refusals_fire_through_musubi(runs):
     run = runs["refusals"]
     run.check()
     results = dict(re.findall(r"FFID_TEST_RESULT\[(\d)\]=(.*)", run.log))
-    assert len(results) == 4, run.log[-4000:]
-    high, _swap, fsdp, deepspeed = (results[str(i)] for i in range(4))
+    assert len(results) == 5, run.log[-4000:]
+    high, _swap, one_expert, fsdp, deepspeed = (results[str(i)] for i in range(5))
+    assert one_expert.startswith("ConfigError") and "holds one expert's values" in one_expert
     assert high.startswith("ConfigError") and "preservation (preserve_cache=) with both Wan 2.2" in high
     assert fsdp.startswith("ConfigError") and "FSDP" in fsdp
     assert deepspeed.startswith("ConfigError") and "DeepSpeed" in deepspeed

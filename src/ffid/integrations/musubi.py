@@ -120,10 +120,11 @@ class FfidNetwork(nn.Module):
             refuse_sharding(PartialState().distributed_type)
         except ImportError:  # pragma: no cover - musubi always has accelerate
             pass
-        from .musubi_experts import check_args
+        from .musubi_experts import check_args, high_noise_base_weights
 
         # both Wan 2.2 experts in this run: one proxy set each (see musubi_experts)
         self._high_noise_path = check_args(args, self.config is not None and self.config.preserving)
+        self._high_noise_base = high_noise_base_weights(args) if self._high_noise_path else []
         if self.config is not None and self.config.preserving:
             projection = self.config.preserve_method == "projection"
             if getattr(args, "blocks_to_swap", 0) and not projection:
@@ -182,7 +183,7 @@ class FfidNetwork(nn.Module):
             from .musubi_experts import TwoExperts
 
             try:
-                self.ffid_high_noise = TwoExperts(self.handle, self._high_noise_path)
+                self.ffid_high_noise = TwoExperts(self.handle, self._high_noise_path, self._high_noise_base)
             except Exception:
                 self.handle.detach()
                 self.handle = None

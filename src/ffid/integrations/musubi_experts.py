@@ -59,8 +59,13 @@ class TwoExperts(nn.Module):
     (keys as the handle's proxy keys), so ``network.parameters()`` and the saved state hold both.
     """
 
-    def __init__(self, handle: Any, high_path: str) -> None:
+    def __init__(
+        self, handle: Any, high_path: str, base_weights: list[tuple[Path, float]] | None = None
+    ) -> None:
         super().__init__()
+        # the high-noise halves of earlier two-expert characters (--base_weights), written into the
+        # high-noise weights when musubi first loads them (musubi merges into --dit only)
+        self.pending = list(base_weights or [])
         from .musubi_fp8 import file_values
 
         object.__setattr__(self, "_handle", handle)
@@ -133,9 +138,56 @@ class TwoExperts(nn.Module):
                 "musubi loaded weights of neither Wan 2.2 expert into the DiT (they match neither --dit "
                 "nor the high-noise weights seen before); ffid cannot tell which trained values to use"
             )
+        if expert == "high_noise" and self.pending:
+            self._merge_pending(state_dict)
         if expert != self.active:
             logger.info("ffid: musubi switched the DiT to the %s expert; training its values", expert)
         self.switch(expert)
+
+    def _merge_pending(self, state_dict: dict) -> None:
+        """Write the earlier characters' high-noise deltas into the incoming high-noise weights
+        (in place: musubi assigns these tensors), checked against their base fingerprints."""
+        from ..checkpoint.delta import blend, expert_hint, load_delta, sample_positions, values_hash
+        from ..checkpoint.namemap import NameResolver
+        from ..engine.scaled import E4M3_MAX, scale_at, values_at
+
+        by_name = {canonical_name(k): k for k in state_dict}
+        for path, multiplier in self.pending:
+            delta = load_delta(path)
+            resolver = NameResolver(by_name, delta.info.naming)
+            plan = []
+            for name, dt in delta.tensors.items():
+                target = resolver.resolve(name)
+                if target is None:
+                    raise MismatchError(
+                        f"{path.name}: tensor {name!r} is not in the high-noise expert's weights"
+                    )
+                key = by_name[target]
+                t = state_dict[key]
+                scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
+                scale = state_dict.get(scale_key) if scale_key else None
+                idx = dt.indices.to(t.device)
+                base = values_at(t, scale, idx) if scale is not None else t.reshape(-1)[idx].float()
+                fp = delta.info.base_fingerprint.get(name)
+                # a scaled weight holds fp8 copies: its fingerprint (of the file's values) cannot match
+                if scale is None and fp is not None:
+                    got = values_hash(base[sample_positions(dt.count).to(base.device)])
+                    if got != fp.hash:
+                        raise MismatchError(
+                            f"--base_weights {path.name} was not trained from the high-noise expert "
+                            f"(tensor {name!r} holds other values){expert_hint(delta.metadata)}"
+                        )
+                plan.append((t, idx, blend(base, dt.values.to(base.device), multiplier), scale))
+            with torch.no_grad():
+                for t, idx, new, scale in plan:
+                    flat = t.data.reshape(-1)
+                    if scale is not None:
+                        q = (new / scale_at(scale, idx, t.shape[-1])).clamp(-E4M3_MAX, E4M3_MAX).to(t.dtype)
+                        flat.view(torch.uint8)[idx] = q.view(torch.uint8)
+                    else:
+                        flat[idx] = new.to(t.dtype)
+            logger.info("ffid: merged %s into the high-noise expert (multiplier %s)", path.name, multiplier)
+        self.pending = []
 
     def switch(self, expert: str) -> None:
         """Make the engine train ``expert``'s set (``"low_noise"`` or ``"high_noise"``)."""
@@ -209,6 +261,43 @@ class TwoExperts(nn.Module):
         finally:
             self.switch(before)
         return f"{low_info}; high-noise expert from {high.name}"
+
+
+def high_noise_base_weights(args: Any) -> list[tuple[Path, float]]:
+    """The high-noise twins of ``--base_weights`` files that name the low-noise expert.
+
+    musubi merges each ``--base_weights`` file into ``--dit`` (the low-noise expert) only. For a
+    delta ffid saved from a two-expert run, the twin ``NAME_high_noise.safetensors`` goes into the
+    high-noise expert, with the same multiplier. A delta of one expert only is refused: the
+    other expert would train without that character.
+    """
+    from ..checkpoint.stio import SafetensorsFile
+
+    paths = list(getattr(args, "base_weights", None) or [])
+    multipliers = list(getattr(args, "base_weights_multiplier", None) or [])
+    out = []
+    for i, p in enumerate(paths):
+        with SafetensorsFile(p) as f:
+            expert = f.metadata.get(EXPERT_KEY)
+        if expert == "high_noise":
+            raise ConfigError(
+                f"--base_weights {p} is a high-noise expert's delta; give its low-noise twin "
+                f"({Path(p).name.replace(HIGH_SUFFIX, '')}): ffid merges this one into the high-noise "
+                "expert itself"
+            )
+        twin = high_noise_path(p)
+        if expert != "low_noise":
+            raise ConfigError(
+                f"--base_weights {p} holds one expert's values (no ffid.expert key), but this run trains "
+                "both Wan 2.2 experts; give the deltas of a two-expert run (NAME.safetensors with "
+                "NAME_high_noise.safetensors next to it), or train one expert (drop --dit_high_noise)"
+            )
+        if not twin.is_file():
+            raise MissingFileError(
+                f"{twin} is missing: --base_weights {Path(p).name} needs its high-noise twin next to it"
+            )
+        out.append((twin, float(multipliers[i]) if i < len(multipliers) else 1.0))
+    return out
 
 
 def check_args(args: Any, preserving: bool) -> str | None:
