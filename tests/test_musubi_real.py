@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,7 @@ class Scenario:
     steps: int = 2
     expect_errors: list[list[str]] | None = None
     after: str = "plain"  # the run whose outputs this one uses (runs start once it is done)
+    raw: bool = False  # args are the whole command line (the README's runs), without common()
 
 
 def common(root: Path, s: Scenario) -> list[str]:
@@ -104,6 +106,52 @@ PROJ_NET += ["preserve_draws=1", "preserve_times=2", "preserve_steps=3"]
 
 def _proj(root: Path, *extra: str) -> list[str]:
     return [*PROJ_FLAGS, "--base_weights", str(root / "plain" / "plain.safetensors"), *extra]
+
+
+README = ROOT / "README.md"
+
+
+def readme_wan22(root: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """The musubi runs and ``ffid merge`` commands of the README's "Wan 2.2 A14B" block, with what
+    the tiny config on a CPU needs replaced (each replacement named here, nothing else changed)."""
+    section = README.read_text().split("### Wan 2.2 A14B", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    out = root / "readme"
+    replace = {
+        "/models/wan2.2_t2v_low_noise_14B_fp16.safetensors": str(root / "dit.safetensors"),
+        "/models/wan2.2_t2v_high_noise_14B_fp16.safetensors": str(root / "dit_high.safetensors"),
+        "char1.toml": str(root / "dataset.toml"),
+        "char2.toml": str(root / "dataset.toml"),
+    }
+    flags = {  # flag -> tiny value: 3 blocks, a few steps, CPU autocast, a boundary both sides reach
+        "--task": "t2v-tiny",
+        "--timestep_boundary": "500",
+        "--blocks_to_swap": "1",
+        "--mixed_precision": "bf16",
+        "--output_dir": str(out),
+    }
+    variables: dict[str, str] = {}
+    runs, merges = [], []
+    for line in block.splitlines():
+        m = re.match(r"^([A-Z0-9_]+)=\"(.*)\"$", line.strip())
+        if m:
+            variables[m.group(1)] = m.group(2)
+            continue
+        for name, value in variables.items():
+            line = line.replace("$" + name, value)
+        words = [replace.get(w, w) for w in shlex.split(line)]
+        words = [str(out / w[len("output/") :]) if w.startswith("output/") else w for w in words]
+        for i, w in enumerate(words[:-1]):
+            if w in flags:
+                words[i + 1] = flags[w]
+        if words[:2] == ["accelerate", "launch"]:
+            args = words[words.index("src/musubi_tuner/wan_train_network.py") + 1 :]
+            epochs = args.index("--max_train_epochs")
+            args[epochs : epochs + 2] = ["--max_train_steps", "6"]
+            runs.append([*args, "--max_data_loader_n_workers", "0"])
+        elif words[:2] == ["ffid", "merge"]:
+            merges.append(words[2:])
+    return runs, merges
 
 
 def scenarios(root: Path) -> list[Scenario]:
@@ -200,6 +248,9 @@ def scenarios(root: Path) -> list[Scenario]:
             steps=6,
             after="experts",
         ),
+        # the README's Wan 2.2 A14B commands on the tiny config (see readme_wan22)
+        Scenario("readme1", readme_wan22(root)[0][0], launcher=["--cpu-swap"], raw=True),
+        Scenario("readme2", readme_wan22(root)[0][1], launcher=["--cpu-swap"], raw=True, after="readme1"),
         # runs that ffid must refuse, through musubi's own calls
         Scenario(
             "refusals",
@@ -261,7 +312,7 @@ def _run(root: Path, s: Scenario, prepare: bool = False) -> Run:
             argv += (["---"] if i else []) + pretend + common(root, s) + ["--mixed_precision", "no", *rest]
     else:
         opts = (["--prepare", str(root)] if prepare else []) + s.launcher
-        argv = ["train", *opts, "--", *common(root, s), *s.args]
+        argv = ["train", *opts, "--", *([] if s.raw else common(root, s)), *s.args]
     code, log = _launch(argv, root / f"{s.name}.log")
     return Run(s, code, log, out)
 
@@ -464,6 +515,28 @@ def test_both_experts_on_top_of_both_experts(runs, tmp_path):
             d = load_delta(path)
             for n, v in d.values().items():
                 assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), (path.name, n)
+
+
+def test_readme_wan22_commands_run(runs, tmp_path):
+    """The README's Wan 2.2 A14B block (both experts, --fp8_scaled, block swap, AdamW8bit, two
+    characters), run by the real musubi on the tiny config, then its two ``ffid merge`` lines."""
+    for name in ("readme1", "readme2"):
+        run = runs[name]
+        run.check()
+        assert "ffid: --fp8_scaled:" in run.log and "ffid: both Wan 2.2 experts" in run.log
+        assert "switched the DiT to the high_noise expert" in run.log
+    assert "into the high-noise expert" in runs["readme2"].log
+    _, merges = readme_wan22(runs["plain"].out.parent)
+    assert len(merges) == 2
+    for words in merges:
+        words = [str(tmp_path / Path(w).name) if w.startswith("/ComfyUI/") else w for w in words]
+        subprocess.run([sys.executable, "-m", "ffid", "merge", *words, "-q"], check=True, timeout=TIMEOUT)
+        got = load_file(words[words.index("-o") + 1])
+        for path in words[1 : words.index("-o")]:
+            d = load_delta(path)
+            assert d.metadata["ffid.expert"] == ("high_noise" if "_high_noise" in path else "low_noise")
+            for n, v in d.values().items():
+                assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), (path, n)
 
 
 def test_preservation_runs_inside_musubi(runs):
