@@ -360,6 +360,22 @@ def test_delta_for_another_base_is_refused_in_one_line(files):
         _apply(_load(files["other"], torch.float8_e4m3fn), files["d1"], 1.0)
 
 
+def test_a_wan22_expert_delta_on_the_other_model_names_the_expert(work, files):
+    """A two-expert musubi run's delta (``ffid.expert``) given to another model: the one-line
+    refusal says which expert it belongs to."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(files["d1"]))
+    with safe_open(str(files["d1"]), "pt") as f:
+        meta = dict(f.metadata())
+    path = work / "loras" / "char1_high_noise.safetensors"
+    save_file(tensors, str(path), metadata={**meta, "ffid.expert": "high_noise"})
+    with pytest.raises(ValueError) as exc:
+        _apply(_load(files["other"]), path, 1.0)
+    msg = str(exc.value)
+    assert "\n" not in msg and "belongs to Wan 2.2's high_noise expert" in msg, msg
+
+
 def test_memory_held_is_about_the_delta_file(files):
     from comfyui_ffid.ffid_patch import infer_file_dtype, read_delta
 
