@@ -480,6 +480,10 @@ def test_both_experts_one_run_one_delta_each(runs, tmp_path):
     proc = subprocess.run([*wrong, "-o", str(tmp_path / "wrong.safetensors")], capture_output=True, text=True)
     assert proc.returncode == 2 and "high_noise expert" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "wrong.safetensors").exists()
+    shown = subprocess.run(
+        [sys.executable, "-m", "ffid", "inspect", str(high.path)], capture_output=True, text=True
+    )
+    assert "expert=high_noise (Wan 2.2)" in shown.stdout, shown.stdout + shown.stderr
     more = runs["experts_more"]
     more.check()
     assert "high-noise expert from experts_high_noise.safetensors" in more.log

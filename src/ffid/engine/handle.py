@@ -300,7 +300,9 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
             )
         self.load_values(values)  # checks names and sizes, all or nothing
         for n, v in values.items():
-            self._base_known[n] = v.reshape(-1).to(device="cpu", dtype=torch.float32, copy=True)
+            # kept by reference when already fp32 on the CPU (one host copy at 14B is ~0.5 GiB):
+            # the caller must not change it afterwards
+            self._base_known[n] = v.reshape(-1).to(device="cpu", dtype=torch.float32)
 
     def use_proxies(
         self, params: Mapping[str, nn.Parameter] | None, base: Mapping[str, torch.Tensor] | None = None

@@ -94,8 +94,8 @@ class TwoExperts(nn.Module):
         )
         # the low-noise expert's base is fixed now: later switches replace the Parameters that
         # the engine first saw, so its snapshot must not be read from them again
-        handle.set_base_values(handle.base_values())
         self.low_base = handle.base_values()
+        handle.set_base_values(self.low_base)  # kept by reference: one host copy
         self.active = "low_noise"
         self.switches = 0  # saves switch too; the log line below counts musubi's
         self._probe: dict[str, torch.Tensor | None] = {"low_noise": None, "high_noise": None}
@@ -169,8 +169,9 @@ class TwoExperts(nn.Module):
                 idx = dt.indices.to(t.device)
                 base = values_at(t, scale, idx) if scale is not None else t.reshape(-1)[idx].float()
                 fp = delta.info.base_fingerprint.get(name)
-                # a scaled weight holds fp8 copies: its fingerprint (of the file's values) cannot match
-                if scale is None and fp is not None:
+                # fp8 weights (scaled or --fp8_base) hold copies of the file's values, which the
+                # fingerprint hashes: only wider weights can be checked
+                if scale is None and fp is not None and t.element_size() > 1:
                     got = values_hash(base[sample_positions(dt.count).to(base.device)])
                     if got != fp.hash:
                         raise MismatchError(
@@ -184,6 +185,8 @@ class TwoExperts(nn.Module):
                     if scale is not None:
                         q = (new / scale_at(scale, idx, t.shape[-1])).clamp(-E4M3_MAX, E4M3_MAX).to(t.dtype)
                         flat.view(torch.uint8)[idx] = q.view(torch.uint8)
+                    elif t.element_size() == 1:  # --fp8_base: index_put is not there for fp8 everywhere
+                        flat.view(torch.uint8)[idx] = new.to(t.dtype).view(torch.uint8)
                     else:
                         flat[idx] = new.to(t.dtype)
             logger.info("ffid: merged %s into the high-noise expert (multiplier %s)", path.name, multiplier)
