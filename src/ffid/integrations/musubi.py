@@ -12,6 +12,11 @@ every call (so sampling mid-training sees the trained values). Checkpoints are f
 (musubi's ``ss_*`` / ``modelspec.*`` metadata included) that ``ffid merge`` bakes into the
 original checkpoint for ComfyUI or musubi inference.
 
+musubi's ``--fp8_scaled`` is trained through its own scaled-fp8 product, the trained elements
+starting from the ``--dit`` file (:mod:`ffid.integrations.musubi_fp8`); Wan 2.2's two experts
+(``--dit_high_noise``) get one trained set and one delta each
+(:mod:`ffid.integrations.musubi_experts`); ``--block_swap_h2d_only`` is refused.
+
 ``--network_args`` (``key=value`` strings; musubi splits on ``=``, so values cannot contain one):
 
 ==================  ================================================================================
