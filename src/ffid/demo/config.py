@@ -208,8 +208,8 @@ class DemoConfig:
                 )
         if len(held) > 8:
             raise ConfigError(
-                f"--held_out / --characters keep {len(held)} digits out of pretraining; at most 8, so the "
-                "base learns at least two classes"
+                f"--held_out / --characters keep {len(held)} digits out of pretraining; give at most 8, so "
+                "the base learns at least two classes"
             )
         n = len(self.characters)
         recipe = self.run_recipe(preserve=False)
