@@ -217,3 +217,32 @@ def test_the_first_line_of_ffid_demo_is_ffids(tmp_path: Path, flags: list[str]) 
         proc.wait()
         proc.stdout.close()
     assert first.startswith("ffid demo:"), first
+
+
+def test_two_character_report_has_the_strict_judge(tmp_path: Path) -> None:
+    from ffid.demo.report import render_markdown
+    from ffid.demo.run import run_demo
+
+    cfg = quick_config(
+        output_dir=str(tmp_path / "two"),
+        cache_dir=str(tmp_path / "cache"),
+        character2_mode="all",
+        progress=False,
+    )
+    for k, v in TINY_RUN.items():
+        setattr(cfg, k, v)
+    report = run_demo(cfg).report
+    strict = report["strict"]
+    assert list(strict["stages"]) == list(report["stages"])  # every stage, merged included
+    for stage, scores in strict["stages"].items():
+        # the argmax share is the demo's historical score, now with an interval
+        for name, score in scores.items():
+            assert score["argmax"]["value"] == pytest.approx(report["stages"][stage][name], abs=1e-4)
+            assert score["argmax"]["n"] == 2 and score["confident"]["low"] <= score["confident"]["value"]
+    assert set(strict["retention_character1"]) == {"plain", "rehearsed", "preserved"}
+    whats = [d["what"] for d in strict["differences"]]
+    assert "character2 after 3b: preserved minus plain" in whats
+    assert "base classes after 3b preserved minus before" in whats
+    md = (tmp_path / "two" / "report.md").read_text()
+    assert "## Strict judge" in md and "Share of character1's confident gain kept after 3b" in md
+    assert md == render_markdown(json.loads((tmp_path / "two" / "report.json").read_text()))
