@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
             "character1's data) with "
             "--ff into two disjoint ids through the ffid trainer, merge both deltas into a full "
             "checkpoint, sample every prompt at every stage and judge the samples with a classifier "
-            "trained on the real digits. CPU only, no network. " + DEFAULTS_NOTE
+            "trained on the real digits. --characters 7 4 1 stacks N characters into ids 1..N instead "
+            "(sequential with preservation and a plain contrast, or --stacking parallel then merged). "
+            "CPU only, no network. " + DEFAULTS_NOTE
         ),
     )
     p.add_argument(
