@@ -64,7 +64,8 @@ def methods_of(cfg: DemoConfig) -> list[str]:
     """The sequences a stacked run trains, the merged one first."""
     if cfg.stacking == "parallel":
         return ["parallel"]
-    return ["preserved", "plain"] if cfg.plain_contrast else ["preserved"]
+    # one character has nothing earlier to keep: the contrast would repeat the same run
+    return ["preserved", "plain"] if cfg.plain_contrast and len(cfg.characters) > 1 else ["preserved"]
 
 
 def teach_characters(
@@ -75,6 +76,7 @@ def teach_characters(
     stage: StageFn,
     *,
     preserve_first: bool | None = None,
+    first: Taught | None = None,
 ) -> list[Taught]:
     """Teach ``cfg.characters`` into ids 1..N the ``method`` way, calling ``stage`` after each run.
 
@@ -83,14 +85,18 @@ def teach_characters(
     ``parallel``: character i from the base alone (the stage's model is base + its delta only).
     ``preserve_first``: whether character1, which has no earlier character, is preserved too
     (keeping the base classes and the empty prompt); default as the two-character demo does:
-    only under projection. Outputs go to ``{cfg.output_dir}/character{i}/``.
+    only under projection. ``first``: character1's run of another sequence to reuse when it
+    would be the same run (unpreserved, from the base), with no ``stage`` call for it. Outputs go
+    to ``{cfg.output_dir}/character{i}/``.
     """
     if method not in METHOD_TITLES:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHOD_TITLES)}")
     if preserve_first is None:
         preserve_first = cfg.preserve_method == "projection"
-    taught: list[Taught] = []
+    taught: list[Taught] = [first] if first is not None else []
     for i, digit in enumerate(cfg.characters, 1):
+        if i == 1 and first is not None:
+            continue
         earlier = [] if method == "parallel" else [t.delta for t in taught]
         preserve = method == "preserved" and (i > 1 or preserve_first)
         t0 = time.perf_counter()
