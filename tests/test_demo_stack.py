@@ -100,6 +100,10 @@ def test_sequential_stack_reports_every_stage_strictly(sequential) -> None:
     # the same character1 run both ways: same data, same seed, no preservation
     pres, plain = (report["sequences"][m]["stages"][0]["scores"] for m in ("preserved", "plain"))
     assert pres == plain
+    # ... so the plain sequence reuses it instead of training it again
+    assert report["sequences"]["plain"]["stages"][0]["reused"] == "preserved"
+    assert report["sequences"]["plain"]["runs"][0] == report["sequences"]["preserved"]["runs"][0]
+    assert not (out / "plain" / "character1").exists()
     merged = report["merged"]
     assert (
         merged["method"] == "preserved" and merged["same_as_deltas"] is True and merged["resampled"] is False

@@ -266,9 +266,14 @@ def run_stack(cfg: DemoConfig, console: Any = None) -> Any:
                 )
             )
 
-        runs[method] = teach_characters(
-            replace(cfg, output_dir=str(out / method)), method, base_path, data, stage
-        )
+        first = None
+        if method == "plain" and cfg.preserve_method != "projection":
+            # character1 is not preserved under the loss: the preserved sequence's run is this one
+            first = runs["preserved"][0]
+            stages.append(dict(sequences["preserved"][0]) | {"reused": "preserved"})
+            log("  character1: the preserved sequence's run (the same unpreserved run from the base)")
+        mcfg = replace(cfg, output_dir=str(out / method))
+        runs[method] = teach_characters(mcfg, method, base_path, data, stage, first=first)
 
     kept = methods_of(cfg)[0]
     t0 = time.perf_counter()
@@ -309,7 +314,7 @@ def run_stack(cfg: DemoConfig, console: Any = None) -> Any:
 
 
 def _announce(cfg: DemoConfig, log: Log) -> None:
-    """The demo's first line (before the libraries load), then what it is about to do."""
+    """The demo's first lines: what it is about to do."""
     chars = ", ".join(f"character{i} = digit {d} (id {i})" for i, d in enumerate(cfg.characters, 1))
     how = {
         "sequential": f"each on top of the earlier ones, preserved by {cfg.preserve_method}"
