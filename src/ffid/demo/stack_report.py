@@ -20,6 +20,12 @@ import numpy as np
 from .judge import RESAMPLES, Estimate, bootstrap_mean, difference, hits_of, retention
 
 MEASURES = ("confident", "argmax")
+# the sequences of a stacked run (ffid.demo.stacking)
+METHOD_TITLES = {
+    "preserved": "sequential, preserved",
+    "plain": "sequential, plain (no preservation)",
+    "parallel": "parallel (each from the base), then merged",
+}
 
 
 def pct(x: float | None, digits: int = 0) -> str:
@@ -236,8 +242,6 @@ def _setup(report: dict[str, Any]) -> str:
 
 def render_stack_markdown(report: dict[str, Any]) -> str:
     """``report.md``: setup, one retention matrix per sequence, the differences, files and time."""
-    from .stacking import METHOD_TITLES
-
     lines = [f"# ffid demo report: {len(report['characters'])} characters stacked", "", _setup(report), ""]
     for m in report["sequences"]:
         s = report["summary"][m]
@@ -275,8 +279,6 @@ def render_stack_markdown(report: dict[str, Any]) -> str:
 
 def render_stack_summary(report: dict[str, Any]) -> str:
     """The console's summary: each sequence's confident accuracy per character and stage."""
-    from .stacking import METHOD_TITLES
-
     out = []
     for m in report["sequences"]:
         cols = columns_of(report, m)

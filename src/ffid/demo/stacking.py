@@ -38,16 +38,12 @@ from .judge import judge_images
 from .model import build_model, param_count, sample
 from .plots import plot_all_losses, write_grid
 from .pretrain import load_or_pretrain
+from .stack_report import METHOD_TITLES
 from .task import base_concepts
 
 Log = Callable[[Any], None]
 # stage(name, model, ids taught so far, training seconds, extra keys of the stage's record)
 StageFn = Callable[[str, torch.nn.Module, Sequence[int], float, dict[str, Any]], None]
-METHOD_TITLES = {
-    "preserved": "sequential, preserved",
-    "plain": "sequential, plain (no preservation)",
-    "parallel": "parallel (each from the base), then merged",
-}
 GRID_COLUMNS = 8
 
 
