@@ -59,6 +59,10 @@ def test_ids_beyond_the_layout_are_refused_by_the_config() -> None:
     assert cfg.validate().held_out == (7, 4, 1)
     with pytest.raises(ConfigError, match="stacking 'both' is not one of sequential, parallel"):
         quick_config(characters=(7, 4), stacking="both").validate()
+    from ffid.cli.demo import STACKINGS as CLI_STACKINGS
+    from ffid.demo.config import STACKINGS
+
+    assert CLI_STACKINGS == STACKINGS  # the CLI spells them without importing the demo
 
 
 @pytest.fixture(scope="module")
