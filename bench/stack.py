@@ -68,7 +68,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class StackConfig(DemoConfig):
-    """The demo's config with N characters held out of pretraining instead of two.
+    """The demo's config with N characters (``DemoConfig.characters``) held out of pretraining
+    instead of two, ``DEFAULT_CHARACTERS`` unless given.
 
     Everything that reads ``held_out`` (the base's pretraining classes and its cache key, the
     base classes mixed into each character's data as prior images) then sees all N characters,
@@ -76,10 +77,6 @@ class StackConfig(DemoConfig):
     """
 
     characters: tuple[int, ...] = DEFAULT_CHARACTERS
-
-    @property
-    def held_out(self) -> tuple[int, ...]:  # type: ignore[override]  # N digits, not two
-        return tuple(self.characters)
 
 
 def stack_config(args: argparse.Namespace, seed: int, work: Path) -> StackConfig:
@@ -96,7 +93,8 @@ def stack_config(args: argparse.Namespace, seed: int, work: Path) -> StackConfig
     if args.width is not None:
         # heads of 16 channels and an FFN twice the width, as the default 64-wide model has
         values["spec"] = replace(base.spec, dim=args.width, heads=args.width // 16, ffn_dim=2 * args.width)
-    cfg = StackConfig(**values, characters=chars)
+    values["characters"] = chars
+    cfg = StackConfig(**values)
     cfg.validate()
     return cfg
 
@@ -134,7 +132,8 @@ class Context:
 
 def run_method(ctx: Context, method: str) -> dict[str, Any]:
     """Teach every character the ``method`` way; one judged stage after each (and after the merge)."""
-    from ffid.demo.characters import model_with_deltas, train_character
+    from ffid.demo.characters import model_with_deltas
+    from ffid.demo.stacking import teach_characters
     from ffid.demo.task import load_model
 
     cfg, chars = ctx.cfg, ctx.cfg.characters
@@ -186,34 +185,20 @@ def run_method(ctx: Context, method: str) -> dict[str, Any]:
             ctx.log(f"  {METHODS[method]}: {note}")
             return {"skipped": note}
         mcfg = pcfg
-    deltas: list[Path] = []
-    infos = []
-    for i, digit in enumerate(chars, 1):
-        earlier = [] if method == "parallel" else list(deltas)
-        t = time.perf_counter()
-        delta, _, info = train_character(
-            mcfg,
-            f"character{i}",
-            digit,
-            i,
-            ctx.base_path,
-            earlier,
-            ctx.data,
-            # character1 too: with no earlier delta the preservation keeps the base classes and
-            # the empty prompt where the base had them
-            preserve=method in ("projection", "preserved"),
-        )
-        train_s = time.perf_counter() - t
-        deltas.append(delta)
-        infos.append({k: info[k] for k in ("delta", "trainable", "steps", "final_loss", "preserved")})
-        if method == "parallel":
-            # each character alone on the base here, where only its own prompt means anything;
-            # all of them together after the merge
-            extra = {"run": infos[-1], "label": f"character{i} alone"}
-            stage(f"character{i}", model_with_deltas(ctx.base_path, [delta]), [i], train_s, extra)
-        else:
-            model = model_with_deltas(ctx.base_path, deltas)
-            stage(f"character{i}", model, range(1, i + 1), train_s, {"run": infos[-1]})
+    # the demo's own loop (ffid demo --characters runs it too); character1 preserved as well:
+    # with no earlier delta the preservation keeps the base classes and the empty prompt
+    teach = {"projection": "preserved", "preserved": "preserved"}.get(method, method)
+    taught = teach_characters(
+        mcfg,
+        teach,
+        ctx.base_path,
+        ctx.data,
+        stage,
+        preserve_first=True,
+    )
+    deltas = [t.delta for t in taught]
+    keys = ("delta", "trainable", "steps", "final_loss", "preserved")
+    infos = [{k: t.info[k] for k in keys} for t in taught]
     if method == "parallel":
         # base + every delta in memory is what `ffid merge` writes (the demo checks it bit for bit)
         stage("merged", model_with_deltas(ctx.base_path, deltas), range(1, len(chars) + 1), 0.0)

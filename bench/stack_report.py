@@ -20,6 +20,9 @@ import numpy as np
 from compare import md_table
 
 from ffid.demo.judge import Estimate, bootstrap_mean, difference, hits_of, retention
+from ffid.demo.stack_report import interval, pct
+from ffid.demo.stack_report import points as _points
+from ffid.demo.stack_report import pool as _pool
 
 KEEP = 0.90  # an earlier character keeps >= 90% of its gain
 KEEP_LOW = 0.80  # ... with the interval's lower end >= 80%
@@ -30,11 +33,6 @@ MEASURES = ("confident", "argmax")
 
 def _est(e: Estimate | None) -> dict[str, Any] | None:
     return None if e is None else e.to_dict()
-
-
-def _pool(scores: dict[str, Any], names: Sequence[str], measure: str, seed: int, resamples: int) -> Estimate:
-    """One estimate over several prompts' samples (equal counts: the mean of their shares)."""
-    return bootstrap_mean(np.concatenate([hits_of(scores[n], measure) for n in names]), resamples, seed)
 
 
 def summarize(record: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
@@ -101,19 +99,6 @@ def own_of(run: dict[str, Any], chars: Sequence[str]) -> dict[str, dict[str, Any
     return {c: stages[c][c] for c in chars}
 
 
-def pct(x: float | None, digits: int = 0) -> str:
-    return "-" if x is None else f"{x * 100:.{digits}f}%"
-
-
-def interval(e: dict[str, Any] | None) -> str:
-    """``83% [75–90%]``; an unbounded end (a gain lost in the noise) is ∞."""
-    if e is None:
-        return "-"
-    low = "−∞" if e["low"] is None else f"{e['low'] * 100:.0f}"
-    high = "∞" if e["high"] is None else f"{e['high'] * 100:.0f}"
-    return f"{pct(e['value'])} [{low}–{high}%]"
-
-
 def checks(
     summary: dict[str, Any],
     vs_lora: Estimate | None,
@@ -155,12 +140,6 @@ def checks(
             }
         )
     return out
-
-
-def _points(d: dict[str, Any]) -> str:
-    """A difference in points with its interval, and whether it exceeds its noise."""
-    noise = "within noise" if d["low"] <= 0 <= d["high"] else "beyond noise"
-    return f"{d['value'] * 100:+.1f} points [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}], {noise}"
 
 
 def _cell(score: dict[str, Any] | None) -> str:

@@ -18,6 +18,10 @@ DEMO_VERSION = 1  # bump when the base's recipe changes in a way the cache key c
 # character2's recipes; the last is the recommended one, merged into the full checkpoint
 VARIANTS = ("plain", "rehearsed", "preserved")
 CHARACTER2_MODES = ("all", *VARIANTS)
+# how ``--characters`` are stacked: one after another on top of the earlier deltas (preserving
+# them), or each from the base alone and then merged
+STACKINGS = ("sequential", "parallel")
+CHARACTER_SAMPLES = 128  # per character prompt and stage in a stacked run: +-5 points at 90%
 # Projection's recipe: the blocks' Linears (the prototype's choice; the text embedder diverged
 # there), whole rows, self-sampled protected inputs. Budget, rate and energy: docs/preservation.md.
 PROJECTION_RECIPE: dict[str, Any] = {
@@ -67,14 +71,24 @@ class DemoConfig:
     projection_ff: float | None = None
     projection_lr: float | None = None
     preserve_energy: float | None = None
+    # N characters stacked (``--characters 7 4 1``): character i is digit characters[i-1] in id i;
+    # empty: the two-character demo above (character1, character2, ffid1, ffid2)
+    characters: tuple[int, ...] = ()
+    stacking: str = "sequential"  # see STACKINGS
+    plain_contrast: bool = True  # sequential: also the same characters without preservation
+    # digits kept out of pretraining in a stacked run (default: the characters themselves)
+    held_out_digits: tuple[int, ...] = ()
     # sampling and judging
-    samples: int = 32  # per prompt, for the scores
+    samples: int = 32  # per prompt, for the scores (per base class in a stacked run)
+    character_samples: int = CHARACTER_SAMPLES  # per character prompt in a stacked run
     sample_steps: int = 20
     guidance: float = 3.0
     progress: bool = True
 
     def validate(self) -> DemoConfig:
         """Check every knob (a :class:`ConfigError` names the flag); returns ``self``, normalised."""
+        if self.characters or self.held_out_digits:
+            self._validate_characters()
         first = SelectionSettings.create(self.ff, self.ffid1, self.selector)
         second = first.replace(ffid=self.ffid2)
         self.ff, self.ffid1, self.ffid2 = first.ff, first.ffid, second.ffid
@@ -102,6 +116,7 @@ class DemoConfig:
             "threads",
             "batch_size",
             "pretrain_batch",
+            "character_samples",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} must be at least 1")
@@ -159,9 +174,58 @@ class DemoConfig:
         return list(VARIANTS) if self.character2_mode == "all" else [self.character2_mode]
 
     @property
-    def held_out(self) -> tuple[int, int]:
-        """The two digits kept out of pretraining (the characters)."""
+    def held_out(self) -> tuple[int, ...]:
+        """The digits kept out of pretraining: the two characters, or in a stacked run
+        ``held_out_digits`` (default: the stacked characters)."""
+        if self.characters:
+            return tuple(self.held_out_digits or self.characters)
         return (self.character1, self.character2)
+
+    def _validate_characters(self) -> None:
+        """``--characters`` and ``--held_out``: distinct digits, held out of pretraining, ids 1..N
+        in the selection layout (its capacity is checked against the model by
+        :func:`ffid.demo.stacking.check_ids`), one line naming the value and the fix."""
+        if not self.characters:
+            raise ConfigError("--held_out needs --characters: the two-character demo holds out its two")
+        if self.stacking not in STACKINGS:
+            raise ConfigError(f"--stacking {self.stacking!r} is not one of {', '.join(STACKINGS)}")
+        for flag, digits in (("--characters", self.characters), ("--held_out", self.held_out_digits)):
+            for d in digits:
+                if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 9:
+                    raise ConfigError(f"{flag} {d!r} is not a digit 0..9; give digits such as {flag} 7 4 1")
+            twice = next((d for d in digits if digits.count(d) > 1), None)
+            if twice is not None:
+                raise ConfigError(
+                    f"{flag} gives digit {twice} twice; each character needs its own digit, e.g. {flag} 7 4 1"
+                )
+        held = self.held_out
+        for d in self.characters:
+            if d not in held:
+                raise ConfigError(
+                    f"--characters {d}: digit {d} is a base class (the base is pretrained on it; "
+                    f"--held_out keeps out only {' '.join(map(str, held))}); add {d} to --held_out or "
+                    "pick characters among the held-out digits"
+                )
+        if len(held) > 8:
+            raise ConfigError(
+                f"--held_out / --characters keep {len(held)} digits out of pretraining; give at most 8, so "
+                "the base learns at least two classes"
+            )
+        n = len(self.characters)
+        recipe = self.run_recipe(preserve=False)
+        try:
+            SelectionSettings.create(
+                recipe["ff"],
+                n,
+                recipe["selector"],
+                include=recipe.get("include"),
+                **recipe.get("selector_args", {}),
+            )
+        except ConfigError as exc:
+            raise ConfigError(
+                f"--characters gives {n} characters (ids 1..{n}), more than the selection layout holds "
+                f"({exc}); give fewer characters"
+            ) from None
 
     def base_recipe(self) -> dict[str, Any]:
         """What the pretrained base depends on; its hash is the cache key."""
@@ -182,6 +246,7 @@ QUICK = {
     "pretrain_steps": 40,
     "steps": 12,
     "samples": 6,
+    "character_samples": 6,
     "sample_steps": 6,
 }
 

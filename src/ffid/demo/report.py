@@ -85,6 +85,107 @@ def build_report(
     }
 
 
+def strict_report(
+    stages: dict[str, dict[str, Any]], seed: int, judge: DigitJudge, variants: list[str]
+) -> dict[str, Any]:
+    """The strict judge's part of ``report.json``: every stage's verdicts (argmax and confident
+    accuracy with bootstrap 95% intervals, per-sample hits), the base classes pooled, character1's
+    retention of its confident gain after each 3b variant, and the differences the report names,
+    each with its interval and whether it exceeds its noise (:mod:`.stack_report`)."""
+    import numpy as np
+
+    from .judge import RESAMPLES, difference, hits_of, retention
+    from .stack_report import MEASURES, beyond_noise, pool
+
+    bases = [n for n in stages["base"] if not n.startswith("character")]
+    out: dict[str, Any] = {
+        "judge": {
+            "holdout_argmax": judge.holdout_accuracy,
+            "holdout_confident": judge.holdout_confident,
+            "confident_at": judge.confident_at,
+            "resamples": RESAMPLES,
+        },
+        "stages": stages,
+        "base_pooled": {
+            st: {m: pool(sc, bases, m, seed).to_dict() for m in MEASURES} for st, sc in stages.items()
+        },
+    }
+    c1 = [hits_of(stages[st]["character1"]) for st in ("base", "character1")]
+    kept = {v: retention(*c1, hits_of(stages[f"character2_{v}"]["character1"]), seed=seed) for v in variants}
+    out["retention_character1"] = {v: (None if r is None else r.to_dict()) for v, r in kept.items()}
+    diffs = []
+
+    def add(what: str, a: Any, b: Any) -> None:
+        d = difference(a, b, seed=seed).to_dict()
+        diffs.append({"what": what, "difference": d, "beyond_noise": beyond_noise(d)})
+
+    def base_hits(stage: str) -> Any:
+        return np.concatenate([hits_of(stages[stage][n]) for n in bases])
+
+    for v in variants:
+        after = stages[f"character2_{v}"]
+        add(f"character1 after 3b {v} minus after 3a", hits_of(after["character1"]), c1[1])
+        add(f"base classes after 3b {v} minus before", base_hits(f"character2_{v}"), base_hits("base"))
+    for other in ("plain", "rehearsed"):
+        if other in variants and "preserved" in variants:
+            for c in ("character1", "character2"):
+                add(
+                    f"{c} after 3b: preserved minus {other}",
+                    hits_of(stages["character2_preserved"][c]),
+                    hits_of(stages[f"character2_{other}"][c]),
+                )
+    out["differences"] = diffs
+    return out
+
+
+def render_strict(report: dict[str, Any]) -> list[str]:
+    """``report.md``'s strict-judge section (from ``report["strict"]`` alone)."""
+    from .stack_report import interval, points
+
+    strict = report.get("strict")
+    if not strict:
+        return []
+    j = strict["judge"]
+    stages = list(strict["stages"])
+    n = report["config"]["samples"]
+
+    def cell(score: dict[str, Any]) -> str:
+        return f"{interval(score['confident'])} · {interval(score['argmax'])}"
+
+    lines = [
+        "## Strict judge",
+        "",
+        f"The same samples, judged strictly: **confident** accuracy (calibrated p(intended digit) >= "
+        f"{j['confident_at']}; {j['holdout_confident']:.1%} of held-out real scans reach it) · argmax "
+        f"accuracy, each with its bootstrap 95% interval ({j['resamples']} resamples of {n} samples per "
+        "prompt: one sample moves a score by "
+        f"{100 / n:.0f} points). Retention is on confident accuracy.",
+        "",
+        "| prompt | " + " | ".join(STAGE_TITLES.get(st, st) for st in stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    for name in strict["stages"][stages[0]]:
+        lines.append(
+            f"| a digit {name} | " + " | ".join(cell(strict["stages"][st][name]) for st in stages) + " |"
+        )
+    lines.append(
+        "| **base classes (pooled)** | " + " | ".join(cell(strict["base_pooled"][st]) for st in stages) + " |"
+    )
+    kept = strict["retention_character1"]
+    lines += [
+        "",
+        "Share of character1's confident gain kept after 3b: "
+        + "; ".join(
+            f"{v} {interval(r) if r else 'undefined (no confident gain in 3a)'}" for v, r in kept.items()
+        )
+        + ".",
+        "",
+        *(f"- {d['what']}: {points(d['difference'])}" for d in strict["differences"]),
+        "",
+    ]
+    return lines
+
+
 def _base_mean(accuracy: dict[str, float]) -> float:
     values = [v for k, v in accuracy.items() if not k.startswith("character")]
     return sum(values) / len(values)
@@ -216,8 +317,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| a digit {name} | " + " | ".join(f"{report['stages'][st][name]:.0%}" for st in stages) + " |"
         )
     c1 = report["characters"]["character1"]
+    lines += ["", *render_strict(report)]
     lines += [
-        "",
         "## Files",
         "",
         f"- base: `{report['files']['base']}` "

@@ -40,7 +40,7 @@ from .evaluate import StageScores, evaluate, prompts_for
 from .model import build_model, param_count
 from .plots import plot_all_losses, write_grid
 from .pretrain import load_or_pretrain
-from .report import build_report, render_markdown, render_table
+from .report import build_report, render_markdown, render_table, strict_report
 from .task import load_model
 
 Log = Callable[[Any], None]  # console.print: text or a rich renderable
@@ -76,10 +76,12 @@ class CharacterRun:
 
 @dataclass
 class Stage:
-    """One judged stage: its scores and the seconds sampling, judging and its grid took."""
+    """One judged stage: its scores, the strict judge's verdict per prompt
+    (:meth:`ffid.demo.judge.Verdict.to_dict`) and the seconds sampling, judging and its grid took."""
 
     scores: StageScores
     seconds: float
+    strict: dict[str, Any]
 
 
 @dataclass
@@ -103,12 +105,18 @@ class Judging:
 
     def stage(self, name: str, title: str, model: torch.nn.Module) -> Stage:
         """Sample and judge ``model``, write ``samples/{name}.png`` and log the scores."""
+        from .judge import judge_stage
+
         t0 = time.perf_counter()
         scores, images = evaluate(name, model, self.cfg, self.judge, self.concepts)
+        strict = {
+            k: v.to_dict()
+            for k, v in judge_stage(self.judge, images, self.concepts, seed=self.cfg.seed).items()
+        }
         write_grid(images, self.concepts, self.sample_dir / f"{name}.png", title)
         seconds = time.perf_counter() - t0
         self.log(f"{name}: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.accuracy.items()))
-        return Stage(scores, seconds)
+        return Stage(scores, seconds, strict)
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -130,9 +138,12 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     total = _announce(cfg, out, log)
 
     t0 = time.perf_counter()
-    judge = fit_judge(*data, seed=cfg.seed)
+    judge = fit_judge(*data, seed=cfg.seed, calibrate=True)
     judge_s = time.perf_counter() - t0
-    log(f"judge: RBF SVM on real digits, {judge.holdout_accuracy:.1%} accuracy on held-out real scans")
+    log(
+        f"judge: RBF SVM on real digits, {judge.holdout_accuracy:.1%} accuracy on held-out real scans "
+        f"({judge.holdout_confident:.1%} confident: calibrated p >= {judge.confident_at})"
+    )
     t0 = time.perf_counter()
     base_path, base_losses, cached = load_or_pretrain(cfg, data, log)
     pretrain_s = time.perf_counter() - t0
@@ -144,7 +155,16 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
     # inputs (the loss method leaves character1 unpreserved, as the seed's recipe does).
     first_preserved = cfg.preserve_method == "projection"
     run1 = _timed(
-        train_character, cfg, "character1", cfg.character1, cfg.ffid1, base_path, [], data, None, None,
+        train_character,
+        cfg,
+        "character1",
+        cfg.character1,
+        cfg.ffid1,
+        base_path,
+        [],
+        data,
+        None,
+        None,
         first_preserved,
     )
     stage1 = judging.stage(
@@ -204,6 +224,10 @@ def run_demo(cfg: DemoConfig, console: Any = None) -> DemoResult:
         base_path,
         merged_path,
     )
+    strict = {"base": base.strict, "character1": stage1.strict}
+    strict |= {f"character2_{v}": var.stage.strict for v, var in variants.items()}
+    strict["merged"] = merged_stage.strict
+    report["strict"] = strict_report(strict, cfg.seed, judge, list(variants))
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     _write_report(report, out, log)
     return DemoResult(out, report, stages, report["seconds"])
