@@ -437,7 +437,7 @@ def test_fp8_scaled_with_block_swap_merges_exactly_into_the_file(runs, tmp_path)
     run = runs["fp8_scaled"]
     run.check()
     assert "Number of monkey-patched Linear layers" in run.log  # musubi's scaled fp8 is on
-    m = re.search(r"ffid: --fp8_scaled: (\d+) trained tensors start from", run.log)
+    m = re.search(r"ffid: fp8 DiT: (\d+) trained tensors start from", run.log)
     assert m and int(m.group(1)) > 10, run.log[-3000:]
     assert "scaled-fp8 Linear" in run.log and "Block swap enabled" in run.log
     assert int(re.search(r"FFID_TEST_SWAPS=(\d+)", run.log).group(1)) > 0  # type: ignore[union-attr]
@@ -527,7 +527,7 @@ def test_readme_wan22_commands_run(runs, tmp_path):
     for name in ("readme1", "readme2"):
         run = runs[name]
         run.check()
-        assert "ffid: --fp8_scaled:" in run.log and "ffid: both Wan 2.2 experts" in run.log
+        assert "ffid: fp8 DiT:" in run.log and "ffid: both Wan 2.2 experts" in run.log
         assert "switched the DiT to the high_noise expert" in run.log
     assert "into the high-noise expert" in runs["readme2"].log
     _, merges = readme_wan22(runs["plain"].out.parent)

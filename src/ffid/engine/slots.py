@@ -40,7 +40,7 @@ class Owner:
     attr: str
     path: str  # module path in the model, for messages
     route: str = (
-        "generic"  # "linear", "conv1d", "patch-conv", "generic", "in-forward" (bias of a patched module)
+        "generic"  # linear, scaled-linear, conv1d, patch-conv, generic, in-forward (a patched module's bias)
     )
 
 
@@ -48,7 +48,9 @@ class Owner:
 class Slot:
     name: str  # canonical name
     key: str  # proxy parameter name
-    param: nn.Parameter  # the base parameter (never replaced)
+    # the base Parameter seen at attach (ffid never replaces it; a musubi expert switch assigns
+    # the module another one, which the forwards read at call time)
+    param: nn.Parameter
     pattern: Pattern  # the selected positions (compact, per compute device; none on the host)
     owners: list[Owner] = field(default_factory=list)
     # the module whose scale_weight scales this fp8 weight (musubi's --fp8_scaled), else None

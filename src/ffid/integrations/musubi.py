@@ -151,7 +151,7 @@ class FfidNetwork(nn.Module):
                 "the Parameter, so musubi's rebinding fails; drop --block_swap_h2d_only and keep "
                 "--blocks_to_swap (musubi's default swap, which ffid supports)"
             )
-        # --fp8_scaled: the trained elements start from this file's values (see musubi_fp8)
+        # --fp8_base/--fp8_scaled: the trained elements start from this file's values (musubi_fp8)
         self._dit_path = getattr(args, "dit", None)
 
     def apply_to(
@@ -175,7 +175,9 @@ class FfidNetwork(nn.Module):
             else:
                 self.selection = self._plan(unet)
         self.handle = attach(unet, self.selection)
-        if self.handle.scaled_names():
+        from .musubi_fp8 import narrowed_names
+
+        if narrowed_names(self.handle):
             from .musubi_fp8 import start_from_file
 
             try:

@@ -72,14 +72,16 @@ class TwoExperts(nn.Module):
         self.high_path = high_path
         sel = handle.selection
         keys = handle.proxy_keys()
-        scaled = set(handle.scaled_names())
+        from .musubi_fp8 import narrowed_names
+
+        scaled = set(narrowed_names(handle))
         values = file_values(high_path, {name: sel.indices(name) for name in keys})
         own = dict(handle.proxies())
         self.base: dict[str, torch.Tensor] = {}
         for name, v in values.items():
             if name not in scaled:
-                # what musubi holds after loading the file: the DiT's dtype (a scaled weight's
-                # elements start from the file's values, as the low-noise expert's do)
+                # what musubi holds after loading the file: the DiT's dtype (elements of fp8-held
+                # tensors start from the file's values, as the low-noise expert's do)
                 dtype = handle.model_dtype(name)
                 if dtype is not None and dtype.is_floating_point:
                     v = v.to(dtype).to(torch.float32)
@@ -97,7 +99,6 @@ class TwoExperts(nn.Module):
         self.low_base = handle.base_values()
         handle.set_base_values(self.low_base)  # kept by reference: one host copy
         self.active = "low_noise"
-        self.switches = 0  # saves switch too; the log line below counts musubi's
         self._probe: dict[str, torch.Tensor | None] = {"low_noise": None, "high_noise": None}
         self._probe_name = max(keys, key=lambda n: sel[n].count)
         self._probe_at = sel.indices(self._probe_name)[_probe_positions(sel[self._probe_name].count)]
@@ -201,7 +202,6 @@ class TwoExperts(nn.Module):
         else:
             self._handle.use_proxies(None)
         self.active = expert
-        self.switches += 1
 
     def sets(self) -> list[tuple[str, dict[str, nn.Parameter], dict[str, torch.Tensor]]]:
         """``(expert, name -> proxy, name -> base values)`` for both experts."""

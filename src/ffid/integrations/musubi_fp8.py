@@ -59,39 +59,47 @@ def file_values(path: str, positions: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def start_from_file(handle: Any, dit: str | None) -> int:
-    """Make the scaled weights' trained elements start from the ``--dit`` file's values.
+def narrowed_names(handle: Any) -> list[str]:
+    """Trained tensors the DiT holds as fp8 copies of the file (``--fp8_scaled`` weights, and every
+    tensor under plain ``--fp8_base``, which casts the whole DiT): their elements start from the
+    file's values instead."""
+    scaled = set(handle.scaled_names())
+    return [n for n in handle.proxy_keys() if n in scaled or handle.model_dtype(n).itemsize == 1]
 
-    Returns how many tensors were read (0 when the DiT has no scaled weight ffid trains).
+
+def start_from_file(handle: Any, dit: str | None) -> int:
+    """Make the trained elements of fp8-held tensors start from the ``--dit`` file's values.
+
+    Returns how many tensors were read (0 when the DiT holds no trained tensor in fp8).
     """
-    scaled = handle.scaled_names()
-    if not scaled:
+    names = narrowed_names(handle)
+    if not names:
         return 0
     if not dit:
         raise ConfigError(
-            "--fp8_scaled: ffid reads the starting values of the trained elements from --dit, but "
-            "musubi gave no --dit path; pass --dit"
+            "--fp8_base/--fp8_scaled: ffid reads the starting values of the trained elements from --dit, "
+            "but musubi gave no --dit path; pass --dit"
         )
     sel = handle.selection
-    values = file_values(dit, {name: sel.indices(name) for name in scaled})
+    values = file_values(dit, {name: sel.indices(name) for name in names})
     handle.set_base_values(values)
     logger.info(
-        "ffid: --fp8_scaled: %d trained tensors start from %s's values (not their fp8 copies)",
-        len(values),
-        dit,
+        "ffid: fp8 DiT: %d trained tensors start from %s's values (not their fp8 copies)", len(values), dit
     )
     return len(values)
 
 
 def merge_scaled(unet: nn.Module, delta: Delta, multiplier: float) -> tuple[int, int]:
-    """Write ``delta`` into ``unet`` where some of its tensors are scaled fp8 weights.
+    """Write ``delta`` into ``unet`` where some of its tensors are fp8 weights.
 
-    Scaled tensors take ``quantize(base + m * (trained - base))`` with their own scale; the others
-    go through :func:`~ffid.checkpoint.delta.apply_delta`. Returns ``(scaled tensors, others)``.
+    Scaled weights take ``quantize(base + m * (trained - base))`` with their own scale, plain fp8
+    weights (``--fp8_base``) the same rounded to fp8; the others go through
+    :func:`~ffid.checkpoint.delta.apply_delta`. Returns ``(fp8 tensors, others)``.
     """
-    owners: dict[str, nn.Module] = {}
+    owners: dict[str, nn.Module] = {}  # fp8 weights: scaled ones and --fp8_base casts
     for path, module in unet.named_modules():
-        if scale_of(module) is not None:
+        w = module._parameters.get("weight")
+        if w is not None and w.is_floating_point() and w.element_size() == 1:
             owners[canonical_name(f"{path}.weight" if path else "weight")] = module
     if not owners:
         apply_delta(unet, delta, multiplier, verify=False)
@@ -107,12 +115,15 @@ def merge_scaled(unet: nn.Module, delta: Delta, multiplier: float) -> tuple[int,
                 continue
             module = owners[target]
             weight = module._parameters["weight"]
-            scale = module._buffers["scale_weight"]
+            scale = scale_of(module)
             idx = dt.indices.to(weight.device)
-            base = values_at(weight, scale, idx)
-            new = blend(base, dt.values.to(base.device), multiplier)
-            q = quantize_at(new, scale, idx, weight.shape[-1]).to(weight.dtype)
-            weight.data.view(-1).view(torch.uint8)[idx] = q.view(torch.uint8)
+            if scale is None:  # plain --fp8_base: rounded to fp8
+                new = blend(weight.reshape(-1)[idx].float(), dt.values.to(weight.device), multiplier)
+                q = new.to(weight.dtype)
+            else:
+                new = blend(values_at(weight, scale, idx), dt.values.to(weight.device), multiplier)
+                q = quantize_at(new, scale, idx, weight.shape[-1]).to(weight.dtype)
+            weight.data.view(-1).view(torch.uint8)[idx] = q.view(torch.uint8)  # no fp8 index_put
             done += 1
     if plain:
         rest = Delta(delta.path, plain, delta.metadata, delta.info)
