@@ -248,6 +248,15 @@ def scenarios(root: Path) -> list[Scenario]:
             steps=6,
             after="experts",
         ),
+        # character 2 on both experts, protected by projection: one feature pass per expert, each
+        # through its own weights at times in its own range
+        Scenario(
+            "experts_proj",
+            [*PROJ_FLAGS, *experts, "--base_weights", str(root / "experts" / "experts.safetensors")],
+            proj_net,
+            steps=6,
+            after="experts",
+        ),
         # the README's Wan 2.2 A14B commands on the tiny config (see readme_wan22)
         Scenario("readme1", readme_wan22(root)[0][0], launcher=["--cpu-swap"], raw=True),
         Scenario("readme2", readme_wan22(root)[0][1], launcher=["--cpu-swap"], raw=True, after="readme1"),
@@ -543,6 +552,24 @@ def test_readme_wan22_commands_run(runs, tmp_path):
                 assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), (path, n)
 
 
+def test_projection_with_both_experts(runs):
+    """Projection protects through the right expert: one feature pass per expert, when musubi
+    first trains it, at times in that expert's range (boundary 0.5 here), each expert's values
+    projected with its own bases."""
+    run = runs["experts_proj"]
+    run.check()
+    assert "ffid feature pass done (low_noise expert, times 0-0.5)" in run.log, run.log[-3000:]
+    assert "ffid feature pass done (high_noise expert, times 0.5-1)" in run.log
+    assert "merged experts_high_noise.safetensors into the high-noise expert" in run.log
+    low, high = run.delta(), run.delta("experts_proj_high_noise")
+    assert low.info.selector == high.info.selector == "rows"
+    root = run.out.parent
+    for d, file in ((low, "dit.safetensors"), (high, "dit_high.safetensors")):
+        base = load_file(root / file)
+        values = d.values()
+        assert any(not torch.equal(v, base[n].reshape(-1)[d.tensors[n].indices]) for n, v in values.items())
+
+
 def test_preservation_runs_inside_musubi(runs):
     """Preservation reaches the proxies through musubi's own backward: same data, seed and id as
     ``on_top``, different trained values; still disjoint from character 1."""
@@ -565,7 +592,7 @@ def test_refusals_fire_through_musubi(runs):
     assert len(results) == 5, run.log[-4000:]
     high, _swap, one_expert, fsdp, deepspeed = (results[str(i)] for i in range(5))
     assert one_expert.startswith("ConfigError") and "holds one expert's values" in one_expert
-    assert high.startswith("ConfigError") and "preservation (preserve_cache=) with both Wan 2.2" in high
+    assert high.startswith("ConfigError") and "preservation loss with both Wan 2.2" in high
     assert fsdp.startswith("ConfigError") and "FSDP" in fsdp
     assert deepspeed.startswith("ConfigError") and "DeepSpeed" in deepspeed
     assert not (run.out).exists()  # nothing trained or saved

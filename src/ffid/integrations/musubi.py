@@ -91,6 +91,7 @@ class FfidNetwork(nn.Module):
         self._pending_weights: dict[str, torch.Tensor] | None = None  # create_arch_network_from_weights
         self.args_seen: dict[str, Any] = {}
         self.preservation: Any = None  # MusubiPreservation / MusubiProjection with preserve_cache
+        self.preservation_high: Any = None  # both Wan 2.2 experts: the high-noise expert's projector
         if config is not None and config.preserve_method == "projection":
             from .musubi_projection import empty_record
 
@@ -128,8 +129,15 @@ class FfidNetwork(nn.Module):
         from .musubi_experts import check_args, high_noise_base_weights
 
         # both Wan 2.2 experts in this run: one proxy set each (see musubi_experts)
-        self._high_noise_path = check_args(args, self.config is not None and self.config.preserving)
+        c = self.config
+        self._high_noise_path = check_args(
+            args, c.preserve_method if c is not None and c.preserving else None
+        )
         self._high_noise_base = high_noise_base_weights(args) if self._high_noise_path else []
+        if self._high_noise_path and c is not None and c.preserving:
+            from .musubi_experts import boundary_of
+
+            self._boundary = boundary_of(args)
         if self.config is not None and self.config.preserving:
             projection = self.config.preserve_method == "projection"
             if getattr(args, "blocks_to_swap", 0) and not projection:
@@ -215,14 +223,29 @@ class FfidNetwork(nn.Module):
             if c.preserve_method == "projection":
                 from .musubi_projection import MusubiProjection
 
-                self.preservation = MusubiProjection(
-                    self.handle,
-                    encodings,
-                    c.projection,
-                    self.ffid_projection_record,
-                    seed=getattr(self, "_preserve_seed", 0),
-                    shift=getattr(self, "_flow_shift", DEFAULT_SHIFT),
-                )
+                experts = getattr(self, "ffid_high_noise", None)
+                ranges: list[Any] = [None]
+                if experts is not None:  # one projector per expert, each in its own time range
+
+                    def active() -> str:
+                        return str(experts.active)
+
+                    b = self._boundary
+                    ranges = [("low_noise", active, 0.0, b), ("high_noise", active, b, 1.0)]
+                made = [
+                    MusubiProjection(
+                        self.handle,
+                        encodings,
+                        c.projection,
+                        self.ffid_projection_record,
+                        seed=getattr(self, "_preserve_seed", 0),
+                        shift=getattr(self, "_flow_shift", DEFAULT_SHIFT),
+                        expert=r,
+                    )
+                    for r in ranges
+                ]
+                self.preservation = made[0]
+                self.preservation_high = made[1] if len(made) > 1 else None
             else:
                 from .musubi_preserve import MusubiPreservation
 
@@ -238,6 +261,8 @@ class FfidNetwork(nn.Module):
             self.handle = None
             raise
         self.preservation.install(unet)
+        if getattr(self, "preservation_high", None) is not None:
+            self.preservation_high.install(unet)
         shown = ", ".join(repr(p) for p in list(encodings)[:4]) + (" ..." if len(encodings) > 4 else "")
         if c.preserve_method == "projection":
             logger.info(

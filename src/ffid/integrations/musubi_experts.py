@@ -303,15 +303,38 @@ def high_noise_base_weights(args: Any) -> list[tuple[Path, float]]:
     return out
 
 
-def check_args(args: Any, preserving: bool) -> str | None:
-    """The ``--dit_high_noise`` path when both experts are trained (refusals in one line)."""
+def check_args(args: Any, preserving: str | None) -> str | None:
+    """The ``--dit_high_noise`` path when both experts are trained (refusals in one line).
+
+    ``preserving`` is the preservation method (``None`` without preservation)."""
     high = getattr(args, "dit_high_noise", None)
     if not high:
         return None
-    if preserving:
+    if preserving == "loss":
         raise ConfigError(
-            "preservation (preserve_cache=) with both Wan 2.2 experts (--dit_high_noise) is not supported "
-            "yet; train the experts with preservation in two runs (--dit EXPERT with that expert's "
-            "--min_timestep/--max_timestep), or drop preserve_cache"
+            "the preservation loss with both Wan 2.2 experts (--dit_high_noise) is not supported: its "
+            "extra forwards would run through whichever expert is loaded; protect by projection "
+            "(network_args preserve_method=projection selector=rows), which protects each expert "
+            "through its own forwards, or drop preserve_cache"
         )
     return str(high)
+
+
+def boundary_of(args: Any) -> float:
+    """The expert boundary on the 0..1 time scale: ``--timestep_boundary`` (musubi takes values
+    above 1 as 0..1000), else the task's own (Wan 2.2 A14B: 0.875 t2v, 0.9 i2v)."""
+    b = getattr(args, "timestep_boundary", None)
+    if b is None:
+        try:
+            from musubi_tuner.wan.configs import WAN_CONFIGS  # only inside a musubi run
+
+            b = getattr(WAN_CONFIGS[args.task], "boundary", None)
+        except (ImportError, KeyError, AttributeError):
+            b = None
+    if b is None:
+        raise ConfigError(
+            "both Wan 2.2 experts with projection need the expert boundary; pass --timestep_boundary "
+            "(e.g. 875 for t2v-A14B)"
+        )
+    b = float(b)
+    return b / 1000.0 if b > 1 else b

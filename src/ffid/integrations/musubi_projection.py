@@ -82,8 +82,14 @@ class MusubiProjection(MusubiInputs):
         record: torch.Tensor,
         seed: int = 0,
         shift: float = DEFAULT_SHIFT,
+        expert: tuple[str, Any, float, float] | None = None,
     ):
         super().__init__(encodings)
+        # Wan 2.2's two experts: (name, () -> the active expert's name, lowest time, highest
+        # time). This projector then protects that expert only: its feature pass runs at the first
+        # training call the expert serves, at times in its range, and it projects that expert's
+        # values only on steps that trained them.
+        self.expert = expert
         protected = [Protected(p, "preserve_cache") for p in encodings]
         self.projector = Projector(handle, self, protected, settings)
         self.record = record  # the network's state buffer: the first call's latent shape
@@ -116,9 +122,12 @@ class MusubiProjection(MusubiInputs):
         """Whether the feature pass has run."""
         return self.projector.stats is not None
 
+    def _serving(self) -> bool:
+        return self.expert is None or self.expert[1]() == self.expert[0]
+
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.ready or self._busy or not torch.is_grad_enabled():
-            return  # done; our own forwards; sampling and validation (run without grad)
+        if self.ready or self._busy or not torch.is_grad_enabled() or not self._serving():
+            return  # done; our own forwards; sampling and validation (run without grad); the other expert
         shapes = CallShapes(args, kwargs)
         recorded = _decode(self.record)
         if recorded is None:
@@ -132,7 +141,10 @@ class MusubiProjection(MusubiInputs):
         finally:
             self._busy = False
             self.shapes = None  # the recorded call's tensors are not kept alive
-        logger.info("ffid feature pass done:\n%s", self.projector.describe())
+        which = (
+            f" ({self.expert[0]} expert, times {self.expert[2]:g}-{self.expert[3]:g})" if self.expert else ""
+        )
+        logger.info("ffid feature pass done%s:\n%s", which, self.projector.describe())
 
     def _feature_pass(self, dit: nn.Module) -> None:
         swapped = bool(getattr(dit, "blocks_to_swap", 0))
@@ -151,12 +163,21 @@ class MusubiProjection(MusubiInputs):
             self._ours[optimizer] = any(id(p) in mine for g in optimizer.param_groups for p in g["params"])
         return self._ours[optimizer]
 
+    def _acts(self, optimizer: torch.optim.Optimizer) -> bool:
+        if not self._holds_ours(optimizer):
+            return False
+        if self.expert is None:
+            return True
+        # an expert's values are projected on the steps that trained them (after its feature
+        # pass; the other expert's steps leave them as they are, and so does the projection)
+        return self.ready and self.projector.has_grads()
+
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.projector.settings.project_grad and self._holds_ours(optimizer):
+        if self.projector.settings.project_grad and self._acts(optimizer):
             self.projector.project_grads()
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._holds_ours(optimizer):
+        if self._acts(optimizer):
             self.projector.project()
 
     # -- ProjectionSource ----------------------------------------------------------------------
@@ -183,5 +204,7 @@ class MusubiProjection(MusubiInputs):
                 drawn = draw_flow(velocity, noise, settings.sample_steps, self.shift)
                 for _ in range(settings.times):
                     t = torch.rand(1, generator=generator)
+                    if self.expert is not None:  # the expert's own range of times
+                        t = self.expert[2] + (self.expert[3] - self.expert[2]) * t
                     out.append(self.batch([prompt], renoise(drawn, t, generator), t))
         return out

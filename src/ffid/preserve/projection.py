@@ -415,6 +415,10 @@ class Projector:
                 t.group.basis = t.group.basis.to(dev)
             yield t
 
+    def has_grads(self) -> bool:
+        """Whether any trained tensor has a gradient now (after the feature pass)."""
+        return any(t.proxy.grad is not None for t in self._trained)
+
     @torch.no_grad()
     def project_grads(self) -> None:
         """Project each trained tensor's gradient off its protected inputs (before the step)."""
