@@ -475,6 +475,23 @@ def test_two_experts_with_preservation_and_h2d_only_swap_are_refused():
     net.prepare_network(argparse.Namespace(fp8_base=True, fp8_scaled=True))  # trained, not refused
 
 
+def test_why_h2d_only_block_swap_is_refused():
+    """What musubi's H2D-only offloader (LoRAStreamOffloader, CUDA only) does to each streamed
+    Linear, replayed on CPU on an attached DiT: it asserts ``not m.weight.requires_grad`` and keeps
+    ``m.weight`` as the CPU master to rebind later. For a weight ffid trains, ``m.weight`` is the
+    effective tensor (it requires grad, and is not the Parameter), so both steps fail."""
+    net = musubi.create_arch_network(1.0, None, None, None, None, tiny_wan_original(), ff="0.05", ffid="1")
+    model = net._unet
+    net.apply_to(None, model)
+    m = model.blocks[0].self_attn.q
+    assert m.weight.requires_grad  # the offloader's assertion would fire
+    m.weight.data = m.weight.data.clone()  # its one-time copy into the pinned master: fine
+    master = m.weight  # what it keeps as "the original Parameter object"
+    with pytest.raises(TypeError):
+        m.weight = master  # its rebind after each use (_bind): not a Parameter
+    net.handle.detach()
+
+
 def test_prepare_network_is_found_on_the_module():
     """musubi 0.3.4 calls network.prepare_network(args) only if hasattr(network_module, "prepare_network")."""
     import argparse

@@ -398,15 +398,17 @@ def test_network_weights_bf16_adamw8bit_and_scale_weight_norms(runs):
         assert float(update.norm()) <= 0.05 * (1 + 1e-5), n  # --scale_weight_norms 0.05
 
 
-def _merge_and_diff(root: Path, deltas: list[Path], tmp_path: Path) -> tuple[dict, dict]:
-    """``ffid merge`` the deltas into the tiny DiT; load both files with musubi's own Wan loader.
-    Returns (per tensor: the flat positions that differ, the merged file's tensors)."""
-    merged = tmp_path / "merged.safetensors"
-    cmd = [sys.executable, "-m", "ffid", "merge", str(root / "dit.safetensors"), *map(str, deltas)]
+def _merge_and_diff(
+    root: Path, deltas: list[Path], tmp_path: Path, base: str = "dit.safetensors"
+) -> tuple[dict, dict]:
+    """``ffid merge`` the deltas into the tiny DiT ``base``; load both files with musubi's own Wan
+    loader. Returns (per tensor: the flat positions that differ, the merged file's tensors)."""
+    merged = tmp_path / f"merged-{base}"
+    cmd = [sys.executable, "-m", "ffid", "merge", str(root / base), *map(str, deltas)]
     subprocess.run([*cmd, "-o", str(merged), "-q"], check=True, timeout=TIMEOUT)
-    changed_file = tmp_path / "changed.safetensors"
-    argv = ["diff", str(root / "dit.safetensors"), str(merged), str(changed_file)]
-    code, log = _launch(argv, tmp_path / "diff.log")
+    changed_file = tmp_path / f"changed-{base}"
+    argv = ["diff", str(root / base), str(merged), str(changed_file)]
+    code, log = _launch(argv, tmp_path / f"diff-{base}.log")
     assert code == 0, log[-4000:]
     return load_file(changed_file), load_file(merged)
 
@@ -479,11 +481,11 @@ def test_both_experts_one_run_one_delta_each(runs, tmp_path):
             n for n, v in d.values().items() if not torch.equal(v, base[n].reshape(-1)[d.tensors[n].indices])
         ]
         assert moved, f"the {d.metadata['ffid.expert']} expert was not trained"
-        merged = tmp_path / f"merged-{file}"
-        cmd = [sys.executable, "-m", "ffid", "merge", str(root / file), str(d.path), "-o", str(merged), "-q"]
-        subprocess.run(cmd, check=True, timeout=TIMEOUT)
-        got = load_file(merged)
+        # loaded back by musubi's own loader: differs from the expert's file at exactly the positions
+        changed, got = _merge_and_diff(root, [d.path], tmp_path, base=file)
+        assert changed.keys() == d.tensors.keys()
         for n, v in d.values().items():
+            assert torch.equal(changed[n], d.tensors[n].indices), n
             assert torch.equal(got[n].reshape(-1)[d.tensors[n].indices], v), n
     wrong = [sys.executable, "-m", "ffid", "merge", str(root / "dit.safetensors"), str(high.path)]
     proc = subprocess.run([*wrong, "-o", str(tmp_path / "wrong.safetensors")], capture_output=True, text=True)
