@@ -375,3 +375,18 @@ def test_estimate_selection_takes_a_planned_selection():
     sel = ffid.plan(tiny_wan(), 0.05, 2)
     est = estimate_selection(sel, optimizer="sgd")
     assert est.trainable == sel.selected and est.gpu["optimizer"] == 0 and est.ffid == 2
+
+
+def test_feature_pass_time_takes_float32_for_the_video_side_and_float64_for_the_text_side():
+    """On a GPU the projection's video-side Gram products are float32, the text side's float64."""
+    from ffid.estimate.projection import EFFICIENCY, FeaturePassCost
+
+    cost = FeaturePassCost(
+        tokens=1, forwards=2, forward_flops=3e12, gram_flops=10e12, gram_bytes=0, inputs=4, exact_flops=1e12
+    )
+    rate = EFFICIENCY * 1e12
+    want = 2 * 3e12 / (100 * rate) + 4 * 9e12 / (50 * rate) + 4 * 1e12 / (2 * rate)
+    assert abs(cost.seconds(100, 50, 2) - want) < 1e-9 * want
+    # an all-text pass is bound by fp64 alone
+    text_only = FeaturePassCost(1, 0, 0.0, 10e12, 0, 4, exact_flops=10e12)
+    assert abs(text_only.seconds(100, 50, 2) - 4 * 10e12 / (2 * rate)) < 1e-6

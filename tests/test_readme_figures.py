@@ -318,7 +318,7 @@ def _plan_projection() -> tuple[str, ...]:
         search(PLAN_ROWS, r"(\d+) DiT forwards").group(1),
         f"{grams:.0f}",
         search(PLAN_ROWS, r"H100 SXM ~(\d+) min").group(1),
-        f"{rtx_min / 60:.0f}",
+        f"{rtx_min}",
     )
 
 
@@ -486,7 +486,7 @@ FIGURES: list[Figure] = [
     Figure(
         "plan: projection at 14B",
         r"bounds the bases at ([\d.]+) GiB fp32.*?feature pass at (\d+) DiT forwards.*?holding\s+([\d.]+) GiB"
-        r".*?~(\d+) min on an H100, ~(\d+) hours on an RTX 4090",
+        r".*?~(\d+) min on an H100, ~(\d+) min on an RTX 4090",
         PLAN_ROWS,
         _plan_projection,
     ),

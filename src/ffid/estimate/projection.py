@@ -51,10 +51,10 @@ def projection_memory(sel: Selection, share: float = 0.2) -> ProjectionMemory:
     )
 
 
-# Spec-sheet dense throughputs (TFLOP/s) of two reference cards, and the share of them a DiT
-# forward and a large float64 product reach in practice. Estimates, not measurements: the
-# feature pass has not been timed on a GPU yet (docs/gpu.md).
-CARDS = {"H100 SXM": (989.0, 67.0), "RTX 4090": (165.0, 1.3)}  # (bf16, fp64)
+# Spec-sheet dense throughputs (TFLOP/s) of two reference cards (bf16 tensor cores, fp32 without
+# TF32, fp64), and the share of them a DiT forward and a large product reach in practice.
+# Estimates, not measurements: the feature pass has not been timed on a GPU yet (docs/gpu.md).
+CARDS = {"H100 SXM": (989.0, 67.0, 67.0), "RTX 4090": (165.0, 82.6, 1.3)}  # (bf16, fp32, fp64)
 EFFICIENCY = 0.4
 TEXT_TOKENS = 512  # Wan's padded text length
 
@@ -66,24 +66,29 @@ class FeaturePassCost:
     tokens: int  # per video
     forwards: int  # DiT forwards: drawings' sampler steps + the re-noised inputs
     forward_flops: float  # one forward
-    gram_flops: float  # the float64 Gram products of one protected input, all trained layers
+    gram_flops: float  # the Gram products of one protected input, all trained layers
     gram_bytes: int  # float64 Gram matrices held while collecting (one per trained matrix)
     inputs: int  # protected inputs folded into the Grams
+    exact_flops: float = 0.0  # the text side's share of gram_flops (float64 on every device)
 
-    def seconds(self, bf16_tflops: float, fp64_tflops: float) -> float:
+    def seconds(self, bf16_tflops: float, fp32_tflops: float, fp64_tflops: float) -> float:
+        """On a GPU: the video side's Gram products in float32, the text side's in float64."""
         rate = EFFICIENCY * 1e12
+        sampled = self.gram_flops - self.exact_flops
         return (
             self.forwards * self.forward_flops / (bf16_tflops * rate)
-            + self.inputs * self.gram_flops / (fp64_tflops * rate)
+            + self.inputs * sampled / (fp32_tflops * rate)
+            + self.inputs * self.exact_flops / (fp64_tflops * rate)
         )
 
     def line(self) -> str:
         times = ", ".join(f"{name} ~{self.seconds(*r) / 60:.0f} min" for name, r in CARDS.items())
         return (
             f"Feature pass ({self.tokens:,} tokens/video): {self.forwards} DiT forwards "
-            f"({self.forward_flops / 1e15:.2f} PFLOP each) + float64 Grams of {self.inputs} inputs "
-            f"({self.gram_flops / 1e15:.2f} PFLOP each), Grams {self.gram_bytes / 2**30:.1f} GiB in CPU "
-            f"memory while collecting; at {EFFICIENCY:.0%} of spec throughput: {times} (estimate, "
+            f"({self.forward_flops / 1e15:.2f} PFLOP each) + Grams of {self.inputs} inputs "
+            f"({self.gram_flops / 1e15:.2f} PFLOP each: video side float32 on a GPU, text side "
+            f"{self.exact_flops / 1e12:.1f} TFLOP float64), Grams {self.gram_bytes / 2**30:.1f} GiB in "
+            f"CPU memory while collecting; at {EFFICIENCY:.0%} of spec throughput: {times} (estimate, "
             "not timed)"
         )
 
@@ -102,12 +107,14 @@ def feature_pass_cost(
     d, f, n = shape.dim, shape.ffn, shape.layers
     per_block = 2 * tokens * (6 * d * d + 2 * d * f) + 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
     gram = 0.0
+    exact = 0.0
     held = 0
     for name, pick in sel.items():
         if len(pick.shape) != 2:
             continue
         width = pick.shape[1]
-        if re.search(r"cross_attn\.(k|v)\.|text_embedding", name):
+        text = bool(re.search(r"cross_attn\.(k|v)\.|text_embedding", name))
+        if text:
             rows_read = TEXT_TOKENS  # the text side reads the encodings, not the video
         elif "time_" in name:
             rows_read = 1
@@ -115,6 +122,7 @@ def feature_pass_cost(
             rows_read = tokens
         # one Gram per trained matrix: layers reading one input share it at run time (a bound)
         gram += 2 * rows_read * width * width
+        exact += 2 * rows_read * width * width if text else 0
         held += width * width * 8
     inputs = prompts * draws * times
     return FeaturePassCost(
@@ -124,4 +132,5 @@ def feature_pass_cost(
         gram_flops=gram,
         gram_bytes=held,
         inputs=inputs,
+        exact_flops=exact,
     )
