@@ -250,6 +250,7 @@ def render_table(report: dict[str, Any]) -> Any:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the same numbers as the terminal table, plus the setup and timings."""
+    from .stack_report import time_lines
     cfg, s = report["config"], report["summary"]
     variants, merged_variant = report["character2_variants"], report["character2_merged"]
     stages = list(report["stages"])
@@ -333,11 +334,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- sample grids: " + ", ".join(f"`samples/{st}.png`" for st in stages),
         "- loss curves: `loss.png`; TensorBoard: `tensorboard --logdir logs`",
         "",
-        "## Time",
-        "",
-        f"Total {report['seconds']:.0f} s on {report['threads']} threads ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())
-        + f"); {report['peak_memory']}.",
-        "",
+        *time_lines(report),
     ]
     return "\n".join(lines)

@@ -267,6 +267,14 @@ def render_stack_markdown(report: dict[str, Any]) -> str:
         "- sample grids: `samples/*.png`; loss curves: `loss.png`; TensorBoard: "
         "`tensorboard --logdir <method>/logs`",
         "",
+        *time_lines(report),
+    ]
+    return "\n".join(lines)
+
+
+def time_lines(report: dict[str, Any]) -> list[str]:
+    """The "Time" section of a demo report (both kinds of demo)."""
+    return [
         "## Time",
         "",
         f"Total {report['seconds']:.0f} s on {report['threads']} threads ("
@@ -274,7 +282,6 @@ def render_stack_markdown(report: dict[str, Any]) -> str:
         + f"); {report['peak_memory']}.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def render_stack_summary(report: dict[str, Any]) -> str:

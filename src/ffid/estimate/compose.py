@@ -278,11 +278,9 @@ def estimate(
     for one in settings:
         notes: list[str] = []
         sel = _plan_for_estimate(manifest, one, notes)
-        est = estimate_selection(
-            sel,
+        run = dict(  # the run being estimated, also for the fewest-swapped-blocks search
             optimizer=optimizer,
             base_dtype=base_dtype,
-            blocks_to_swap=blocks_to_swap,
             activations_gb=activations_gb,
             video_size=video_size,
             frames=frames,
@@ -291,20 +289,9 @@ def estimate(
             experts=experts,
             offload_inactive_dit=offload_inactive_dit,
         )
+        est = estimate_selection(sel, blocks_to_swap=blocks_to_swap, **run)  # type: ignore[arg-type]
         if budget is not None:
-            est.fit = fit_blocks_to_swap(
-                sel,
-                budget,
-                optimizer=optimizer,
-                base_dtype=base_dtype,
-                activations_gb=activations_gb,
-                video_size=video_size,
-                frames=frames,
-                batch_size=batch_size,
-                grad_path=grad_path,
-                experts=experts,
-                offload_inactive_dit=offload_inactive_dit,
-            )
+            est.fit = fit_blocks_to_swap(sel, budget, **run)  # type: ignore[arg-type]
         est.notes[:0] = notes
         out.append(est)
     return out
