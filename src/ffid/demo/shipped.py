@@ -2,7 +2,7 @@
 
 A shipped base is ``bases/base-<key>.safetensors`` plus ``bases/base-<key>.json``: the file
 :func:`ffid.demo.pretrain.load_or_pretrain` writes for the recipe whose hash is ``key``, made by
-:func:`regenerate` (``python -m ffid.demo.shipped``) through that same function, and its info
+:func:`regenerate` (``python -m ffid.demo.ship_base``) through that same function, and its info
 with provenance (command, ffid commit, library versions), the file's SHA-256 and its judged
 quality on the base classes.
 
@@ -26,7 +26,7 @@ from typing import Any
 BASES_DIR = Path(__file__).resolve().parent / "bases"
 RECIPE_META = "ffid_demo.recipe"  # safetensors metadata key holding the base's recipe (JSON)
 QUALITY_SAMPLES = 32  # per prompt when the quality is recorded: the demo's own --samples default
-REGENERATE = "python -m ffid.demo.shipped"  # regenerates the shipped bases (run from a checkout)
+REGENERATE = "python -m ffid.demo.ship_base"  # regenerates the shipped bases (run from a checkout)
 
 
 def recipe_key(recipe: dict[str, Any]) -> str:
