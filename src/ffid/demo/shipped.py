@@ -195,6 +195,15 @@ def regenerate(width: int = 64, bases_dir: Path | None = None) -> Path:
     from .run import set_determinism
     from .task import load_model
 
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.rstrip()  # the code that runs: recorded before it runs
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DemoConfig(output_dir=tmp, cache_dir=tmp, fresh=True, progress=False)
         if width != cfg.spec.dim:  # heads of 16 channels, FFN twice the width: as bench/stack.py --width
@@ -211,21 +220,14 @@ def regenerate(width: int = 64, bases_dir: Path | None = None) -> Path:
         target, info_target = shipped_paths(info["key"], bases_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, path.read_bytes())
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()
     info |= {
         "sha256": sha256_of(target),
         "bytes": target.stat().st_size,
         "made": made,
         "command": REGENERATE + (f" --width {width}" if width != 64 else ""),
-        "ffid_commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "ffid_commit": commit,
+        # tracked files that differed from that commit when the base was made (none: a clean tree)
+        "uncommitted": [line[3:] for line in dirty.splitlines()],
         "ffid_version": __version__,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
