@@ -160,6 +160,14 @@ def judged_quality(model: Any, cfg: Any, judge: Any, samples: int) -> dict[str, 
     }
 
 
+def wilson(hits: int, n: int, z: float = 3.0) -> tuple[float, float]:
+    """Wilson score interval of a rate measured as ``hits`` of ``n`` (z = 3: about 99.7%)."""
+    p, z2 = hits / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def binomial_floor(rate: float, n: int, tail: float = 1e-3) -> int:
     """The fewest hits out of ``n`` a rate of ``rate`` gives, except with probability <= ``tail``:
     the largest ``k`` with P(Binomial(n, rate) < k) <= ``tail``."""
@@ -173,10 +181,12 @@ def binomial_floor(rate: float, n: int, tail: float = 1e-3) -> int:
     return n
 
 
-def regenerate(width: int = 64, bases_dir: Path | None = None) -> Path:
-    """Pretrain the default demo's base (or the width-``width`` one) exactly as ``ffid demo`` does
-    and write it with its info into ``bases_dir``; returns the file. Run from a git checkout so the
-    info records the commit."""
+def regenerate(width: int = 64, held_out: tuple[int, ...] = (), bases_dir: Path | None = None) -> Path:
+    """Pretrain the default demo's base exactly as ``ffid demo`` does and write it with its info
+    into ``bases_dir``; returns the file. ``width`` and ``held_out`` (digits, as ``ffid demo
+    --characters`` holds them out) give another seed-0 base, e.g. the width-128 one of
+    ``bench/stack.py --width 128`` (``width=128, held_out=(7, 4, 1, 9)``). Run from a git checkout
+    so the info records the commit."""
     import platform
     import subprocess
     import tempfile
@@ -208,6 +218,8 @@ def regenerate(width: int = 64, bases_dir: Path | None = None) -> Path:
         cfg = DemoConfig(output_dir=tmp, cache_dir=tmp, fresh=True, progress=False)
         if width != cfg.spec.dim:  # heads of 16 channels, FFN twice the width: as bench/stack.py --width
             cfg.spec = replace(ModelSpec(), dim=width, heads=width // 16, ffn_dim=2 * width)
+        if held_out:
+            cfg.characters = tuple(held_out)
         cfg.validate()
         set_determinism(cfg.seed, cfg.threads)  # as run_demo does before anything else
         data = load_digit_images(cfg.spec.image_size)
@@ -224,7 +236,9 @@ def regenerate(width: int = 64, bases_dir: Path | None = None) -> Path:
         "sha256": sha256_of(target),
         "bytes": target.stat().st_size,
         "made": made,
-        "command": REGENERATE + (f" --width {width}" if width != 64 else ""),
+        "command": REGENERATE
+        + (f" --width {width}" if width != 64 else "")
+        + (f" --held_out {' '.join(map(str, held_out))}" if held_out else ""),
         "ffid_commit": commit,
         # tracked files that differed from that commit when the base was made (none: a clean tree)
         "uncommitted": [line[3:] for line in dirty.splitlines()],
@@ -248,8 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--width", type=int, default=64, help="model width (64: the default demo's base)")
     p.add_argument("--bases_dir", default=None, help="where to write (default: the package's bases/)")
+    p.add_argument(
+        "--held_out",
+        type=int,
+        nargs="*",
+        default=[],
+        help="digits kept out of pretraining, as ffid demo --characters keeps them (default: 7 and 4)",
+    )
     args = p.parse_args(argv)
-    regenerate(args.width, Path(args.bases_dir) if args.bases_dir else None)
+    regenerate(args.width, tuple(args.held_out), Path(args.bases_dir) if args.bases_dir else None)
 
 
 if __name__ == "__main__":
