@@ -587,6 +587,27 @@ FIGURES += [
 ]
 
 
+DEMO_FRESH = "bench/results/demo-fresh-cpu.txt"
+
+
+def _demo_fresh() -> tuple[str, ...]:
+    """Wall time and peak RSS of the fresh default demo, as /usr/bin/time -v printed them."""
+    wall = search(DEMO_FRESH, r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\d+):([\d.]+)$")
+    kb = int(search(DEMO_FRESH, r"Maximum resident set size \(kbytes\): (\d+)$").group(1))
+    minutes, seconds = int(wall.group(1)), float(wall.group(2))
+    return f"{minutes} min {seconds:.0f} s", f"{kb / 1024:.0f}"
+
+
+FIGURES += [
+    Figure(
+        "demo: a fresh default run with the shipped base",
+        r"took \**(\d+ min \d+ s)\** wall\** and \**(\d+) MiB\** peak RSS",
+        DEMO_FRESH,
+        _demo_fresh,
+    ),
+]
+
+
 # ---------------------------------------------------------------- the tests
 
 

@@ -11,7 +11,8 @@ TWO_CHARACTER_FLAGS = ("character1", "character2", "ffid1", "ffid2", "character2
 STACK_FLAGS = ("stacking", "held_out", "character_samples")
 
 DEFAULTS_NOTE = (
-    "defaults: the full demo (about 11 CPU-minutes on one thread here, 6 with the base cached); "
+    "defaults: the full demo on the base shipped with ffid (about 4 minutes on one thread here; "
+    "--fresh, another seed or another base setting pretrains its base first, 4-6 minutes more); "
     "--quick: a short smoke run"
 )
 
@@ -42,7 +43,7 @@ def register(subparsers: Any) -> None:
         "--cache_dir", default=None, help="where the pretrained base is cached (default {output_dir}/base)"
     )
     p.add_argument(
-        "--fresh", action="store_true", help="pretrain the base again even if a cached one matches"
+        "--fresh", action="store_true", help="pretrain the base again even if a shipped or cached one matches"
     )
     p.add_argument(
         "--quick", action="store_true", help="a shortened demo: smaller model, few steps (for tests)"

@@ -10,7 +10,6 @@ writes a delta, its warm-up starts at lr 0 (transformers' schedules) where this 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -21,6 +20,7 @@ import torch
 
 from .config import DemoConfig
 from .model import build_model, param_count
+from .shipped import RECIPE_META, ShippedBaseMismatch, find_shipped, recipe_key
 from .task import DemoTask, base_concepts, save_model
 
 
@@ -93,13 +93,27 @@ def pretrain(
 def load_or_pretrain(
     cfg: DemoConfig, data: tuple[torch.Tensor, torch.Tensor], log: Callable[[str], None]
 ) -> tuple[Path, list[float], bool]:
-    """The base file, its pretraining losses, and whether it came from the cache."""
+    """The base file, its pretraining losses, and whether it was read rather than pretrained now.
+
+    In order: ``--fresh`` pretrains; else the base shipped with ffid for this recipe
+    (:mod:`.shipped`, verified; one that fails a check is named in one line and skipped); else
+    the cached one under ``cache_dir``; else it is pretrained and cached.
+    """
     from ..train.io import atomic_write_bytes
     from ..train.monitor import plot_losses
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "base"
     recipe = cfg.base_recipe()
-    key = hashlib.blake2b(json.dumps(recipe, sort_keys=True).encode(), digest_size=8).hexdigest()
+    key = recipe_key(recipe)
+    if not cfg.fresh:
+        try:
+            shipped = find_shipped(recipe)
+        except ShippedBaseMismatch as exc:
+            shipped = None
+            log(f"base: the shipped base for recipe {key} is not used ({exc}); pretraining instead")
+        if shipped is not None:
+            log(f"base: shipped with ffid (recipe {key}; --fresh retrains it)")
+            return shipped.path, list(shipped.info.get("losses", [])), True
     path = cache / f"base-{key}.safetensors"
     info_path = cache / f"base-{key}.json"
     if path.is_file() and info_path.is_file() and not cfg.fresh:
@@ -109,7 +123,7 @@ def load_or_pretrain(
     t0 = time.perf_counter()
     model, losses = pretrain(cfg, cache, data, log)
     seconds = time.perf_counter() - t0
-    save_model(model, cfg.spec, path, {"ffid_demo.recipe": json.dumps(recipe)})
+    save_model(model, cfg.spec, path, {RECIPE_META: json.dumps(recipe)})
     info = {"recipe": recipe, "key": key, "seconds": round(seconds, 2), "losses": losses}
     atomic_write_bytes(info_path, (json.dumps(info) + "\n").encode())
     plot_losses(losses, cache / f"base-{key}-loss.png", "pretraining the demo base")

@@ -13,6 +13,7 @@ from .classifier import DigitJudge
 from .config import DemoConfig
 from .data import DIGIT_WORDS
 from .evaluate import StageScores
+from .shipped import base_origin, is_shipped
 from .task import base_concepts
 
 
@@ -75,6 +76,7 @@ def build_report(
         "files": {
             "base": str(base_path),
             "base_cached": cached,
+            "base_shipped": is_shipped(base_path),
             "delta1": info1["delta"],
             "delta2": infos2[merged_variant]["delta"],
             **{f"delta2_{v}": infos2[v]["delta"] for v in variants},
@@ -322,8 +324,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "## Files",
         "",
-        f"- base: `{report['files']['base']}` "
-        f"({'from cache' if report['files']['base_cached'] else 'pretrained now'})",
+        f"- base: `{report['files']['base']}` ({base_origin(report['files'])})",
         f"- character1 delta: `{c1['delta']}` ({c1['trainable']:,} weights, fingerprint {c1['fingerprint']})",
         *[
             f"- character2 {v} delta: `{c['delta']}` ({c['trainable']:,} weights, "

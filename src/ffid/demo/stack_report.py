@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .judge import RESAMPLES, Estimate, bootstrap_mean, difference, hits_of, retention
+from .shipped import base_origin
 
 MEASURES = ("confident", "argmax")
 # the sequences of a stacked run (ffid.demo.stacking)
@@ -259,7 +260,7 @@ def render_stack_markdown(report: dict[str, Any]) -> str:
         "",
         "## Files",
         "",
-        f"- base: `{f['base']}` ({'from cache' if f['base_cached'] else 'pretrained now'})",
+        f"- base: `{f['base']}` ({base_origin(f)})",
         *(f"- {m} deltas: " + ", ".join(f"`{p}`" for p in f[f"{m}_deltas"]) for m in report["sequences"]),
         f"- merged ({merged['method']} deltas): `{f['merged']}`; identical to base + those deltas: "
         f"{merged['same_as_deltas']}"

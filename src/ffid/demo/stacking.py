@@ -38,6 +38,7 @@ from .judge import judge_images
 from .model import build_model, param_count, sample
 from .plots import plot_all_losses, write_grid
 from .pretrain import load_or_pretrain
+from .shipped import is_shipped
 from .stack_report import METHOD_TITLES
 from .task import base_concepts
 
@@ -301,7 +302,12 @@ def run_stack(cfg: DemoConfig, console: Any = None) -> Any:
         before,
         {m: {"stages": sequences[m], "runs": [t.info for t in runs[m]]} for m in sequences},
         merged,
-        {"base": str(base_path), "base_cached": cached, "merged": str(merged_path)},
+        {
+            "base": str(base_path),
+            "base_cached": cached,
+            "base_shipped": is_shipped(base_path),
+            "merged": str(merged_path),
+        },
         timings,
     )
     report["seconds"] = round(time.perf_counter() - t_start, 1)
