@@ -130,6 +130,7 @@ def test_resume_repeats_the_uninterrupted_run(world, tmp_path):
         (["preserve_energy=most"], "preserve_energy='most' is not a number"),
         (["preserve_draws=0"], "preserve_draws = 0 must be at least 1"),
         (["preserve_method=magic"], "preserve_method='magic' is unknown"),
+        (["preserve_bases=gpu"], "preserve_bases = 'gpu' is not one of device, cpu"),
     ],
 )
 def test_projection_refusals(world, extra, message):

@@ -196,7 +196,14 @@ def scenarios(root: Path) -> list[Scenario]:
         # accumulation 2; then the same with musubi's block swap (its offloader, CPU copies
         # standing in for CUDA streams)
         Scenario("proj_acc", _proj(root, *ACC2), proj_net, steps=2),
-        Scenario("proj_swap", _proj(root, *ACC2, "--blocks_to_swap", "1"), proj_net, ["--cpu-swap"], steps=2),
+        # (its bases kept in host memory, preserve_bases=cpu: the same bits)
+        Scenario(
+            "proj_swap",
+            _proj(root, *ACC2, "--blocks_to_swap", "1"),
+            [*proj_net, "preserve_bases=cpu"],
+            ["--cpu-swap"],
+            steps=2,
+        ),
         # without accumulation (musubi's own resume is not exact with it, see the test), saved
         # with its state at step 2; then steps 3-4 from that state
         Scenario("proj", _proj(root, "--save_every_n_steps", "2", "--save_state"), proj_net, steps=4),

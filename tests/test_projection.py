@@ -323,3 +323,34 @@ def test_ffid_train_writes_implicit_deltas(base: Path, tmp_path: Path) -> None:
     a, b = with_deltas(base, [explicit.final]), with_deltas(base, [implicit.final])
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
+    """``bases="cpu"``: each basis stays in host memory and is moved for its product only; the
+    projected values are the same bits as with the bases beside the trained values."""
+    from ffid.demo.task import DemoTask
+    from ffid.engine import attach
+
+    results = []
+    for place in ("device", "cpu"):
+        model, spec = load_model(base)
+        task = DemoTask([], model=model, spec=spec)
+        handle = attach(model, ff=0.04, ffid=1, selector="rows", include=[r"^blocks\."], slots=8)
+        try:
+            settings = ProjectionSettings(energy=0.99, draws=1, times=2, bases=place)
+            projector = Projector(handle, task, [Protected("a digit zero", "user")], settings)
+            projector.collect(model, torch.Generator().manual_seed(0))
+            assert all(g.basis is None or g.basis.device.type == "cpu" for g in projector._groups)
+            opt = torch.optim.AdamW(handle.parameters(), lr=0.5)
+            projector.install(opt)
+            torch.manual_seed(3)
+            for _ in range(2):
+                for p in handle.parameters():
+                    p.grad = torch.randn_like(p)
+                opt.step()
+            results.append({n: p.detach().clone() for n, p in handle.proxies()})
+        finally:
+            handle.detach()
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    with pytest.raises(ConfigError, match="preserve_bases = 'gpu'"):
+        ProjectionSettings(bases="gpu").validate()

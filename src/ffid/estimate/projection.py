@@ -28,6 +28,7 @@ class ProjectionMemory:
     bound_bytes: int  # width x width/2 x 4 B per trained matrix
     share: float  # the protected rank share ``typical_bytes`` assumes
     typical_bytes: int
+    largest_bytes: int = 0  # the largest single basis (bound): what preserve_bases=cpu holds on the GPU
 
     def line(self) -> str:
         gib = 2**30
@@ -35,7 +36,9 @@ class ProjectionMemory:
             "Projection bases (preserve_method = 'projection'): at most "
             f"{self.bound_bytes / gib:.2f} GiB fp32 over {self.matrices} matrices; "
             f"{self.typical_bytes / gib:.2f} GiB at a protected rank of "
-            f"{self.share:.0%} of the width (layers reading one input share a basis: less)"
+            f"{self.share:.0%} of the width (layers reading one input share a basis: less); with "
+            f"preserve_bases=cpu they stay in host memory and the GPU holds one at a time (at most "
+            f"{self.largest_bytes / 2**20:.0f} MiB), moved twice a step"
         )
 
 
@@ -48,6 +51,7 @@ def projection_memory(sel: Selection, share: float = 0.2) -> ProjectionMemory:
         bound_bytes=sum(w * (w // 2) * 4 for w in widths),
         share=share,
         typical_bytes=sum(w * int(w * part) * 4 for w in widths),
+        largest_bytes=max((w * (w // 2) * 4 for w in widths), default=0),
     )
 
 

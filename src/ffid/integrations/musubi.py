@@ -38,7 +38,7 @@ starting from the ``--dit`` file (:mod:`ffid.integrations.musubi_fp8`); Wan 2.2'
 ``preserve_*``      ``preserve_prompts`` (captions to take, default all); loss: ``preserve_weight``
                     (16), ``preserve_items`` (1 per forward), ``preserve_every`` (1); projection:
                     ``preserve_energy`` (0.99), ``preserve_draws`` (4), ``preserve_times`` (2),
-                    ``preserve_steps`` (10)
+                    ``preserve_steps`` (10), ``preserve_bases`` (``device``; ``cpu``: host memory)
 ==================  ================================================================================
 """
 

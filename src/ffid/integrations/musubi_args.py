@@ -39,9 +39,10 @@ NETWORK_ARGS = {
     "preserve_draws": "projection: the DiT's own drawings per protected prompt, e.g. 4",
     "preserve_times": "projection: re-noising times per drawing, e.g. 2",
     "preserve_steps": "projection: sampler steps of a drawing, e.g. 10",
+    "preserve_bases": "projection: where the bases live, device (default: with the trained values) or cpu",
 }
 LOSS_ONLY = ("preserve_weight", "preserve_items", "preserve_every")
-PROJECTION_ONLY = ("preserve_energy", "preserve_draws", "preserve_times", "preserve_steps")
+PROJECTION_ONLY = ("preserve_energy", "preserve_draws", "preserve_times", "preserve_steps", "preserve_bases")
 PATTERN_SEPARATOR = ";"
 _SAVE_DTYPES: dict[str, torch.dtype | None] = {
     **{name: torch_dtype(code) for name, code in train_names().items()},
@@ -183,4 +184,5 @@ def _projection_settings(args: Mapping[str, Any]) -> ProjectionSettings:
         draws=_int_arg("preserve_draws", args.get("preserve_draws", str(defaults.draws))),
         times=_int_arg("preserve_times", args.get("preserve_times", str(defaults.times))),
         sample_steps=_int_arg("preserve_steps", args.get("preserve_steps", str(defaults.sample_steps))),
+        bases=str(args.get("preserve_bases", defaults.bases)).strip(),
     ).validate()

@@ -59,6 +59,9 @@ RANK_TOL = 1e-12
 DEFAULT_ENERGY = 0.99
 
 
+BASES_PLACES = ("device", "cpu")
+
+
 @dataclass(frozen=True)
 class ProjectionSettings:
     """How the protected inputs are drawn and how much of their span the bases keep."""
@@ -68,6 +71,10 @@ class ProjectionSettings:
     times: int = 2  # random re-noising times per drawing
     sample_steps: int = 10  # sampler steps of a drawing (tasks that draw)
     project_grad: bool = True  # also project the gradient before the optimizer sees it
+    # where the bases live: "device" (with the trained values) or "cpu" (host memory, each moved
+    # to the values' device for each product that uses it: the GPU holds one basis at a time, at
+    # the cost of moving them at every projection, twice a step; the same bits either way)
+    bases: str = "device"
 
     def validate(self) -> ProjectionSettings:
         e = self.energy
@@ -79,6 +86,11 @@ class ProjectionSettings:
         for name in ("draws", "times", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"preserve_{name} = {getattr(self, name)} must be at least 1")
+        if self.bases not in BASES_PLACES:
+            raise ConfigError(
+                f"preserve_bases = {self.bases!r} is not one of {', '.join(BASES_PLACES)}; use cpu to keep "
+                "the bases in host memory (the GPU then holds one at a time)"
+            )
         return self
 
 
@@ -367,7 +379,10 @@ class Projector:
             if group.rank > group.width // 2:
                 q = basis_from_gram(grams[head], self.settings.energy, group.exact, complement=True)
                 group.complement = True
-            group.basis = q.to(device=proxies[group.members[0]].device, dtype=torch.float32)
+            home = "cpu" if self.settings.bases == "cpu" else proxies[group.members[0]].device
+            group.basis = q.to(device=home, dtype=torch.float32)
+            if home == "cpu" and torch.cuda.is_available():
+                group.basis = group.basis.pin_memory()  # so that each move overlaps
         self._groups = list(by_leader.values())
         self._trained = []
         for name, group in ((n, by_leader[leader[n]]) for n in sorted(leader)):
@@ -403,6 +418,8 @@ class Projector:
         from the complement ``F`` it is ``d F F^T``, the same map."""
         q = group.basis
         assert q is not None
+        if q.device != d.device:  # bases kept on the CPU: moved for this product only
+            q = q.to(d.device, non_blocking=True)
         if group.complement:
             return (d @ q) @ q.T
         return d - (d @ q) @ q.T if q.shape[1] else d
@@ -415,7 +432,7 @@ class Projector:
             dev = t.proxy.device
             if t.start.device != dev:
                 t.start = t.start.to(dev)
-            if t.group.basis is not None and t.group.basis.device != dev:
+            if self.settings.bases != "cpu" and t.group.basis is not None and t.group.basis.device != dev:
                 t.group.basis = t.group.basis.to(dev)
             yield t
 
