@@ -50,7 +50,7 @@ from .guard import HandleChecks
 from .kernels import FP8_DTYPES
 from .reads import READS_KEY, EffectiveTensor, original_class, read_class
 from .reporting import HandleReport
-from .scaled import quantize_at, scale_at
+from .scaled import scale_at, write_at
 from .slots import Slot, resolve, scatter_
 
 # Modules currently patched by a live handle (owner module -> handle), to refuse double attaches.
@@ -400,10 +400,10 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
             for slot in self._slots.values():
                 base = slot.param.data
                 idx = slot.idx_on(base.device, cache=False)
-                values = self._proxy(slot).detach()
-                if slot.scaled is not None:  # into the fp8 domain with the weight's own scale
-                    values = quantize_at(values.to(base.device), slot.scale(), idx, base.shape[-1])
-                scatter_(base.view(-1), idx, values)  # type: ignore[arg-type]
+                # a scaled weight takes them in the fp8 domain, with its own scale
+                write_at(
+                    base, slot.scale() if slot.scaled is not None else None, idx, self._proxy(slot).detach()
+                )
 
     def detach(self) -> None:
         """Undo :func:`attach`: forwards restored, ``requires_grad`` flags restored.

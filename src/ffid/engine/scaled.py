@@ -92,3 +92,29 @@ def quantize_at(values: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, co
     scale and clamped to the e4m3 range, as musubi quantizes (fp32, the caller casts)."""
     s = scale_at(scale, idx, cols).to(values.device)
     return (values.to(torch.float32) / s).clamp(-E4M3_MAX, E4M3_MAX)
+
+
+def read_at(weight: torch.Tensor, scale: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """The values a weight stands for at flat positions ``idx`` (fp32): :func:`values_at` for a
+    scaled weight, the stored values otherwise."""
+    if scale is not None:
+        return values_at(weight, scale, idx)
+    return weight.reshape(-1)[idx.to(weight.device)].to(torch.float32)
+
+
+@torch.no_grad()
+def write_at(
+    weight: torch.Tensor, scale: torch.Tensor | None, idx: torch.Tensor, values: torch.Tensor
+) -> None:
+    """Store the true ``values`` at flat positions ``idx`` of ``weight`` in place: quantized with its
+    own scale for a scaled weight, rounded to the weight's dtype otherwise; 1-byte floats through a
+    byte view (index_put is not implemented for them on every device)."""
+    idx = idx.to(weight.device)
+    if scale is not None:
+        values = quantize_at(values.to(weight.device), scale, idx, weight.shape[-1])
+    values = values.to(device=weight.device, dtype=weight.dtype)
+    flat = weight.data.view(-1)
+    if weight.element_size() == 1:
+        flat.view(torch.uint8)[idx] = values.view(torch.uint8)
+    else:
+        flat[idx] = values

@@ -16,7 +16,7 @@ from ..errors import AttachError, MismatchError
 from ..names import canonical_name
 from ..selection import Selection
 from .kernels import FP8_DTYPES, Pattern
-from .scaled import SCALE_KEY, check_scale, scale_of, values_at
+from .scaled import SCALE_KEY, check_scale, read_at, scale_of
 
 
 def escape(name: str) -> str:
@@ -76,9 +76,7 @@ class Slot:
         """The values the model computes with at the selected positions of ``base`` (fp32 CPU): the
         stored values, or fp8 x scale for a scaled weight."""
         idx = self.idx_on(base.device, cache=False)
-        if self.scaled is not None:
-            return values_at(base, self.scale(), idx).cpu()
-        return base.reshape(-1)[idx].to(device="cpu", dtype=torch.float32)
+        return read_at(base, self.scale() if self.scaled is not None else None, idx).cpu()
 
 
 def resolve(

@@ -150,7 +150,7 @@ class TwoExperts(nn.Module):
         (in place: musubi assigns these tensors), checked against their base fingerprints."""
         from ..checkpoint.delta import blend, expert_hint, load_delta, sample_positions, values_hash
         from ..checkpoint.namemap import NameResolver
-        from ..engine.scaled import E4M3_MAX, scale_at, values_at
+        from ..engine.scaled import read_at, write_at
 
         by_name = {canonical_name(k): k for k in state_dict}
         for path, multiplier in self.pending:
@@ -168,7 +168,7 @@ class TwoExperts(nn.Module):
                 scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
                 scale = state_dict.get(scale_key) if scale_key else None
                 idx = dt.indices.to(t.device)
-                base = values_at(t, scale, idx) if scale is not None else t.reshape(-1)[idx].float()
+                base = read_at(t, scale, idx)
                 fp = delta.info.base_fingerprint.get(name)
                 # fp8 weights (scaled or --fp8_base) hold copies of the file's values, which the
                 # fingerprint hashes: only wider weights can be checked
@@ -180,16 +180,8 @@ class TwoExperts(nn.Module):
                             f"(tensor {name!r} holds other values){expert_hint(delta.metadata)}"
                         )
                 plan.append((t, idx, blend(base, dt.values.to(base.device), multiplier), scale))
-            with torch.no_grad():
-                for t, idx, new, scale in plan:
-                    flat = t.data.reshape(-1)
-                    if scale is not None:
-                        q = (new / scale_at(scale, idx, t.shape[-1])).clamp(-E4M3_MAX, E4M3_MAX).to(t.dtype)
-                        flat.view(torch.uint8)[idx] = q.view(torch.uint8)
-                    elif t.element_size() == 1:  # --fp8_base: index_put is not there for fp8 everywhere
-                        flat.view(torch.uint8)[idx] = new.to(t.dtype).view(torch.uint8)
-                    else:
-                        flat[idx] = new.to(t.dtype)
+            for t, idx, new, scale in plan:  # all checked first: nothing half-merged
+                write_at(t, scale, idx, new)
             logger.info("ffid: merged %s into the high-noise expert (multiplier %s)", path.name, multiplier)
         self.pending = []
 

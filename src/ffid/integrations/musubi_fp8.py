@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpoint.delta import Delta, apply_delta, blend
 from ..checkpoint.files import Checkpoint
 from ..checkpoint.namemap import NameResolver
-from ..engine.scaled import quantize_at, scale_of, values_at
+from ..engine.scaled import read_at, scale_of, write_at
 from ..errors import ConfigError, MismatchError, ModelFileError
 from ..names import canonical_name
 
@@ -115,15 +115,10 @@ def merge_scaled(unet: nn.Module, delta: Delta, multiplier: float) -> tuple[int,
                 continue
             module = owners[target]
             weight = module._parameters["weight"]
-            scale = scale_of(module)
+            scale = scale_of(module)  # None: plain --fp8_base, rounded to fp8
             idx = dt.indices.to(weight.device)
-            if scale is None:  # plain --fp8_base: rounded to fp8
-                new = blend(weight.reshape(-1)[idx].float(), dt.values.to(weight.device), multiplier)
-                q = new.to(weight.dtype)
-            else:
-                new = blend(values_at(weight, scale, idx), dt.values.to(weight.device), multiplier)
-                q = quantize_at(new, scale, idx, weight.shape[-1]).to(weight.dtype)
-            weight.data.view(-1).view(torch.uint8)[idx] = q.view(torch.uint8)  # no fp8 index_put
+            new = blend(read_at(weight, scale, idx), dt.values.to(weight.device), multiplier)
+            write_at(weight, scale, idx, new)
             done += 1
     if plain:
         rest = Delta(delta.path, plain, delta.metadata, delta.info)
