@@ -209,12 +209,40 @@ def test_plan_of_a_row_selection_prints_the_projection_costs(capsys):
     rc, out, _ = run(capsys, "plan", *argv)
     assert rc == 0
     assert "Projection bases (preserve_method = 'projection'): at most 31.82 GiB fp32 over 400" in out
-    assert "Feature pass (32,760 tokens/video): 96 DiT forwards" in out and "not timed" in out
+    assert "Feature pass (32,760 tokens/video, 4,096 of them sampled into each Gram): 96 DiT forwards" in out
+    assert "not timed" in out and "as much as 32 training steps" in out
     rc, out, _ = run(capsys, "plan", *argv, "--json")
     data = json.loads(out)
     fp = data["feature_pass"]
     assert fp["tokens"] == 21 * 30 * 52 and fp["forwards"] == 2 * 4 * (10 + 2) and fp["inputs"] == 16
-    # one float64 Gram per trained matrix, width x width: 9 of width 5120 and 1 of 13824 per block
-    assert fp["gram_bytes"] == 40 * (9 * 5120**2 + 13824**2) * 8
+    assert fp["budget"] == 4096
+    # one Gram per input read: per block q/k/v share one, o, cross q, cross o, ffn.0 (width 5120)
+    # and ffn.2 (13824), float32; every block's cross K/V share one text Gram, float64
+    assert fp["gram_bytes"] == 40 * (5 * 5120**2 + 13824**2) * 4 + 5120**2 * 8
     rc, out, _ = run(capsys, "plan", P14, "--ff", "0.01", "--ffid", "1")
     assert "Feature pass" not in out and "Projection bases" not in out  # spread: no projection
+
+
+def test_feature_pass_groups_and_token_budget():
+    """The estimate folds one Gram per input read (as the feature pass does), and the token
+    budget cuts the image side's products, not the text side's."""
+    from ffid.estimate.projection import feature_pass_cost, input_group
+    from ffid.models import load_manifest
+    from ffid.presets.wan import wan_shape
+    from ffid.select import plan
+
+    assert input_group("blocks.3.self_attn.q.weight") == input_group("blocks.3.self_attn.v.weight")
+    assert input_group("blocks.3.self_attn.q.weight") != input_group("blocks.4.self_attn.q.weight")
+    assert input_group("blocks.0.cross_attn.k.weight") == input_group("blocks.9.cross_attn.v.weight")
+    assert input_group("blocks.0.attn2.to_k.weight") == input_group("blocks.0.cross_attn.k.weight")
+    assert input_group("blocks.0.cross_attn.q.weight") == "blocks.0.cross_attn.q.weight"
+    manifest = load_manifest(P14)
+    sel = plan(manifest, 0.01, 1, "rows", include=[r"^blocks\."])
+    shape = wan_shape(manifest)
+    assert shape is not None
+    whole = feature_pass_cost(sel, shape, 32760, 2, budget=0)
+    part = feature_pass_cost(sel, shape, 32760, 2)
+    assert part.exact_flops == whole.exact_flops > 0
+    image = (whole.gram_flops - whole.exact_flops) / (part.gram_flops - part.exact_flops)
+    assert image == pytest.approx(32760 / 4096)
+    assert part.gram_bytes == whole.gram_bytes and part.forwards == whole.forwards

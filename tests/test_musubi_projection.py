@@ -131,6 +131,8 @@ def test_resume_repeats_the_uninterrupted_run(world, tmp_path):
         (["preserve_draws=0"], "preserve_draws = 0 must be at least 1"),
         (["preserve_method=magic"], "preserve_method='magic' is unknown"),
         (["preserve_bases=gpu"], "preserve_bases = 'gpu' is not one of device, cpu"),
+        (["preserve_tokens=-1"], "preserve_tokens = -1 is not a whole number >= 0"),
+        (["preserve_tokens=many"], "preserve_tokens='many' is not an integer"),
     ],
 )
 def test_projection_refusals(world, extra, message):

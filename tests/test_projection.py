@@ -230,6 +230,7 @@ def test_projection_recipe_of_the_demo() -> None:
             {"preserve_energy": 1.0, "include": [r"^blocks\.0\.ffn"], "ff": 0.01},
             "no free direction in any trained row",
         ),
+        ({"preserve_tokens": -5}, "preserve_tokens = -5 is not a whole number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -354,3 +355,55 @@ def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
     with pytest.raises(ConfigError, match="preserve_bases = 'gpu'"):
         ProjectionSettings(bases="gpu").validate()
+
+
+def _bases(base: Path, tokens: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Each input group's basis (first member -> (basis, exact)) after a feature pass."""
+    from ffid.demo.task import DemoTask
+    from ffid.engine import attach
+
+    model, spec = load_model(base)
+    task = DemoTask([], model=model, spec=spec)
+    handle = attach(model, ff=0.04, ffid=1, selector="rows", slots=8)
+    try:
+        settings = ProjectionSettings(energy=0.99, draws=1, times=2, tokens=tokens)
+        projector = Projector(handle, task, [Protected("a digit zero", "user")], settings)
+        projector.collect(model, torch.Generator().manual_seed(seed))
+        return {g.members[0]: (g.basis.clone(), g.exact) for g in projector._groups if g.basis is not None}
+    finally:
+        handle.detach()
+
+
+def test_token_budget_samples_the_image_side_only(base: Path) -> None:
+    """``tokens``: an image-side layer folds a seeded sample of each input's token rows into its
+    Gram (scaled back to the whole input). A budget at or above the tokens an input has changes
+    no bit; a smaller one is the same bits run to run, and leaves the text side whole."""
+    whole = _bases(base, 0)
+    assert any(exact for _, exact in whole.values()) and not all(exact for _, exact in whole.values())
+    tokens = (SPEC.image_size // SPEC.patch) ** 2  # 64 per image
+    for budget in (tokens, 4096):
+        same = _bases(base, budget)
+        assert all(torch.equal(same[n][0], whole[n][0]) for n in whole)
+    small = _bases(base, 8)
+    assert all(torch.equal(small[n][0], b) for n, (b, _) in _bases(base, 8).items())  # deterministic
+    assert all(torch.equal(small[n][0], whole[n][0]) for n, (_, exact) in whole.items() if exact)
+    assert any(
+        small[n][0].shape != whole[n][0].shape or not torch.equal(small[n][0], whole[n][0])
+        for n, (_, exact) in whole.items()
+        if not exact
+    )
+
+
+@pytest.mark.parametrize("tokens", [-1, True, 2.5])
+def test_a_bad_token_budget_is_refused(tokens: object) -> None:
+    with pytest.raises(ConfigError, match=r"preserve_tokens = .* is not a whole number >= 0"):
+        ProjectionSettings(tokens=tokens).validate()  # type: ignore[arg-type]
+
+
+def test_the_token_budget_is_one_number() -> None:
+    """The trainer's default (a light config without torch) is the feature pass's."""
+    from ffid.estimate.projection import TOKEN_BUDGET
+    from ffid.preserve.projection import DEFAULT_TOKENS
+    from ffid.train.config import TrainConfig
+
+    assert TrainConfig().preserve_tokens == DEFAULT_TOKENS == ProjectionSettings().tokens == TOKEN_BUDGET

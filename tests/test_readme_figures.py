@@ -316,6 +316,7 @@ def _plan_projection() -> tuple[str, ...]:
     return (
         f"{bases:.1f}",
         search(PLAN_ROWS, r"(\d+) DiT forwards").group(1),
+        search(PLAN_ROWS, r"([\d,]+) of them sampled into each Gram").group(1),
         f"{grams:.0f}",
         search(PLAN_ROWS, r"H100 SXM ~(\d+) min").group(1),
         f"{rtx_min}",
@@ -485,8 +486,8 @@ FIGURES: list[Figure] = [
     ),
     Figure(
         "plan: projection at 14B",
-        r"bounds the bases at ([\d.]+) GiB fp32.*?feature pass at (\d+) DiT forwards.*?holding\s+([\d.]+) GiB"
-        r".*?~(\d+) min on an H100, ~(\d+) min on an RTX 4090",
+        r"bounds the bases at ([\d.]+) GiB fp32.*?feature pass at (\d+) DiT\s+forwards.*?of ([\d,]+) sampled"
+        r"\s+video tokens.*?holding\s+([\d.]+) GiB.*?~(\d+) min on an H100, ~(\d+) min on an RTX 4090",
         PLAN_ROWS,
         _plan_projection,
     ),

@@ -61,6 +61,13 @@ def projection_memory(sel: Selection, share: float = 0.2) -> ProjectionMemory:
 CARDS = {"H100 SXM": (989.0, 67.0, 67.0), "RTX 4090": (165.0, 82.6, 1.3)}  # (bf16, fp32, fp64)
 EFFICIENCY = 0.4
 TEXT_TOKENS = 512  # Wan's padded text length
+# Token rows of one protected input that an image-side layer folds into its Gram matrix (the
+# feature pass's default ``preserve_tokens``; 0 means all). A Wan 14B video at 480x832, 81 frames
+# is 32,760 tokens: a uniform sample of 4,096 (scaled back to the input's size, so the Gram stays
+# an unbiased estimate) cuts the image side's products 8x, and 16 protected inputs still give
+# 65,536 rows for a 5,120-wide layer. The text side reads <= 512 tokens and is never sampled (its
+# protection is exact); the demo's 64-token images are taken whole.
+TOKEN_BUDGET = 4096
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,10 @@ class FeaturePassCost:
     forwards: int  # DiT forwards: drawings' sampler steps + the re-noised inputs
     forward_flops: float  # one forward
     gram_flops: float  # the Gram products of one protected input, all trained layers
-    gram_bytes: int  # float64 Gram matrices held while collecting (one per trained matrix)
+    gram_bytes: int  # Gram matrices held while collecting: one per input group (see input_group)
     inputs: int  # protected inputs folded into the Grams
     exact_flops: float = 0.0  # the text side's share of gram_flops (float64 on every device)
+    budget: int = 0  # image-side token rows per input in a Gram (0: all)
 
     def seconds(self, bf16_tflops: float, fp32_tflops: float, fp64_tflops: float) -> float:
         """On a GPU: the video side's Gram products in float32, the text side's in float64."""
@@ -87,14 +95,28 @@ class FeaturePassCost:
 
     def line(self) -> str:
         times = ", ".join(f"{name} ~{self.seconds(*r) / 60:.0f} min" for name, r in CARDS.items())
+        sampled = f", {self.budget:,} of them sampled into each Gram" if 0 < self.budget < self.tokens else ""
         return (
-            f"Feature pass ({self.tokens:,} tokens/video): {self.forwards} DiT forwards "
+            f"Feature pass ({self.tokens:,} tokens/video{sampled}): {self.forwards} DiT forwards "
             f"({self.forward_flops / 1e15:.2f} PFLOP each) + Grams of {self.inputs} inputs "
             f"({self.gram_flops / 1e15:.2f} PFLOP each: video side float32 on a GPU, text side "
-            f"{self.exact_flops / 1e12:.1f} TFLOP float64), Grams {self.gram_bytes / 2**30:.1f} GiB in "
-            f"CPU memory while collecting; at {EFFICIENCY:.0%} of spec throughput: {times} (estimate, "
-            "not timed)"
+            f"{self.exact_flops / 1e9:.0f} GFLOP float64), Grams {self.gram_bytes / 2**30:.1f} GiB in "
+            "CPU memory while collecting (one per input read, image side float32); at "
+            f"{EFFICIENCY:.0%} of spec throughput: {times} (estimate, not timed); its forwards cost "
+            f"about as much as {self.forwards / 3:.0f} training steps (forward + backward)"
         )
+
+
+def input_group(name: str) -> str:
+    """Which input a Wan DiT Linear reads, as the feature pass groups them: a block's
+    self-attention q/k/v read one tensor, and every block's cross-attention K/V read the same text
+    features (the text embedding runs once per forward); every other Linear reads its own."""
+    m = re.match(r"(.*?)(self_attn|attn1)\.(q|k|v|to_q|to_k|to_v)\.weight$", name)
+    if m:
+        return f"{m.group(1)}self_attn.qkv"
+    if re.search(r"(cross_attn\.(k|v)|attn2\.(to_k|to_v))\.weight$", name):
+        return "cross_attn.kv (every block)"
+    return name
 
 
 def feature_pass_cost(
@@ -105,14 +127,17 @@ def feature_pass_cost(
     draws: int = 4,
     times: int = 2,
     sample_steps: int = 10,
+    budget: int = TOKEN_BUDGET,
 ) -> FeaturePassCost:
     """The feature pass of ``prompts`` protected prompts for a Wan DiT of ``shape`` at ``tokens``
-    per video, training ``sel`` (whole rows)."""
+    per video, training ``sel`` (whole rows), with ``budget`` image-side tokens of each input in
+    a Gram (0: all)."""
     d, f, n = shape.dim, shape.ffn, shape.layers
     per_block = 2 * tokens * (6 * d * d + 2 * d * f) + 4 * tokens * tokens * d + 4 * tokens * TEXT_TOKENS * d
     gram = 0.0
     exact = 0.0
     held = 0
+    groups: set[str] = set()
     for name, pick in sel.items():
         if len(pick.shape) != 2:
             continue
@@ -123,11 +148,15 @@ def feature_pass_cost(
         elif "time_" in name:
             rows_read = 1
         else:
-            rows_read = tokens
-        # one Gram per trained matrix: layers reading one input share it at run time (a bound)
+            rows_read = min(tokens, budget) if budget else tokens
+        group = input_group(name)
+        if group in groups:
+            continue  # one Gram per input read: the group's first layer folds it in
+        groups.add(group)
         gram += 2 * rows_read * width * width
         exact += 2 * rows_read * width * width if text else 0
-        held += width * width * 8
+        # on a GPU the image side's Grams are summed in float32, the text side's in float64
+        held += width * width * (8 if text else 4)
     inputs = prompts * draws * times
     return FeaturePassCost(
         tokens=tokens,
@@ -137,4 +166,5 @@ def feature_pass_cost(
         gram_bytes=held,
         inputs=inputs,
         exact_flops=exact,
+        budget=budget,
     )

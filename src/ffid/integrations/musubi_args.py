@@ -39,10 +39,18 @@ NETWORK_ARGS = {
     "preserve_draws": "projection: the DiT's own drawings per protected prompt, e.g. 4",
     "preserve_times": "projection: re-noising times per drawing, e.g. 2",
     "preserve_steps": "projection: sampler steps of a drawing, e.g. 10",
+    "preserve_tokens": "projection: video tokens per protected input sampled into a Gram, e.g. 4096 (0: all)",
     "preserve_bases": "projection: where the bases live, device (default: with the trained values) or cpu",
 }
 LOSS_ONLY = ("preserve_weight", "preserve_items", "preserve_every")
-PROJECTION_ONLY = ("preserve_energy", "preserve_draws", "preserve_times", "preserve_steps", "preserve_bases")
+PROJECTION_ONLY = (
+    "preserve_energy",
+    "preserve_draws",
+    "preserve_times",
+    "preserve_steps",
+    "preserve_bases",
+    "preserve_tokens",
+)
 PATTERN_SEPARATOR = ";"
 _SAVE_DTYPES: dict[str, torch.dtype | None] = {
     **{name: torch_dtype(code) for name, code in train_names().items()},
@@ -185,4 +193,5 @@ def _projection_settings(args: Mapping[str, Any]) -> ProjectionSettings:
         times=_int_arg("preserve_times", args.get("preserve_times", str(defaults.times))),
         sample_steps=_int_arg("preserve_steps", args.get("preserve_steps", str(defaults.sample_steps))),
         bases=str(args.get("preserve_bases", defaults.bases)).strip(),
+        tokens=_int_arg("preserve_tokens", args.get("preserve_tokens", str(defaults.tokens))),
     ).validate()

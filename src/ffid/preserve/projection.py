@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import ConfigError
+from ..estimate.projection import TOKEN_BUDGET
 from ..names import canonical_name
 from ..select import ROW_SELECTOR, get_selector
 from .prompts import Protected, describe_protected
@@ -57,6 +58,7 @@ EXACT_PATTERN = (
 # Directions whose energy is below this share of the largest are numerical noise, not inputs.
 RANK_TOL = 1e-12
 DEFAULT_ENERGY = 0.99
+DEFAULT_TOKENS = TOKEN_BUDGET  # image-side token rows per protected input in a Gram (why: there)
 
 
 BASES_PLACES = ("device", "cpu")
@@ -70,6 +72,8 @@ class ProjectionSettings:
     draws: int = 4  # the model's own drawings per protected prompt
     times: int = 2  # random re-noising times per drawing
     sample_steps: int = 10  # sampler steps of a drawing (tasks that draw)
+    # image-side token rows per protected input folded into a Gram (0: all); see DEFAULT_TOKENS
+    tokens: int = DEFAULT_TOKENS
     project_grad: bool = True  # also project the gradient before the optimizer sees it
     # where the bases live: "device" (with the trained values) or "cpu" (host memory, each moved
     # to the values' device for each product that uses it: the GPU holds one basis at a time, at
@@ -86,6 +90,12 @@ class ProjectionSettings:
         for name in ("draws", "times", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"preserve_{name} = {getattr(self, name)} must be at least 1")
+        t = self.tokens
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ConfigError(
+                f"preserve_tokens = {t!r} is not a whole number >= 0; give the image-side tokens per "
+                f"protected input to sample, e.g. {DEFAULT_TOKENS}, or 0 for all"
+            )
         if self.bases not in BASES_PLACES:
             raise ConfigError(
                 f"preserve_bases = {self.bases!r} is not one of {', '.join(BASES_PLACES)}; use cpu to keep "
@@ -300,6 +310,10 @@ class Projector:
         leader: dict[str, str] = {}  # layer -> the first layer that read the same tensor
         grams: dict[str, torch.Tensor] = {}
         first_forward = True
+        budget = self.settings.tokens
+        # Token samples come from a generator of their own, seeded from the run's: the inputs
+        # drawn from ``generator`` stay the same whatever the budget.
+        picks = torch.Generator().manual_seed((generator.initial_seed() + 1) % 2**63)
 
         def hook(name: str) -> Callable[..., None]:
             def pre(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -319,14 +333,29 @@ class Projector:
                 if leader[name] != name:
                     return
                 # The product where the input is (a 14B layer's input is too big to move to the
-                # CPU each time); only width x width goes to the CPU, summed there in float64.
+                # CPU each time); only width x width goes to the CPU and is summed there.
                 # float64 on the CPU and for the exact (text) side everywhere; on a GPU the
                 # video side, whose bases keep a share of the energy anyway, takes float32
-                # products (fp64 is 60x slower than fp32 on consumer cards)
-                wide = x.device.type == "cpu" or bool(self._exact.search(name))
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64 if wide else torch.float32)
-                gram = (flat.T @ flat).to(torch.float64).cpu()
-                grams[name] = grams[name] + gram if name in grams else gram
+                # products (fp64 is 60x slower than fp32 on consumer cards) and float32 sums
+                # (a 14B run holds one Gram per input read: half the host memory)
+                exact = bool(self._exact.search(name))
+                wide = x.device.type == "cpu" or exact
+                flat = x.detach().reshape(-1, x.shape[-1])
+                rows = flat.shape[0]
+                limit = budget * (x.shape[0] if x.dim() >= 3 else 1)  # per item of the batch
+                if budget and not exact and rows > limit:
+                    # drawn on the CPU, so every device picks the same rows; sorted, so the
+                    # Gram sums them in the input's own order
+                    keep = torch.randperm(rows, generator=picks)[:limit].sort().values
+                    flat = flat[keep.to(flat.device)]
+                flat = flat.to(torch.float64 if wide else torch.float32)
+                gram = (flat.T @ flat).cpu()
+                if flat.shape[0] < rows:
+                    gram *= rows / flat.shape[0]  # an unbiased estimate of the whole input's Gram
+                if name in grams:
+                    grams[name].add_(gram)
+                else:
+                    grams[name] = gram
 
             return pre
 
@@ -374,10 +403,11 @@ class Projector:
             group.members.append(name)
             group.exact = group.exact and bool(self._exact.search(name))
         for head, group in by_leader.items():
-            q = basis_from_gram(grams[head], self.settings.energy, group.exact)
+            gram = grams.pop(head).to(torch.float64)  # one float64 copy at a time
+            q = basis_from_gram(gram, self.settings.energy, group.exact)
             group.rank = q.shape[1]
             if group.rank > group.width // 2:
-                q = basis_from_gram(grams[head], self.settings.energy, group.exact, complement=True)
+                q = basis_from_gram(gram, self.settings.energy, group.exact, complement=True)
                 group.complement = True
             home = "cpu" if self.settings.bases == "cpu" else proxies[group.members[0]].device
             group.basis = q.to(device=home, dtype=torch.float32)
@@ -470,7 +500,8 @@ class Projector:
         source = "the model's own drawings" if drawn else "pure-noise latents (the task draws nothing)"
         line = (
             f"  preservation: projection (energy {self.settings.energy}, {self.settings.draws} x "
-            f"{self.settings.times} inputs per prompt from {source}); {describe_protected(self.protected)}"
+            f"{self.settings.times} inputs per prompt from {source}, image-side tokens per input "
+            f"{self.settings.tokens or 'all'}); {describe_protected(self.protected)}"
         )
         s = self.stats
         if s is not None:

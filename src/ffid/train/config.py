@@ -23,6 +23,7 @@ from typing import Any
 
 from ..dtypes import TRAIN_DTYPES
 from ..errors import ConfigError, MissingFileError, did_you_mean
+from ..estimate.projection import TOKEN_BUDGET
 from ..select import DEFAULT_SELECTOR, SELECTORS, SelectionSettings
 
 SELECTOR_NAMES = tuple(SELECTORS)
@@ -146,6 +147,12 @@ class TrainConfig:
     )
     preserve_times: int = _key(
         "projection: random re-noising times per drawing in the feature pass", 2, trajectory=True
+    )
+    preserve_tokens: int = _key(
+        "projection: image-side token rows per protected input sampled into a layer's Gram matrix "
+        "(0: all; the text side always takes all)",
+        TOKEN_BUDGET,
+        trajectory=True,
     )
     preserve_weight: float = _key("weight of the preservation loss", 16.0, trajectory=True)
     preserve_items: int = _key(
@@ -290,7 +297,10 @@ class TrainConfig:
         from ..preserve import ProjectionSettings
 
         return ProjectionSettings(
-            energy=self.preserve_energy, draws=self.preserve_draws, times=self.preserve_times
+            energy=self.preserve_energy,
+            draws=self.preserve_draws,
+            times=self.preserve_times,
+            tokens=self.preserve_tokens,
         ).validate()
 
     def selection(self) -> SelectionSettings:
