@@ -145,7 +145,7 @@ def test_demo_task_needs_concepts(tmp_path: Path) -> None:
     "flags, message",
     [
         (["--ffid1", "2", "--ffid2", "2"], "two different ids"),
-        (["--ff", "1.5"], "out of range"),
+        (["--pair", "--ff", "1.5"], "out of range"),
         (["--character1", "4", "--character2", "4"], "two different digits"),
         (["--character1", "12"], "0..9"),
         (["--steps", "0"], "at least 1"),

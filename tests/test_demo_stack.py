@@ -30,13 +30,25 @@ TINY_RUN = {"pretrain_steps": 3, "steps": 2, "character_samples": 4, "samples": 
         (["--characters", "7", "x"], "--characters 'x' is not a digit 0..9"),
         (["--characters", "7", "12"], "--characters '12' is not a digit 0..9"),
         # compat-v2 has 8 pools, ids 0..7: 8 characters need id 8
-        (["--selector", "compat-v2", "--characters", *"01235689"], "more than the selection layout holds"),
+        (
+            ["--preserve_method", "loss", "--selector", "compat-v2", "--characters", *"01235689"],
+            "more than the selection layout holds",
+        ),
         # spread's 16 slots give each id 1/16 of every tensor: --ff 0.07 fits in no id
-        (["--ff", "0.07", "--characters", "7", "4"], "not even id 1 holds --ff 0.07"),
+        (
+            ["--preserve_method", "loss", "--ff", "0.07", "--characters", "7", "4"],
+            "not even id 1 holds --ff 0.07",
+        ),
         (["--characters", "7", "2", "--held_out", "7", "4"], "digit 2 is a base class"),
-        (["--characters", "7", "4", "--character1", "3"], "--character1 is for the two-character demo"),
-        (["--stacking", "parallel"], "add --characters"),
+        (
+            ["--characters", "7", "4", "--character1", "3"],
+            "--characters is for stacked characters, but --character1 asks for the two-character demo",
+        ),
+        (["--pair", "--stacking", "parallel"], "--stacking is for stacked characters, but --pair asks"),
         (["--characters", *"012345678"], "at most 8"),
+        # the stacked demo trains projection's recipe: the loss method's knobs would do nothing
+        (["--ff", "0.005"], "--ff sets the loss method's recipe"),
+        (["--learning_rate", "0.01"], "--learning_rate sets the loss method's recipe"),
     ],
 )
 def test_bad_characters_exit_2_with_one_line_and_write_nothing(tmp_path: Path, capsys, flags, says) -> None:
@@ -46,7 +58,7 @@ def test_bad_characters_exit_2_with_one_line_and_write_nothing(tmp_path: Path, c
     err = captured.err.strip()
     assert err.startswith("ffid demo: error:") and says in err, err
     assert len(err.splitlines()) == 1
-    assert "add" in err or "give" in err or "pick" in err or "lower" in err  # the fix, not only the fault
+    assert any(w in err for w in ("add", "give", "pick", "lower", "drop"))  # the fix, not only the fault
     assert captured.out == ""
     assert not out.exists()
 
@@ -254,3 +266,29 @@ def test_two_character_report_has_the_strict_judge(tmp_path: Path) -> None:
     md = (tmp_path / "two" / "report.md").read_text()
     assert "## Strict judge" in md and "Share of character1's confident gain kept after 3b" in md
     assert md == render_markdown(json.loads((tmp_path / "two" / "report.json").read_text()))
+
+
+def test_the_default_demo_is_three_characters_stacked_by_projection() -> None:
+    """``ffid demo`` alone: characters 7 4 1 in the 128-wide model, projection, the plain
+    contrast, on the shipped base's recipe (1 4 7 9 held out); ``--pair`` and the two-character
+    flags give the two-character demo with DemoConfig's own defaults."""
+    from ffid.cli import build_parser
+    from ffid.cli.demo import config_from_args
+    from ffid.demo.config import DemoConfig
+    from ffid.demo.shipped import find_shipped
+
+    def cfg(*flags: str) -> DemoConfig:
+        return config_from_args(build_parser().parse_args(["demo", *flags]))
+
+    c = cfg()
+    assert c.characters == (7, 4, 1) and c.preserve_method == "projection" and c.plain_contrast
+    assert c.spec.dim == 128 and c.held_out == (1, 4, 7, 9) and c.stacking == "sequential"
+    assert find_shipped(c.base_recipe()) is not None  # no pretraining on a fresh install
+    assert cfg("--characters", "7", "4", "1", "9").held_out == (1, 4, 7, 9)
+    assert cfg("--characters", "2", "5").held_out == (2, 5)  # outside the shipped base's digits
+    assert cfg("--width", "64").spec.dim == 64
+    assert cfg("--preserve_method", "loss", "--ff", "0.02").run_recipe(False)["ff"] == 0.02
+    for pair in (cfg("--pair"), cfg("--character2_mode", "preserved")):
+        assert pair.characters == () and pair.spec == DemoConfig().spec and pair.preserve_method == "loss"
+    quick = cfg("--quick")
+    assert quick.characters == (7, 4, 1) and quick.spec.dim == 32

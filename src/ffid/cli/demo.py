@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import ConfigError
+
 STACKINGS = ("sequential", "parallel")  # ffid.demo.config.STACKINGS (not imported: a light CLI)
 # flags of the two-character demo that mean nothing with --characters, and the reverse
 TWO_CHARACTER_FLAGS = ("character1", "character2", "ffid1", "ffid2", "character2_mode")
 STACK_FLAGS = ("stacking", "held_out", "character_samples")
+# the loss method's recipe (the two-character demo's); the stacked demo trains projection's own
+LOSS_RECIPE_FLAGS = ("ff", "selector", "learning_rate")
 
 DEFAULTS_NOTE = (
-    "defaults: the full demo on the base shipped with ffid (about 4 minutes on one thread here; "
-    "--fresh, another seed or another base setting pretrains its base first, 4-6 minutes more); "
-    "--quick: a short smoke run"
+    "defaults: three characters stacked by projection on the base shipped with ffid (within 8 minutes on one "
+    "thread here; --fresh, another seed or another base setting pretrains its base first, about 8 "
+    "minutes more at width 128); --quick: a short smoke run"
 )
 
 
@@ -21,17 +25,17 @@ def register(subparsers: Any) -> None:
     """Add the ``demo`` command."""
     p = subparsers.add_parser(
         "demo",
-        help="pretrain a tiny Wan on real digits, teach two characters into --ffid 1 and 2, merge, report",
+        help="pretrain a tiny Wan on real digits, stack three characters into --ffid 1, 2, 3, merge, report",
         description=(
-            "Pretrain a small Wan-architecture DiT (diffusers WanTransformer3DModel) on scikit-learn's "
-            "handwritten digits, teach 'character1' and then 'character2' (two held-out digits; character2 "
-            "three ways from the same state: plain, with character1 rehearsed, and preserved without "
-            "character1's data) with "
-            "--ff into two disjoint ids through the ffid trainer, merge both deltas into a full "
-            "checkpoint, sample every prompt at every stage and judge the samples with a classifier "
-            "trained on the real digits. --characters 7 4 1 stacks N characters into ids 1..N instead "
-            "(sequential with preservation and a plain contrast, or --stacking parallel then merged). "
-            "CPU only, no network. " + DEFAULTS_NOTE
+            "Teach a small Wan-architecture DiT (diffusers WanTransformer3DModel, pretrained on "
+            "scikit-learn's handwritten digits except the held-out ones) three characters one after "
+            "another, digits 7, 4 and 1 as 'character1..3' in ids 1, 2, 3, each on top of the earlier "
+            "deltas through the ffid trainer with protection by projection (then again without it, the "
+            "contrast), merge the deltas into a full checkpoint, and judge samples of every prompt at "
+            "every stage with a calibrated classifier trained on the real digits. --characters picks "
+            "other digits (any N), --stacking parallel trains each from the base and merges them; "
+            "--pair runs the two-character demo (character2 three ways: plain, rehearsed, preserved by "
+            "the loss). CPU only, no network. " + DEFAULTS_NOTE
         ),
     )
     p.add_argument(
@@ -58,14 +62,41 @@ def register(subparsers: Any) -> None:
         help="CPU threads (fixed for reproducibility; default 1: on a busy machine more threads spin and "
         "slow down)",
     )
-    p.add_argument("--selector", default=None, help="selection algorithm: spread (default) or compat-v2")
     p.add_argument(
-        "--ff", type=float, default=None, help="fraction of the model each character trains (default 0.01)"
+        "--width",
+        type=int,
+        choices=(64, 128, 256),
+        default=None,
+        help="the demo model's width (default 128 stacked, 64 with --pair); a width without a shipped "
+        "base pretrains one",
+    )
+    p.add_argument(
+        "--pair",
+        action="store_true",
+        help="the two-character demo: character1, then character2 three ways (plain, rehearsed, preserved "
+        "by the loss) in the 64-wide model; its own flags below (--character1 ... --character2_mode) "
+        "imply it",
+    )
+    p.add_argument(
+        "--selector",
+        default=None,
+        help="--pair / loss method: selection algorithm, spread (default) or compat-v2",
+    )
+    p.add_argument(
+        "--ff",
+        type=float,
+        default=None,
+        help="--pair / loss method: fraction of the model each character trains (default 0.01)",
     )
     p.add_argument("--ffid1", type=int, default=None, help="selection id of character1 (default 1)")
     p.add_argument("--ffid2", type=int, default=None, help="selection id of character2 (default 2)")
     p.add_argument("--steps", type=int, default=None, help="training steps per character")
-    p.add_argument("--learning_rate", type=float, default=None, help="learning rate of the character runs")
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="--pair / loss method: learning rate of the character runs",
+    )
     p.add_argument("--batch_size", type=int, default=None, help="batch size of the character runs")
     p.add_argument(
         "--prior_per_class",
@@ -95,9 +126,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--preserve_method",
         default=None,
-        help="how the preserved run keeps earlier characters: loss (default) or projection (every "
-        "trained row's change kept off the inputs its layers see for the protected prompts; its own "
-        "recipe: whole rows of the blocks' Linears, --projection_ff, --projection_lr)",
+        help="how the preserved runs keep earlier characters: projection (the stacked demo's default: "
+        "every trained row's change kept off the inputs its layers see for the protected prompts; its "
+        "own recipe: whole rows of the blocks' Linears, --projection_ff, --projection_lr) or loss (the "
+        "default of --pair)",
     )
     p.add_argument("--projection_ff", type=float, default=None, help="projection's budget (default 0.05)")
     p.add_argument(
@@ -127,7 +159,7 @@ def register(subparsers: Any) -> None:
         nargs="+",
         default=None,
         metavar="DIGIT",
-        help="N distinct digits stacked into ids 1..N (instead of --character1/--character2)",
+        help="N distinct digits stacked into ids 1..N (default 7 4 1)",
     )
     g.add_argument(
         "--stacking",
@@ -146,7 +178,8 @@ def register(subparsers: Any) -> None:
         nargs="+",
         default=None,
         metavar="DIGIT",
-        help="digits kept out of pretraining (default: the characters); every character must be one",
+        help="digits kept out of pretraining (default 1 4 7 9, the shipped base's, when the characters are "
+        "among them, else the characters); every character must be one",
     )
     g.add_argument(
         "--character_samples",
@@ -158,8 +191,10 @@ def register(subparsers: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
-    """A :class:`ffid.demo.DemoConfig` from parsed flags (unset flags keep the demo's defaults)."""
-    from ..demo.config import DemoConfig, quick_config
+    """A :class:`ffid.demo.DemoConfig` from parsed flags (unset flags keep the demo's defaults):
+    the stacked demo (:func:`ffid.demo.config.stacked_config`) unless ``--pair`` or a flag of the
+    two-character demo asks for that one."""
+    from ..demo.config import DemoConfig, quick_config, spec_of_width, stacked_config
 
     keys = (
         "output_dir",
@@ -190,16 +225,52 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "guidance",
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    given |= _stack_flags(args)
     given["fresh"] = bool(args.fresh)
     given["progress"] = not args.no_progress
-    cfg = quick_config(**given) if args.quick else DemoConfig(**given)
-    return cfg.validate()
+    if args.width is not None:
+        given["spec"] = spec_of_width(args.width)
+    if is_pair(args):
+        given |= _pair_flags(args)
+        cfg = quick_config(**given) if args.quick else DemoConfig(**given)
+        return cfg.validate()
+    given |= _stack_flags(args)
+    if given.get("preserve_method", "projection") == "projection":
+        loss_only = [k for k in LOSS_RECIPE_FLAGS if k in given]
+        if loss_only:
+            raise ConfigError(
+                f"--{loss_only[0]} sets the loss method's recipe, but the stacked demo trains by "
+                "projection (its own budget and rate): give --projection_ff / --projection_lr, or add "
+                "--preserve_method loss"
+            )
+    if args.quick and args.width is None:
+        given.pop("spec", None)  # the quick model
+    return stacked_config(quick=args.quick, **given).validate()
+
+
+def is_pair(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for the two-character demo (``--pair`` or one of its own flags)."""
+    return bool(getattr(args, "pair", False)) or any(
+        getattr(args, f, None) is not None for f in TWO_CHARACTER_FLAGS
+    )
+
+
+def _pair_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The two-character demo takes no stacking flag: one is refused by name, with the fix."""
+    extra = [f for f in ("characters", *STACK_FLAGS) if getattr(args, f, None) is not None] + (
+        ["no_plain"] if args.no_plain else []
+    )
+    if extra:
+        pair = next((f for f in TWO_CHARACTER_FLAGS if getattr(args, f, None) is not None), None)
+        why = f"--{pair}" if pair else "--pair"
+        raise ConfigError(
+            f"--{extra[0]} is for stacked characters, but {why} asks for the two-character demo; drop "
+            f"{why} (the default demo stacks --characters 7 4 1)"
+        )
+    return {}
 
 
 def _digits(flag: str, values: list[str]) -> tuple[int, ...]:
     """``--characters 7 4 1`` as ints; a value that is not one digit is named with the fix."""
-    from ..errors import ConfigError
 
     for v in values:
         if not (len(v) == 1 and v.isdigit()):
@@ -208,28 +279,10 @@ def _digits(flag: str, values: list[str]) -> tuple[int, ...]:
 
 
 def _stack_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The stacking flags as DemoConfig fields; flags of the other mode are refused by name."""
-    from ..errors import ConfigError
-
-    if args.characters is None:
-        extra = [f for f in STACK_FLAGS if getattr(args, f, None) is not None] + (
-            ["no_plain"] if args.no_plain else []
-        )
-        if extra:
-            raise ConfigError(
-                f"--{extra[0]} is for stacked characters; add --characters, e.g. --characters 7 4 1"
-            )
-        return {}
-    clash = [f for f in TWO_CHARACTER_FLAGS if getattr(args, f, None) is not None]
-    if clash:
-        raise ConfigError(
-            f"--{clash[0]} is for the two-character demo; with --characters, character i is the i-th digit "
-            "given and goes into id i"
-        )
-    given: dict[str, Any] = {
-        "characters": _digits("characters", args.characters),
-        "plain_contrast": not args.no_plain,
-    }
+    """The stacking flags as DemoConfig fields (``--characters`` default: 7 4 1)."""
+    given: dict[str, Any] = {"plain_contrast": not args.no_plain}
+    if args.characters is not None:
+        given["characters"] = _digits("characters", args.characters)
     if args.held_out is not None:
         given["held_out_digits"] = _digits("held_out", args.held_out)
     for k in ("stacking", "character_samples"):
@@ -240,6 +293,7 @@ def _stack_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; the report is printed and written to ``{output_dir}/report.md``."""
+
     cfg = config_from_args(args)
     if cfg.characters:
         from ..demo.stacking import run_stack

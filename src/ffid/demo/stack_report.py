@@ -216,7 +216,10 @@ def matrix(report: dict[str, Any], method: str) -> list[str]:
         [f"{c['name']} (digit {c['digit']}, id {c['ffid']})", *(_cell(s.get(c["name"])) for _, s in cols)]
         for c in report["characters"]
     ]
-    pooled = [{m: pool(s, bases, m, seed).to_dict() for m in MEASURES} for _, s in cols]
+    pooled = [
+        {m: pool(s, bases, m, seed).to_dict() for m in MEASURES} if all(b in s for b in bases) else None
+        for _, s in cols
+    ]  # a stage that sampled no base class (the contrast's middle stages) shows '-'
     rows.append([f"**base classes ({len(bases)}, pooled)**", *(_cell(p) for p in pooled)])
     rows += [[f"{b}", *(_cell(s.get(b)) for _, s in cols)] for b in bases]
     return _md_table(["prompt", *(t for t, _ in cols)], rows)
