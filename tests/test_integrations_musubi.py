@@ -585,7 +585,7 @@ def test_preservation_keeps_protected_prompts_through_the_dit_output(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["preserve_weight=2"], "preserve_weight= needs preserve_cache=FOLDER"),
+        (["preserve_weight=2"], r"protect earlier characters, but this run has none: give their deltas with --base_wei"),
         (["preserve_cache=NOWHERE"], "does not exist"),
         (["preserve_cache=EMPTY"], "holds no text encodings"),
         (["preserve_cache=CACHE", "preserve_weight=-1"], "preserve_weight = -1.0 must be a positive"),
