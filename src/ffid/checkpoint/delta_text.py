@@ -96,6 +96,8 @@ def parse_text(path: Path, entries: Mapping[str, Entry], meta: Mapping[str, str]
         raise _damaged(path, f"{KEY_TEXT_PROMPTS} is not a JSON list of strings")
     if len(set(prompts)) != len(prompts):
         raise _damaged(path, f"{KEY_TEXT_PROMPTS} names a caption twice")
+    if not prompts and not keys:
+        return None  # an empty list stores nothing (writers leave the key out)
     want = [text_key(i) for i in range(len(prompts))]
     if sorted(keys, key=lambda k: int(k[len(TEXT_PREFIX) :])) != want:
         held = ", ".join(sorted(keys)[:3]) + (" ..." if len(keys) > 3 else "") if keys else "none"
