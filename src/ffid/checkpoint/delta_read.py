@@ -317,7 +317,9 @@ def load_delta(path: str | os.PathLike[str], base: Any | None = None) -> Delta:
     """Read a delta file completely: typed tensors (indices, values), metadata and parsed info.
 
     ``base`` (the model, its checkpoint, manifest or state dict) is needed only by an
-    implicit-index delta (format 2), whose positions are rebuilt from the base's shapes.
+    implicit-index delta (format 2), whose positions are rebuilt from the base's shapes. Stored
+    text encodings are not read here (only runs that protect them need them:
+    :meth:`DeltaFile.text_encodings`).
     """
     with DeltaFile(path, base=base) as df:
         tensors = {n: df.read(n) for n in df.names}
