@@ -163,6 +163,7 @@ def describe_delta(path: str) -> str:
         meta = dict(df.metadata)
         info = df.info
         tensors = len(df.names)
+        text = df.text  # stored text encodings: for later runs' preservation, not for this node
     lines = [f"ffid delta {os.path.basename(path)} ({os.path.getsize(path) / 2**20:.1f} MiB)"]
     for k in PROMPT_KEYS:
         if meta.get(k):
@@ -176,10 +177,15 @@ def describe_delta(path: str) -> str:
     lines.append(f"source: {info.source or '-'}")
     lines.append(f"tensors: {tensors}   values: {info.selected:,}   value dtype: {info.value_dtype}")
     lines.append(f"naming: {info.naming}")
+    if text is not None:
+        lines.append(
+            f"text encodings: {text.count} prompt(s) stored ({text.nbytes / 2**20:.1f} MiB), used only by "
+            "training runs that protect this character"
+        )
     if meta.get("modelspec.architecture"):
         lines.append(f"architecture: {meta['modelspec.architecture']}")
     lines.append("metadata:")
-    skip = {"ffid.base_fingerprint", *PROMPT_KEYS}
+    skip = {"ffid.base_fingerprint", "ffid.text_prompts", *PROMPT_KEYS}
     for k in sorted(meta):
         if k.startswith("ffid.") and k not in skip:
             lines.append(f"  {k}: {_pretty(meta[k])}")

@@ -289,6 +289,7 @@ def default_args(**overrides: Any) -> argparse.Namespace:
         dim_from_weights=None,
         base_weights=None,
         base_weights_multiplier=None,
+        dataset_config=None,
         gradient_checkpointing=False,
         gradient_checkpointing_cpu_offload=False,
         learning_rate=1e-2,

@@ -585,7 +585,7 @@ def test_preservation_keeps_protected_prompts_through_the_dit_output(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["preserve_weight=2"], "preserve_weight= needs preserve_cache=FOLDER"),
+        (["preserve_weight=2"], "protect earlier characters, but this run has none: give their deltas"),
         (["preserve_cache=NOWHERE"], "does not exist"),
         (["preserve_cache=EMPTY"], "holds no text encodings"),
         (["preserve_cache=CACHE", "preserve_weight=-1"], "preserve_weight = -1.0 must be a positive"),
@@ -613,6 +613,4 @@ def test_preservation_refuses_block_swap(tmp_path):
     cache = _te_cache(tmp_path / "cache", ["a photo of character1"])
     fix = r"preserve_method=projection selector=rows.*or drop --blocks_to_swap"
     with pytest.raises(ConfigError, match=fix):
-        run_training(
-            _args(network_args=["ff=0.05", "ffid=2", f"preserve_cache={cache}"], blocks_to_swap=1)
-        )
+        run_training(_args(network_args=["ff=0.05", "ffid=2", f"preserve_cache={cache}"], blocks_to_swap=1))

@@ -196,6 +196,9 @@ def scenarios(root: Path) -> list[Scenario]:
         # accumulation 2; then the same with musubi's block swap (its offloader, CPU copies
         # standing in for CUDA streams)
         Scenario("proj_acc", _proj(root, *ACC2), proj_net, steps=2),
+        # the same without preserve_cache: the protected prompts' encodings come from the
+        # --base_weights delta itself (character 1 stored them); the same bits as proj_acc
+        Scenario("proj_stored", _proj(root, *ACC2), PROJ_NET, steps=2),
         # (its bases kept in host memory, preserve_bases=cpu: the same bits)
         Scenario(
             "proj_swap",
@@ -624,6 +627,35 @@ def test_projection_under_block_swap_with_accumulation(runs):
     d = acc.delta()
     assert d.info.selector == "rows"
     assert not _equal(d, swap.delta()), "block swap changed trained values"
+
+
+def test_projection_from_the_encodings_the_delta_stores(runs):
+    """Character 1's delta records its captions and stores their text encodings (found through
+    --dataset_config), both experts' deltas the same ones; character 2 protected with
+    --base_weights and no preserve_cache trains exactly what it trains from the cache."""
+    from ffid.checkpoint.delta import DeltaFile
+
+    plain = runs["plain"]
+    assert "ffid: the deltas record 2 caption(s) and store the text encodings of 2" in plain.log
+    with DeltaFile(plain.out / "plain.safetensors") as df:
+        assert df.text_prompts == ["a photo of alice", "a photo of bob"]
+        assert df.text_width == 4096 and df.text.dtypes == ("BF16",) and df.text.nbytes == 122_880
+        stored = df.text_encodings()
+    cache = plain.out.parent / "cache"
+    for name, prompt in (("alice", "a photo of alice"), ("bob", "a photo of bob")):
+        te = load_file(cache / f"{name}_wan_te.safetensors")
+        assert torch.equal(stored[prompt], next(iter(te.values()))), name  # bit for bit, as cached
+    experts = runs["experts"].out
+    low, high = (DeltaFile(experts / f"experts{s}.safetensors") for s in ("", "_high_noise"))
+    with low, high:
+        assert low.text_prompts == high.text_prompts == list(stored)
+        for prompt, t in low.text_encodings().items():
+            assert torch.equal(high.read_text(prompt), t) and torch.equal(stored[prompt], t), prompt
+    run = runs["proj_stored"]
+    run.check()
+    assert "2 prompt(s) from the text encodings stored in plain.safetensors, 0 from preserve_cache" in run.log
+    assert "ffid feature pass done" in run.log
+    assert _equal(run.delta(), runs["proj_acc"].delta()) == [], "stored encodings protect differently"
 
 
 def test_projection_resume_repeats_the_uninterrupted_run(runs):

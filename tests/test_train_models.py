@@ -399,17 +399,23 @@ def test_two_processes_train_like_one_on_the_combined_batch(tmp_path: Path) -> N
 def test_wan_preservation_finds_encodings_in_caches(
     tmp_path: Path, wan_setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """character1 on ffid's cache records its captions; character2 on a musubi cache, on top of
-    it, protects them by finding their encodings in character1's cache; a prompt with no
-    encoding anywhere is refused in one line before anything is written."""
+    """character1 on ffid's cache records its captions (and, here, stores no encodings:
+    store_encodings = false); character2 on a musubi cache, on top of it, protects them by
+    finding their encodings in character1's cache; a prompt with no encoding anywhere is refused
+    in one line before anything is written. (From the encodings a delta stores:
+    tests/test_stored_encodings.py.)"""
+    from ffid.checkpoint.delta import DeltaFile
     from ffid.preserve import recorded_prompts
 
     dit, cache1 = wan_setup
     one = tmp_path / "one"
     one.mkdir()
-    assert main(["train", "--config", str(wan_toml(one, dit, cache1, max_train_steps=2))]) == 0
+    toml1 = wan_toml(one, dit, cache1, max_train_steps=2, store_encodings=False)
+    assert main(["train", "--config", str(toml1)]) == 0
     delta1 = one / "out" / "run.safetensors"
     assert recorded_prompts(delta1) == [f"caption {i}" for i in range(4)]
+    with DeltaFile(delta1) as df:
+        assert df.text is None and df.text_count == 0
 
     cache2 = tmp_path / "musubi"
     write_musubi_cache(cache2)

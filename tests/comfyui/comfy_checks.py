@@ -78,6 +78,7 @@ def files(work):
     d1 = make_delta(
         loras / "char1.safetensors", base_bf16, seed=10,
         metadata={"ffid.trigger_words": ["zqx woman"], "ffid.prompts": ["a zqx woman walking"]},
+        text={"a zqx woman walking": torch.ones(6, 16, dtype=torch.bfloat16)},  # stored encodings ride along
     )  # fmt: skip
     d2 = make_delta(loras / "char2.safetensors", base_bf16, seed=11, avoid=PICKED[d1.name], ffid_id=2)
     dw = make_delta(
@@ -394,6 +395,7 @@ def test_info_node_shows_trigger_words(files):
     text = _nodes().FfidDeltaInfo().info(files["d1"].name)["result"][0]
     assert text.index("zqx woman") < text.index("ffid.ff:"), text
     assert "a zqx woman walking" in text and "ffid id: 1" in text
+    assert "text encodings: 1 prompt(s) stored" in text and "ffid.text_prompts" not in text
     text2 = _nodes().FfidDeltaInfo().info(files["d2"].name)["result"][0]
     assert "not recorded" in text2
 

@@ -73,6 +73,7 @@ def make_delta(
     naming: str = "wan",
     metadata: dict | None = None,
     ffid_id: int = 1,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A delta over every tensor of ``base`` (modulation included), at random positions that avoid
     ``avoid``'s; values are trained-looking fp32 (not representable in bf16/fp16)."""
@@ -101,7 +102,7 @@ def make_delta(
         path, tensors, selector="spread", params={"ff": frac, "ffid": ffid_id, "seed": 0},
         selection_fingerprint="0" * 16, base_fingerprint=fps, base_manifest_fingerprint="0" * 16,
         naming=naming, total_params=sum(t.numel() for t in base.values()), source="train",
-        metadata=metadata,
+        metadata=metadata, text=text,
     )  # fmt: skip
     PICKED[path.name] = picked
     return path

@@ -2,7 +2,8 @@
 
 The positions never change: an explicit file becomes implicit only when its stored indices are
 exactly what its recorded selection plans on the base (checked element by element), and an
-implicit file becomes explicit by writing the positions its selection rebuilds. The base's
+implicit file becomes explicit by writing the positions its selection rebuilds. Stored text
+encodings (``ffid.text.*``) are carried over as they are. The base's
 shapes come from ``base`` or, when the delta was planned on a built-in preset, from the preset.
 """
 
@@ -136,6 +137,7 @@ def convert_delta(
             save_dtype=value_dtype or info.value_dtype or "fp32",
             indices=indices,
             selection=sel,
+            text=df.text_encodings(),  # the run's prompts' encodings stay with it, in their dtype
         )
         result = ConvertResult(
             out, indices, "", len(tensors), sum(t.count for t in tensors), df.path.stat().st_size, size

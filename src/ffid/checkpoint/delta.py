@@ -11,7 +11,8 @@ trained values, so ``extract`` followed by ``merge`` reproduces a checkpoint bit
 
 This module is the one place callers import from; the work is split by job so that no file
 grows past what one reader holds in mind: :mod:`.delta_format` (keys, fingerprints, the parsed
-header), :mod:`.delta_read`, :mod:`.delta_write` and :mod:`.delta_apply`.
+header), :mod:`.delta_read`, :mod:`.delta_write`, :mod:`.delta_apply` and :mod:`.delta_text` (the
+optional stored text encodings, ``ffid.text.*``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ from .delta_read import (
     DeltaFile,
     load_delta,
 )
+from .delta_text import (
+    KEY_TEXT_PROMPTS,
+    MAX_TEXT_ENCODINGS,
+    TEXT_PREFIX,
+    TextLayout,
+    first_stored,
+    is_text_key,
+)
 from .delta_write import (
     delta_file_size,
     save_delta,
@@ -94,10 +103,13 @@ __all__ = [
     "KEY_SELECTION_FP",
     "KEY_SELECTOR",
     "KEY_SOURCE",
+    "KEY_TEXT_PROMPTS",
     "KEY_TOTAL",
     "KEY_TRIGGER_WORDS",
     "KEY_VALUE_DTYPE",
     "KEY_VERSION",
+    "MAX_TEXT_ENCODINGS",
+    "TEXT_PREFIX",
     "VALUE_SUFFIX",
     "ApplyResult",
     "Delta",
@@ -105,6 +117,7 @@ __all__ = [
     "DeltaInfo",
     "DeltaTensor",
     "TensorFingerprint",
+    "TextLayout",
     "apply_delta",
     "base_fingerprint_digest",
     "blend",
@@ -112,6 +125,8 @@ __all__ = [
     "delta_file_size",
     "delta_metadata",
     "expert_hint",
+    "first_stored",
+    "is_text_key",
     "load_delta",
     "parse_info",
     "preset_for",

@@ -22,6 +22,7 @@ from ..dtypes import (
     index_code,
 )
 from ..errors import ConfigError, ModelFileError
+from .delta_text import KEY_TEXT_PROMPTS
 from .implicit import FORMAT_VERSION_IMPLICIT, KEY_SELECTION, SelectionRecord, parse_record
 
 if TYPE_CHECKING:
@@ -318,7 +319,8 @@ def delta_metadata(
     if record is not None:
         meta[KEY_SELECTION] = record.to_json()
     for k, v in (metadata or {}).items():
-        if k in (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED, KEY_SELECTION):
+        reserved = (KEY_FORMAT, KEY_FORMAT_VERSION, KEY_BASE_FP, KEY_VALUE_DTYPE, KEY_SELECTED, KEY_SELECTION)
+        if k in reserved or k == KEY_TEXT_PROMPTS:  # the text captions go with their tensors
             raise ConfigError(f"metadata key {k!r} is reserved by the delta format; use another key name")
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     return meta

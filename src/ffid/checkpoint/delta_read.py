@@ -17,6 +17,7 @@ from ..dtypes import (
 from ..errors import ConfigError, ModelFileError
 from ..selection import Explicit, Selection, TensorPick, Whole
 from .delta_format import INDEX_SUFFIX, VALUE_SUFFIX, DeltaInfo, DeltaTensor, parse_info
+from .delta_text import TextLayout, is_text_key, parse_text
 from .stio import (
     SafetensorsFile,
     require_finite,
@@ -36,8 +37,12 @@ class DeltaFile:
         self.file = SafetensorsFile(self.path)
         self.metadata = dict(self.file.metadata)
         self.info = parse_info(self.path, self.metadata)
+        # the stored text encodings (ffid.text.*), checked from the header; read on demand
+        self.text: TextLayout | None = parse_text(self.path, self.file.entries, self.metadata)
         names = []
         for key, e in self.file.entries.items():
+            if is_text_key(key):
+                continue
             if key.endswith(VALUE_SUFFIX):
                 names.append(key[: -len(VALUE_SUFFIX)])
                 if not is_float_code(e.dtype):
@@ -233,6 +238,35 @@ class DeltaFile:
     def read(self, name: str) -> DeltaTensor:
         return DeltaTensor(name, self.shape(name), self.read_indices(name), self.read_values(name))
 
+    # -- stored text encodings (see .delta_text) ---------------------------------------------------
+    @property
+    def text_count(self) -> int:
+        """How many prompts' text encodings the file stores (0 for older deltas)."""
+        return self.text.count if self.text is not None else 0
+
+    @property
+    def text_width(self) -> int | None:
+        """The width of the stored encodings (the text encoder's output size), None without any."""
+        return self.text.width if self.text is not None else None
+
+    @property
+    def text_prompts(self) -> list[str]:
+        """The captions whose encodings the file stores, in stored order."""
+        return list(self.text.prompts) if self.text is not None else []
+
+    def read_text(self, prompt: str) -> torch.Tensor:
+        """The stored ``[tokens, width]`` encoding of ``prompt``, in its stored dtype (finite)."""
+        if self.text is None or prompt not in self.text.prompts:
+            raise ConfigError(f"{self.path} stores no text encoding of {prompt[:40]!r}")
+        key = self.text.keys[self.text.prompts.index(prompt)]
+        t = self.file.read_tensor(key)
+        require_finite(t, f"delta {self.path} text encoding {key!r}", "the delta is corrupt: re-save it")
+        return t
+
+    def text_encodings(self) -> dict[str, torch.Tensor]:
+        """Every stored encoding, caption -> ``[tokens, width]`` tensor, in stored order (read now)."""
+        return {p: self.read_text(p) for p in self.text_prompts}
+
 
 @dataclass
 class Delta:
@@ -283,7 +317,9 @@ def load_delta(path: str | os.PathLike[str], base: Any | None = None) -> Delta:
     """Read a delta file completely: typed tensors (indices, values), metadata and parsed info.
 
     ``base`` (the model, its checkpoint, manifest or state dict) is needed only by an
-    implicit-index delta (format 2), whose positions are rebuilt from the base's shapes.
+    implicit-index delta (format 2), whose positions are rebuilt from the base's shapes. Stored
+    text encodings are not read here (only runs that protect them need them:
+    :meth:`DeltaFile.text_encodings`).
     """
     with DeltaFile(path, base=base) as df:
         tensors = {n: df.read(n) for n in df.names}

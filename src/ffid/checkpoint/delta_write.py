@@ -27,6 +27,7 @@ from .delta_format import (
     sample_positions,
     values_hash,
 )
+from .delta_text import text_entries
 from .implicit import check_indices, record_of, value_code_of
 from .namemap import detect_naming
 from .stio import (
@@ -57,12 +58,15 @@ def write_delta(
     architecture: str | None = None,
     indices: str = "explicit",
     selection: Selection | None = None,
+    text: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Write a delta file atomically from in-memory tensors; returns the file size in bytes.
 
     ``indices="implicit"`` writes format 2 (values only; ``selection``, the selection the values
     belong to, is recorded so that readers rebuild the positions). ``save_dtype`` defaults to fp32
     for explicit files and to the model's dtype for implicit ones (see docs/delta-format.md).
+    ``text`` (caption -> ``[tokens, width]`` encoding, in order, at most 64) is stored as the
+    delta's text encodings (``ffid.text.*``, in their own dtype), for later runs to protect them.
     """
     import torch
 
@@ -83,6 +87,8 @@ def write_delta(
             f"--save_precision {str(save_dtype).replace('torch.', '')} cannot store delta values; "
             "use fp32, bf16 or fp16"
         )
+    # checked before anything is written, like the values
+    text_list, text_data, text_meta = text_entries(text or {}, f"delta {path.name}")
     entries: list[tuple[str, str, tuple[int, ...]]] = []
     data: dict[str, Any] = {}
     selected = 0
@@ -130,7 +136,9 @@ def write_delta(
         architecture=architecture,
         record=record,
     )
-    return write_safetensors_stream(path, entries, data.pop, meta)
+    meta.update(text_meta)
+    data.update(text_data)
+    return write_safetensors_stream(path, entries + text_list, data.pop, meta)
 
 
 def _check_against_record(tensors: list[DeltaTensor], counts: Mapping[str, int]) -> None:
@@ -204,13 +212,15 @@ def save_delta(
     save_dtype: torch.dtype | str | None = None,
     architecture: str | None = None,
     indices: str = "explicit",
+    text: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
     """Save what an attached engine handle trained as a delta file; returns the file size.
 
     ``handle`` follows the engine contract (``selection``, ``trained_values()``,
     ``base_values()``). ``metadata`` adds (or overrides) string keys such as ``ss_learning_rate``;
     ``save_dtype`` is the value precision (fp32 by default for explicit files, like other
-    trainers' adapters; the model's dtype for ``indices="implicit"``, format 2).
+    trainers' adapters; the model's dtype for ``indices="implicit"``, format 2). ``text``: the
+    run's prompts' text encodings to store (see :func:`write_delta`).
     """
     sel: Selection = handle.selection
     trained = handle.trained_values()
@@ -255,4 +265,5 @@ def save_delta(
         architecture=arch,
         indices=indices,
         selection=sel,
+        text=text,
     )

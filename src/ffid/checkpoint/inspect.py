@@ -81,10 +81,25 @@ def inspect_delta(path: str | os.PathLike[str]) -> dict[str, Any]:
             "per_block": _blocks(df.names, counts),
             "prompts": _json_list(df.metadata.get(KEY_PROMPTS)),
             "trigger_words": _json_list(df.metadata.get(KEY_TRIGGER_WORDS)),
+            "text_encodings": _text(df),
             "training_metadata": {
                 k: v for k, v in sorted(df.metadata.items()) if k.startswith(TRAINING_PREFIXES)
             },
         }
+
+
+def _text(df: DeltaFile) -> dict[str, Any] | None:
+    """The stored text encodings (for later runs' preservation): count, width, dtypes, bytes."""
+    t = df.text
+    if t is None:
+        return None
+    return {
+        "count": t.count,
+        "width": t.width,
+        "dtypes": list(t.dtypes),
+        "tokens": t.tokens,
+        "bytes": t.nbytes,
+    }
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -175,6 +190,12 @@ def format_inspect(report: dict[str, Any]) -> str:
                 shown = ", ".join(repr(v) for v in values[:5])
                 more = f" and {len(values) - 5} more" if len(values) > 5 else ""
                 lines.append(f"  {label} {shown}{more}")
+        text = report.get("text_encodings")
+        if text:
+            lines.append(
+                f"  text encodings {text['count']} prompt(s) stored, {text['tokens']:,} tokens x width "
+                f"{text['width']}, {'/'.join(text['dtypes'])}, {text['bytes']:,} bytes (protect them later)"
+            )
         meta = report["training_metadata"]
     else:
         lines += [

@@ -17,7 +17,9 @@ def index_dtype_bytes(numel: int) -> int:
 def delta_file_bytes(selection: Selection) -> int:
     """Size of the delta file of ``selection`` as ``ffid.checkpoint`` writes it (fp32 values,
     indices, header with the base fingerprint) under the trainer's default name; the ``ss_*``
-    keys and prompts a trainer adds to the metadata (a few hundred bytes) are not counted."""
+    keys and prompts a trainer adds to the metadata (a few hundred bytes) are not counted, nor
+    the text encodings a Wan run stores (at most 64 captions: about 12 MB typically, 256 MiB at
+    worst for Wan 14B; docs/delta-format.md)."""
     # Imported here: the checkpoint code loads numpy, which `ffid --help` need not pay for.
     from ..checkpoint.delta import delta_file_size
 

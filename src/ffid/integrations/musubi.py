@@ -29,8 +29,10 @@ starting from the ``--dit`` file (:mod:`ffid.integrations.musubi_fp8`); Wan 2.2'
 ``block_pattern``   regex with one group finding the block number (default finds ``blocks.N.``)
 ``save_dtype``      value precision of saved deltas: ``fp32`` (default), ``bf16``, ``fp16`` or
                     ``auto`` (musubi's ``--save_precision``, fp32 by default)
-``preserve_cache``  preservation (see :mod:`ffid.preserve`): musubi text-encoder cache folders of
-                    the earlier characters, ``;``-separated; their captions are the protected prompts
+``store_encodings`` ``true`` (default): each delta records its run's captions and stores the text
+                    encodings of the first 64 (:mod:`ffid.integrations.musubi_encodings`)
+``preserve_cache``  more protected prompts: musubi text-encoder cache folders, ``;``-separated; any
+                    ``preserve_*`` key protects the captions the ``--base_weights`` deltas store
 ``preserve_method`` ``loss`` (default: a preservation loss, two extra forwards per step, refused
                     under block swap) or ``projection`` (needs ``selector=rows``; one feature pass,
                     then each step's change is kept off the protected prompts' inputs; works with
@@ -90,7 +92,7 @@ class FfidNetwork(nn.Module):
         self._base_on_device: dict[str, torch.Tensor] | None = None
         self._pending_weights: dict[str, torch.Tensor] | None = None  # create_arch_network_from_weights
         self.args_seen: dict[str, Any] = {}
-        self.preservation: Any = None  # MusubiPreservation / MusubiProjection with preserve_cache
+        self.preservation: Any = None  # MusubiPreservation / MusubiProjection with preserve_* keys
         self.preservation_high: Any = None  # both Wan 2.2 experts: the high-noise expert's projector
         if config is not None and config.preserve_method == "projection":
             from .musubi_projection import empty_record
@@ -161,6 +163,11 @@ class FfidNetwork(nn.Module):
             )
         # --fp8_base/--fp8_scaled: the trained elements start from this file's values (musubi_fp8)
         self._dit_path = getattr(args, "dit", None)
+        if self.config is not None:  # the run's captions, for its deltas; earlier ones, to protect
+            from .musubi_encodings import RunText
+
+            self._run_text = RunText.from_args(args, self.config.store_encodings)
+            self._base_weight_files = list(getattr(args, "base_weights", None) or [])
 
     def apply_to(
         self, text_encoders: Any, unet: nn.Module, apply_text_encoder: bool = False, apply_unet: bool = True
@@ -214,12 +221,15 @@ class FfidNetwork(nn.Module):
             self._install_preservation(unet)
 
     def _install_preservation(self, unet: nn.Module) -> None:
-        from .musubi_inputs import read_encodings
+        from ..preserve.stored import model_text_width
+        from .musubi_encodings import protected_encodings
 
         c = self.config
         assert c is not None
         try:
-            encodings = read_encodings(c.preserve_cache, c.preserve_prompts or None)
+            bases = getattr(self, "_base_weight_files", [])
+            width = model_text_width(unet)
+            encodings = protected_encodings(bases, c.preserve_cache, c.preserve_prompts, width)
             if c.preserve_method == "projection":
                 from .musubi_projection import MusubiProjection
 
@@ -343,14 +353,17 @@ class FfidNetwork(nn.Module):
         save_dtype = self.config.save_dtype if self.config is not None else torch.float32
         if save_dtype is None:
             save_dtype = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+        run_text = getattr(self, "_run_text", None)
+        text = run_text.read() if run_text is not None else None  # both experts carry the same
+        md = run_text.metadata(md) if run_text is not None else md
         experts = getattr(self, "ffid_high_noise", None)
         if experts is not None:
-            high = experts.save(file, md, save_dtype)
+            high = experts.save(file, md, save_dtype, text)
             logger.info(
                 "ffid: saved deltas %s and %s (%s values each)", file, high, f"{handle.selection.selected:,}"
             )
             return
-        handle.save_delta(file, metadata=md, save_dtype=save_dtype)
+        handle.save_delta(file, metadata=md, save_dtype=save_dtype, text=text)
         logger.info("ffid: saved delta %s (%s values)", file, f"{handle.selection.selected:,}")
 
     def merge_to(

@@ -29,8 +29,11 @@ NETWORK_ARGS = {
     "exclude": "regexes separated by ';'",
     "block_pattern": "regex with one group for the block number",
     "save_dtype": "fp32, bf16, fp16 or auto",
-    "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';'",
-    "preserve_prompts": "captions to protect from those caches, separated by ';' (default: all)",
+    "store_encodings": "true (default) or false: store the text encodings of the run's first 64 captions in "
+    "its deltas, so that later runs protect it without its cache",
+    "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';' (adds to "
+    "the encodings the --base_weights deltas store)",
+    "preserve_prompts": "captions to protect, separated by ';' (default: all those found)",
     "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=16",
     "preserve_items": "protected inputs per step, e.g. preserve_items=1",
     "preserve_every": "preserve on every N-th training forward",
@@ -52,6 +55,16 @@ PROJECTION_ONLY = (
     "preserve_tokens",
 )
 PATTERN_SEPARATOR = ";"
+_BOOLS = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "on": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "off": False,
+}
 _SAVE_DTYPES: dict[str, torch.dtype | None] = {
     **{name: torch_dtype(code) for name, code in train_names().items()},
     "auto": None,
@@ -64,7 +77,10 @@ class MusubiConfig:
 
     selection: SelectionSettings
     save_dtype: torch.dtype | None = torch.float32  # None: musubi's dtype
-    # preservation (on when preserve_cache is given): see ffid.integrations.musubi_preserve
+    store_encodings: bool = True  # deltas carry their captions' text encodings (musubi_encodings)
+    # preservation (on when any preserve_* key is given): see ffid.integrations.musubi_preserve;
+    # the protected prompts are those the --base_weights deltas store, plus preserve_cache's
+    preserve_on: bool = False
     preserve_cache: list[str] = field(default_factory=list)
     preserve_prompts: list[str] = field(default_factory=list)
     preserve: PreserveSettings = field(default_factory=lambda: PreserveSettings(items=1))
@@ -73,8 +89,8 @@ class MusubiConfig:
 
     @property
     def preserving(self) -> bool:
-        """Whether the run protects earlier characters (``preserve_cache`` given)."""
-        return bool(self.preserve_cache)
+        """Whether the run protects earlier characters (a ``preserve_*`` key given)."""
+        return self.preserve_on or bool(self.preserve_cache)
 
 
 def _patterns(text: str) -> list[str]:
@@ -120,19 +136,25 @@ def parse_network_args(kwargs: Mapping[str, Any]) -> MusubiConfig:
         option_flag=lambda name: f"network_args {name}",
         **{k: str(v).strip() for k, v in args.items() if k in option_names},
     )
-    return MusubiConfig(selection=selection, save_dtype=_SAVE_DTYPES[save_text], **_preserve_args(args))
+    store = str(args.get("store_encodings", "true")).strip().lower()
+    if store not in _BOOLS:
+        raise ConfigError(
+            f"network_args store_encodings={store!r} is not true or false; write store_encodings=false"
+        )
+    return MusubiConfig(
+        selection=selection,
+        save_dtype=_SAVE_DTYPES[save_text],
+        store_encodings=_BOOLS[store],
+        **_preserve_args(args),
+    )
 
 
 def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The preserve_* network_args, checked; they need preserve_cache to mean anything."""
+    """The preserve_* network_args, checked. Any of them turns preservation on; what it protects
+    (the --base_weights deltas' stored encodings, preserve_cache's) is found when the DiT is there."""
     keys = [k for k in args if k.startswith("preserve_")]
     if not keys:
         return {}
-    if "preserve_cache" not in args:
-        raise ConfigError(
-            f"network_args {keys[0]}= needs preserve_cache=FOLDER (the earlier character's musubi "
-            "cache_directory, whose text encodings are the prompts to protect)"
-        )
     method = str(args.get("preserve_method", "loss")).strip()
     if method not in METHODS:
         raise ConfigError(
@@ -154,7 +176,8 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
                 "include=^blocks\\. to train the DiT blocks only)"
             )
         return {
-            "preserve_cache": _patterns(str(args["preserve_cache"])),
+            "preserve_on": True,
+            "preserve_cache": _patterns(str(args.get("preserve_cache", ""))),
             "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
             "preserve_method": method,
             "projection": _projection_settings(args),
@@ -172,7 +195,8 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
         _int_arg("preserve_every", args.get("preserve_every", "1")),
     ).validate()
     return {
-        "preserve_cache": _patterns(str(args["preserve_cache"])),
+        "preserve_on": True,
+        "preserve_cache": _patterns(str(args.get("preserve_cache", ""))),
         "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
         "preserve": settings,
     }

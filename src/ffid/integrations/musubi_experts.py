@@ -203,18 +203,19 @@ class TwoExperts(nn.Module):
         return [("low_noise", low, self.low_base), ("high_noise", high, self.base)]
 
     # -- files --------------------------------------------------------------------------------
-    def save(self, file: str, metadata: dict[str, str], save_dtype: Any) -> Path:
-        """Write the high-noise delta next to ``file``, then ``file`` (the low-noise delta)."""
+    def save(self, file: str, metadata: dict[str, str], save_dtype: Any, text: Any = None) -> Path:
+        """Write the high-noise delta next to ``file``, then ``file`` (the low-noise delta); both
+        store the same ``text`` encodings (the run's captions are the same for both experts)."""
         high = high_noise_path(file)
         pair = self._pair_id()
         before = self.active
         try:
             self.switch("high_noise")
             md = {**metadata, EXPERT_KEY: "high_noise", PAIR_KEY: f"{pair} {Path(file).name}"}
-            self._handle.save_delta(high, metadata=md, save_dtype=save_dtype)
+            self._handle.save_delta(high, metadata=md, save_dtype=save_dtype, text=text)
             self.switch("low_noise")
             md = {**metadata, EXPERT_KEY: "low_noise", PAIR_KEY: f"{pair} {high.name}"}
-            self._handle.save_delta(file, metadata=md, save_dtype=save_dtype)
+            self._handle.save_delta(file, metadata=md, save_dtype=save_dtype, text=text)
         finally:
             self.switch(before)
         return high
@@ -307,7 +308,7 @@ def check_args(args: Any, preserving: str | None) -> str | None:
             "the preservation loss with both Wan 2.2 experts (--dit_high_noise) is not supported: its "
             "extra forwards would run through whichever expert is loaded; protect by projection "
             "(network_args preserve_method=projection selector=rows), which protects each expert "
-            "through its own forwards, or drop preserve_cache"
+            "through its own forwards, or drop the preserve_* network_args"
         )
     return str(high)
 

@@ -4,9 +4,10 @@ musubi calls its Wan DiT as ``model(x, t=..., context=..., seq_len=..., clip_fea
 ``x`` a batched latent (or a list of ``[C, F, H, W]`` items), ``t`` on musubi's 0..1000 scale,
 ``context`` a list of ``[L, D]`` text encodings (or one padded tensor). :class:`MusubiInputs`
 records one training call and builds protected inputs of the same kind: the protected prompts'
-text encodings (read from musubi text-encoder caches, ``*_wan_te.safetensors``) with latents of the
-recorded shape. The loss method (:mod:`.musubi_preserve`) and the projection method
-(:mod:`.musubi_projection`) both run the DiT through it.
+text encodings (stored in the earlier deltas, or read from musubi text-encoder caches,
+``*_wan_te.safetensors``: :mod:`.musubi_encodings`) with latents of the recorded shape. The loss
+method (:mod:`.musubi_preserve`) and the projection method (:mod:`.musubi_projection`) both run
+the DiT through it.
 """
 
 from __future__ import annotations
@@ -20,31 +21,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..preserve import mse_per_item
-
-
-def read_encodings(folders: list[str], wanted: list[str] | None = None) -> dict[str, tuple[Path, str]]:
-    """Caption -> (file, key) of the text encodings in musubi (or ffid) cache folders; with
-    ``wanted``, only those captions, each of which must be found."""
-    from ..train.cache import text_encodings
-
-    found: dict[str, tuple[Path, str]] = {}
-    for folder in folders:
-        for caption, where in text_encodings(folder).items():
-            found.setdefault(caption, where)
-    if wanted:
-        missing = [p for p in wanted if p not in found]
-        if missing:
-            raise ConfigError(
-                f"network_args preserve_prompts: {missing[0]!r} has no text encoding in "
-                f"{', '.join(folders)}; cache it with wan_cache_text_encoder_outputs.py into one of them"
-            )
-        return {p: found[p] for p in wanted}
-    if not found:
-        raise ConfigError(
-            f"network_args preserve_cache {', '.join(folders)} holds no text encodings "
-            "(*_wan_te.safetensors); point it at the earlier character's musubi cache_directory"
-        )
-    return found
 
 
 class CallShapes:

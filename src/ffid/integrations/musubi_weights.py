@@ -24,11 +24,14 @@ def _delta_from_weights(weights: Mapping[str, torch.Tensor], model: nn.Module) -
         Delta,
         DeltaInfo,
         DeltaTensor,
+        is_text_key,
     )
     from ..checkpoint.namemap import NameResolver, detect_naming
 
+    # the stored text encodings (ffid.text.*) are for preservation, not weights: read from the
+    # file itself where needed (ffid.integrations.musubi_encodings)
     names = sorted(k[: -len(VALUE_SUFFIX)] for k in weights if k.endswith(VALUE_SUFFIX))
-    stray = [k for k in weights if not k.endswith((VALUE_SUFFIX, INDEX_SUFFIX))]
+    stray = [k for k in weights if not k.endswith((VALUE_SUFFIX, INDEX_SUFFIX)) and not is_text_key(k)]
     if not names or stray:
         first = stray[0] if stray else next(iter(weights), "nothing")
         raise ModelFileError(

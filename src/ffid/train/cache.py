@@ -301,6 +301,20 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def text_width(self) -> int:
+        """The width of this cache's text encodings (the text encoder's output size: what the
+        model is trained with), read from the first item's header."""
+        it = self.items[0]
+        shapes, _ = _header(it.text_file)
+        return int(shapes[it.text_key][-1])
+
+    def text_sources(self) -> dict[str, tuple[Path, str]]:
+        """Caption -> (file, tensor key) of this cache's text encodings, in item order."""
+        out: dict[str, tuple[Path, str]] = {}
+        for it in self.items:
+            out.setdefault(it.caption, (it.text_file, it.text_key))
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         from safetensors import safe_open
 
@@ -335,6 +349,23 @@ def text_encodings(folder: str | Path) -> dict[str, tuple[Path, str]]:
         if len(keys) == 1 and caption is not None:
             found.setdefault(caption, (path, keys[0]))
     return found
+
+
+def read_text_encodings(where: Mapping[str, tuple[Path, str]]) -> dict[str, torch.Tensor]:
+    """Caption -> the ``[L, D]`` encoding at (file, key), in order, as stored (e.g. bf16)."""
+    from safetensors import safe_open
+
+    out = {}
+    for caption, (path, key) in where.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                out[caption] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelFileError(
+                f"text encoding of {caption[:40]!r} in {str(path)!r} cannot be read ({exc}); the cache "
+                "changed during the run: cache it again"
+            ) from None
+    return out
 
 
 def collate_latents(items: list[dict[str, Any]], text_len: int = 0) -> dict[str, torch.Tensor]:
@@ -396,6 +427,7 @@ __all__ = [
     "LatentCacheDataset",
     "collate_latents",
     "load_tensor_file",
+    "read_text_encodings",
     "text_encodings",
     "write_cache",
     "write_item",

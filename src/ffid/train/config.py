@@ -119,6 +119,11 @@ class TrainConfig:
         "runs on top of it protect them",
         factory=list,
     )
+    store_encodings: bool = _key(
+        "wan: store the text encodings of the first 64 recorded captions in each delta (as cached, e.g. "
+        "bf16), so that later runs protect this run without its cache folder (docs/delta-format.md)",
+        True,
+    )
     # -- preservation (training on top of base_deltas) -----------------------------------------
     preserve: str = _key(
         "keep what base_deltas taught while training on top of them, without their data: a second "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,24 @@ def trained_prompts(task: Task, dataset: Any) -> list[str]:
     """The prompts/captions of this run's own data (not rehearsal), as the task reports them."""
     fn = getattr(task, "trained_prompts", None)
     return [p for p in fn(dataset) if p] if callable(fn) else []
+
+
+def stored_text(
+    cfg: TrainConfig, task: Task, dataset: Any, prompts: list[str]
+) -> Callable[[], dict[str, torch.Tensor]] | None:
+    """What each delta of the run stores as its prompts' text encodings (``store_encodings``):
+    a reader of the encodings of the first 64 recorded prompts (captions, then trigger words)
+    that the task finds in the run's own cache, or None when it stores none. The locations are
+    fixed now; the tensors are read at each save, so training holds none of them."""
+    fn = getattr(task, "stored_text", None)
+    if not cfg.store_encodings or not callable(fn):
+        return None
+    from .cache import read_text_encodings
+
+    where = fn([*prompts, *cfg.trigger_words], dataset)
+    if not where:
+        return None
+    return lambda: read_text_encodings(where)
 
 
 def _off_line(cfg: TrainConfig) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ class CheckpointSaver:
 
     Every process must call :meth:`save` (the state gathers each process's RNG); only the main
     process writes. ``metadata(step, epoch)`` gives the keys stored in each delta;
-    ``before_first()`` makes the output folder (nothing is written before a save).
+    ``before_first()`` makes the output folder (nothing is written before a save); ``text()``
+    gives the text encodings each delta stores.
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class CheckpointSaver:
         metadata: Callable[[int, int], dict[str, str]],
         indices: str = "explicit",
         before_first: Callable[[], None] | None = None,
+        text: Callable[[], Mapping[str, torch.Tensor]] | None = None,
     ):
         self.out, self.output_name = out, output_name
         self.accelerator, self.handle, self.identity = accelerator, handle, identity
@@ -43,6 +45,7 @@ class CheckpointSaver:
         self.saved: list[Path] = []  # deltas written, oldest first
         self.state_path: Path | None = None  # the newest state folder
         self.before_first = before_first  # run once, by the main process, before the first write
+        self.text = text  # the run's prompts' text encodings each delta stores (None: none)
 
     @property
     def last(self) -> Path | None:
@@ -59,7 +62,10 @@ class CheckpointSaver:
                 self.before_first = None
             path = self.out / f"{stem}.safetensors"
             self.handle.save_delta(
-                path, metadata=self.metadata(position.step, position.epoch), indices=self.indices
+                path,
+                metadata=self.metadata(position.step, position.epoch),
+                indices=self.indices,
+                text=self.text() if self.text is not None else None,
             )
             self.saved.append(path)
         if with_state:

@@ -28,7 +28,7 @@ from .data import BatchOrder, move_to
 from .io import check_output_dir, make_output_dir
 from .monitor import TrainMonitor, plot_losses, write_json
 from .optim import build_optimizer, build_scheduler
-from .preservation import make_preserver, make_projector, trained_prompts
+from .preservation import make_preserver, make_projector, stored_text, trained_prompts
 from .saver import CheckpointSaver
 from .setup import buckets, enable_checkpointing, make_accelerator, place, resume_folder, total_steps
 from .state import (
@@ -179,6 +179,7 @@ class TrainRecipe:
         )
         self.preserve_line = line or self.preserve_line
         self.prompts = trained_prompts(task, self.parts[0])
+        self.text = stored_text(cfg, task, self.parts[0], self.prompts)  # what each delta carries
         groups = buckets(self.parts) if cfg.batch_size > 1 else None
         self.order = BatchOrder(self.n_items, cfg.batch_size, cfg.seed, self.rank, self.world, groups)
         self.total = total_steps(cfg, self.order)
@@ -268,6 +269,7 @@ class TrainRecipe:
             metadata=lambda step, epoch: delta_metadata(cfg, task, self.sel, step, epoch, self.prompts),
             indices=cfg.delta_indices,
             before_first=self._start_outputs,
+            text=self.text,
         )
 
     def _start_outputs(self) -> None:

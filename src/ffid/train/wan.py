@@ -224,19 +224,38 @@ class WanTask:
         """The captions of this run's items (recorded in the delta for later runs to protect)."""
         return list(getattr(dataset, "captions", []))
 
+    def stored_text(self, prompts: list[str], dataset: LatentCacheDataset) -> dict[str, tuple[Path, str]]:
+        """Where the encodings of the prompts this run records are (its own cache), for its deltas
+        to carry: the first :data:`~ffid.checkpoint.delta.MAX_TEXT_ENCODINGS` that have one."""
+        from ..checkpoint.delta import first_stored
+
+        sources = dataset.text_sources()
+        return {p: sources[p] for p in first_stored(prompts, sources)}
+
     def prepare_preservation(
         self, protected: list[Protected], cfg: TrainConfig, dataset: LatentCacheDataset
     ) -> tuple[list[Protected], list[str]]:
-        """Find every protected prompt's text encoding in the caches (the dataset, the rehearsal
-        datasets and ``preserve_cache``), by caption; refuse a prompt that has none, except the
-        empty prompt, which is then left out with a note. Noise takes the dataset's smallest
-        latent shape, so a preservation item costs at most one training item."""
+        """Find every protected prompt's text encoding: first in the base deltas (which carry
+        their prompts' encodings, :mod:`ffid.preserve.stored`), then, by caption, in the caches
+        (the dataset, the rehearsal datasets and ``preserve_cache``). A prompt found nowhere is
+        refused, except the empty prompt and the prompts of a delta that stores encodings but
+        not theirs (it stores at most 64), which are left out with a note. Noise takes the
+        dataset's smallest latent shape, so a preservation item costs at most one training item."""
+        from ..preserve.stored import stored_encodings
+
         folders = [f for f in (cfg.dataset, *cfg.rehearsal_datasets, *cfg.preserve_cache) if f]
-        index: dict[str, tuple[Path, str]] = {}
+        stored = stored_encodings(
+            cfg.base_deltas,
+            dataset.text_width(),
+            cache_flag="preserve_cache = ['FOLDER']",
+            caches_given=bool(cfg.preserve_cache),
+        )
+        index: dict[str, tuple[Path, str]] = dict(stored.where)
         for folder in folders:
             for caption, where in text_encodings(folder).items():
                 index.setdefault(caption, where)
-        kept, notes = [], []
+        kept, notes = [], list(stored.notes)
+        left: dict[str, list[str]] = {}  # delta -> its prompts with no encoding anywhere
         for p in protected:
             if p.prompt in index:
                 kept.append(p)
@@ -245,13 +264,21 @@ class WanTask:
                     "the empty prompt has no text encoding in the caches, so it is not protected; cache "
                     "an item with an empty caption into a folder and add it to preserve_cache"
                 )
+            elif p.source in stored.carriers:
+                left.setdefault(p.source, []).append(p.label)
             else:
+                where = ", ".join(map(repr, folders)) + (" or the base deltas" if stored.carriers else "")
                 raise ConfigError(
-                    f"protected prompt {p.label!r} (from {p.source}) has no text encoding in "
-                    f"{', '.join(map(repr, folders))}; cache it (musubi-tuner's "
-                    "wan_cache_text_encoder_outputs.py or `ffid cache`) into a folder and add that "
-                    "folder to preserve_cache, or set preserve = 'off'"
+                    f"protected prompt {p.label!r} (from {p.source}) has no text encoding in {where}; "
+                    "cache it (musubi-tuner's wan_cache_text_encoder_outputs.py or `ffid cache`) into a "
+                    "folder and add that folder to preserve_cache, or set preserve = 'off'"
                 )
+        for name, labels in left.items():
+            notes.append(
+                f"{len(labels)} prompt(s) of {name} ({labels[0]!r} ...) have no text encoding in it (a delta "
+                "stores at most 64) nor in the caches, so they are not protected; add its run's cache folder "
+                "to preserve_cache to protect them"
+            )
         self.cfg = cfg
         self._encodings = {p.prompt: index[p.prompt] for p in kept}
         shapes = [it.shape for it in dataset.items]  # the run's own dataset, already opened
