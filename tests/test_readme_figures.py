@@ -244,6 +244,7 @@ def _stack_rows() -> list[Figure]:
     for label, stem in (
         ("seed 0, digits 7 4 1 9", "w128-seed0"),
         ("seed 1, digits 7 4 1 9", "w128-seed1"),
+        ("seed 2, digits 7 4 1 9", "w128-seed2"),
         ("seed 0, digits 2 5 3 8", "w128-set2-seed0"),
     ):
         four = r"\| (.+?) \| \**(.+?)\** \| \**(.+?)\** \| (.+?) \|"
@@ -263,11 +264,11 @@ def _stack_rows() -> list[Figure]:
 def _lead_over_lora() -> tuple[str, ...]:
     leads = [
         float(search(STACK.format(s), r"LoRA sequential \+ 20 points: \d+%, \+([\d.]+) points").group(1))
-        for s in ("w128-seed0", "w128-seed1", "w128-set2-seed0")
+        for s in ("w128-seed0", "w128-seed1", "w128-seed2", "w128-set2-seed0")
     ]
     lora = [
         int(first_number(_stack(s, "LoRA sequential")["mean confident, after all"]).rstrip("%"))
-        for s in ("w128-seed0", "w128-seed1", "w128-set2-seed0")
+        for s in ("w128-seed0", "w128-seed1", "w128-seed2", "w128-set2-seed0")
     ]
     return f"{min(leads):.0f}", f"{max(leads):.0f}", str(min(lora)), str(max(lora))
 
@@ -602,6 +603,34 @@ def _time_v(path: str) -> tuple[str, ...]:
     return f"{minutes} min {seconds:.0f} s", f"{kb / 1024:.0f}"
 
 
+DEMO_PAIR = "bench/results/demo-pair-fresh-cpu.txt"
+DEMO_PARALLEL = "bench/results/demo-parallel-seed0-cpu.md"
+
+
+def _kept(path: str, stage: str, which: tuple[int, ...], interval: bool = False) -> tuple[str, ...]:
+    """Characters' shares of their confident gain kept, as a stacked demo's report.md gives them."""
+    line = search(path, rf"^Share of each character's confident gain kept \({stage}\): (.*)$").group(1)
+    out: list[str] = []
+    for i in which:
+        m = re.search(rf"character{i} (-?\d+)% \[(-?\d+)–(-?\d+)%\]", line)
+        assert m, f"{path}: no share for character{i} in {line!r}"
+        out += [m.group(1), m.group(2), m.group(3)] if interval else [m.group(1)]
+    return tuple(out)
+
+
+def _demo_seed(seed: int) -> Figure:
+    """A row of the README's table of the default demo on three seeds: each earlier character's
+    share kept (protected, with its interval) and the unprotected contrast's."""
+    path = f"bench/results/demo-seed{seed}-cpu.md"
+    return Figure(
+        f"demo: seed {seed}",
+        rf"^\| {seed} \| [^|]+\| \**(\d+)%\** \[(\d+)–(\d+)\] / \**(\d+)%\** \[(\d+)–(\d+)\] \|"
+        rf"[^|]+\|[^|]+\| (\d+)% \[(\d+)–(\d+)\] / (\d+)% \[(\d+)–(\d+)\] \|$",
+        path,
+        lambda: _kept(path, "merged file", (1, 2), True) + _kept(path, "after character3", (1, 2), True),
+    )
+
+
 def _demo_fresh() -> tuple[str, ...]:
     """The fresh default demo's wall time and peak RSS."""
     return _time_v(DEMO_FRESH)
@@ -613,6 +642,19 @@ FIGURES += [
         r"took \**(\d+ min \d+ s)\** wall\** and \**(\d+) MiB\** peak RSS",
         DEMO_FRESH,
         _demo_fresh,
+    ),
+    Figure(
+        "demo --pair: a fresh run with its shipped base",
+        r"A fresh `ffid demo --pair`.*?took \**(\d+ min \d+ s)\** wall and \**(\d+) MiB\** peak RSS",
+        DEMO_PAIR,
+        lambda: _time_v(DEMO_PAIR),
+    ),
+    *(_demo_seed(seed) for seed in (0, 1, 2)),
+    Figure(
+        "demo: parallel + merge, seed 0",
+        r"characters 1 and 3 kept (\d+)% and (\d+)% of their gains\s+\(`bench/results/demo-parallel-seed0",
+        DEMO_PARALLEL,
+        lambda: _kept(DEMO_PARALLEL, "merged file", (1, 3)),
     ),
     Figure(
         "demo: a fresh three-character run with its shipped base",

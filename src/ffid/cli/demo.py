@@ -15,8 +15,8 @@ STACK_FLAGS = ("stacking", "held_out", "character_samples")
 LOSS_RECIPE_FLAGS = ("ff", "selector", "learning_rate")
 
 DEFAULTS_NOTE = (
-    "defaults: three characters stacked by projection on the base shipped with ffid (within 8 minutes on one "
-    "thread here; --fresh, another seed or another base setting pretrains its base first, about 8 "
+    "defaults: three characters stacked by projection on the base shipped with ffid (about 7.5 minutes "
+    "on one thread here; --fresh, another seed or another base setting pretrains its base first, about 8 "
     "minutes more at width 128); --quick: a short smoke run"
 )
 
