@@ -1,4 +1,5 @@
-"""``ffid demo``: the seed's two-character story on a tiny Wan and real digits, in one command."""
+"""``ffid demo``: the seed's workflow (characters stacked in one model) on a tiny Wan and real
+digits, in one command; ``--pair`` runs the two-character demo."""
 
 from __future__ import annotations
 
@@ -271,7 +272,6 @@ def _pair_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def _digits(flag: str, values: list[str]) -> tuple[int, ...]:
     """``--characters 7 4 1`` as ints; a value that is not one digit is named with the fix."""
-
     for v in values:
         if not (len(v) == 1 and v.isdigit()):
             raise ConfigError(f"--{flag} {v!r} is not a digit 0..9; give digits such as --{flag} 7 4 1")
@@ -293,7 +293,6 @@ def _stack_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; the report is printed and written to ``{output_dir}/report.md``."""
-
     cfg = config_from_args(args)
     if cfg.characters:
         from ..demo.stacking import run_stack

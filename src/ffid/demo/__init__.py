@@ -1,6 +1,7 @@
-"""``ffid demo``: a tiny Wan DiT, real handwritten digits, two characters in two disjoint ffid slices.
+"""``ffid demo``: a tiny Wan DiT, real handwritten digits, characters stacked in disjoint ffid ids.
 
-See :mod:`ffid.demo.run` for the stages and ``docs/demo.md`` for what the report means.
+The default run (:func:`~ffid.demo.config.stacked_config`) is :mod:`ffid.demo.stacking`; the
+two-character demo (``--pair``) is :mod:`ffid.demo.run`. ``docs/demo.md`` says what the reports mean.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ def _not_the_kernels_warning(record: logging.LogRecord) -> bool:
 if _not_the_kernels_warning not in logging.getLogger(_BNB_LOGGER).filters:
     logging.getLogger(_BNB_LOGGER).addFilter(_not_the_kernels_warning)
 
-from .config import DemoConfig, quick_config  # noqa: E402  (after the filter above)
+from .config import DemoConfig, quick_config, stacked_config  # noqa: E402  (after the filter above)
 from .run import DemoResult, run_demo  # noqa: E402
 from .task import DemoTask, make_task  # noqa: E402
 
-__all__ = ["DemoConfig", "DemoResult", "DemoTask", "make_task", "quick_config", "run_demo"]
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "DemoTask",
+    "make_task",
+    "quick_config",
+    "run_demo",
+    "stacked_config",
+]

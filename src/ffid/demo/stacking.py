@@ -5,10 +5,11 @@ Character i is the held-out digit ``characters[i-1]`` taught as ``a digit charac
 stack them (``--stacking``):
 
 - ``sequential`` (default): each character on top of all earlier deltas, with the demo's
-  preservation (``--preserve_method``: the loss by default) keeping the earlier characters, the
-  base classes and the empty prompt; then, as the contrast (``plain_contrast``, on by default),
-  the same runs without preservation, which shows what preservation is for. The merged
-  checkpoint holds the preserved deltas.
+  preservation (``--preserve_method``: projection in ``ffid demo``'s default config) keeping the
+  earlier characters, the base classes and the empty prompt; then, as the contrast
+  (``plain_contrast``, on by default), characters 2..N again without preservation on top of the
+  same character1, which shows what preservation is for. The merged checkpoint holds the
+  preserved deltas.
 - ``parallel``: each character from the base alone in its own id, then all deltas merged.
 
 After every run the characters taught so far and the base classes are sampled (the same seeds at
