@@ -304,6 +304,11 @@ class Projector:
         (the handle's teacher), gather each trained layer's inputs, and build the bases."""
         sel = self.handle.selection
         modules = _module_of(model, set(sel))
+        # The start values are read now, before any forward: under block swap the last forwards
+        # leave weight moves running in the offloader's thread (musubi waits for them only when
+        # it switches back to training), and a read of the base weights then could catch a block
+        # in the middle of its exchange.
+        starts = self.handle.base_values()
         # The inputs of the current forward, held so that no address is reused while it runs:
         # layers that read the very same tensor object share one basis.
         seen: dict[str, torch.Tensor] = {}
@@ -387,12 +392,13 @@ class Projector:
                 f"projection: the protected inputs never reached {missing[0] if missing else 'the model'!r}; "
                 "it is not used by the model's forward, so it cannot be protected: exclude it"
             )
-        self._build(grams, leader)
+        self._build(grams, leader, starts)
         return self._summarise(batches)
 
-    def _build(self, grams: dict[str, torch.Tensor], leader: dict[str, str]) -> None:
+    def _build(
+        self, grams: dict[str, torch.Tensor], leader: dict[str, str], starts: dict[str, torch.Tensor]
+    ) -> None:
         proxies = dict(self.handle.proxies())
-        starts = self.handle.base_values()
         by_leader: dict[str, _Group] = {}
         for name in sorted(leader):
             head = leader[name]
