@@ -651,6 +651,17 @@ FIGURES += [
     ),
     *(_demo_seed(seed) for seed in (0, 1, 2)),
     Figure(
+        "stack: full finetuning sequential, seed 0, width 128",
+        r"Full finetuning sequential, on seed 0, ends at (\d+)% \[(\d+)-(\d+)\] after all four",
+        STACK.format("w128-seed0-full"),
+        lambda: tuple(
+            re.match(
+                r"(\d+)% \[(\d+)–(\d+)%\]",
+                _stack("w128-seed0-full", "full FT sequential")["mean confident, after all"],
+            ).groups()
+        ),
+    ),
+    Figure(
         "demo: parallel + merge, seed 0",
         r"characters 1 and 3 kept (\d+)% and (\d+)% of their gains\s+\(`bench/results/demo-parallel-seed0",
         DEMO_PARALLEL,
