@@ -78,9 +78,6 @@ def model_text_width(model: object) -> int | None:
     from ..names import canonical_name
 
     for name, p in named():
-        if canonical_name(name) in (
-            "text_embedding.0.weight",
-            "condition_embedder.text_embedder.linear_1.weight",
-        ):
+        if canonical_name(name) in TEXT_EMBEDDING:
             return int(p.shape[1])
     return None
