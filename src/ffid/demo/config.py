@@ -257,14 +257,9 @@ def quick_config(**overrides: Any) -> DemoConfig:
     return DemoConfig(**values)
 
 
-WIDTHS = (64, 128, 256)  # the demo model's widths (``--width``; bench/stack.py measures all three)
-
-
 def spec_of_width(width: int) -> ModelSpec:
     """The demo model at another width: heads of 16 channels and an FFN twice the width, as the
-    64-wide model has (what ``bench/stack.py --width`` trains)."""
-    if width not in WIDTHS:
-        raise ConfigError(f"--width {width} is not one of {', '.join(map(str, WIDTHS))}")
+    64-wide model has (``ffid demo --width``, ``bench/stack.py --width``, ``ship_base --width``)."""
     return replace(ModelSpec(), dim=width, heads=width // 16, ffn_dim=2 * width)
 
 

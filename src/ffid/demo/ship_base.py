@@ -5,7 +5,6 @@ checks it). Its own module, above :mod:`.pretrain` and :mod:`.run`, which import
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from .shipped import QUALITY_SAMPLES, REGENERATE, judged_quality, sha256_of, shipped_paths
@@ -28,9 +27,8 @@ def regenerate(width: int = 64, held_out: tuple[int, ...] = (), bases_dir: Path 
     from .._version import __version__
     from ..train.io import atomic_write_bytes
     from .classifier import fit_judge
-    from .config import DemoConfig
+    from .config import DemoConfig, spec_of_width
     from .data import load_digit_images
-    from .model import ModelSpec
     from .pretrain import load_or_pretrain
     from .run import set_determinism
     from .task import load_model
@@ -46,8 +44,8 @@ def regenerate(width: int = 64, held_out: tuple[int, ...] = (), bases_dir: Path 
     ).stdout.rstrip()  # the code that runs: recorded before it runs
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DemoConfig(output_dir=tmp, cache_dir=tmp, fresh=True, progress=False)
-        if width != cfg.spec.dim:  # heads of 16 channels, FFN twice the width: as bench/stack.py --width
-            cfg.spec = replace(ModelSpec(), dim=width, heads=width // 16, ffn_dim=2 * width)
+        if width != cfg.spec.dim:
+            cfg.spec = spec_of_width(width)
         if held_out:
             cfg.characters = tuple(held_out)
         cfg.validate()
