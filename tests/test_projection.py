@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -326,21 +327,31 @@ def test_ffid_train_writes_implicit_deltas(base: Path, tmp_path: Path) -> None:
     assert all(torch.equal(x, y) for x, y in pairs)
 
 
-def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
-    """``bases="cpu"``: each basis stays in host memory and is moved for its product only; the
-    projected values are the same bits as with the bases beside the trained values."""
+@contextlib.contextmanager
+def _collected(base: Path, settings: ProjectionSettings, seed: int = 0, **attach_kw: object):
+    """The demo model from ``base`` with a rows handle attached and a projector whose feature pass
+    has run (protecting ``a digit zero``); yields ``(handle, projector)`` and detaches after."""
     from ffid.demo.task import DemoTask
     from ffid.engine import attach
 
+    model, spec = load_model(base)
+    task = DemoTask([], model=model, spec=spec)
+    handle = attach(model, ff=0.04, ffid=1, selector="rows", slots=8, **attach_kw)
+    try:
+        projector = Projector(handle, task, [Protected("a digit zero", "user")], settings)
+        projector.collect(model, torch.Generator().manual_seed(seed))
+        yield handle, projector
+    finally:
+        handle.detach()
+
+
+def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
+    """``bases="cpu"``: each basis stays in host memory and is moved for its product only; the
+    projected values are the same bits as with the bases beside the trained values."""
     results = []
     for place in ("device", "cpu"):
-        model, spec = load_model(base)
-        task = DemoTask([], model=model, spec=spec)
-        handle = attach(model, ff=0.04, ffid=1, selector="rows", include=[r"^blocks\."], slots=8)
-        try:
-            settings = ProjectionSettings(energy=0.99, draws=1, times=2, bases=place)
-            projector = Projector(handle, task, [Protected("a digit zero", "user")], settings)
-            projector.collect(model, torch.Generator().manual_seed(0))
+        settings = ProjectionSettings(energy=0.99, draws=1, times=2, bases=place)
+        with _collected(base, settings, include=[r"^blocks\."]) as (handle, projector):
             assert all(g.basis is None or g.basis.device.type == "cpu" for g in projector._groups)
             opt = torch.optim.AdamW(handle.parameters(), lr=0.5)
             projector.install(opt)
@@ -350,8 +361,6 @@ def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
                     p.grad = torch.randn_like(p)
                 opt.step()
             results.append({n: p.detach().clone() for n, p in handle.proxies()})
-        finally:
-            handle.detach()
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
     with pytest.raises(ConfigError, match="preserve_bases = 'gpu'"):
         ProjectionSettings(bases="gpu").validate()
@@ -359,19 +368,9 @@ def test_bases_kept_on_the_cpu_give_the_same_bits(base: Path) -> None:
 
 def _bases(base: Path, tokens: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, bool]]:
     """Each input group's basis (first member -> (basis, exact)) after a feature pass."""
-    from ffid.demo.task import DemoTask
-    from ffid.engine import attach
-
-    model, spec = load_model(base)
-    task = DemoTask([], model=model, spec=spec)
-    handle = attach(model, ff=0.04, ffid=1, selector="rows", slots=8)
-    try:
-        settings = ProjectionSettings(energy=0.99, draws=1, times=2, tokens=tokens)
-        projector = Projector(handle, task, [Protected("a digit zero", "user")], settings)
-        projector.collect(model, torch.Generator().manual_seed(seed))
+    settings = ProjectionSettings(energy=0.99, draws=1, times=2, tokens=tokens)
+    with _collected(base, settings, seed) as (_, projector):
         return {g.members[0]: (g.basis.clone(), g.exact) for g in projector._groups if g.basis is not None}
-    finally:
-        handle.detach()
 
 
 def test_token_budget_samples_the_image_side_only(base: Path) -> None:
