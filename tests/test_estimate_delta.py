@@ -90,3 +90,46 @@ def test_the_size_needs_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 0.001 * 14_288_491_584 * 4
+
+
+def test_stored_text_encodings_are_counted_when_captions_are_given(tmp_path):
+    """A Wan run's deltas store their captions' encodings (bf16, [tokens, text width]):
+    ``captions``/``caption_tokens`` add exactly their data to the estimate, the first 64 only,
+    and the file really written grows by that plus a few header bytes."""
+    from ffid.checkpoint.delta_text import text_bytes
+
+    model = tiny_wan()
+    plain = estimate(model, 0.01)[0]
+    assert any("--captions N" in n for n in plain.notes)  # left out, and said so
+    counted = estimate(model, 0.01, captions=3, caption_tokens=7)[0]
+    assert counted.delta_file_bytes - plain.delta_file_bytes == text_bytes(3, 7, 32) == 3 * 7 * 32 * 2
+    many = estimate(model, 0.01, captions=100, caption_tokens=7)[0]
+    assert many.delta_file_bytes - plain.delta_file_bytes == text_bytes(64, 7, 32)
+    assert any("first 64 of 100" in n for n in many.notes)
+
+    handle = ffid.attach(model, ffid.plan(model, 0.01, 0))
+    text = {f"caption {i}": torch.ones(7, 32, dtype=torch.bfloat16) for i in range(3)}
+    bare = handle.save_delta(tmp_path / "bare.safetensors")
+    with_text = handle.save_delta(tmp_path / "text.safetensors", text=text)
+    handle.detach()
+    assert text_bytes(3, 7, 32) <= with_text - bare <= text_bytes(3, 7, 32) + 1024
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"captions": -1}, "--captions -1 is negative"),
+        ({"captions": 2, "caption_tokens": 0}, "--caption_tokens 0 is outside 1..512"),
+        ({"captions": 2, "caption_tokens": 513}, "--caption_tokens 513"),
+    ],
+)
+def test_bad_caption_counts_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        estimate(tiny_wan(), 0.01, **kwargs)
+
+
+def test_captions_on_a_model_without_a_text_encoder_input_are_refused():
+    model = tiny_gpt2()
+    assert not any("caption" in n for n in estimate(model, 0.01)[0].notes)
+    with pytest.raises(ConfigError, match=r"no Wan text embedding.*leave --captions out"):
+        estimate(model, 0.01, captions=2)

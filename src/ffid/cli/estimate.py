@@ -133,6 +133,21 @@ def register(subparsers: Any) -> None:
         help="the engine's proxy-gradient path whose transient counts in the workspace (default auto: "
         "the largest it may choose; see docs/engine.md)",
     )
+    p.add_argument(
+        "--captions",
+        metavar="N",
+        default="0",
+        help="Wan: captions of the run, whose text encodings each delta stores (the first 64) and the "
+        "delta file size then counts (default 0: left out, with a note)",
+    )
+    p.add_argument(
+        "--caption_tokens",
+        "--caption-tokens",
+        dest="caption_tokens",
+        metavar="T",
+        default="512",
+        help="umT5 tokens of a typical caption (default 512, the most umT5 keeps: an upper bound)",
+    )
     p.add_argument("--json", action="store_true", help="print everything as JSON (sizes in bytes)")
     p.set_defaults(func=run)
 
@@ -171,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         dit_high_noise=high or None,
         offload_inactive_dit=args.offload_inactive_dit,
         gpu_gb=_float_option(args.gpu_gb, "--gpu-gb"),
+        captions=int_option(args.captions, "--captions", 0) or 0,
+        caption_tokens=int_option(args.caption_tokens, "--caption_tokens", 1) or 1,
         **selector_options(args),
     )
     if args.json:

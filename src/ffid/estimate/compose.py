@@ -14,7 +14,7 @@ from ..select import SelectionSettings, check_ff
 from ..selection import Selection
 from .activations import NOT_INCLUDED, GiB, activation_bytes, tokens_per_call
 from .base import FP8_SCALED, check_base_dtype, check_fp8_scaled, compute_dtype_of, place_base
-from .disk import delta_file_bytes
+from .disk import CAPTION_TOKENS_MAX, delta_file_bytes, text_encodings_bytes
 from .engine import (
     ENGINE,
     GRAD_PATHS,
@@ -44,8 +44,13 @@ def estimate_selection(
     grad_path: str = "auto",
     experts: int = 1,
     offload_inactive_dit: bool = False,
+    captions: int = 0,
+    caption_tokens: int = CAPTION_TOKENS_MAX,
 ) -> Estimate:
     """Memory needs of training ``selection`` (see :mod:`ffid.estimate` for the parts).
+
+    ``captions`` captions of ``caption_tokens`` tokens: the text encodings a Wan run stores in
+    each delta, counted in the delta file's size (0: left out, with a note saying so).
 
     ``grad_path`` is the engine's proxy-gradient path (``auto``, ``sampled``, ``dense``,
     ``chunked``; see ``ffid.engine.paths``): its transient counts in the workspace.
@@ -96,6 +101,9 @@ def estimate_selection(
     else:
         gpu["activations"] = activations
     not_included.append("CUDA context and allocator fragmentation (typically 0.3-1 GiB)")
+    text, text_note = text_encodings_bytes(manifest, int(captions), int(caption_tokens))
+    if text_note:
+        notes.append(text_note)
 
     # musubi holds the state dict once while loading: as stored, or already quantized (fp8-scaled
     # quantizes tensor by tensor as it reads the file)
@@ -146,7 +154,7 @@ def estimate_selection(
         blocks_to_swap=int(blocks_to_swap),
         gpu=gpu,
         host=host,
-        delta_file_bytes=experts * delta_file_bytes(selection),
+        delta_file_bytes=experts * (delta_file_bytes(selection) + text),
         hint=use_case(ff),
         not_included=not_included,
         notes=notes,
@@ -237,6 +245,8 @@ def estimate(
     dit_high_noise: Any = None,
     offload_inactive_dit: bool = False,
     gpu_gb: float | None = None,
+    captions: int = 0,
+    caption_tokens: int = CAPTION_TOKENS_MAX,
     **selector_options: Any,
 ) -> list[Estimate]:
     """Estimate memory for each ``ff`` of ``ffs`` on ``model`` (module, path, preset or manifest).
@@ -246,7 +256,8 @@ def estimate(
     shapes and dtypes are read. ``experts=2`` (or ``dit_high_noise``, the high-noise expert's
     file, checked to have the same tensors) estimates a two-expert Wan 2.2 A14B run;
     ``base_dtype="fp8-scaled"`` musubi's ``--fp8_scaled``. ``gpu_gb`` adds to each estimate the
-    fewest ``blocks_to_swap`` that fit a card of that many GiB (:func:`fit_blocks_to_swap`). Bad
+    fewest ``blocks_to_swap`` that fit a card of that many GiB (:func:`fit_blocks_to_swap`);
+    ``captions``/``caption_tokens`` count a Wan run's stored text encodings in the delta size. Bad
     values raise :class:`~ffid.errors.ConfigError` with one line saying how to fix them.
     """
     single = isinstance(ffs, (int, float, str))
@@ -288,6 +299,8 @@ def estimate(
             grad_path=grad_path,
             experts=experts,
             offload_inactive_dit=offload_inactive_dit,
+            captions=captions,
+            caption_tokens=caption_tokens,
         )
         est = estimate_selection(sel, blocks_to_swap=blocks_to_swap, **run)  # type: ignore[arg-type]
         if budget is not None:

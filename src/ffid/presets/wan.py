@@ -121,6 +121,19 @@ def wan_shape(manifest: Manifest) -> WanShape | None:
     return WanShape(pe[0], ffn, layers, (pe[2], pe[3], pe[4]), pe[1])
 
 
+# The umT5 input of the DiT's text embedding: its columns are the width of a stored text encoding.
+TEXT_EMBEDDING_WEIGHTS = ("text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight")
+
+
+def wan_text_width(manifest: Manifest) -> int | None:
+    """The text-encoder width a Wan DiT reads (umT5: 4096), from its manifest; ``None`` when the
+    manifest has no Wan text embedding."""
+    for name in TEXT_EMBEDDING_WEIGHTS:
+        if name in manifest and len(manifest[name].shape) == 2:
+            return int(manifest[name].shape[1])
+    return None
+
+
 def wan_tokens(shape: WanShape, height: int, width: int, frames: int) -> int:
     """Tokens of one video in the DiT: latent frames x latent rows x latent columns over the patch."""
     # Latent channels other than 16/48 (tiny test models) are taken as the Wan 2.1 VAE.
