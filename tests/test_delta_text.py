@@ -144,6 +144,28 @@ def test_convert_keeps_them_in_both_directions(files, tmp_path):
     assert load_delta(v1).info.value_dtype == "BF16"
 
 
+def test_convert_drop_text_leaves_them_out_and_keeps_the_layout(files, tmp_path, capsys):
+    """``--drop_text`` writes the same delta without its encodings; with no ``--indices`` the
+    input's layout is kept, so the weights part is byte-for-byte what a delta saved without
+    text holds."""
+    out = tmp_path / "dropped.safetensors"
+    assert main(["convert", str(files / "with.safetensors"), "--drop_text", "-o", str(out)]) == 0
+    assert "3 stored text encodings left out" in capsys.readouterr().out
+    with DeltaFile(out) as df, DeltaFile(files / "with.safetensors") as src:
+        assert df.text_count == 0 and df.text_encodings() == {}
+        assert df.implicit == src.implicit and df.names == src.names
+        for n in df.names:
+            assert torch.equal(df.read_values(n), src.read_values(n)), n
+    plain = load_file(files / "plain.safetensors")
+    dropped = load_file(out)
+    assert dropped.keys() == plain.keys()
+    for k, v in dropped.items():
+        assert torch.equal(v, plain[k]), k
+    again = tmp_path / "again.safetensors"  # nothing to drop: a plain copy, and it says none
+    assert main(["convert", str(out), "--drop_text", "-o", str(again)]) == 0
+    assert "left out" not in capsys.readouterr().out
+
+
 def test_extract_stores_none(files, tmp_path):
     merged, out = tmp_path / "m.safetensors", tmp_path / "x.safetensors"
     assert (

@@ -3,7 +3,8 @@
 The positions never change: an explicit file becomes implicit only when its stored indices are
 exactly what its recorded selection plans on the base (checked element by element), and an
 implicit file becomes explicit by writing the positions its selection rebuilds. Stored text
-encodings (``ffid.text.*``) are carried over as they are. The base's
+encodings (``ffid.text.*``) are carried over as they are, or left out with ``drop_text`` (a
+later run then protects the run's prompts through a cache or its recorded prompts). The base's
 shapes come from ``base`` or, when the delta was planned on a built-in preset, from the preset.
 """
 
@@ -45,6 +46,7 @@ class ConvertResult:
     elements: int
     bytes_in: int
     bytes_written: int
+    text_dropped: int = 0  # stored text encodings left out (drop_text)
 
 
 def _planned(df: DeltaFile, base: Any | None) -> Selection:
@@ -100,15 +102,19 @@ def convert_delta(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    indices: str,
+    indices: str | None = None,
     value_dtype: str | None = None,
     base: Any | None = None,
+    drop_text: bool = False,
 ) -> ConvertResult:
-    """Write ``src`` to ``out`` with ``indices`` (``explicit``/``implicit``) and ``value_dtype``
-    (default: the file's own). ``base`` gives the shapes; a preset's are used when it is omitted."""
-    check_indices(indices)
+    """Write ``src`` to ``out`` with ``indices`` (``explicit``/``implicit``; default the file's
+    own) and ``value_dtype`` (default the file's own), without its stored text encodings when
+    ``drop_text``. ``base`` gives the shapes; a preset's are used when it is omitted."""
+    if indices is not None:
+        check_indices(indices)
     out = Path(out)
     with DeltaFile(src) as df:
+        indices = indices or ("implicit" if df.implicit else "explicit")
         if out.is_dir():
             raise ConfigError(f"output {out} is a folder; name the delta file, e.g. {out / df.path.name}")
         refuse_overwrite(out, [df.path])
@@ -137,10 +143,18 @@ def convert_delta(
             save_dtype=value_dtype or info.value_dtype or "fp32",
             indices=indices,
             selection=sel,
-            text=df.text_encodings(),  # the run's prompts' encodings stay with it, in their dtype
+            # the run's prompts' encodings stay with it, in their dtype, unless asked to go
+            text=None if drop_text else df.text_encodings(),
         )
         result = ConvertResult(
-            out, indices, "", len(tensors), sum(t.count for t in tensors), df.path.stat().st_size, size
+            out,
+            indices,
+            "",
+            len(tensors),
+            sum(t.count for t in tensors),
+            df.path.stat().st_size,
+            size,
+            df.text_count if drop_text else 0,
         )
     with DeltaFile(out) as written:
         result.value_dtype = written.info.value_dtype
