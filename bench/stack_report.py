@@ -169,6 +169,25 @@ def matrix(record: dict[str, Any], method: str) -> str:
     return md_table(["prompt", *(name for name, _ in columns)], rows)
 
 
+def train_seconds_per_step(record: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """Training wall seconds per step of one method, over its character stages (a projected
+    run's feature passes included: they are part of its cost); ``None`` before any stage."""
+    stages = [s for s in run.get("stages", []) if s["name"].startswith("character")]
+    if not stages:
+        return None
+    return sum(s["train_s"] for s in stages) / (len(stages) * record["config"]["steps"])
+
+
+def _per_step(record: dict[str, Any], m: str) -> str:
+    """Seconds per step, and the ratio to LoRA's measured in the same process where it ran."""
+    mine = train_seconds_per_step(record, record["methods"][m])
+    lora = train_seconds_per_step(record, record["methods"].get("lora", {}))
+    if mine is None:
+        return "-"
+    ratio = f" ({mine / lora:.2f}x LoRA)" if lora and m != "lora" else ""
+    return f"{mine:.3f}{ratio}"
+
+
 def seed_table(record: dict[str, Any], titles: dict[str, str]) -> str:
     rows = []
     for m, title in titles.items():
@@ -176,7 +195,7 @@ def seed_table(record: dict[str, Any], titles: dict[str, str]) -> str:
         if run is None:
             continue
         if "summary" not in run:
-            rows.append([title, run.get("skipped", "not run"), "", "", "", ""])
+            rows.append([title, run.get("skipped", "not run"), "", "", "", "", ""])
             continue
         s = run["summary"]
         rows.append(
@@ -189,6 +208,7 @@ def seed_table(record: dict[str, Any], titles: dict[str, str]) -> str:
                     pct(s[f"base_confident_{k}"]["value"], 1)
                     for k in ("before", "after_character1", "after_all")
                 ),
+                _per_step(record, m),
                 f"{run['seconds']:.0f}",
             ]
         )
@@ -199,6 +219,7 @@ def seed_table(record: dict[str, Any], titles: dict[str, str]) -> str:
             "mean confident, after all",
             "retention (confident) by character",
             "base classes before / after char1 / after all",
+            "train s per step",
             "seconds",
         ],
         rows,

@@ -168,3 +168,23 @@ def test_interference_stack_delegates(stack, monkeypatch, tmp_path) -> None:
     with pytest.raises(SystemExit) as exc:
         interference.main(["--stack", "9"])
     assert exc.value.code == 2
+
+
+def test_seconds_per_step_and_the_ratio_to_lora(stack, quick_run) -> None:
+    """Each method's training seconds per step come from its own stages (2 characters x 2
+    steps here), and the summary shows them beside LoRA's, measured in the same process."""
+    _, data = quick_run
+    from stack_report import render, train_seconds_per_step
+
+    record = data["seeds"][0]
+    plain, lora = (record["methods"][m] for m in ("plain", "lora"))
+    expected = sum(s["train_s"] for s in plain["stages"]) / (2 * 2)
+    assert train_seconds_per_step(record, plain) == pytest.approx(expected)
+    assert train_seconds_per_step(record, {}) is None
+    md = render(data, 1.0)
+    assert "| train s per step |" in md
+    lora_s = train_seconds_per_step(record, lora)
+    if lora_s:  # stage times are stored to 0.1 s: a quick run's LoRA stages may round to 0
+        assert f"{expected:.3f} ({expected / lora_s:.2f}x LoRA)" in md
+    else:
+        assert f"| {expected:.3f} |" in md
