@@ -277,3 +277,27 @@ def test_merge_equals_apply(tmp_path, model_key, sel_key):
     # the same Parameter objects, so tied weights (GPT-2's lm_head and wte) stay tied
     after = dict(model.named_parameters(remove_duplicate=False))
     assert after.keys() == params.keys() and all(after[n] is params[n] for n in params)
+
+
+@pytest.mark.parametrize(("model_key", "sel_key"), CASES)
+def test_the_base_fingerprint_is_taken_at_attach(tmp_path, model_key, sel_key):
+    """``base_sample()`` is ``base_values()`` at the fingerprint's positions, and a delta's base
+    fingerprint comes from it: weights that change after attach (as a block caught mid-exchange
+    by block swap would look) do not reach the file, so it still merges into the real base."""
+    from ffid.checkpoint.delta_format import sample_positions
+
+    model, sel, batch = make(model_key, sel_key)
+    handle = attach(model, sel)
+    sample = handle.base_sample()
+    for n, v in handle.base_values().items():
+        assert torch.equal(sample[n], v[sample_positions(v.numel())]), n
+    _adamw_steps(handle, model, batch, steps=1)
+    handle.save_delta(tmp_path / "clean.safetensors")
+    with torch.no_grad():  # the module's own weights, not the proxies
+        for p in model.parameters():
+            p.add_(1.0) if p.is_floating_point() else None
+    handle.save_delta(tmp_path / "moved.safetensors")
+    handle.detach()
+    clean, moved = (load_delta(tmp_path / f"{n}.safetensors") for n in ("clean", "moved"))
+    assert moved.info.base_fingerprint == clean.info.base_fingerprint
+    apply_delta(MODELS[model_key].build(), tmp_path / "moved.safetensors")  # checks the fingerprint

@@ -216,15 +216,19 @@ def save_delta(
 ) -> int:
     """Save what an attached engine handle trained as a delta file; returns the file size.
 
-    ``handle`` follows the engine contract (``selection``, ``trained_values()``,
-    ``base_values()``). ``metadata`` adds (or overrides) string keys such as ``ss_learning_rate``;
-    ``save_dtype`` is the value precision (fp32 by default for explicit files, like other
-    trainers' adapters; the model's dtype for ``indices="implicit"``, format 2). ``text``: the
-    run's prompts' text encodings to store (see :func:`write_delta`).
+    ``handle`` follows the engine contract (``selection``, ``trained_values()``, and
+    ``base_sample()`` or ``base_values()`` for the base fingerprint). ``metadata`` adds (or
+    overrides) string keys such as ``ss_learning_rate``; ``save_dtype`` is the value precision
+    (fp32 by default for explicit files, like other trainers' adapters; the model's dtype for
+    ``indices="implicit"``, format 2). ``text``: the run's prompts' text encodings to store
+    (see :func:`write_delta`).
     """
     sel: Selection = handle.selection
     trained = handle.trained_values()
-    base = handle.base_values()
+    # the engine's handle keeps the fingerprinted base values from when it attached; another
+    # handle (the contract is duck-typed) gives all its base values and they are sampled here
+    sampled = callable(getattr(handle, "base_sample", None))
+    base = handle.base_sample() if sampled else handle.base_values()
     tensors = []
     fps: dict[str, TensorFingerprint] = {}
     for name in sel:
@@ -235,13 +239,14 @@ def save_delta(
                 f"the handle has no trained/base values for {name!r}; attach again before saving"
             )
         vals, bvals = trained[name].reshape(-1), base[name].reshape(-1)
-        if vals.numel() != idx.numel() or bvals.numel() != idx.numel():
+        picked = sample_positions(idx.numel())
+        if vals.numel() != idx.numel() or bvals.numel() != (picked.numel() if sampled else idx.numel()):
             raise ConfigError(
                 f"{name!r}: {vals.numel()} trained / {bvals.numel()} base values for {idx.numel()} "
                 "selected positions"
             )
         tensors.append(DeltaTensor(name, tuple(pick.shape), idx, vals.detach().cpu()))
-        fps[name] = TensorFingerprint(tuple(pick.shape), values_hash(bvals[sample_positions(idx.numel())]))
+        fps[name] = TensorFingerprint(tuple(pick.shape), values_hash(bvals if sampled else bvals[picked]))
     params = dict(sel.params)
     model = getattr(handle, "model", None)
     arch = (

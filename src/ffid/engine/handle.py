@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.delta_format import sample_positions
 from ..errors import ConfigError, MismatchError, TrainingError
 from ..names import canonical_name
 from ..select import SelectionSettings
@@ -104,6 +105,9 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_snapshot: dict[str, torch.Tensor] | None = None  # set by merge()
         self._base_known: dict[str, torch.Tensor] = {}  # set_base_values(): the file's values
+        # the base values a delta's fingerprint hashes, read once here: saving then never reads
+        # the module's weights, which musubi's block swap may be exchanging in another thread
+        self._attach_sample: dict[str, torch.Tensor] = {}
         # use_proxies(): another proxy set (and its base) for the same selection, e.g. the other
         # expert of a Wan 2.2 two-expert run; None: the handle's own parameters
         self._active_set: Mapping[str, nn.Parameter] | None = None
@@ -123,6 +127,7 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
             else:  # the values the model computes with: fp8 x scale for a scaled weight
                 values = slot.values(base)
             self.register_parameter(slot.key, nn.Parameter(values.to(device=dev, dtype=proxy_dtype)))
+            self._attach_sample[slot.name] = _fingerprint_sample(values)
             self._slots[slot.name] = slot
         self._install(model, freeze)
 
@@ -283,6 +288,19 @@ class FfidHandle(HandleChecks, HandleReport, nn.Module):
         return {
             name: known[name].clone() if name in known else slot.values(slot.param.detach())
             for name, slot in self._slots.items()
+        }
+
+    def base_sample(self) -> dict[str, torch.Tensor]:
+        """Canonical name -> the base values a delta's base fingerprint hashes (the entries at
+        ``checkpoint.sample_positions`` of :meth:`base_values`, fp32 CPU), without reading the
+        model: taken when attached, or from :meth:`set_base_values` / :meth:`use_proxies`."""
+        whole = self._base_snapshot if self._base_snapshot is not None else self._active_base
+        if whole is not None:
+            return {n: _fingerprint_sample(t) for n, t in whole.items()}
+        known = self._base_known
+        return {
+            n: _fingerprint_sample(known[n]) if n in known else t.clone()
+            for n, t in self._attach_sample.items()
         }
 
     def set_base_values(self, values: Mapping[str, torch.Tensor]) -> None:
@@ -552,3 +570,9 @@ def attach(
         freeze=freeze,
         grad_path=grad_path,
     )
+
+
+def _fingerprint_sample(values: torch.Tensor) -> torch.Tensor:
+    """The entries of a tensor's selected values that its base fingerprint hashes (fp32 CPU)."""
+    flat = values.reshape(-1)
+    return flat[sample_positions(flat.numel()).to(flat.device)].to(device="cpu", dtype=torch.float32)

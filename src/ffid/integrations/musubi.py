@@ -311,7 +311,7 @@ class FfidNetwork(nn.Module):
         return self._load_one(file)
 
     def _load_one(self, file: str) -> str:
-        from ..checkpoint.delta import load_delta, sample_positions, values_hash
+        from ..checkpoint.delta import load_delta, values_hash
 
         handle = self._require_handle("load_weights")
         sel = handle.selection
@@ -324,10 +324,10 @@ class FfidNetwork(nn.Module):
                 "or merge it into the base "
                 "with --base_weights / `ffid merge` to train another id on top"
             )
-        base = handle.base_values()
+        base = handle.base_sample()  # taken at attach: no read of weights block swap may move
         for name, fp in delta.info.base_fingerprint.items():
             b = base.get(name)
-            if b is not None and values_hash(b.reshape(-1)[sample_positions(b.numel())]) != fp.hash:
+            if b is not None and values_hash(b) != fp.hash:
                 raise MismatchError(
                     f"{file} was trained from another base model (tensor {name!r} differs); "
                     "load the same --dit "
