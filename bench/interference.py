@@ -45,7 +45,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from compare import ADAPTER_TARGETS, md_table, quiet  # noqa: E402
+from compare import quiet  # noqa: E402
+from compare_methods import ADAPTER_TARGETS  # noqa: E402
+from compare_report import md_table  # noqa: E402
 
 RESULT_TAG = "@@interference-result "
 PARTS = (
@@ -517,7 +519,7 @@ def memory_probe(payload: dict[str, Any]) -> dict[str, Any]:
 
 def spawn_probe(payload: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # RSS follows live memory (see compare.spawn)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # RSS follows live memory (see compare_run.spawn)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
