@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from interference import FULL_LR, LORA_LR, demo_config, lora_rank, train_dense  # noqa: E402
+from interference_methods import FULL_LR, LORA_LR, demo_config, lora_rank, train_dense  # noqa: E402
 from stack_report import render, summarize  # noqa: E402
 
 from ffid.demo.config import DemoConfig  # noqa: E402

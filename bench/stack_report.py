@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from compare import md_table
+from compare_report import md_table
 
 from ffid.demo.judge import Estimate, bootstrap_mean, difference, hits_of, retention
 from ffid.demo.stack_report import interval, pct

@@ -34,14 +34,18 @@ def _load():
 
 def test_quick_run_reports_every_method_and_column(tmp_path, capsys):
     bench = _load()
+    # imported after _load(), which puts bench/ on sys.path
+    from interference_methods import METHODS
+    from interference_report import TARGETED, TITLES
+
     argv = ["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
     assert bench.main(argv) == 0
 
     data = json.loads((tmp_path / "interference-quick.json").read_text())
     assert [r["seed"] for r in data["seeds"]] == [0]
     run = data["seeds"][0]
-    assert set(run["methods"]) == set(bench.METHODS)
-    assert set(data["memory"]) == set(bench.METHODS)
+    assert set(run["methods"]) == set(METHODS)
+    assert set(data["memory"]) == set(METHODS)
     for name, m in run["methods"].items():
         for key in (
             "character1_before",
@@ -68,10 +72,10 @@ def test_quick_run_reports_every_method_and_column(tmp_path, capsys):
     assert m["lora"]["trainable"] < m["full"]["trainable"] / 4
 
     assert {(c["method"], c["target"].split(" ")[0]) for c in run["checks"]} >= {
-        (t, w) for t in bench.TARGETED for w in ("character1", "character2", "base", "step", "peak")
+        (t, w) for t in TARGETED for w in ("character1", "character2", "base", "step", "peak")
     }
     md = (tmp_path / "interference-quick.md").read_text()
-    for title in bench.TITLES.values():
+    for title in TITLES.values():
         assert f"| {title} |" in md
     for column in (
         "char1 retention",
