@@ -178,6 +178,39 @@ def test_prompts_a_delta_could_not_store_are_left_out_with_a_note(
 
 
 # -- musubi-tuner (the stand-in) -----------------------------------------------------------------------
+def test_preserve_deltas_protects_a_character_merged_into_the_base(
+    wan: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Character 1 merged into the DiT with `ffid merge`, its cache gone: ``preserve_deltas``
+    protects it from the delta's record and stored encodings without applying it again, with
+    the same trained values as a run that applies it as a base delta; a missing file is refused."""
+    merged = wan["root"] / "merged-dit"
+    shutil.copytree(wan["dit"], merged, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = "diffusion_pytorch_model.safetensors"
+    argv = ["merge", str(wan["dit"] / weights), str(wan["stored"]), "-o", str(merged / weights), "-q"]
+    assert main(argv) == 0
+    code, on_top = _char2(wan, "on-top", base_deltas=[str(wan["stored"])])
+    assert code == 0
+    capsys.readouterr()
+    folder = wan["root"] / "merged-run"
+    folder.mkdir()
+    toml = wan_toml(
+        folder, merged, wan["cache2"], ffid=2, max_train_steps=2, preserve_items=2,
+        preserve_deltas=[str(wan["stored"])],
+    )  # fmt: skip
+    assert main(["train", "--config", str(toml)]) == 0  # preserve = auto: on for preserve_deltas
+    assert "protecting 4 prompt(s): 'caption 0' (run.safetensors)" in capsys.readouterr().out
+    _same(folder / "out" / "run.safetensors", on_top / "out" / "run.safetensors")
+    gone = wan["root"] / "gone"
+    gone.mkdir()
+    nope = str(wan["root"] / "nope.safetensors")
+    toml = wan_toml(gone, merged, wan["cache2"], ffid=2, preserve_deltas=[nope])
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.safetensors" in err[0], err
+    assert not (gone / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def musubi(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Character 1 through the network module, its captions found through --dataset_config, saved
@@ -238,6 +271,36 @@ def test_musubi_protects_from_base_weights_alone(musubi: dict[str, Path], caplog
     assert alone.keys() == cached.keys()
     for n in alone:
         assert torch.equal(alone[n], cached[n]), n
+
+
+def test_musubi_preserve_deltas_protects_a_character_merged_into_the_dit(musubi, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Character 1 already in the DiT (as `ffid merge` leaves it), no --base_weights:
+    ``preserve_deltas`` protects its stored captions without applying it again, and trains the
+    same values as loading it with --base_weights; a missing file is refused before training."""
+    import ffid
+
+    on_top = _musubi_char2(musubi, musubi["stored"])
+    dit = tiny_wan_original()
+    ffid.apply_delta(dit, musubi["stored"])
+    args = default_args(
+        network_args=[
+            "ff=0.05", "ffid=2", "preserve_weight=50", "preserve_items=2",
+            f"preserve_deltas={musubi['stored']}",
+        ],
+        max_train_steps=3,
+        learning_rate=3e-2,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ffid"):
+        res = run_training(args, transformer=dit)
+    assert "2 prompt(s) from the text encodings stored in stored.safetensors" in caplog.text
+    merged = {n: p.detach().clone() for n, p in res.unwrapped.handle.proxies()}
+    res.unwrapped.handle.detach()
+    assert merged.keys() == on_top.keys()
+    for n in merged:
+        assert torch.equal(merged[n], on_top[n]), n
+    missing = str(musubi["root"] / "nope.safetensors")
+    with pytest.raises(ConfigError, match=r"preserve_deltas: .*nope\.safetensors is not a file"):
+        _musubi_char2(musubi, musubi["stored"], f"preserve_deltas={missing}")
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,9 @@ class FfidNetwork(nn.Module):
         try:
             bases = getattr(self, "_base_weight_files", [])
             width = model_text_width(unet)
-            encodings = protected_encodings(bases, c.preserve_cache, c.preserve_prompts, width)
+            encodings = protected_encodings(
+                bases, c.preserve_cache, c.preserve_prompts, width, merged=c.preserve_deltas
+            )
             if c.preserve_method == "projection":
                 from .musubi_projection import MusubiProjection
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ NETWORK_ARGS = {
     "its deltas, so that later runs protect it without its cache",
     "preserve_cache": "musubi text-encoder cache folders of earlier characters, separated by ';' (adds to "
     "the encodings the --base_weights deltas store)",
+    "preserve_deltas": "ffid deltas the --dit already holds (merged into it), separated by ';': not applied "
+    "again, their stored captions are protected",
     "preserve_prompts": "captions to protect, separated by ';' (default: all those found)",
     "preserve_weight": "weight of the preservation loss, e.g. preserve_weight=16",
     "preserve_items": "protected inputs per step, e.g. preserve_items=1",
@@ -82,6 +85,7 @@ class MusubiConfig:
     # the protected prompts are those the --base_weights deltas store, plus preserve_cache's
     preserve_on: bool = False
     preserve_cache: list[str] = field(default_factory=list)
+    preserve_deltas: list[str] = field(default_factory=list)  # merged into --dit: protected only
     preserve_prompts: list[str] = field(default_factory=list)
     preserve: PreserveSettings = field(default_factory=lambda: PreserveSettings(items=1))
     preserve_method: str = "loss"  # or "projection": see ffid.integrations.musubi_projection
@@ -178,6 +182,7 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "preserve_on": True,
             "preserve_cache": _patterns(str(args.get("preserve_cache", ""))),
+            "preserve_deltas": _delta_files(args),
             "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
             "preserve_method": method,
             "projection": _projection_settings(args),
@@ -197,9 +202,22 @@ def _preserve_args(args: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "preserve_on": True,
         "preserve_cache": _patterns(str(args.get("preserve_cache", ""))),
+        "preserve_deltas": _delta_files(args),
         "preserve_prompts": _patterns(str(args.get("preserve_prompts", ""))),
         "preserve": settings,
     }
+
+
+def _delta_files(args: Mapping[str, Any]) -> list[str]:
+    """``preserve_deltas``: files that must exist now, so a typo fails before the DiT loads."""
+    files = _patterns(str(args.get("preserve_deltas", "")))
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(
+                f"network_args preserve_deltas: {f} is not a file; name the ffid delta (.safetensors) "
+                "that was merged into --dit"
+            )
+    return files
 
 
 def _projection_settings(args: Mapping[str, Any]) -> ProjectionSettings:

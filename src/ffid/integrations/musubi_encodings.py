@@ -127,15 +127,18 @@ def protected_encodings(
     preserve_cache: list[str],
     wanted: list[str],
     width: int | None,
+    merged: list[str] | None = None,
 ) -> dict[str, tuple[Path, str]]:
     """Caption -> (file, key) of the prompts a run protects: those the ``--base_weights`` deltas
-    store (checked against the model's text ``width``), then those of the ``preserve_cache``
-    folders; with ``wanted`` (``preserve_prompts``), only those, each of which must be found."""
+    store, then the ``merged`` ones (``preserve_deltas``: already in the DiT), each checked against
+    the model's text ``width``, then those of the ``preserve_cache`` folders; with ``wanted``
+    (``preserve_prompts``), only those, each of which must be found."""
     from ..preserve.stored import stored_encodings
     from ..train.cache import text_encodings
 
+    merged = list(merged or [])
     stored = stored_encodings(
-        base_weights,
+        [*base_weights, *merged],
         width,
         cache_flag="network_args preserve_cache=FOLDER",
         caches_given=bool(preserve_cache),
@@ -146,7 +149,12 @@ def protected_encodings(
     for folder in preserve_cache:
         for caption, where in text_encodings(folder).items():
             found.setdefault(caption, where)
-    sources = [*(f"--base_weights {n}" for n in stored.carriers), *preserve_cache]
+    merged_names = {Path(m).name for m in merged}
+
+    def flag(name: str) -> str:
+        return f"preserve_deltas {name}" if name in merged_names else f"--base_weights {name}"
+
+    sources = [*(flag(n) for n in stored.carriers), *preserve_cache]
     if wanted:
         missing = [p for p in wanted if p not in found]
         if missing:
@@ -158,7 +166,7 @@ def protected_encodings(
         found = {p: found[p] for p in wanted}
     if stored.without and not preserve_cache and not wanted:  # its character would go unprotected
         raise ConfigError(
-            f"--base_weights {stored.without[0]} stores no text encodings (saved by an older ffid, by "
+            f"{flag(stored.without[0])} stores no text encodings (saved by an older ffid, by "
             "`ffid extract`, or with store_encodings=false), so ffid cannot know what to protect; give "
             "the earlier character's musubi cache folder with network_args preserve_cache=FOLDER"
         )
@@ -167,7 +175,7 @@ def protected_encodings(
         logger.info(
             "ffid preservation: %d prompt(s) from the text encodings stored in %s, %d from preserve_cache",
             from_deltas,
-            ", ".join(stored.carriers) or "no --base_weights delta",
+            ", ".join(stored.carriers) or "no --base_weights or preserve_deltas delta",
             len(found) - from_deltas,
         )
         return found

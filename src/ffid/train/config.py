@@ -128,7 +128,7 @@ class TrainConfig:
     preserve: str = _key(
         "keep what base_deltas taught while training on top of them, without their data: a second "
         "loss pulls the model towards base + base_deltas on protected prompts (auto: on when "
-        "base_deltas are given)",
+        "base_deltas or preserve_deltas are given)",
         "auto",
         choices=PRESERVE,
         trajectory=True,
@@ -178,6 +178,12 @@ class TrainConfig:
     preserve_regularisation: bool = _key(
         "also protect this run's regularisation (prior) prompts, where the task has them",
         True,
+        trajectory=True,
+    )
+    preserve_deltas: list[str] = _key(
+        "deltas the base already holds (merged into it with `ffid merge`): not applied again, but "
+        "their recorded prompts are protected, with the text encodings they store",
+        factory=list,
         trajectory=True,
     )
     preserve_cache: list[str] = _key(
@@ -308,6 +314,12 @@ class TrainConfig:
             tokens=self.preserve_tokens,
         ).validate()
 
+    @property
+    def earlier_deltas(self) -> list[str]:
+        """The deltas whose characters the run protects: those it applies (``base_deltas``), then
+        those the base already holds (``preserve_deltas``, merged into it: not applied again)."""
+        return [*self.base_deltas, *self.preserve_deltas]
+
     def selection(self) -> SelectionSettings:
         """The run's :class:`~ffid.select.SelectionSettings` (what ``ffid plan`` shows for the same keys)."""
         if self.ff is None or self.ffid is None:
@@ -354,7 +366,7 @@ class TrainConfig:
         for name in ("model_path", "dataset"):
             if out[name]:
                 out[name] = Path(out[name]).name
-        for name in ("base_deltas", "rehearsal_datasets", "preserve_cache"):
+        for name in ("base_deltas", "preserve_deltas", "rehearsal_datasets", "preserve_cache"):
             out[name] = [Path(p).name for p in out[name]]
         # The selector options count as checked values, however they were written (slots = 8 or
         # selector_args = {slots = "8"}), and in the form states saved before selector_args
@@ -553,7 +565,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 metavar="K=V"
                 if origin is dict or name == "optimizer_args"
                 else "PATH"
-                if name in ("base_deltas", "rehearsal_datasets")
+                if name in ("base_deltas", "preserve_deltas", "rehearsal_datasets")
                 else "PATTERN",
                 **kw,
             )

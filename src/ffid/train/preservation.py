@@ -39,9 +39,9 @@ def stored_text(
 
 def _off_line(cfg: TrainConfig) -> str | None:
     """The summary line of a run without preservation, or None when it preserves (either method):
-    ``preserve = auto`` turns it on for runs on top of ``base_deltas``."""
-    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.base_deltas):
-        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas"
+    ``preserve = auto`` turns it on for runs on top of ``base_deltas`` or ``preserve_deltas``."""
+    if cfg.preserve == "off" or (cfg.preserve == "auto" and not cfg.earlier_deltas):
+        why = "preserve = off" if cfg.preserve == "off" else "no base_deltas or preserve_deltas"
         return f"  preservation: off ({why})"
     return None
 
@@ -79,7 +79,10 @@ def _protected(cfg: TrainConfig, task: Task, dataset: Any) -> tuple[list[Any], l
     if cfg.preserve_regularisation and callable(getattr(task, "regularisation_prompts", None)):
         regularisation = list(task.regularisation_prompts(dataset))  # type: ignore[attr-defined]
     protected = protected_prompts(
-        cfg.base_deltas, empty=cfg.preserve_empty, regularisation=regularisation, extra=cfg.preserve_prompts
+        cfg.earlier_deltas,
+        empty=cfg.preserve_empty,
+        regularisation=regularisation,
+        extra=cfg.preserve_prompts,
     )
     notes: list[str] = []
     prepare = getattr(task, "prepare_preservation", None)

@@ -235,7 +235,7 @@ class WanTask:
     def prepare_preservation(
         self, protected: list[Protected], cfg: TrainConfig, dataset: LatentCacheDataset
     ) -> tuple[list[Protected], list[str]]:
-        """Find every protected prompt's text encoding: first in the base deltas (which carry
+        """Find every protected prompt's text encoding: first in the earlier deltas (which carry
         their prompts' encodings, :mod:`ffid.preserve.stored`), then, by caption, in the caches
         (the dataset, the rehearsal datasets and ``preserve_cache``). A prompt found nowhere is
         refused, except the empty prompt and the prompts of a delta that stores encodings but
@@ -245,7 +245,7 @@ class WanTask:
 
         folders = [f for f in (cfg.dataset, *cfg.rehearsal_datasets, *cfg.preserve_cache) if f]
         stored = stored_encodings(
-            cfg.base_deltas,
+            cfg.earlier_deltas,
             dataset.text_width(),
             cache_flag="preserve_cache = ['FOLDER']",
             caches_given=bool(cfg.preserve_cache),
