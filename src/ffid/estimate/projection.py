@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..presets.wan import WanShape
+from ..presets.wan import TEXT_SIDE_PATTERN, WanShape
 from ..selection import Selection
 
 # The protected rank as a share of the width. The bound takes the worst case (half the width,
@@ -142,7 +142,7 @@ def feature_pass_cost(
         if len(pick.shape) != 2:
             continue
         width = pick.shape[1]
-        text = bool(re.search(r"cross_attn\.(k|v)\.|text_embedding", name))
+        text = bool(re.search(TEXT_SIDE_PATTERN, name))
         if text:
             rows_read = TEXT_TOKENS  # the text side reads the encodings, not the video
         elif "time_" in name:

@@ -42,6 +42,7 @@ import torch
 from ..errors import ConfigError
 from ..estimate.projection import TOKEN_BUDGET
 from ..names import canonical_name
+from ..presets.wan import TEXT_SIDE_PATTERN
 from ..select import ROW_SELECTOR, get_selector
 from .prompts import Protected, describe_protected
 
@@ -49,12 +50,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 METHODS = ("loss", "projection")
-# Layers whose input is the text conditioning alone, in the namings ffid meets (diffusers Wan,
-# original Wan / musubi, the demo): protected exactly. A task may set ``projection_exact``.
-EXACT_PATTERN = (
-    r"(^|\.)(attn2\.(to_k|to_v|add_k_proj|add_v_proj)|cross_attn\.(k|v|k_img|v_img)"
-    r"|text_embedder\.linear_[12]|text_embedding\.[02])\.weight$"
-)
+# Layers whose input is the text conditioning alone are protected exactly (the one definition,
+# shared with the estimate, is beside the Wan shapes). A task may set ``projection_exact``.
+EXACT_PATTERN = TEXT_SIDE_PATTERN
 # Directions whose energy is below this share of the largest are numerical noise, not inputs.
 RANK_TOL = 1e-12
 DEFAULT_ENERGY = 0.99

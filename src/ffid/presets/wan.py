@@ -121,6 +121,14 @@ def wan_shape(manifest: Manifest) -> WanShape | None:
     return WanShape(pe[0], ffn, layers, (pe[2], pe[3], pe[4]), pe[1])
 
 
+# Layers whose input is the text conditioning alone, in the namings ffid meets (diffusers Wan,
+# original Wan / musubi, the demo): projection protects them exactly, and the estimate counts
+# their Grams at the text's token count.
+TEXT_SIDE_PATTERN = (
+    r"(^|\.)(attn2\.(to_k|to_v|add_k_proj|add_v_proj)|cross_attn\.(k|v|k_img|v_img)"
+    r"|text_embedder\.linear_[12]|text_embedding\.[02])\.weight$"
+)
+
 # The umT5 input of the DiT's text embedding: its columns are the width of a stored text encoding.
 TEXT_EMBEDDING_WEIGHTS = ("text_embedding.0.weight", "condition_embedder.text_embedder.linear_1.weight")
 
