@@ -125,6 +125,8 @@ SUMMARY = "method"  # first header of bench/stack.py's summary table
 PLAN_ROWS = "ffid plan wan2.2-t2v-14b --ff 0.01 --ffid 1 --selector rows --include ^blocks\\."
 PLAN_SPREAD = "ffid plan wan2.2-t2v-14b --ff 0.01 --ffid 1"
 PLAN_COMPAT = "ffid plan wan2.2-t2v-14b --ff 0.001 --ffid 1 --selector compat-v2"
+ESTIMATE_BARE = "ffid estimate wan2.2-t2v-14b --ff 0.01"
+ESTIMATE_CAPTIONS = "ffid estimate wan2.2-t2v-14b --ff 0.01 --captions 30 --caption_tokens 60"
 
 
 @dataclass(frozen=True)
@@ -491,6 +493,16 @@ FIGURES: list[Figure] = [
         r"\s+video tokens.*?holding\s+([\d.]+) GiB.*?~(\d+) min on an H100, ~(\d+) min on an RTX 4090",
         PLAN_ROWS,
         _plan_projection,
+    ),
+    Figure(
+        "estimate: delta size with stored text encodings",
+        r"`--captions 30 --caption_tokens 60` counts them in the delta size \(([\d.]+ GiB) ->\s+([\d.]+ GiB) "
+        r"at 14B ff 0.01\)",
+        ESTIMATE_CAPTIONS,
+        lambda: tuple(
+            search(src, r"^0\.01 .*?([\d.]+ GiB)\s+several").group(1)
+            for src in (ESTIMATE_BARE, ESTIMATE_CAPTIONS)
+        ),
     ),
     # bench/delta_size.py
     Figure(
