@@ -85,6 +85,9 @@ def summarize(record: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
         if "stages" in lora:
             vs = difference(*(_final_hits(r, chars) for r in (run, lora)), resamples=resamples, seed=seed)
             run["summary"]["mean_confident_minus_lora"] = _est(vs)
+            # learning at the same judge: each character right after its own run, against LoRA's
+            own_vs = difference(*(_own_hits(r, chars) for r in (run, lora)), resamples=resamples, seed=seed)
+            run["summary"]["mean_confident_own_minus_lora"] = _est(own_vs)
         run["checks"] = checks(run["summary"], vs, before, own_of(run, chars))
     return record
 
@@ -92,6 +95,10 @@ def summarize(record: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
 def _final_hits(run: dict[str, Any], chars: Sequence[str]) -> np.ndarray:
     final = run["stages"][-1]["scores"]
     return np.concatenate([hits_of(final[c]) for c in chars])
+
+
+def _own_hits(run: dict[str, Any], chars: Sequence[str]) -> np.ndarray:
+    return np.concatenate([hits_of(s) for s in own_of(run, chars).values()])
 
 
 def own_of(run: dict[str, Any], chars: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -277,9 +284,25 @@ def render(payload: dict[str, Any], elapsed: float) -> str:
                     f"- {'PASS' if c['ok'] else 'MISS'}: {c['target']}: {c['detail']}" for c in run["checks"]
                 ]
         lines += ["", f"### Seed {record['seed']}: summary", "", seed_table(record, titles)]
+        lines += _vs_lora_lines(record, titles)
     if len(seeds) > 1:
         lines += ["", "## Over seeds", "", over_seeds(seeds, titles)]
     return "\n".join(lines) + "\n"
+
+
+def _vs_lora_lines(record: dict[str, Any], titles: dict[str, str]) -> list[str]:
+    """Each method minus LoRA sequential on the mean confident accuracy, after own runs (learning)
+    and after all N (what is left), with the bootstrap interval of each difference."""
+    out = []
+    for m, title in titles.items():
+        s = record["methods"].get(m, {}).get("summary", {})
+        own, after = s.get("mean_confident_own_minus_lora"), s.get("mean_confident_minus_lora")
+        if own is None or after is None:
+            continue
+        out.append(
+            f"- {title} minus LoRA sequential: after own runs {_points(own)}, after all {_points(after)}"
+        )
+    return ["", *out] if out else []
 
 
 def over_seeds(seeds: list[dict[str, Any]], titles: dict[str, str]) -> str:

@@ -72,6 +72,8 @@ def test_quick_run_reports_every_stage_with_intervals(quick_run) -> None:
     assert len(targets) == 3
     assert targets[0].startswith("character1 keeps") and "base classes" in targets[1] and "LoRA" in targets[2]
     assert "mean_confident_minus_lora" in plain["summary"]
+    own = plain["summary"]["mean_confident_own_minus_lora"]  # learning against LoRA's, same judge
+    assert own["low"] <= own["value"] <= own["high"]
     assert "checks" not in run["methods"]["lora"]  # the reference is not checked against itself
 
 
@@ -183,6 +185,7 @@ def test_seconds_per_step_and_the_ratio_to_lora(stack, quick_run) -> None:
     assert train_seconds_per_step(record, {}) is None
     md = render(data, 1.0)
     assert "| train s per step |" in md
+    assert "- ffid plain minus LoRA sequential: after own runs " in md
     lora_s = train_seconds_per_step(record, lora)
     if lora_s:  # stage times are stored to 0.1 s: a quick run's LoRA stages may round to 0
         assert f"{expected:.3f} ({expected / lora_s:.2f}x LoRA)" in md
