@@ -191,3 +191,22 @@ def test_seconds_per_step_and_the_ratio_to_lora(stack, quick_run) -> None:
         assert f"{expected:.3f} ({expected / lora_s:.2f}x LoRA)" in md
     else:
         assert f"| {expected:.3f} |" in md
+
+
+def test_the_grid_rule_picks_the_best_lower_end_on_development_runs_only(stack) -> None:
+    """bench/stack_grid.py: the highest lower end of the mean after all, per width and budget,
+    on the first seed and digit set; ties to the lower rate, then the higher energy; other seeds
+    never choose."""
+    from stack_grid import Setting, choose
+
+    def one(seed: int, lr: float, energy: float, low: float, ff: float = 0.01) -> Setting:
+        est = {"value": low + 0.02, "low": low, "high": low + 0.04, "n": 64}
+        return Setting("f", 128, seed, (7, 4), ff, lr, energy, est, est, None, None)
+
+    dev = [one(0, 3e-3, 0.99, 0.82), one(0, 1e-2, 0.99, 0.93), one(0, 3e-2, 0.99, 0.93)]
+    dev += [one(0, 1e-2, 0.999, 0.93), one(0, 3e-3, 0.99, 1.0, ff=0.05)]
+    later = one(1, 3e-1, 0.99, 0.99)  # best of all, but a validation run: it cannot be chosen
+    chosen, validation = choose([*dev, later])
+    assert validation == [later]
+    assert chosen[(128, 0.01)] is dev[3]  # 0.93 three times: lower rate (1e-2), then higher energy
+    assert chosen[(128, 0.05)] is dev[4]
