@@ -292,3 +292,18 @@ def test_the_default_demo_is_three_characters_stacked_by_projection() -> None:
         assert pair.characters == () and pair.spec == DemoConfig().spec and pair.preserve_method == "loss"
     quick = cfg("--quick")
     assert quick.characters == (7, 4, 1) and quick.spec.dim == 32
+
+
+def test_projection_rate_follows_the_budget_the_rule_measured() -> None:
+    """DemoConfig's projection rate: the rule's choice at the measured budgets (3e-3 at ff 0.05,
+    1e-2 at ff 0.01), the power law through them between, the grid's range outside; a rate the
+    user gives wins."""
+    from ffid.demo.config import DemoConfig, projection_rate
+
+    def rate(**kw: object) -> float:
+        return DemoConfig(preserve_method="projection", **kw).preserved_recipe()["learning_rate"]  # type: ignore[arg-type]
+
+    assert rate() == 3e-3 and rate(projection_ff=0.01) == 1e-2
+    assert rate(projection_ff=0.01, projection_lr=5e-4) == 5e-4
+    assert 3e-3 < projection_rate(0.02) < 1e-2
+    assert projection_rate(1e-4) == 3e-2 and projection_rate(0.5) == 1e-3

@@ -134,7 +134,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--projection_ff", type=float, default=None, help="projection's budget (default 0.05)")
     p.add_argument(
-        "--projection_lr", type=float, default=None, help="projection's learning rate (default 3e-3)"
+        "--projection_lr",
+        type=float,
+        default=None,
+        help="projection's learning rate (default: the rate chosen for the budget, 3e-3 at ff 0.05 and "
+        "1e-2 at ff 0.01)",
     )
     p.add_argument(
         "--preserve_energy",

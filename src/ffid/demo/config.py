@@ -28,9 +28,23 @@ PROJECTION_RECIPE: dict[str, Any] = {
     "include": r"^blocks\.",
     "ff": 0.05,
     "slots": 10,  # ids 0..9: up to 9 characters in ids 1..9, each at most a tenth of every matrix's rows
-    "learning_rate": 3e-3,
-    "energy": DEFAULT_ENERGY,
+    "energy": DEFAULT_ENERGY,  # the rule's choice at ff 0.01 too (0.95 forgot, 0.999 learned less)
 }
+# The rate bench/stack_grid.py's rule chose for each budget measured at width 128 (rates 3e-3,
+# 1e-2, 3e-2 at ff 0.01; bench/results/projection-grid-w128.md): fewer rows need a higher rate.
+PROJECTION_RATES: dict[float, float] = {0.05: 3e-3, 0.01: 1e-2}
+
+
+def projection_rate(ff: float) -> float:
+    """Projection's rate for budget ``ff``: the rule's choice where it was measured, else the power
+    law through the two measured budgets (rate ~ ff^-0.75; an interpolation, not a measurement),
+    kept within the rates the grid tried."""
+    if ff in PROJECTION_RATES:
+        return PROJECTION_RATES[ff]
+    (f1, r1), (f2, r2) = sorted(PROJECTION_RATES.items())
+    slope = math.log(r2 / r1) / math.log(f2 / f1)
+    rate = r1 * (ff / f1) ** slope
+    return min(max(rate, 1e-3), 3e-2)
 
 
 @dataclass
@@ -67,7 +81,7 @@ class DemoConfig:
     preserve_method: str = "loss"  # "loss" or "projection" (its own recipe: PROJECTION_RECIPE)
     preserve_weight: float = DEFAULT_WEIGHT
     preserve_items: int = 8
-    # projection's recipe; None = PROJECTION_RECIPE's value (see preserved_recipe)
+    # projection's recipe; None = PROJECTION_RECIPE's value, the rate projection_rate(ff)
     projection_ff: float | None = None
     projection_lr: float | None = None
     preserve_energy: float | None = None
@@ -155,12 +169,13 @@ class DemoConfig:
         if self.preserve_method != "projection":
             return {"ff": self.ff, "selector": self.selector, "learning_rate": self.learning_rate}
         r = PROJECTION_RECIPE
+        ff = self.projection_ff if self.projection_ff is not None else r["ff"]
         recipe: dict[str, Any] = {
-            "ff": self.projection_ff if self.projection_ff is not None else r["ff"],
+            "ff": ff,
             "selector": ROW_SELECTOR,
             "selector_args": {"slots": r["slots"]},
             "include": [r["include"]],
-            "learning_rate": self.projection_lr if self.projection_lr is not None else r["learning_rate"],
+            "learning_rate": self.projection_lr if self.projection_lr is not None else projection_rate(ff),
         }
         if preserve:
             recipe["preserve_method"] = "projection"
