@@ -52,6 +52,7 @@ class Setting:
     after: dict[str, Any]
     retention_low: float | None  # the lowest lower end over the earlier characters
     vs_lora_own: dict[str, Any] | None
+    vs_lora_after: dict[str, Any] | None = None
 
     @property
     def score(self) -> float:
@@ -91,6 +92,7 @@ def read_settings(paths: Sequence[str]) -> list[Setting]:
                     after=s["mean_confident_after_all"],
                     retention_low=min(lows) if lows else None,
                     vs_lora_own=s.get("mean_confident_own_minus_lora"),
+                    vs_lora_after=s.get("mean_confident_minus_lora"),
                 )
             )
     return out
@@ -116,6 +118,7 @@ def render(settings: list[Setting], command: str) -> str:
     def row(s: Setting) -> list[str]:
         low = "-" if s.retention_low is None else f"{100 * s.retention_low:.0f}%"
         vs = "-" if s.vs_lora_own is None else f"{100 * s.vs_lora_own['value']:+.1f}"
+        vs_after = "-" if s.vs_lora_after is None else f"{100 * s.vs_lora_after['value']:+.1f}"
         return [
             f"{s.width}",
             f"{s.seed}; {' '.join(map(str, s.digits))}",
@@ -127,6 +130,7 @@ def render(settings: list[Setting], command: str) -> str:
             f"{100 * s.score:.0f}" + (" **chosen**" if s in picked else ""),
             low,
             vs,
+            vs_after,
             s.file,
         ]
 
@@ -141,6 +145,7 @@ def render(settings: list[Setting], command: str) -> str:
         "score (low end after all)",
         "lowest retention low end",
         "own minus LoRA (points)",
+        "after all minus LoRA (points)",
         "file",
     ]
     dev = [s for s in settings if s not in validation]
