@@ -317,3 +317,15 @@ def test_a_refused_run_leaves_the_callers_model_detached(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     ffid.attach(model, ff=0.05, ffid=1).detach()  # attachable again: the refused run let go
     assert not (tmp_path / "out").exists()
+
+
+def test_preserve_deltas_counts_for_resume_only_when_set() -> None:
+    """A key added after states were saved leaves their hash as it was while unset (so they still
+    resume), and changes it when set (a run protecting other characters computes other values)."""
+    from ffid.train.config import TrainConfig
+
+    kw = {"model_path": "x", "dataset": "y", "ff": 0.01, "ffid": 1}
+    bare, merged = TrainConfig(**kw), TrainConfig(**kw, preserve_deltas=["/a/char1.safetensors"])
+    assert "preserve_deltas" not in bare.trajectory_keys()
+    assert merged.trajectory_keys()["preserve_deltas"] == ["char1.safetensors"]
+    assert bare.trajectory_hash() != merged.trajectory_hash()

@@ -368,6 +368,8 @@ class TrainConfig:
                 out[name] = Path(out[name]).name
         for name in ("base_deltas", "preserve_deltas", "rehearsal_datasets", "preserve_cache"):
             out[name] = [Path(p).name for p in out[name]]
+        if not out["preserve_deltas"]:  # a key newer than saved states: unset, their hash holds
+            out.pop("preserve_deltas")
         # The selector options count as checked values, however they were written (slots = 8 or
         # selector_args = {slots = "8"}), and in the form states saved before selector_args
         # existed hold them: slots as its own key, selector_args only when it holds more.
