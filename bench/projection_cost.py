@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """What protection by projection costs: the feature pass against a run, a projected step against a
-plain one, and the bases' memory against the trainable state, side by side in one process.
+plain one and against LoRA's, and the bases' memory against the trainable state, side by side in
+one process.
 
 The demo's tiny Wan DiT at each ``--widths`` (random weights: the cost does not depend on what
 they hold), the demo's projection recipe (whole rows of the blocks' Linears, ``--ff``, 10 slots),
 and the protected prompts of a fourth stacked character (six base classes, three earlier
 characters, the empty prompt). Steps are timed interleaved (plain, projected, plain, ...) on the
-same batch, so load hits both alike; the ratio is of medians.
+same batch, so load hits all alike; the ratios are of medians. LoRA is PEFT LoRA rank-matched to
+ffid spread at ff 0.01 on the blocks' attention and FFN Linears, as in bench/stack.py. The trainable
+state is measured from the objects after the timed steps: the trained tensors plus the tensors in
+the optimizer's state (AdamW's two moments).
 
     python bench/projection_cost.py                      # widths 64 128 256
     python bench/projection_cost.py --widths 64 --rounds 5 --out /tmp   # quick
@@ -26,11 +30,15 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # interference_methods, run as a script
+LORA_FF = 0.01  # LoRA is rank-matched to ffid spread at this budget, as in bench/stack.py
 STEPS_PER_RUN = 300  # the demo's steps per character
 BATCH = 32
-PROMPTS = [f"a digit {w}" for w in ("zero", "two", "three", "five", "six", "eight")] + [
-    f"a digit character{i}" for i in (1, 2, 3)
-] + [""]
+PROMPTS = (
+    [f"a digit {w}" for w in ("zero", "two", "three", "five", "six", "eight")]
+    + [f"a digit character{i}" for i in (1, 2, 3)]
+    + [""]
+)
 
 
 def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
@@ -49,14 +57,24 @@ def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
     t = torch.rand(BATCH, generator=g)
     text = encode_prompt("a digit character4").expand(BATCH, -1, -1)
 
-    # Two copies of the model, one attached plainly, one projected; their steps alternate.
+    # Three copies of the model: one attached plainly, one projected, one with LoRA; their steps
+    # alternate.
     import copy
 
+    from interference_methods import add_lora, lora_rank
+
     models = {"plain": model, "projected": copy.deepcopy(model)}
-    opts: dict[str, torch.optim.Optimizer] = {}
+    import ffid
+
+    lora_k = ffid.plan(model, LORA_FF, 1, "spread").selected
+    rank = lora_rank(model, lora_k)
+    models["lora"] = add_lora(copy.deepcopy(model), rank)
+    lora_params = [p for p in models["lora"].parameters() if p.requires_grad]
+    opts: dict[str, torch.optim.Optimizer] = {"lora": torch.optim.AdamW(lora_params, lr=1e-3)}
     feature_seconds, info = 0.0, {}
     handles = []
-    for kind, m in models.items():
+    for kind in ("plain", "projected"):
+        m = models[kind]
         handle = attach(m, ff=ff, ffid=4, selector="rows", include=[r"^blocks\."], slots=10)
         handles.append(handle)
         opts[kind] = torch.optim.AdamW(handle.parameters(), lr=1e-3)
@@ -82,15 +100,18 @@ def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
         opts[kind].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {"plain": [], "projected": []}
+    times: dict[str, list[float]] = {kind: [] for kind in models}
     for r in range(warmup + rounds):
-        for kind in ("plain", "projected"):
+        for kind in models:
             dt = step(kind)
             if r >= warmup:
                 times[kind].append(dt)
+    projected_state = state_bytes(handles[1].parameters(), opts["projected"])
+    lora_state = state_bytes(lora_params, opts["lora"])
     for handle in handles:
         handle.detach()
     plain, projected = statistics.median(times["plain"]), statistics.median(times["projected"])
+    lora = statistics.median(times["lora"])
     run_seconds = feature_seconds + STEPS_PER_RUN * projected
     k = info["trained_values"]
     return {
@@ -102,25 +123,40 @@ def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
         "step_ratio": projected / plain,
         "feature_pass_s": feature_seconds,
         "feature_share_of_run": feature_seconds / run_seconds,
-        # proxies + AdamW's two moments (what a plain run holds), then what projection adds: the
-        # start values (one more proxy-sized tensor) and the bases
-        "trainable_state_bytes": 3 * 4 * k,
+        "lora_step_s": lora,
+        "projected_vs_lora": projected / lora,
+        "lora_rank": rank,
+        "lora_values": sum(p.numel() for p in lora_params),
+        # measured: the trained values + AdamW's moments (what a plain run holds too); then what
+        # projection adds, the start values (one more proxy-sized tensor) and the bases
+        "trainable_state_bytes": projected_state,
+        "lora_state_bytes": lora_state,
         "projection_extra_bytes": 4 * k + info["basis_bytes"],
         **info,
     }
 
 
+def state_bytes(params: Any, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the trained tensors and of every tensor in the optimizer's state."""
+    held = [p for p in params] + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| width | params | plain step | projected step | ratio | feature pass | share of a 300-step run "
-        "| trainable state | projection adds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| width | ff | params | plain step | projected step | ratio | feature pass "
+        "| share of a 300-step run "
+        "| LoRA step (rank) | projected vs LoRA | trained values: projection / LoRA "
+        "| trainable state: projection / LoRA | projection adds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['width']} | {r['params']:,} | {r['plain_step_s'] * 1e3:.1f} ms | "
+            f"| {r['width']} | {r['ff']} | {r['params']:,} | {r['plain_step_s'] * 1e3:.1f} ms | "
             f"{r['projected_step_s'] * 1e3:.1f} ms | {r['step_ratio']:.3f}x | {r['feature_pass_s']:.2f} s | "
-            f"{r['feature_share_of_run']:.1%} | {r['trainable_state_bytes'] / 1024:.0f} KiB | "
+            f"{r['feature_share_of_run']:.1%} | {r['lora_step_s'] * 1e3:.1f} ms (r {r['lora_rank']}) | "
+            f"{r['projected_vs_lora']:.3f}x | {r['trained_values']:,} / {r['lora_values']:,} | "
+            f"{r['trainable_state_bytes'] / 1024:.0f} / {r['lora_state_bytes'] / 1024:.0f} KiB | "
             f"{r['projection_extra_bytes'] / 1024:.0f} KiB |"
         )
     return "\n".join(lines)
@@ -129,18 +165,19 @@ def render(rows: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--ff", type=float, default=0.05)
+    ap.add_argument("--ff", type=float, nargs="+", default=[0.05, 0.01], help="projection's budgets")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [measure(w, args.ff, args.rounds, args.warmup) for w in args.widths]
+    rows = [measure(w, ff, args.rounds, args.warmup) for w in args.widths for ff in args.ff]
     table = render(rows)
     head = (
         f"# Projection cost (CPU, {args.threads} thread(s), torch {torch.__version__})\n\n"
-        f"`python bench/projection_cost.py --widths {' '.join(map(str, args.widths))} --ff {args.ff} "
+        f"`python bench/projection_cost.py --widths {' '.join(map(str, args.widths))} "
+        f"--ff {' '.join(map(str, args.ff))} "
         f"--rounds {args.rounds}`\n\n"
     )
     out = Path(args.out)
