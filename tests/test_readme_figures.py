@@ -261,6 +261,8 @@ def _stack_rows() -> list[Figure]:
         ("seed 1, digits 7 4 1 9", "w128-seed1"),
         ("seed 2, digits 7 4 1 9", "w128-seed2"),
         ("seed 0, digits 2 5 3 8", "w128-set2-seed0"),
+        ("seed 1, digits 2 5 3 8", "w128-set2-seed1"),
+        ("seed 2, digits 2 5 3 8", "w128-set2-seed2"),
     ):
         four = r"\| (.+?) \| \**(.+?)\** \| \**(.+?)\** \| (.+?) \|"
         out.append(
@@ -276,14 +278,17 @@ def _stack_rows() -> list[Figure]:
     return out
 
 
+STACK_W128 = tuple(f"w128-{d}seed{i}" for d in ("", "set2-") for i in range(3))
+
+
 def _lead_over_lora() -> tuple[str, ...]:
     leads = [
         float(search(STACK.format(s), r"LoRA sequential \+ 20 points: \d+%, \+([\d.]+) points").group(1))
-        for s in ("w128-seed0", "w128-seed1", "w128-seed2", "w128-set2-seed0")
+        for s in STACK_W128
     ]
     lora = [
         int(first_number(_stack(s, "LoRA sequential")["mean confident, after all"]).rstrip("%"))
-        for s in ("w128-seed0", "w128-seed1", "w128-seed2", "w128-set2-seed0")
+        for s in STACK_W128
     ]
     return f"{min(leads):.0f}", f"{max(leads):.0f}", str(min(lora)), str(max(lora))
 
