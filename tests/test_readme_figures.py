@@ -293,11 +293,24 @@ def _lead_over_lora() -> tuple[str, ...]:
     return f"{min(leads):.0f}", f"{max(leads):.0f}", str(min(lora)), str(max(lora))
 
 
-def _budget_ratio() -> tuple[str, ...]:
-    src = STACK.format("w128-seed0")
+def _budget_ratio(stem: str = "w128-seed0") -> tuple[str, ...]:
+    src = STACK.format(stem)
     proj = int(search(src, r"preserve_method projection.*trainable (\d+)\.").group(1))
     plain = int(search(src, r"\(([\d,]+) weights each\)").group(1).replace(",", ""))
     return (f"{proj / plain:.0f}",)
+
+
+def _double_budget() -> tuple[str, ...]:
+    """Projection at ff 0.02 (2x LoRA's count): own-run gaps, lead after four, lowest/highest kept."""
+    stems = ("w128-set2-seed1-ff002", "w128-seed0-ff002")
+    gaps, leads, kept = [], [], []
+    for stem in stems:
+        m = search(STACK.format(stem), r"after own runs ([+-][\d.]+) points.*after all \+([\d.]+) points")
+        gaps.append(m.group(1))
+        leads.append(float(m.group(2)))
+        kept += [int(k) for k in _kept_span(_stack(stem, "ffid projection"))]
+    ratio = _budget_ratio("w128-seed0-ff002")[0]
+    return ratio, *gaps, f"{min(leads):.0f}", f"{max(leads):.0f}", str(min(kept)), str(max(kept))
 
 
 def _share_range() -> tuple[str, ...]:
@@ -468,6 +481,13 @@ FIGURES: list[Figure] = [
         r"Projection's budget is (\d+)x LoRA's trainable count",
         STACK.format("w128-seed0"),
         _budget_ratio,
+    ),
+    Figure(
+        "stack: twice LoRA's budget",
+        r"At (\d+)x \(`--projection-ff 0.02`.*?\(([+-][\d.]+) and\s+([+-][\d.]+) points after own runs"
+        r".*?ended (\d+)-(\d+) points above it after four, keeping\s+(\d+)-(\d+)% of every gain",
+        STACK.format("w128-seed0-ff002"),
+        _double_budget,
     ),
     Figure(
         "stack: width 64 character1",
