@@ -262,14 +262,49 @@ def test_a_damaged_shipped_base_is_named_and_pretrained_instead(
     assert lines[0].endswith("; pretraining instead")
 
 
+def tensor_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bits), not of its bytes."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for k in sorted(f.keys()):
+            x = f.get_tensor(k)
+            h.update(f"{k} {x.dtype} {tuple(x.shape)}\n".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# The --pair recipe pretrained again on CPU kinds other than the one that made the shipped file
+# (ship_base.cpu_kind(); the shipped info records its kind from now on). Float sums round
+# differently across kinds, so each kind has its own bits; an entry is added only after two
+# pretrainings on that kind agreed. The shipped file is not re-made for a new kind: the demo's
+# measured results were run on it.
+PAIR_BITS_ELSEWHERE = {
+    # 2026-12-04: the CI run's pretraining and a second one in another venv on the same machine
+    "AuthenticAMD AVX2": "a8f290c77f2b5ebd5a1f2e5e89f772ea4c29a0e37d7fb709747fdb29f5ef25a0",
+}
+
+
 @pytest.mark.slow
 def test_pretraining_the_recipe_again_gives_the_shipped_bits(tmp_path: Path, default: DemoConfig) -> None:
-    """Same inputs, same bits: the recipe pretrained again here equals the shipped file (about
-    6 min on one thread). A failure on another machine or library version says the pretraining
-    is not bit-reproducible there, not that the shipped base is wrong."""
-    from ffid.demo.ship_base import regenerate
+    """Same inputs, same bits: the recipe pretrained again here equals the shipped file, or, on a
+    CPU kind that rounds float sums differently, that kind's recorded bits (about 6 min on one
+    thread). A failure on a known kind is a change in what pretraining computes."""
+    from ffid.demo.ship_base import cpu_kind, regenerate
 
     made = regenerate(bases_dir=tmp_path)
     base = find_shipped(default.base_recipe())
     assert base is not None and made.name == base.path.name
-    assert same_bits(made, base.path), HOW
+    if same_bits(made, base.path):
+        return
+    kind, made_on = cpu_kind(), json.loads(base.path.with_suffix(".json").read_text()).get("cpu")
+    assert made_on != kind, f"pretrained on the shipped base's own CPU kind ({kind}) with other bits: {HOW}"
+    digest = tensor_digest(made)
+    assert kind in PAIR_BITS_ELSEWHERE, (
+        f"this CPU kind ({kind!r}) rounds differently from the shipped base's and has no recorded "
+        f"bits: pretrain twice here and, if both give {digest}, record it in PAIR_BITS_ELSEWHERE"
+    )
+    assert digest == PAIR_BITS_ELSEWHERE[kind], f"{kind}: the recipe's bits changed: {HOW}"

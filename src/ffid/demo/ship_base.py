@@ -10,6 +10,25 @@ from pathlib import Path
 from .shipped import QUALITY_SAMPLES, REGENERATE, judged_quality, sha256_of, shipped_paths
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and the vector instructions torch dispatches to, e.g. ``AuthenticAMD
+    AVX2``: float sums (MKL, oneDNN, torch's own kernels) round alike within one kind, not across
+    kinds, so a base pretrained again reproduces its bits only on the kind that made it."""
+    import platform
+
+    import torch
+
+    vendor = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    return f"{vendor or platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def regenerate(width: int = 64, held_out: tuple[int, ...] = (), bases_dir: Path | None = None) -> Path:
     """Pretrain the default demo's base exactly as ``ffid demo`` does and write it with its info
     into ``bases_dir``; returns the file. ``width`` and ``held_out`` (digits, as ``ffid demo
@@ -75,6 +94,7 @@ def regenerate(width: int = 64, held_out: tuple[int, ...] = (), bases_dir: Path 
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_kind(),
         "quality": quality,
     }
     atomic_write_bytes(info_target, (json.dumps(info, indent=1) + "\n").encode())
