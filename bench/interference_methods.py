@@ -74,6 +74,13 @@ def lora_rank(model: Any, k: int) -> int:
     return max(1, round(k / per_rank))
 
 
+def matched_lora_rank(model: Any, ff: float, ffid_no: int, selector: str) -> int:
+    """LoRA rank matched to the trainable count of ffid's selection ``(ff, ffid_no, selector)``."""
+    import ffid
+
+    return lora_rank(model, ffid.plan(model, ff, ffid_no, selector).selected)
+
+
 def add_lora(model: Any, rank: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -159,8 +166,7 @@ def make_stepper(
     if method == "lora":
         for p in model.parameters():
             p.requires_grad_(False)
-        k = ffid.plan(model, cfg.ff, cfg.ffid2, cfg.selector).selected
-        wrapped = add_lora(model, lora_rank(model, k))
+        wrapped = add_lora(model, matched_lora_rank(model, cfg.ff, cfg.ffid2, cfg.selector))
         params = [p for p in wrapped.parameters() if p.requires_grad]
         return Stepper(wrapped, params, lrs["lora"], task, seed)
     assert method == "full"
@@ -195,12 +201,9 @@ def train_dense(
     seed = cfg.seed + ffid_no  # what train_character gives ffid.train: same batches, same noise
     torch.manual_seed(seed)
     if method == "lora":
-        import ffid
-
         for p in model.parameters():
             p.requires_grad_(False)
-        k = ffid.plan(model, cfg.ff, ffid_no, cfg.selector).selected
-        train_model = add_lora(model, lora_rank(model, k))
+        train_model = add_lora(model, matched_lora_rank(model, cfg.ff, ffid_no, cfg.selector))
         params = [p for p in train_model.parameters() if p.requires_grad]
     else:
         for p in model.parameters():

@@ -61,13 +61,10 @@ def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
     # alternate.
     import copy
 
-    from interference_methods import add_lora, lora_rank
+    from interference_methods import add_lora, matched_lora_rank
 
     models = {"plain": model, "projected": copy.deepcopy(model)}
-    import ffid
-
-    lora_k = ffid.plan(model, LORA_FF, 1, "spread").selected
-    rank = lora_rank(model, lora_k)
+    rank = matched_lora_rank(model, LORA_FF, 1, "spread")
     models["lora"] = add_lora(copy.deepcopy(model), rank)
     lora_params = [p for p in models["lora"].parameters() if p.requires_grad]
     opts: dict[str, torch.optim.Optimizer] = {"lora": torch.optim.AdamW(lora_params, lr=1e-3)}
@@ -138,7 +135,7 @@ def measure(width: int, ff: float, rounds: int, warmup: int) -> dict[str, Any]:
 
 def state_bytes(params: Any, opt: torch.optim.Optimizer) -> int:
     """Bytes of the trained tensors and of every tensor in the optimizer's state."""
-    held = [p for p in params] + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    held = list(params) + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
     return sum(t.numel() * t.element_size() for t in held)
 
 

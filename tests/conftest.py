@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +24,15 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
+
+@pytest.fixture(scope="session")
+def bench_script() -> Callable[[str], ModuleType]:
+    """Imports a ``bench/`` script by its own name, with ``bench/`` on ``sys.path``: as the scripts
+    import each other when run (bench/interference.py --stack imports ``stack``)."""
+
+    def load(name: str) -> ModuleType:
+        if str(BENCH) not in sys.path:
+            sys.path.insert(0, str(BENCH))
+        return importlib.import_module(name)
+
+    return load

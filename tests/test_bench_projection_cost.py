@@ -7,25 +7,16 @@ agree with ffid's plan and with PEFT's rank-matched LoRA.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def cost():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import projection_cost as module
-
-    return module
+def cost(bench_script):
+    return bench_script("projection_cost")
 
 
 def test_state_bytes_counts_trained_tensors_and_optimizer_state(cost):
@@ -38,7 +29,7 @@ def test_state_bytes_counts_trained_tensors_and_optimizer_state(cost):
     assert cost.state_bytes([p], opt) == 3 * 30 * 4 + 4
 
 
-def test_one_round_at_width_64_reports_both_methods(cost, tmp_path):
+def test_one_round_at_width_64_reports_both_methods(cost):
     row = cost.measure(64, 0.01, rounds=1, warmup=0)
     # rows of the blocks' Linears at ff 0.01, and LoRA's count from PEFT itself
     assert row["trained_values"] > 0 and row["lora_values"] > 0 and row["lora_rank"] >= 1

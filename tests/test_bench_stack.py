@@ -8,7 +8,6 @@ end on a tiny model with a couple of steps, and that bad input is refused before
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -22,12 +21,8 @@ pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def stack():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import stack as module  # by its own name, as bench/interference.py --stack imports it
-
-    return module
+def stack(bench_script):
+    return bench_script("stack")  # by its own name, as bench/interference.py --stack imports it
 
 
 @pytest.fixture(scope="module")
